@@ -1,0 +1,223 @@
+//! Command line: argument parsing, output formatting and exit codes. No
+//! decisions are made here; commands call into the library and print.
+//!
+//! Exit codes (plan, reconcile --once, status): 0 everything in sync and
+//! healthy; 2 differences remain and nothing failed; 1 an error or a failed
+//! operation. `validate`: 0 valid, 1 invalid.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::spec::{self, DesiredEnv};
+
+/// Keep CloudFormation stacks and their ECS services equal to git.
+#[derive(Debug, Parser)]
+#[command(name = "stackwarden", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check desired state offline: schema, templates, parameters, references, cycles.
+    Validate(Select),
+}
+
+/// Which environments to work on.
+#[derive(Debug, Args, Clone)]
+struct Select {
+    /// Environment to work on (file stem in the desired-state folder); repeatable.
+    /// Defaults to every environment in the folder.
+    #[arg(short = 'e', long = "env", value_name = "ENV")]
+    envs: Vec<String>,
+    /// Folder holding `<env>.yaml` files.
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "desired-state",
+        env = "STACKWARDEN_DESIRED_STATE"
+    )]
+    desired_state: PathBuf,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Format::Text)]
+    output: Format,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
+/// Exit statuses with meaning; see the module documentation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Outcome {
+    InSync = 0,
+    Differences = 2,
+    Failed = 1,
+}
+
+impl Outcome {
+    /// The worse of two outcomes: Failed > Differences > InSync.
+    pub fn worst(self, other: Outcome) -> Outcome {
+        let rank = |o: Outcome| match o {
+            Outcome::InSync => 0,
+            Outcome::Differences => 1,
+            Outcome::Failed => 2,
+        };
+        if rank(other) > rank(self) {
+            other
+        } else {
+            self
+        }
+    }
+}
+
+impl From<Outcome> for ExitCode {
+    fn from(o: Outcome) -> ExitCode {
+        ExitCode::from(o as u8)
+    }
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(outcome) => outcome.into(),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            Outcome::Failed.into()
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<Outcome> {
+    match cli.command {
+        Command::Validate(select) => Ok(validate(&select)),
+    }
+}
+
+/// The environment files a selection names, in name order.
+///
+/// # Errors
+/// The folder cannot be read, or a named environment has no file.
+fn selected_files(select: &Select) -> anyhow::Result<BTreeMap<String, PathBuf>> {
+    let all = spec::discover(&select.desired_state).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read desired-state folder {}: {e}",
+            select.desired_state.display()
+        )
+    })?;
+    if select.envs.is_empty() {
+        if all.is_empty() {
+            anyhow::bail!("no <env>.yaml files in {}", select.desired_state.display());
+        }
+        return Ok(all);
+    }
+    let mut out = BTreeMap::new();
+    for e in &select.envs {
+        match all.get(e) {
+            Some(p) => {
+                out.insert(e.clone(), p.clone());
+            }
+            None => anyhow::bail!(
+                "no environment `{e}` in {} (found: {})",
+                select.desired_state.display(),
+                all.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        }
+    }
+    Ok(out)
+}
+
+/// Loads every selected environment; prints each one's errors to stderr.
+/// Returns the ones that loaded, and whether any failed.
+fn load_selected(select: &Select) -> anyhow::Result<(Vec<DesiredEnv>, bool)> {
+    let mut envs = Vec::new();
+    let mut failed = false;
+    for path in selected_files(select)?.values() {
+        match spec::load(path) {
+            Ok(env) => envs.push(env),
+            Err(errors) => {
+                failed = true;
+                for e in &errors.0 {
+                    eprintln!("{}", display_error(e, Path::new(".")));
+                }
+            }
+        }
+    }
+    Ok((envs, failed))
+}
+
+fn display_error(e: &spec::SpecError, _root: &Path) -> String {
+    format!("error: {e}")
+}
+
+fn validate(select: &Select) -> Outcome {
+    let (envs, failed) = match load_selected(select) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return Outcome::Failed;
+        }
+    };
+    match select.output {
+        Format::Json => {
+            let report: Vec<_> = envs
+                .iter()
+                .map(|env| {
+                    serde_json::json!({
+                        "environment": env.name,
+                        "file": env.file,
+                        "revision": env.revision,
+                        "region": env.region,
+                        "waves": env.waves,
+                        "stacks": env.stacks.values().map(|s| serde_json::json!({
+                            "key": s.key, "name": s.name, "revision": s.revision,
+                            "template": s.template_path, "depends_on": s.depends_on,
+                        })).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&report).expect("JSON"));
+        }
+        Format::Text => {
+            for env in &envs {
+                println!(
+                    "{}: valid: {} stacks in {} waves, region {}, revision {}",
+                    env.name,
+                    env.stacks.len(),
+                    env.waves.len(),
+                    env.region,
+                    env.revision
+                );
+                for (i, wave) in env.waves.iter().enumerate() {
+                    let names: Vec<String> = wave
+                        .iter()
+                        .map(|k| {
+                            let deps = &env.stacks[k].depends_on;
+                            if deps.is_empty() {
+                                k.clone()
+                            } else {
+                                format!(
+                                    "{k} (after {})",
+                                    deps.iter().cloned().collect::<Vec<_>>().join(", ")
+                                )
+                            }
+                        })
+                        .collect();
+                    println!("  {}. {}", i + 1, names.join(", "));
+                }
+            }
+        }
+    }
+    if failed {
+        Outcome::Failed
+    } else {
+        Outcome::InSync
+    }
+}

@@ -1,0 +1,10 @@
+//! stackwarden: a reconciling controller for AWS CloudFormation stacks and
+//! the ECS services inside them.
+//!
+//! Layers, dependencies pointing down only:
+//! `cli` -> `apply` -> `plan` / `diff` / `policy` (pure) -> `spec` -> `cloud`.
+
+pub mod cli;
+pub mod spec;
+pub mod template;
+pub mod yaml;

@@ -1,0 +1,1325 @@
+//! Desired state: the model of `desired-state/<env>.yaml`, its loading and
+//! validation, the stack dependency graph and the revision hash.
+//!
+//! Loading is strict: unknown keys are errors, every error names the file,
+//! line, column and field, and all errors of a file are reported together.
+//! A [`DesiredEnv`] is immutable once loaded; nothing in it touches AWS.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::template::Template;
+use crate::yaml::{Document, Pos, YamlError};
+
+/// Tag carrying the desired revision a stack was last converged to.
+pub const REVISION_TAG: &str = "stackwarden:revision";
+/// Tag naming the environment that owns a stack (used to find orphans).
+pub const ENVIRONMENT_TAG: &str = "stackwarden:environment";
+
+/// Resource types whose replacement or removal loses data, protected unless
+/// the desired state allows the logical resource explicitly.
+pub const DEFAULT_PROTECTED_TYPES: &[&str] = &[
+    "AWS::DynamoDB::Table",
+    "AWS::ElastiCache::ReplicationGroup",
+    "AWS::ElastiCache::CacheCluster",
+    "AWS::MSK::Cluster",
+    "AWS::KMS::Key",
+    "AWS::S3::Bucket",
+    "AWS::SecretsManager::Secret",
+    "AWS::Backup::BackupVault",
+    "AWS::RDS::DBInstance",
+    "AWS::RDS::DBCluster",
+];
+
+const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(60 * 60);
+const DEFAULT_ALERT_REPEAT: Duration = Duration::from_secs(6 * 60 * 60);
+
+/// One problem in a desired-state file (or a template it names).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecError {
+    pub file: PathBuf,
+    pub pos: Pos,
+    /// Dotted path of the field at fault; empty for whole-file problems.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for SpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: ",
+            self.file.display(),
+            self.pos.line,
+            self.pos.column
+        )?;
+        if !self.path.is_empty() {
+            write!(f, "{}: ", self.path)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Every problem found in one desired-state file.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct SpecErrors(pub Vec<SpecError>);
+
+impl fmt::Display for SpecErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether stackwarden may change anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Plan and apply what policy allows.
+    #[default]
+    Converge,
+    /// Plan and report only; never write.
+    Observe,
+}
+
+/// A parameter value: a literal, or the value of another stack's output.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(untagged)]
+pub enum Value {
+    Literal(String),
+    Output { stack: String, output: String },
+}
+
+impl fmt::Display for Value {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Value::Literal(s) => f.write_str(s),
+            Value::Output { stack, output } => write!(f, "{{output: {stack}.{output}}}"),
+        }
+    }
+}
+
+impl TryFrom<serde_yaml::Value> for Value {
+    type Error = String;
+
+    fn try_from(v: serde_yaml::Value) -> Result<Self, String> {
+        use serde_yaml::Value as Y;
+        const EXPECTED: &str = "expected a scalar or {output: <stack>.<Output>}";
+        match v {
+            Y::String(s) => Ok(Value::Literal(s)),
+            Y::Number(n) => Ok(Value::Literal(n.to_string())),
+            Y::Bool(b) => Ok(Value::Literal(b.to_string())),
+            Y::Mapping(m) if m.len() == 1 => {
+                let (k, v) = m.into_iter().next().expect("one entry");
+                match (k.as_str(), v) {
+                    (Some("output"), Y::String(r)) => match r.split_once('.') {
+                        Some((stack, output)) if !stack.is_empty() && !output.is_empty() => {
+                            Ok(Value::Output {
+                                stack: stack.to_owned(),
+                                output: output.to_owned(),
+                            })
+                        }
+                        _ => Err(format!(
+                            "output reference `{r}` must be <stack>.<OutputName>"
+                        )),
+                    },
+                    _ => Err(EXPECTED.to_owned()),
+                }
+            }
+            _ => Err(EXPECTED.to_owned()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Value {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = serde_yaml::Value::deserialize(d)?;
+        Value::try_from(raw).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A duration written the humantime way (`90s`, `5m`, `1h 30m`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct HumanDuration(Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map(HumanDuration)
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration `{s}`: {e}")))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEnv {
+    environment: String,
+    region: String,
+    #[serde(default)]
+    account_id: Option<String>,
+    #[serde(default)]
+    assume_role: Option<AssumeRole>,
+    stack_name_prefix: String,
+    #[serde(default)]
+    tags: BTreeMap<String, String>,
+    #[serde(default)]
+    alerts: Option<RawAlerts>,
+    #[serde(default)]
+    policy: RawPolicy,
+    #[serde(default)]
+    operation_timeout: Option<HumanDuration>,
+    stacks: serde_yaml::Mapping,
+}
+
+/// The role stackwarden assumes to operate on the environment's account.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AssumeRole {
+    pub role_arn: String,
+    #[serde(default)]
+    pub external_id: Option<String>,
+    #[serde(default)]
+    pub session_name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAlerts {
+    sns_topic_arn: String,
+    #[serde(default)]
+    repeat_after: Option<HumanDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    #[serde(default)]
+    mode: Mode,
+    #[serde(default)]
+    prune: bool,
+    #[serde(default)]
+    protect: Option<Vec<String>>,
+    #[serde(default)]
+    allow_replacement: Vec<String>,
+    #[serde(default)]
+    recreate_failed: bool,
+    #[serde(default)]
+    continue_rollback: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStack {
+    template: String,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    parameters: BTreeMap<String, Value>,
+    #[serde(default)]
+    depends_on: Vec<String>,
+    #[serde(default)]
+    tags: BTreeMap<String, String>,
+    #[serde(default)]
+    termination_protection: bool,
+    #[serde(default)]
+    timeout: Option<HumanDuration>,
+    #[serde(default)]
+    ecs_services: Vec<RawEcsService>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEcsService {
+    cluster: Value,
+    service: Value,
+    #[serde(default)]
+    desired_count: Option<u32>,
+    #[serde(default)]
+    autoscaling: Option<Autoscaling>,
+    #[serde(default)]
+    task_definition: Option<Value>,
+}
+
+/// The range autoscaling may move a service's desired count in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Autoscaling {
+    pub min: u32,
+    pub max: u32,
+}
+
+/// Alerting configuration of an environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Alerts {
+    pub sns_topic_arn: String,
+    pub repeat_after: Duration,
+}
+
+/// What stackwarden may do in an environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    pub mode: Mode,
+    /// Delete orphaned stacks (tagged as ours, absent from desired state).
+    pub prune: bool,
+    /// Resource types whose replacement or removal is blocked.
+    pub protect: BTreeSet<String>,
+    /// `stack.LogicalId` resources that may be replaced or removed anyway.
+    pub allow_replacement: BTreeSet<(String, String)>,
+    /// Delete and recreate a stack whose creation failed (ROLLBACK_COMPLETE).
+    pub recreate_failed: bool,
+    /// Continue a rollback stuck in UPDATE_ROLLBACK_FAILED.
+    pub continue_rollback: bool,
+}
+
+/// An ECS service a stack owns, to observe and keep converged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EcsServiceSpec {
+    pub cluster: Value,
+    pub service: Value,
+    /// Desired count to hold, when not managed by autoscaling.
+    pub desired_count: Option<u32>,
+    pub autoscaling: Option<Autoscaling>,
+    /// Expected task definition (usually the owning stack's output).
+    pub task_definition: Option<Value>,
+}
+
+/// One stack of an environment, validated.
+#[derive(Debug, Clone)]
+pub struct DesiredStack {
+    /// The key under `stacks:`; how other stacks refer to it.
+    pub key: String,
+    /// The CloudFormation stack name.
+    pub name: String,
+    pub template_path: PathBuf,
+    pub template_body: String,
+    pub template: Template,
+    pub parameters: BTreeMap<String, Value>,
+    /// Explicit `depends_on` plus every stack an output reference names.
+    pub depends_on: BTreeSet<String>,
+    /// Environment tags overlaid with the stack's own (stackwarden's tags excluded).
+    pub tags: BTreeMap<String, String>,
+    pub termination_protection: bool,
+    pub timeout: Duration,
+    pub ecs_services: Vec<EcsServiceSpec>,
+    /// Content hash of everything that defines this stack.
+    pub revision: String,
+}
+
+impl DesiredStack {
+    /// Tags to put on the stack: the declared ones plus stackwarden's own.
+    pub fn tags_with_ownership(&self, environment: &str) -> BTreeMap<String, String> {
+        let mut tags = self.tags.clone();
+        tags.insert(REVISION_TAG.to_owned(), self.revision.clone());
+        tags.insert(ENVIRONMENT_TAG.to_owned(), environment.to_owned());
+        tags
+    }
+
+    /// Parameters whose values must never be shown.
+    pub fn secret_parameters(&self) -> BTreeSet<String> {
+        self.template
+            .parameters
+            .iter()
+            .filter(|(_, p)| p.no_echo)
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+}
+
+/// One environment, validated: immutable once loaded.
+#[derive(Debug, Clone)]
+pub struct DesiredEnv {
+    pub name: String,
+    pub file: PathBuf,
+    pub region: String,
+    pub account_id: Option<String>,
+    pub assume_role: Option<AssumeRole>,
+    pub stack_name_prefix: String,
+    pub alerts: Option<Alerts>,
+    pub policy: Policy,
+    pub stacks: BTreeMap<String, DesiredStack>,
+    /// Stack keys in topological waves: every stack's dependencies are in
+    /// earlier waves; keys within a wave are sorted.
+    pub waves: Vec<Vec<String>>,
+    /// Content hash of the whole environment.
+    pub revision: String,
+    /// Every file this environment was loaded from (itself and its templates).
+    pub sources: Vec<PathBuf>,
+}
+
+impl DesiredEnv {
+    /// Stack keys in dependency order.
+    pub fn order(&self) -> impl Iterator<Item = &DesiredStack> {
+        self.waves.iter().flatten().map(|k| &self.stacks[k])
+    }
+
+    /// Stacks that depend on `key`, directly or not.
+    pub fn dependents_of(&self, key: &str) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        let mut frontier = vec![key.to_owned()];
+        while let Some(k) = frontier.pop() {
+            for s in self.stacks.values() {
+                if s.depends_on.contains(&k) && out.insert(s.key.clone()) {
+                    frontier.push(s.key.clone());
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The desired-state files of a folder, by environment name (file stem).
+///
+/// # Errors
+/// The folder cannot be read.
+pub fn discover(dir: &Path) -> std::io::Result<BTreeMap<String, PathBuf>> {
+    let mut out = BTreeMap::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let is_yaml = matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml")
+        );
+        if is_yaml && let Some(stem) = path.file_stem().and_then(|s| s.to_str()) {
+            out.insert(stem.to_owned(), path);
+        }
+    }
+    Ok(out)
+}
+
+/// Loads and validates one desired-state file.
+///
+/// # Errors
+/// Every problem found, each with file, line, column and field.
+pub fn load(file: &Path) -> Result<DesiredEnv, SpecErrors> {
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        SpecErrors(vec![SpecError {
+            file: file.to_owned(),
+            pos: Pos { line: 1, column: 1 },
+            path: String::new(),
+            message: format!("cannot read: {e}"),
+        }])
+    })?;
+    Loader::new(file).load(&text)
+}
+
+struct Loader {
+    file: PathBuf,
+    dir: PathBuf,
+    errors: Vec<SpecError>,
+    /// Every stack key of the file, loaded or not.
+    declared: BTreeSet<String>,
+}
+
+impl Loader {
+    fn new(file: &Path) -> Loader {
+        Loader {
+            file: file.to_owned(),
+            dir: file.parent().unwrap_or(Path::new(".")).to_owned(),
+            errors: Vec::new(),
+            declared: BTreeSet::new(),
+        }
+    }
+
+    fn yaml_error(&mut self, e: YamlError) {
+        self.errors.push(SpecError {
+            file: self.file.clone(),
+            pos: e.pos,
+            path: e.path,
+            message: e.message,
+        });
+    }
+
+    fn error_at(&mut self, doc: &Document, path: &str, message: impl Into<String>) {
+        self.errors.push(SpecError {
+            file: self.file.clone(),
+            pos: doc.positions.find_dotted(path),
+            path: path.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    fn load(mut self, text: &str) -> Result<DesiredEnv, SpecErrors> {
+        let doc = match Document::parse(text) {
+            Ok(d) => d,
+            Err(e) => {
+                self.yaml_error(e);
+                return Err(SpecErrors(self.errors));
+            }
+        };
+        let raw: RawEnv = match doc.deserialize(&doc.value, &[]) {
+            Ok(r) => r,
+            Err(e) => {
+                self.yaml_error(e);
+                return Err(SpecErrors(self.errors));
+            }
+        };
+        self.check_environment(&doc, &raw);
+        self.declared = raw
+            .stacks
+            .keys()
+            .filter_map(|k| k.as_str().map(str::to_owned))
+            .collect();
+
+        // Each stack is deserialized on its own so that problems in several
+        // stacks are all reported at once.
+        let mut raw_stacks = BTreeMap::new();
+        for (key, value) in &raw.stacks {
+            let Some(key) = key.as_str() else {
+                self.error_at(&doc, "stacks", "stack keys must be strings");
+                continue;
+            };
+            let base = vec!["stacks".to_owned(), key.to_owned()];
+            match doc.deserialize::<RawStack>(value, &base) {
+                Ok(s) => {
+                    raw_stacks.insert(key.to_owned(), s);
+                }
+                Err(e) => self.yaml_error(e),
+            }
+        }
+        if raw.stacks.is_empty() {
+            self.error_at(&doc, "stacks", "an environment needs at least one stack");
+        }
+
+        let mut templates = BTreeMap::new();
+        for (key, s) in &raw_stacks {
+            if let Some(t) = self.load_template(&doc, key, &s.template) {
+                templates.insert(key.clone(), t);
+            }
+        }
+        let policy = self.check_policy(&doc, &raw.policy, &raw_stacks, &templates);
+        let env_timeout = raw
+            .operation_timeout
+            .map_or(DEFAULT_OPERATION_TIMEOUT, |d| d.0);
+
+        let mut stacks = BTreeMap::new();
+        let mut names: BTreeMap<String, String> = BTreeMap::new();
+        for (key, s) in raw_stacks {
+            let name = s
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("{}-{key}", raw.stack_name_prefix));
+            let name_path = if s.name.is_some() {
+                format!("stacks.{key}.name")
+            } else {
+                format!("stacks.{key}")
+            };
+            if !valid_stack_name(&name) {
+                self.error_at(
+                    &doc,
+                    &name_path,
+                    format!(
+                        "stack name `{name}` is not a valid CloudFormation name (a letter, then letters, digits and hyphens, at most 128)"
+                    ),
+                );
+            }
+            if let Some(other) = names.insert(name.clone(), key.clone()) {
+                self.error_at(
+                    &doc,
+                    &name_path,
+                    format!("stack name `{name}` is also used by stack `{other}`"),
+                );
+            }
+            let mut depends_on = BTreeSet::new();
+            for (i, dep) in s.depends_on.iter().enumerate() {
+                if dep == &key {
+                    self.error_at(
+                        &doc,
+                        &format!("stacks.{key}.depends_on.{i}"),
+                        "a stack cannot depend on itself",
+                    );
+                } else if !self.declared.contains(dep) {
+                    self.error_at(
+                        &doc,
+                        &format!("stacks.{key}.depends_on.{i}"),
+                        format!("unknown stack `{dep}`"),
+                    );
+                } else {
+                    depends_on.insert(dep.clone());
+                }
+            }
+            let Some((template_path, body, template)) = templates.get(&key).cloned() else {
+                continue;
+            };
+            self.check_parameters(
+                &doc,
+                &key,
+                &s.parameters,
+                &template,
+                &templates,
+                &mut depends_on,
+            );
+            for (i, svc) in s.ecs_services.iter().enumerate() {
+                let base = format!("stacks.{key}.ecs_services.{i}");
+                for (field, v) in [
+                    ("cluster", Some(&svc.cluster)),
+                    ("service", Some(&svc.service)),
+                    ("task_definition", svc.task_definition.as_ref()),
+                ] {
+                    if let Some(v) = v {
+                        self.check_reference(
+                            &doc,
+                            &format!("{base}.{field}"),
+                            v,
+                            &key,
+                            &templates,
+                            &mut depends_on,
+                        );
+                    }
+                }
+                if let Some(a) = svc.autoscaling
+                    && a.min > a.max
+                {
+                    self.error_at(
+                        &doc,
+                        &format!("{base}.autoscaling"),
+                        format!("min {} is greater than max {}", a.min, a.max),
+                    );
+                }
+            }
+            // The stack itself owns its services: a reference to its own
+            // outputs is not a dependency edge.
+            depends_on.remove(&key);
+            let mut tags = raw.tags.clone();
+            tags.extend(s.tags.clone());
+            for t in tags.keys() {
+                if t.starts_with("stackwarden:") || t.starts_with("aws:") {
+                    self.error_at(
+                        &doc,
+                        &format!("stacks.{key}.tags"),
+                        format!("tag `{t}` is reserved"),
+                    );
+                }
+            }
+            let timeout = s.timeout.map_or(env_timeout, |d| d.0);
+            let ecs_services = s
+                .ecs_services
+                .into_iter()
+                .map(|r| EcsServiceSpec {
+                    cluster: r.cluster,
+                    service: r.service,
+                    desired_count: r.desired_count,
+                    autoscaling: r.autoscaling,
+                    task_definition: r.task_definition,
+                })
+                .collect::<Vec<_>>();
+            let revision =
+                stack_revision(&template, &s.parameters, &tags, s.termination_protection);
+            stacks.insert(
+                key.clone(),
+                DesiredStack {
+                    key,
+                    name,
+                    template_path,
+                    template_body: body,
+                    template,
+                    parameters: s.parameters,
+                    depends_on,
+                    tags,
+                    termination_protection: s.termination_protection,
+                    timeout,
+                    ecs_services,
+                    revision,
+                },
+            );
+        }
+
+        let waves = match waves(&stacks) {
+            Ok(w) => w,
+            Err(cycle) => {
+                let first = cycle[0].clone();
+                self.error_at(
+                    &doc,
+                    &format!("stacks.{first}"),
+                    format!("dependency cycle: {}", cycle.join(" -> ")),
+                );
+                Vec::new()
+            }
+        };
+
+        if !self.errors.is_empty() {
+            self.errors
+                .sort_by(|a, b| (&a.file, a.pos).cmp(&(&b.file, b.pos)));
+            self.errors.dedup();
+            return Err(SpecErrors(self.errors));
+        }
+        let revision = {
+            let mut h = Sha256::new();
+            for s in stacks.values() {
+                h.update(s.key.as_bytes());
+                h.update(s.revision.as_bytes());
+            }
+            hex::encode(h.finalize())[..16].to_owned()
+        };
+        let mut sources = vec![self.file.clone()];
+        sources.extend(stacks.values().map(|s| s.template_path.clone()));
+        sources.sort();
+        sources.dedup();
+        Ok(DesiredEnv {
+            name: raw.environment,
+            file: self.file,
+            region: raw.region,
+            account_id: raw.account_id,
+            assume_role: raw.assume_role,
+            stack_name_prefix: raw.stack_name_prefix,
+            alerts: raw.alerts.map(|a| Alerts {
+                sns_topic_arn: a.sns_topic_arn,
+                repeat_after: a.repeat_after.map_or(DEFAULT_ALERT_REPEAT, |d| d.0),
+            }),
+            policy,
+            stacks,
+            waves,
+            revision,
+            sources,
+        })
+    }
+
+    fn check_environment(&mut self, doc: &Document, raw: &RawEnv) {
+        let stem = self.file.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+        if raw.environment != stem {
+            self.error_at(
+                doc,
+                "environment",
+                format!(
+                    "environment `{}` must match the file name `{stem}`",
+                    raw.environment
+                ),
+            );
+        }
+        let region_ok = raw.region.split('-').count() >= 3
+            && raw
+                .region
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        if !region_ok {
+            self.error_at(
+                doc,
+                "region",
+                format!("`{}` is not an AWS region", raw.region),
+            );
+        }
+        if let Some(a) = &raw.account_id
+            && (a.len() != 12 || !a.chars().all(|c| c.is_ascii_digit()))
+        {
+            self.error_at(
+                doc,
+                "account_id",
+                format!("`{a}` is not a 12-digit AWS account id (quote it in YAML)"),
+            );
+        }
+        if let Some(r) = &raw.assume_role
+            && !r.role_arn.starts_with("arn:aws")
+        {
+            self.error_at(
+                doc,
+                "assume_role.role_arn",
+                format!("`{}` is not a role ARN", r.role_arn),
+            );
+        }
+        if let Some(a) = &raw.alerts
+            && !a.sns_topic_arn.starts_with("arn:aws")
+        {
+            self.error_at(
+                doc,
+                "alerts.sns_topic_arn",
+                format!("`{}` is not an SNS topic ARN", a.sns_topic_arn),
+            );
+        }
+    }
+
+    fn load_template(
+        &mut self,
+        doc: &Document,
+        key: &str,
+        rel: &str,
+    ) -> Option<(PathBuf, String, Template)> {
+        let path = normalize(&self.dir.join(rel));
+        let body = match std::fs::read_to_string(&path) {
+            Ok(b) => b,
+            Err(e) => {
+                self.error_at(
+                    doc,
+                    &format!("stacks.{key}.template"),
+                    format!("cannot read template {}: {e}", path.display()),
+                );
+                return None;
+            }
+        };
+        match Template::parse(&body) {
+            Ok(t) => Some((path, body, t)),
+            Err(e) => {
+                self.errors.push(SpecError {
+                    file: path,
+                    pos: if e.pos.line == 0 {
+                        Pos { line: 1, column: 1 }
+                    } else {
+                        e.pos
+                    },
+                    path: String::new(),
+                    message: format!("template of stack `{key}`: {}", e.message),
+                });
+                None
+            }
+        }
+    }
+
+    fn check_parameters(
+        &mut self,
+        doc: &Document,
+        key: &str,
+        given: &BTreeMap<String, Value>,
+        template: &Template,
+        templates: &BTreeMap<String, (PathBuf, String, Template)>,
+        depends_on: &mut BTreeSet<String>,
+    ) {
+        for (name, value) in given {
+            let path = format!("stacks.{key}.parameters.{name}");
+            if !template.parameters.contains_key(name) {
+                let declared: Vec<&str> = template.parameters.keys().map(String::as_str).collect();
+                self.error_at(
+                    doc,
+                    &path,
+                    format!(
+                        "parameter `{name}` is not declared by the template (declared: {})",
+                        declared.join(", ")
+                    ),
+                );
+                continue;
+            }
+            self.check_reference(doc, &path, value, key, templates, depends_on);
+        }
+        let missing: Vec<&str> = template
+            .parameters
+            .iter()
+            .filter(|(n, p)| p.default.is_none() && !given.contains_key(*n))
+            .map(|(n, _)| n.as_str())
+            .collect();
+        if !missing.is_empty() {
+            let path = if given.is_empty() {
+                format!("stacks.{key}")
+            } else {
+                format!("stacks.{key}.parameters")
+            };
+            self.error_at(
+                doc,
+                &path,
+                format!(
+                    "template parameter{} without a default not given: {}",
+                    if missing.len() > 1 { "s" } else { "" },
+                    missing.join(", ")
+                ),
+            );
+        }
+    }
+
+    fn check_reference(
+        &mut self,
+        doc: &Document,
+        path: &str,
+        value: &Value,
+        key: &str,
+        templates: &BTreeMap<String, (PathBuf, String, Template)>,
+        depends_on: &mut BTreeSet<String>,
+    ) {
+        let Value::Output { stack, output } = value else {
+            return;
+        };
+        match templates.get(stack) {
+            // The stack exists but did not load: its own error says why.
+            None if self.declared.contains(stack) => {}
+            None => self.error_at(
+                doc,
+                path,
+                format!("output reference names unknown stack `{stack}`"),
+            ),
+            Some((tpath, _, t)) if !t.outputs.contains(output) => self.error_at(
+                doc,
+                path,
+                format!(
+                    "stack `{stack}` has no output `{output}` (its template {} declares: {})",
+                    tpath.display(),
+                    t.outputs
+                        .iter()
+                        .map(String::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ),
+            Some(_) => {
+                if stack != key {
+                    depends_on.insert(stack.clone());
+                }
+            }
+        }
+    }
+
+    fn check_policy(
+        &mut self,
+        doc: &Document,
+        raw: &RawPolicy,
+        stacks: &BTreeMap<String, RawStack>,
+        templates: &BTreeMap<String, (PathBuf, String, Template)>,
+    ) -> Policy {
+        let protect: BTreeSet<String> = match &raw.protect {
+            Some(list) => list.clone().into_iter().collect(),
+            None => DEFAULT_PROTECTED_TYPES
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
+        };
+        if let Some(list) = &raw.protect {
+            for (i, t) in list.iter().enumerate() {
+                if t.split("::").count() != 3 || !t.starts_with("AWS::") {
+                    self.error_at(
+                        doc,
+                        &format!("policy.protect.{i}"),
+                        format!("`{t}` is not a resource type like AWS::DynamoDB::Table"),
+                    );
+                }
+            }
+        }
+        let mut allow = BTreeSet::new();
+        for (i, entry) in raw.allow_replacement.iter().enumerate() {
+            let path = format!("policy.allow_replacement.{i}");
+            let Some((stack, logical)) = entry.split_once('.') else {
+                self.error_at(
+                    doc,
+                    &path,
+                    format!("`{entry}` must be <stack>.<LogicalResourceId>"),
+                );
+                continue;
+            };
+            if !stacks.contains_key(stack) {
+                self.error_at(doc, &path, format!("unknown stack `{stack}`"));
+            } else if let Some((_, _, t)) = templates.get(stack)
+                && !t.resources.contains_key(logical)
+            {
+                self.error_at(
+                    doc,
+                    &path,
+                    format!("stack `{stack}` has no resource `{logical}`"),
+                );
+            }
+            allow.insert((stack.to_owned(), logical.to_owned()));
+        }
+        Policy {
+            mode: raw.mode,
+            prune: raw.prune,
+            protect,
+            allow_replacement: allow,
+            recreate_failed: raw.recreate_failed,
+            continue_rollback: raw.continue_rollback,
+        }
+    }
+}
+
+/// Resolves `.` and `..` lexically, so messages name `templates/x.yaml`
+/// rather than `desired-state/../templates/x.yaml`.
+fn normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir
+                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
+            {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+fn valid_stack_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    name.len() <= 128
+        && chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
+/// Hash of everything that defines a stack: the template's meaning (not its
+/// formatting), parameters as declared, tags, termination protection.
+fn stack_revision(
+    template: &Template,
+    parameters: &BTreeMap<String, Value>,
+    tags: &BTreeMap<String, String>,
+    termination_protection: bool,
+) -> String {
+    let material = serde_json::json!({
+        "template": template.canonical,
+        "parameters": parameters,
+        "tags": tags,
+        "termination_protection": termination_protection,
+    });
+    // serde_json maps are sorted (no preserve_order feature): stable bytes.
+    let bytes = serde_json::to_vec(&material).expect("JSON values serialize");
+    hex::encode(Sha256::digest(&bytes))[..16].to_owned()
+}
+
+/// Topological waves of the stack graph, or the nodes of a cycle.
+fn waves(stacks: &BTreeMap<String, DesiredStack>) -> Result<Vec<Vec<String>>, Vec<String>> {
+    let mut remaining: BTreeMap<&str, BTreeSet<&str>> = stacks
+        .iter()
+        .map(|(k, s)| {
+            (
+                k.as_str(),
+                s.depends_on
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|d| stacks.contains_key(*d))
+                    .collect(),
+            )
+        })
+        .collect();
+    let mut out = Vec::new();
+    while !remaining.is_empty() {
+        let ready: Vec<&str> = remaining
+            .iter()
+            .filter(|(_, deps)| deps.is_empty())
+            .map(|(k, _)| *k)
+            .collect();
+        if ready.is_empty() {
+            return Err(find_cycle(&remaining));
+        }
+        for k in &ready {
+            remaining.remove(k);
+        }
+        for deps in remaining.values_mut() {
+            for k in &ready {
+                deps.remove(k);
+            }
+        }
+        out.push(ready.into_iter().map(str::to_owned).collect());
+    }
+    Ok(out)
+}
+
+fn find_cycle(graph: &BTreeMap<&str, BTreeSet<&str>>) -> Vec<String> {
+    // Every remaining node has an unresolved dependency, so walking first
+    // dependencies must revisit a node; the loop from there is a cycle.
+    let mut path: Vec<&str> = vec![graph.keys().next().copied().expect("non-empty")];
+    loop {
+        let last = *path.last().expect("non-empty");
+        let next = *graph[last]
+            .iter()
+            .next()
+            .expect("every node has a dependency");
+        if let Some(i) = path.iter().position(|n| *n == next) {
+            let mut cycle: Vec<String> = path[i..].iter().map(|s| (*s).to_owned()).collect();
+            cycle.push(next.to_owned());
+            return cycle;
+        }
+        path.push(next);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+    }
+
+    const TEMPLATE_A: &str = "Parameters:\n  Env: {Type: String}\n  Size: {Type: Number, Default: 1}\nResources:\n  T: {Type: 'AWS::DynamoDB::Table'}\nOutputs:\n  TableName: {Value: !Ref T}\n";
+    const TEMPLATE_B: &str = "Parameters:\n  Table: {Type: String}\nResources:\n  Q: {Type: 'AWS::SQS::Queue'}\nOutputs:\n  QueueUrl: {Value: !Ref Q}\n";
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::create_dir(dir.path().join("templates")).unwrap();
+            std::fs::create_dir(dir.path().join("desired-state")).unwrap();
+            std::fs::write(dir.path().join("templates/a.yaml"), TEMPLATE_A).unwrap();
+            std::fs::write(dir.path().join("templates/b.yaml"), TEMPLATE_B).unwrap();
+            Fixture { dir }
+        }
+
+        fn load(&self, env: &str, text: &str) -> Result<DesiredEnv, SpecErrors> {
+            let path = self.dir.path().join(format!("desired-state/{env}.yaml"));
+            std::fs::write(&path, text).unwrap();
+            load(&path)
+        }
+
+        /// Errors rendered with the fixture folder stripped, one per line.
+        fn errors(&self, env: &str, text: &str) -> Vec<String> {
+            let errs = self.load(env, text).expect_err("should be refused");
+            let root = format!("{}/", self.dir.path().display());
+            errs.0
+                .iter()
+                .map(|e| e.to_string().replace(&root, ""))
+                .collect()
+        }
+    }
+
+    const GOOD: &str = "\
+environment: dev
+region: us-east-1
+account_id: \"123456789012\"
+stack_name_prefix: dev-app
+tags: {Team: platform}
+stacks:
+  data:
+    template: ../templates/a.yaml
+    parameters: {Env: dev}
+  queue:
+    template: ../templates/b.yaml
+    parameters:
+      Table: {output: data.TableName}
+";
+
+    #[test]
+    fn a_good_file_loads_with_implicit_edges_and_waves() {
+        let f = Fixture::new();
+        let env = f.load("dev", GOOD).unwrap();
+        assert_eq!(
+            env.waves,
+            vec![vec!["data".to_owned()], vec!["queue".to_owned()]]
+        );
+        assert_eq!(
+            env.stacks["queue"].depends_on,
+            BTreeSet::from(["data".to_owned()])
+        );
+        assert_eq!(env.stacks["data"].name, "dev-app-data");
+        assert_eq!(env.stacks["data"].tags["Team"], "platform");
+        assert_eq!(env.policy.mode, Mode::Converge);
+        assert!(env.policy.protect.contains("AWS::DynamoDB::Table"));
+        assert_eq!(env.stacks["data"].timeout, DEFAULT_OPERATION_TIMEOUT);
+    }
+
+    #[test]
+    fn revision_is_stable_and_ignores_template_formatting() {
+        let f = Fixture::new();
+        let r1 = f.load("dev", GOOD).unwrap().revision;
+        assert_eq!(r1, f.load("dev", GOOD).unwrap().revision);
+        let reformatted = format!(
+            "# a comment\n{}",
+            TEMPLATE_A.replace("{Type: String}", "\n    Type: String")
+        );
+        std::fs::write(f.dir.path().join("templates/a.yaml"), reformatted).unwrap();
+        assert_eq!(r1, f.load("dev", GOOD).unwrap().revision);
+        let changed = f
+            .load("dev", &GOOD.replace("{Env: dev}", "{Env: dev, Size: 2}"))
+            .unwrap();
+        assert_ne!(r1, changed.revision);
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_with_its_line() {
+        let f = Fixture::new();
+        let text = GOOD.replace(
+            "    parameters: {Env: dev}\n",
+            "    parameters: {Env: dev}\n    colour: blue\n",
+        );
+        assert_eq!(
+            f.errors("dev", &text),
+            vec![
+                "desired-state/dev.yaml:10:5: stacks.data.colour: unknown field `colour`, expected one of `template`, `name`, `parameters`, `depends_on`, `tags`, `termination_protection`, `timeout`, `ecs_services`"
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_top_level_key_is_an_error() {
+        let f = Fixture::new();
+        let errs = f.errors("dev", &format!("{GOOD}extra: 1\n"));
+        assert_eq!(errs.len(), 1);
+        assert!(
+            errs[0].starts_with("desired-state/dev.yaml:14:1: extra: unknown field `extra`"),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn missing_template_file_is_reported_at_the_template_key() {
+        let f = Fixture::new();
+        let errs = f.errors(
+            "dev",
+            &GOOD.replace("../templates/a.yaml", "../templates/nope.yaml"),
+        );
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].starts_with(
+                "desired-state/dev.yaml:8:5: stacks.data.template: cannot read template"
+            ),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn undeclared_parameter_is_reported_at_the_parameter() {
+        let f = Fixture::new();
+        let errs = f.errors(
+            "dev",
+            &GOOD.replace("{Env: dev}", "{Env: dev, Colour: red}"),
+        );
+        assert_eq!(
+            errs,
+            vec![
+                "desired-state/dev.yaml:9:28: stacks.data.parameters.Colour: parameter `Colour` is not declared by the template (declared: Env, Size)"
+            ]
+        );
+    }
+
+    #[test]
+    fn missing_required_parameter_is_reported() {
+        let f = Fixture::new();
+        let errs = f.errors("dev", &GOOD.replace("    parameters: {Env: dev}\n", ""));
+        assert_eq!(
+            errs,
+            vec![
+                "desired-state/dev.yaml:7:3: stacks.data: template parameter without a default not given: Env"
+            ]
+        );
+    }
+
+    #[test]
+    fn reference_to_a_missing_output_is_reported() {
+        let f = Fixture::new();
+        let errs = f.errors("dev", &GOOD.replace("data.TableName", "data.TableArn"));
+        assert_eq!(errs.len(), 1);
+        assert!(
+            errs[0].starts_with("desired-state/dev.yaml:13:7: stacks.queue.parameters.Table: stack `data` has no output `TableArn`"),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn reference_to_an_unknown_stack_is_reported() {
+        let f = Fixture::new();
+        let errs = f.errors("dev", &GOOD.replace("data.TableName", "nope.TableName"));
+        assert_eq!(
+            errs,
+            vec![
+                "desired-state/dev.yaml:13:7: stacks.queue.parameters.Table: output reference names unknown stack `nope`"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_cycle_is_reported_with_its_path() {
+        let f = Fixture::new();
+        let text = GOOD.replace(
+            "    parameters: {Env: dev}\n",
+            "    parameters: {Env: dev}\n    depends_on: [queue]\n",
+        );
+        assert_eq!(
+            f.errors("dev", &text),
+            vec![
+                "desired-state/dev.yaml:7:3: stacks.data: dependency cycle: data -> queue -> data"
+            ]
+        );
+    }
+
+    #[test]
+    fn all_errors_of_a_file_are_reported_together() {
+        let f = Fixture::new();
+        let text = GOOD
+            .replace("{Env: dev}", "{Env: dev, Colour: red}")
+            .replace("data.TableName", "data.Nope")
+            .replace("region: us-east-1", "region: moon");
+        let errs = f.errors("dev", &text);
+        assert_eq!(errs.len(), 3, "{errs:?}");
+        assert!(errs[0].contains(":2:1: region:"), "{errs:?}");
+        assert!(
+            errs[1].contains("stacks.data.parameters.Colour"),
+            "{errs:?}"
+        );
+        assert!(
+            errs[2].contains("stacks.queue.parameters.Table"),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn a_bad_parameter_value_shape_is_reported() {
+        let f = Fixture::new();
+        let errs = f.errors("dev", &GOOD.replace("{Env: dev}", "{Env: [a, b]}"));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].contains(
+                "stacks.data.parameters.Env: expected a scalar or {output: <stack>.<Output>}"
+            ),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn environment_must_match_its_file_name() {
+        let f = Fixture::new();
+        let errs = f.errors("prod", GOOD);
+        assert_eq!(
+            errs,
+            vec![
+                "desired-state/prod.yaml:1:1: environment: environment `dev` must match the file name `prod`"
+            ]
+        );
+    }
+
+    #[test]
+    fn invalid_and_duplicate_stack_names_are_reported() {
+        let f = Fixture::new();
+        let text = GOOD.replace("  queue:\n", "  queue:\n    name: dev-app-data\n");
+        let errs = f.errors("dev", &text);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].contains("is also used by stack"), "{errs:?}");
+        let errs = f.errors("dev", &GOOD.replace("dev-app", "1bad_name"));
+        assert_eq!(errs.len(), 2, "{errs:?}");
+    }
+
+    #[test]
+    fn allow_replacement_must_name_a_real_resource() {
+        let f = Fixture::new();
+        let text = format!("{GOOD}policy:\n  allow_replacement: [data.T, data.Missing]\n");
+        let errs = f.errors("dev", &text);
+        assert_eq!(
+            errs,
+            vec![
+                "desired-state/dev.yaml:15:31: policy.allow_replacement.1: stack `data` has no resource `Missing`"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_syntax_error_names_its_line() {
+        let f = Fixture::new();
+        let errs = f.errors("dev", "environment: dev\nstacks: [\n");
+        assert_eq!(errs.len(), 1);
+        assert!(errs[0].starts_with("desired-state/dev.yaml:3:"), "{errs:?}");
+    }
+
+    #[test]
+    fn a_broken_template_names_the_template_file() {
+        let f = Fixture::new();
+        std::fs::write(
+            f.dir.path().join("templates/b.yaml"),
+            "Resources:\n  Q: [\n",
+        )
+        .unwrap();
+        let errs = f.errors("dev", GOOD);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].starts_with("templates/b.yaml:3:"), "{errs:?}");
+    }
+
+    #[test]
+    fn dependents_are_transitive() {
+        let f = Fixture::new();
+        let env = f.load("dev", GOOD).unwrap();
+        assert_eq!(
+            env.dependents_of("data"),
+            BTreeSet::from(["queue".to_owned()])
+        );
+        assert!(env.dependents_of("queue").is_empty());
+    }
+}

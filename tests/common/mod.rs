@@ -1,0 +1,216 @@
+//! Test harness shared by the end-to-end tests: one AWS emulator (moto with
+//! stackwarden's shim) per test binary, and helpers to run the real binary.
+//!
+//! The emulator is started on a free 127.0.0.1 port the first time a test
+//! asks for it. Tests that use it hold [`Emulator::lock`], which serialises
+//! them and resets the emulator, so each starts from an empty account. The
+//! emulator watches its stdin: when this process exits, for any reason, the
+//! pipe closes and the emulator exits too.
+
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+pub const ACCOUNT: &str = "123456789012";
+pub const REGION: &str = "us-east-1";
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The Python interpreter of the project's venv (made by `scripts/test`).
+fn python() -> PathBuf {
+    let p = std::env::var_os("STACKWARDEN_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join(".venv/bin/python"));
+    assert!(
+        p.exists(),
+        "the AWS emulator needs {} (moto in the project venv): run scripts/test, which installs it",
+        p.display()
+    );
+    p
+}
+
+pub struct Emulator {
+    port: u16,
+    // Held for its stdin pipe: dropping it (at process exit) stops the emulator.
+    _child: Mutex<Child>,
+    serial: tokio::sync::Mutex<()>,
+}
+
+static EMULATOR: OnceLock<Emulator> = OnceLock::new();
+
+impl Emulator {
+    /// The emulator of this test binary, started on first use.
+    pub fn get() -> &'static Emulator {
+        EMULATOR.get_or_init(Emulator::start)
+    }
+
+    fn start() -> Emulator {
+        let port = free_port();
+        let child = Command::new(python())
+            .arg(repo().join("tests/emulator/moto_shim.py"))
+            .args(["--port", &port.to_string(), "--watch-stdin"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the AWS emulator");
+        // Poll until it accepts connections: up to 60 s (a cold Python import).
+        let mut tries = 0;
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            tries += 1;
+            assert!(
+                tries < 1200,
+                "the AWS emulator did not start within 60 s on port {port}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Emulator {
+            port,
+            _child: Mutex::new(child),
+            serial: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Exclusive use of the emulator, reset to an empty account. (A tokio
+    /// mutex: async tests hold it across awaits; it never poisons.)
+    pub async fn lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        let guard = self.serial.lock().await;
+        self.reset();
+        guard
+    }
+
+    /// [`Emulator::lock`] for tests that are not async.
+    pub fn lock_blocking(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        let guard = self.serial.blocking_lock();
+        self.reset();
+        guard
+    }
+
+    /// Forgets every resource (moto's `POST /moto-api/reset`).
+    pub fn reset(&self) {
+        let status = http_post(self.port, "/moto-api/reset");
+        assert!(
+            status.starts_with("HTTP/1.1 200") || status.starts_with("HTTP/1.0 200"),
+            "reset failed: {status}"
+        );
+    }
+
+    /// An SDK configuration pointing at the emulator with test credentials.
+    pub async fn sdk_config(&self) -> aws_config::SdkConfig {
+        aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .endpoint_url(self.url())
+            .region(aws_config::Region::new(REGION))
+            .credentials_provider(aws_sdk_sts::config::Credentials::new(
+                "testing", "testing", None, None, "tests",
+            ))
+            .load()
+            .await
+    }
+
+    /// The `stackwarden` binary, configured for this emulator through the
+    /// standard AWS environment variables (as a user would).
+    pub fn command(&self) -> Command {
+        let mut cmd = stackwarden();
+        cmd.env("AWS_ENDPOINT_URL", self.url())
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_REGION", REGION)
+            .env_remove("AWS_PROFILE");
+        cmd
+    }
+}
+
+/// The real `stackwarden` binary, run from the repository root.
+pub fn stackwarden() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stackwarden"));
+    cmd.current_dir(repo())
+        .env("NO_COLOR", "1")
+        .env_remove("RUST_LOG");
+    cmd
+}
+
+/// Runs a command, returning its output; prints it when the test fails.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output().expect("run stackwarden")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A copy of the shipped desired state and templates in a temporary folder,
+/// for tests that edit it.
+pub struct Workspace {
+    pub dir: tempfile::TempDir,
+}
+
+impl Workspace {
+    pub fn new() -> Workspace {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for sub in ["desired-state", "templates"] {
+            copy_dir(&repo().join(sub), &dir.path().join(sub));
+        }
+        Workspace { dir }
+    }
+
+    pub fn desired_state(&self) -> PathBuf {
+        self.dir.path().join("desired-state")
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Replaces `from` by `to` in a file of the workspace; the text must be there.
+    pub fn edit(&self, rel: &str, from: &str, to: &str) {
+        let path = self.path(rel);
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert!(text.contains(from), "{rel} has no `{from}`");
+        std::fs::write(&path, text.replacen(from, to, 1)).expect("write");
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy");
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind(("127.0.0.1", 0))
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+fn http_post(port: u16, path: &str) -> String {
+    use std::io::Write;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to emulator");
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    out
+}

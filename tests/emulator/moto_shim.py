@@ -1,0 +1,299 @@
+"""moto server for stackwarden's tests, with the few patches they need.
+
+Run as `python moto_shim.py --port N` (scripts/emulator does). Pinned to the
+moto version in tests/emulator/requirements.txt; every patch below names the
+moto behaviour it corrects, checked against that version's source.
+
+Patches
+1. ExecuteChangeSet leaves the stack half-updated: moto applies the resources
+   but keeps the stack's old parsed template, so it builds no Outputs and no
+   Exports, never applies the change set's tags, and sets no LastUpdatedTime.
+   stackwarden reads Outputs to feed dependent stacks and tags to know its
+   revision, so after moto's own execute we re-parse the template, rebuild the
+   outputs and exports, copy the tags and stamp LastUpdatedTime (UPDATE only,
+   as AWS does).
+2. NoEcho parameters are masked by comparing the parameter's *value* with the
+   NoEcho key list; AWS masks by key. We mask by key, so tests see `****`
+   exactly where AWS would show it.
+3. Resource types moto has no CloudFormation model for (MSK, ElastiCache,
+   Secrets Manager, Backup, CloudWatch alarms, Application Auto Scaling, Cloud
+   Map, S3 bucket policies) are skipped by moto, and a Ref or GetAtt to them
+   then breaks the stack. We register a placeholder model for each: it has a
+   physical id and deterministic attributes (an ARN, an endpoint), and owns no
+   behaviour. stackwarden never reads these resources directly.
+4. ECS services report runningCount = MOTO_ECS_SERVICE_RUNNING (default 0)
+   at creation, so every new service would look degraded forever. With
+   STACKWARDEN_ECS_RUNNING=desired (the default here) a service starts with
+   running = desired and its primary deployment COMPLETED, as a healthy
+   Fargate service does once its tasks pass health checks. UpdateService in
+   moto already sets running = desired.
+"""
+
+import argparse
+import hashlib
+import ipaddress
+import re
+import os
+import sys
+
+from moto.cloudformation import models as cfn_models
+from moto.cloudformation import parsing as cfn_parsing
+from moto.core.common_models import CloudFormationModel
+from moto.core.utils import utcnow
+from moto.ecs import models as ecs_models
+from moto.elbv2 import models as elbv2_models
+
+
+# --- 1. ExecuteChangeSet -------------------------------------------------------
+_original_execute = cfn_models.CloudFormationBackend.execute_change_set
+
+
+def _execute_change_set(self, change_set_name, stack_name=None):
+    change_set = self.describe_change_set(change_set_name)
+    _original_execute(self, change_set_name, stack_name)
+    stack = self.stacks[change_set.stack_id]
+    stack._parse_template()
+    stack.description = stack.template_dict.get("Description")
+    for export in stack.exports:
+        self.exports.pop(export.name, None)
+    stack.output_map = stack._create_output_map()
+    for export in stack.exports:
+        self.exports[export.name] = export
+    if change_set.tags is not None:
+        stack.tags = change_set.tags
+    if change_set.change_set_type == "UPDATE":
+        stack.last_updated_time = utcnow()
+
+
+cfn_models.CloudFormationBackend.execute_change_set = _execute_change_set
+
+
+# --- 2. NoEcho masking by key --------------------------------------------------
+def _parameter_list(self):
+    masked = set(self.resource_map.no_echo_parameter_keys)
+    return [
+        {
+            "ParameterKey": key,
+            "ParameterValue": "****" if key in masked else _render(value),
+        }
+        for key, value in self.resource_map.resolved_parameters.items()
+    ]
+
+
+def _render(value):
+    # moto keeps list parameters as Python lists; AWS echoes the input string.
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return value
+
+
+cfn_models.Stack.parameter_list = property(_parameter_list)
+
+
+# --- 3. Placeholder models ------------------------------------------------------
+PLACEHOLDER_TYPES = {
+    "AWS::MSK::Cluster": "kafka",
+    "AWS::MSK::Configuration": "kafka",
+    "AWS::ElastiCache::ReplicationGroup": "elasticache",
+    "AWS::ElastiCache::SubnetGroup": "elasticache",
+    "AWS::ElastiCache::ParameterGroup": "elasticache",
+    "AWS::SecretsManager::Secret": "secretsmanager",
+    "AWS::Backup::BackupVault": "backup",
+    "AWS::Backup::BackupPlan": "backup",
+    "AWS::Backup::BackupSelection": "backup",
+    "AWS::CloudWatch::Alarm": "cloudwatch",
+    "AWS::ApplicationAutoScaling::ScalableTarget": "application-autoscaling",
+    "AWS::ApplicationAutoScaling::ScalingPolicy": "application-autoscaling",
+    "AWS::ServiceDiscovery::PrivateDnsNamespace": "servicediscovery",
+    "AWS::S3::BucketPolicy": "s3",
+}
+
+# Types whose Ref is an ARN on AWS (the rest return a name or id).
+REF_IS_ARN = {
+    "AWS::MSK::Cluster",
+    "AWS::SecretsManager::Secret",
+    "AWS::ApplicationAutoScaling::ScalingPolicy",
+}
+
+
+class _PlaceholderBehaviour:
+    cfn_type = ""
+    service = ""
+
+    def __init__(self, name, account_id, region_name, properties):
+        self.name = name
+        self.account_id = account_id
+        self.region_name = region_name
+        self.properties = properties
+        digest = hashlib.sha256(f"{self.cfn_type}/{name}".encode()).hexdigest()
+        self.short_id = digest[:12]
+
+    @property
+    def arn(self):
+        kind = self.cfn_type.split("::")[-1].lower()
+        return (
+            f"arn:aws:{self.service}:{self.region_name}:{self.account_id}:"
+            f"{kind}/{self.name}/{self.short_id}"
+        )
+
+    @property
+    def physical_resource_id(self):
+        if self.cfn_type in REF_IS_ARN:
+            return self.arn
+        return f"{self.name}-{self.short_id}"
+
+    @classmethod
+    def has_cfn_attr(cls, attr):
+        return True
+
+    def get_cfn_attribute(self, attribute_name):
+        if attribute_name.endswith("Arn") or attribute_name == "Arn":
+            return self.arn
+        if attribute_name.endswith(".Address"):
+            return f"{self.name}.{self.short_id}.cache.amazonaws.com"
+        if attribute_name.endswith(".Port"):
+            return "6379"
+        return f"{self.name}-{attribute_name}"
+
+    @classmethod
+    def create_from_cloudformation_json(
+        cls, resource_name, cloudformation_json, account_id, region_name, **kwargs
+    ):
+        return cls(resource_name, account_id, region_name, cloudformation_json.get("Properties", {}))
+
+    @classmethod
+    def update_from_cloudformation_json(
+        cls, original_resource, new_resource_name, cloudformation_json, account_id, region_name
+    ):
+        return cls.create_from_cloudformation_json(
+            new_resource_name, cloudformation_json, account_id, region_name
+        )
+
+    @classmethod
+    def delete_from_cloudformation_json(
+        cls, resource_name, cloudformation_json, account_id, region_name
+    ):
+        return None
+
+
+def _register_placeholders():
+    existing = cfn_parsing.get_model_map()
+    for cfn_type, service in PLACEHOLDER_TYPES.items():
+        if cfn_type in existing:
+            continue  # a newer moto models it: use the real thing
+        name = "Placeholder" + cfn_type.replace("::", "")
+        # A direct subclass of CloudFormationModel: moto finds models through
+        # CloudFormationModel.__subclasses__().
+        type(
+            name,
+            (_PlaceholderBehaviour, CloudFormationModel),
+            {
+                "cfn_type": cfn_type,
+                "service": service,
+                "cloudformation_type": staticmethod(lambda t=cfn_type: t),
+                "cloudformation_name_type": staticmethod(lambda: "Name"),
+            },
+        )
+    cfn_parsing.get_model_list.cache_clear()
+    cfn_parsing.get_model_map.cache_clear()
+    cfn_parsing.get_name_type_map.cache_clear()
+
+
+_register_placeholders()
+
+
+# --- 4. ECS services start healthy ----------------------------------------------
+_original_service_init = ecs_models.Service.__init__
+
+
+def _service_init(self, *args, **kwargs):
+    _original_service_init(self, *args, **kwargs)
+    if os.environ.get("STACKWARDEN_ECS_RUNNING", "desired") != "desired":
+        return
+    self.running_count = self.desired_count
+    self.pending_count = 0
+    for deployment in self.deployments:
+        deployment["runningCount"] = self.desired_count
+        deployment["pendingCount"] = 0
+        deployment["rolloutState"] = "COMPLETED"
+        deployment["rolloutStateReason"] = f"ECS deployment {deployment['id']} completed."
+
+
+ecs_models.Service.__init__ = _service_init
+
+
+# --- 5. Fn::Cidr ---------------------------------------------------------------------
+_original_clean_json = cfn_parsing.clean_json
+
+
+def _clean_json(resource_json, resources_map):
+    if isinstance(resource_json, dict) and "Fn::Cidr" in resource_json:
+        block, count, bits = (
+            _original_clean_json(arg, resources_map) for arg in resource_json["Fn::Cidr"]
+        )
+        network = ipaddress.ip_network(block, strict=False)
+        prefix = network.max_prefixlen - int(bits)
+        subnets = network.subnets(new_prefix=prefix)
+        return [str(next(subnets)) for _ in range(int(count))]
+    return _original_clean_json(resource_json, resources_map)
+
+
+# clean_json recurses through the module global, so nested uses see this too.
+cfn_parsing.clean_json = _clean_json
+
+
+# --- 6. ACM certificates -----------------------------------------------------------
+_ACM_ARN = re.compile(r"^arn:aws[a-z-]*:acm:[a-z0-9-]+:\d{12}:certificate/.+$")
+_original_certificate_exists = elbv2_models.ELBv2Backend._certificate_exists
+
+
+def _certificate_exists(self, certificate_arn):
+    return bool(_ACM_ARN.match(certificate_arn)) or _original_certificate_exists(
+        self, certificate_arn
+    )
+
+
+elbv2_models.ELBv2Backend._certificate_exists = _certificate_exists
+_original_register_certificate = elbv2_models.register_certificate
+
+
+def _register_certificate(account_id, region, arn_certificate, arn_user):
+    if _ACM_ARN.match(arn_certificate):
+        try:
+            _original_register_certificate(account_id, region, arn_certificate, arn_user)
+        except Exception:  # moto's ACM has no such certificate: accepted, see 6.
+            pass
+        return
+    _original_register_certificate(account_id, region, arn_certificate, arn_user)
+
+
+elbv2_models.register_certificate = _register_certificate
+
+
+def _exit_when_stdin_closes():
+    """With --watch-stdin, the emulator lives exactly as long as whoever
+    holds the other end of its stdin: a test binary that panics or is killed
+    closes it, and no emulator is left behind."""
+    sys.stdin.read()
+    os._exit(0)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument("--watch-stdin", action="store_true")
+    args = parser.parse_args()
+    from moto.server import main as moto_main
+
+    if args.watch_stdin:
+        import threading
+
+        threading.Thread(target=_exit_when_stdin_closes, daemon=True).start()
+
+    sys.stdout.flush()
+    moto_main(["-H", args.host, "-p", str(args.port)])
+
+
+if __name__ == "__main__":
+    main()
