@@ -5,6 +5,12 @@
 //! `cli` -> `apply` -> `plan` / `diff` / `policy` (pure) -> `spec` -> `cloud`.
 
 pub mod cli;
+pub mod cloud;
+pub mod diff;
+pub mod observe;
+pub mod plan;
+pub mod policy;
+pub mod retry;
 pub mod spec;
 pub mod template;
 pub mod yaml;

@@ -25,6 +25,33 @@ pub struct Cli {
 enum Command {
     /// Check desired state offline: schema, templates, parameters, references, cycles.
     Validate(Select),
+    /// Observe AWS and show what reconcile would do, in dependency order. Writes nothing
+    /// (unless --change-sets).
+    Plan(PlanArgs),
+    /// Sync status and health of every stack and ECS service.
+    Status(ObserveArgs),
+}
+
+#[derive(Debug, Args)]
+struct ObserveArgs {
+    #[command(flatten)]
+    select: Select,
+    /// Compare every template, even where the revision tag matches.
+    #[arg(long)]
+    full: bool,
+    /// Print the number of AWS API calls made to stderr.
+    #[arg(long)]
+    stats: bool,
+}
+
+#[derive(Debug, Args)]
+struct PlanArgs {
+    #[command(flatten)]
+    observe: ObserveArgs,
+    /// Create (and afterwards delete) change sets for the stacks that differ and
+    /// show their resource-level changes, with replacement.
+    #[arg(long)]
+    change_sets: bool,
 }
 
 /// Which environments to work on.
@@ -96,10 +123,59 @@ pub fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<Outcome> {
+    init_logging();
     match cli.command {
         Command::Validate(select) => Ok(validate(&select)),
+        Command::Plan(args) => runtime()?.block_on(report::plan_command(
+            &args.observe.select,
+            args.observe.full,
+            args.observe.stats,
+            args.change_sets,
+            Show::Plan,
+        )),
+        Command::Status(args) => runtime()?.block_on(report::plan_command(
+            &args.select,
+            args.full,
+            args.stats,
+            false,
+            Show::Status,
+        )),
     }
 }
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Logs go to stderr, filtered by RUST_LOG (default: warnings).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Show {
+    Plan,
+    Status,
+}
+
+impl From<crate::plan::Verdict> for Outcome {
+    fn from(v: crate::plan::Verdict) -> Outcome {
+        match v {
+            crate::plan::Verdict::InSync => Outcome::InSync,
+            crate::plan::Verdict::Differences => Outcome::Differences,
+            crate::plan::Verdict::Failed => Outcome::Failed,
+        }
+    }
+}
+
+mod report;
 
 /// The environment files a selection names, in name order.
 ///

@@ -1,0 +1,301 @@
+//! `plan` and `status`: observe each environment, plan, print.
+
+use std::io::IsTerminal;
+
+use super::{Format, Outcome, Select, Show, load_selected};
+use crate::cloud::aws::AwsCloud;
+use crate::cloud::{
+    ChangeSetKind, ChangeSetRequest, ChangeSetStatus, Cloud, CloudError, ResourceChange,
+};
+use crate::observe::{Depth, observe};
+use crate::plan::{Plan, StackAction, plan, resolve_parameters};
+use crate::retry;
+use crate::spec::DesiredEnv;
+
+/// Change-set previews of one stack.
+#[derive(Debug, serde::Serialize)]
+struct Preview {
+    stack: String,
+    changes: Vec<ResourceChange>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+pub(super) async fn plan_command(
+    select: &Select,
+    full: bool,
+    stats: bool,
+    change_sets: bool,
+    show: Show,
+) -> anyhow::Result<Outcome> {
+    let (envs, load_failed) = load_selected(select)?;
+    let mut outcome = if load_failed {
+        Outcome::Failed
+    } else {
+        Outcome::InSync
+    };
+    let mut json = Vec::new();
+    for env in &envs {
+        let cloud = AwsCloud::connect(&env.region, env.assume_role.as_ref()).await;
+        let depth = if full { Depth::Full } else { Depth::Fast };
+        let observed = match observe(&cloud, env, depth).await {
+            Ok(o) => o,
+            Err(e) => {
+                eprintln!(
+                    "error: {}: cannot observe {} in {}: {e}",
+                    env.name, env.name, env.region
+                );
+                outcome = Outcome::Failed;
+                continue;
+            }
+        };
+        let plan = plan(env, &observed);
+        let previews = if change_sets {
+            preview_change_sets(&cloud, env, &plan, &observed).await
+        } else {
+            Vec::new()
+        };
+        outcome = outcome.worst(plan.verdict().into());
+        if previews.iter().any(|p| p.error.is_some()) {
+            outcome = Outcome::Failed;
+        }
+        match select.output {
+            Format::Json => json.push(serde_json::json!({
+                "environment": env.name,
+                "region": env.region,
+                "revision": env.revision,
+                "verdict": plan.verdict(),
+                "stacks": plan.stacks,
+                "services": plan.services,
+                "change_sets": previews,
+            })),
+            Format::Text => print_text(env, &plan, &previews, show),
+        }
+        if stats {
+            eprintln!("{}: {} AWS API calls", env.name, cloud.calls().get());
+        }
+    }
+    if select.output == Format::Json {
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    }
+    Ok(outcome)
+}
+
+/// Creates a change set for each stack with a pending create or update,
+/// reads its changes, and deletes it (a CREATE preview leaves nothing:
+/// deleting its only change set removes the REVIEW_IN_PROGRESS stack).
+async fn preview_change_sets<C: Cloud>(
+    cloud: &C,
+    env: &DesiredEnv,
+    plan: &Plan,
+    observed: &crate::plan::Observed,
+) -> Vec<Preview> {
+    let mut out = Vec::new();
+    for p in &plan.stacks {
+        let kind = match p.action {
+            StackAction::Create => ChangeSetKind::Create,
+            StackAction::Update { .. } => ChangeSetKind::Update,
+            _ => continue,
+        };
+        let stack = &env.stacks[&p.key];
+        let Ok(parameters) = resolve_parameters(stack, env, observed) else {
+            out.push(Preview {
+                stack: p.key.clone(),
+                changes: vec![],
+                error: None,
+            });
+            continue;
+        };
+        let request = ChangeSetRequest {
+            stack_name: stack.name.clone(),
+            change_set_name: format!("stackwarden-preview-{}", &stack.revision[..12]),
+            kind,
+            template_body: stack.template_body.clone(),
+            parameters,
+            tags: stack.tags_with_ownership(&env.name),
+            description: format!("stackwarden plan preview of revision {}", stack.revision),
+        };
+        let result = preview_one(cloud, &request).await;
+        // Always clean up, whatever happened.
+        let _ =
+            retry::call(|| cloud.delete_change_set(&request.stack_name, &request.change_set_name))
+                .await;
+        out.push(match result {
+            Ok(changes) => Preview {
+                stack: p.key.clone(),
+                changes,
+                error: None,
+            },
+            Err(e) => Preview {
+                stack: p.key.clone(),
+                changes: vec![],
+                error: Some(e.to_string()),
+            },
+        });
+    }
+    out
+}
+
+async fn preview_one<C: Cloud>(
+    cloud: &C,
+    request: &ChangeSetRequest,
+) -> Result<Vec<ResourceChange>, CloudError> {
+    retry::call(|| cloud.create_change_set(request)).await?;
+    let mut backoff = retry::poll_backoff();
+    loop {
+        let cs = retry::call(|| {
+            cloud.describe_change_set(&request.stack_name, &request.change_set_name)
+        })
+        .await?;
+        match cs.status {
+            ChangeSetStatus::Ready => return Ok(cs.changes),
+            ChangeSetStatus::NoChanges => return Ok(vec![]),
+            ChangeSetStatus::Failed(why) => return Err(CloudError::Validation(why)),
+            _ => {
+                use backoff::backoff::Backoff;
+                tokio::time::sleep(backoff.next_backoff().unwrap_or(retry::POLL_MAX)).await;
+            }
+        }
+    }
+}
+
+fn paint(text: &str, code: &str) -> String {
+    let color = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    if color {
+        format!("\x1b[{code}m{text}\x1b[0m")
+    } else {
+        text.to_owned()
+    }
+}
+
+fn print_text(env: &DesiredEnv, plan: &Plan, previews: &[Preview], show: Show) {
+    println!(
+        "{} ({}, revision {}, mode {:?}): {:?}",
+        env.name,
+        env.region,
+        env.revision,
+        env.policy.mode,
+        plan.verdict()
+    );
+    let w = plan
+        .stacks
+        .iter()
+        .map(|s| {
+            if s.key.is_empty() {
+                s.name.len()
+            } else {
+                s.key.len()
+            }
+        })
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    match show {
+        Show::Plan => println!(
+            "  {:<4} {:<w$}  {:<10} {:<11} {:<17} WHY",
+            "WAVE", "STACK", "SYNC", "HEALTH", "ACTION"
+        ),
+        Show::Status => println!(
+            "  {:<4} {:<w$}  {:<10} {:<11} {:<27} WHY",
+            "WAVE", "STACK", "SYNC", "HEALTH", "STATUS"
+        ),
+    }
+    for s in &plan.stacks {
+        let key = if s.key.is_empty() {
+            s.name.as_str()
+        } else {
+            s.key.as_str()
+        };
+        let wave = if s.wave == 0 {
+            "-".to_owned()
+        } else {
+            s.wave.to_string()
+        };
+        let action = s.action.label();
+        let painted = match s.action {
+            StackAction::None => paint(&format!("{action:<17}"), "32"),
+            StackAction::Blocked { .. } | StackAction::Skip { .. } => {
+                paint(&format!("{action:<17}"), "33")
+            }
+            _ => paint(&format!("{action:<17}"), "36"),
+        };
+        match show {
+            Show::Plan => println!(
+                "  {wave:<4} {key:<w$}  {:<10} {:<11} {painted} {}",
+                format!("{:?}", s.sync),
+                format!("{:?}", s.health),
+                s.reason
+            ),
+            Show::Status => println!(
+                "  {wave:<4} {key:<w$}  {:<10} {:<11} {:<27} {}",
+                format!("{:?}", s.sync),
+                format!("{:?}", s.health),
+                s.status.clone().unwrap_or_else(|| "-".into()),
+                s.reason
+            ),
+        }
+        if show == Show::Plan
+            && let Some(d) = &s.diff
+        {
+            for p in &d.parameters {
+                println!("  {:<4} {:<w$}    parameter {p}", "", "");
+            }
+            for t in d.tags.iter().filter(|t| !t.key.starts_with("stackwarden:")) {
+                println!(
+                    "  {:<4} {:<w$}    tag {}: {} -> {}",
+                    "",
+                    "",
+                    t.key,
+                    t.live.as_deref().unwrap_or("(unset)"),
+                    t.desired.as_deref().unwrap_or("(unset)")
+                );
+            }
+        }
+    }
+    for s in &plan.services {
+        let name = format!("ecs:{}", s.service.as_deref().unwrap_or("?"));
+        let counts = match (s.running, s.desired) {
+            (Some(r), Some(d)) => format!("{r}/{d} running"),
+            _ => "-".into(),
+        };
+        match show {
+            Show::Plan => println!(
+                "  {:<4} {name}  {:?} {:?} {} ({counts}) {}",
+                "svc",
+                s.sync,
+                s.health,
+                s.action.label(),
+                s.reason
+            ),
+            Show::Status => println!(
+                "  {:<4} {name}  {:?} {:?} {counts} {}",
+                "svc", s.sync, s.health, s.reason
+            ),
+        }
+    }
+    for p in previews {
+        println!("  change set for {}:", p.stack);
+        if let Some(e) = &p.error {
+            println!("    error: {e}");
+        } else if p.changes.is_empty() {
+            println!("    (no resource changes)");
+        } else {
+            println!(
+                "    {:<32} {:<44} {:<8} REPLACEMENT",
+                "RESOURCE", "TYPE", "ACTION"
+            );
+            for c in &p.changes {
+                let replacement = match c.replacement {
+                    Some(r) => format!("{r:?}"),
+                    None => "unknown".into(),
+                };
+                println!(
+                    "    {:<32} {:<44} {:<8} {replacement}",
+                    c.logical_id,
+                    c.resource_type,
+                    format!("{:?}", c.action)
+                );
+            }
+        }
+    }
+}

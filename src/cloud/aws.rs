@@ -1,0 +1,572 @@
+//! [`Cloud`] on the AWS SDK for Rust.
+//!
+//! Configuration is the standard chain (environment, profiles, container and
+//! instance roles; `AWS_ENDPOINT_URL` for an emulator), with the region of the
+//! environment and, when the environment names one, an assumed role. The SDK
+//! retries throttling and transient errors itself (adaptive mode); what is
+//! still throttled after that surfaces as [`CloudError::Throttled`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use aws_config::retry::RetryConfig;
+use aws_config::{BehaviorVersion, Region};
+use aws_sdk_cloudformation as cfn;
+use aws_sdk_cloudformation::error::ProvideErrorMetadata;
+use aws_smithy_runtime_api::client::result::SdkError;
+use aws_smithy_types::error::display::DisplayErrorContext;
+
+use super::{
+    ChangeAction, ChangeSet, ChangeSetKind, ChangeSetRequest, ChangeSetStatus, Cloud, CloudError,
+    CloudResult, Deployment, Replacement, ResourceChange, Service, Stack, StackEvent,
+};
+use crate::spec::AssumeRole;
+
+/// Counts API calls, for `--stats` and the benchmarks.
+#[derive(Debug, Default)]
+pub struct CallCounter(AtomicU64);
+
+impl CallCounter {
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+    fn tick(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// AWS clients for one account and region.
+#[derive(Clone)]
+pub struct AwsCloud {
+    cfn: cfn::Client,
+    ecs: aws_sdk_ecs::Client,
+    sts: aws_sdk_sts::Client,
+    calls: Arc<CallCounter>,
+}
+
+impl AwsCloud {
+    /// Builds clients for `region`, assuming `role` when given.
+    pub async fn connect(region: &str, role: Option<&AssumeRole>) -> AwsCloud {
+        let base = aws_config::defaults(BehaviorVersion::latest())
+            .region(Region::new(region.to_owned()))
+            .retry_config(RetryConfig::adaptive().with_max_attempts(5))
+            .load()
+            .await;
+        let config = match role {
+            None => base,
+            Some(role) => {
+                let mut provider = aws_config::sts::AssumeRoleProvider::builder(&role.role_arn)
+                    .session_name(role.session_name.as_deref().unwrap_or("stackwarden"))
+                    .configure(&base);
+                if let Some(id) = &role.external_id {
+                    provider = provider.external_id(id);
+                }
+                let provider = provider.build().await;
+                base.into_builder()
+                    .credentials_provider(
+                        aws_credential_types::provider::SharedCredentialsProvider::new(provider),
+                    )
+                    .build()
+            }
+        };
+        AwsCloud {
+            cfn: cfn::Client::new(&config),
+            ecs: aws_sdk_ecs::Client::new(&config),
+            sts: aws_sdk_sts::Client::new(&config),
+            calls: Arc::new(CallCounter::default()),
+        }
+    }
+
+    /// API calls made so far (pages count one each).
+    pub fn calls(&self) -> Arc<CallCounter> {
+        self.calls.clone()
+    }
+}
+
+/// Maps an SDK error to a [`CloudError`] by its code and message.
+fn classify<E, R>(err: SdkError<E, R>) -> CloudError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    let code = err.code().unwrap_or_default().to_owned();
+    let message = err.message().unwrap_or_default().to_owned();
+    let text = if message.is_empty() {
+        DisplayErrorContext(&err).to_string()
+    } else {
+        message.clone()
+    };
+    match &err {
+        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
+            return CloudError::Transport(text);
+        }
+        _ => {}
+    }
+    classify_code(&code, &text)
+}
+
+fn classify_code(code: &str, message: &str) -> CloudError {
+    let m = message.to_owned();
+    if message.contains("No updates are to be performed")
+        || message.contains("didn't contain changes")
+    {
+        return CloudError::NoChanges;
+    }
+    match code {
+        "Throttling"
+        | "ThrottlingException"
+        | "TooManyRequestsException"
+        | "RequestLimitExceeded" => CloudError::Throttled(m),
+        "AccessDenied" | "AccessDeniedException" | "UnauthorizedOperation" | "ExpiredToken" => {
+            CloudError::AccessDenied(m)
+        }
+        "ChangeSetNotFound"
+        | "StackNotFoundException"
+        | "ServiceNotFoundException"
+        | "ClusterNotFoundException" => CloudError::NotFound(m),
+        "OperationInProgressException"
+        | "InvalidChangeSetStatus"
+        | "TokenAlreadyExistsException" => CloudError::Conflict(m),
+        "AlreadyExistsException" => CloudError::Conflict(m),
+        _ if message.contains("does not exist") => CloudError::NotFound(m),
+        _ if message.contains("_IN_PROGRESS state") || message.contains("in progress") => {
+            CloudError::Conflict(m)
+        }
+        _ => CloudError::Validation(if code.is_empty() {
+            m
+        } else {
+            format!("{code}: {m}")
+        }),
+    }
+}
+
+fn system_time(t: Option<&aws_smithy_types::DateTime>) -> Option<SystemTime> {
+    t.and_then(|t| SystemTime::try_from(*t).ok())
+}
+
+fn map_stack(s: &cfn::types::Stack) -> Stack {
+    Stack {
+        name: s.stack_name().unwrap_or_default().to_owned(),
+        id: s.stack_id().unwrap_or_default().to_owned(),
+        status: s
+            .stack_status()
+            .map(|x| x.as_str().to_owned())
+            .unwrap_or_default(),
+        status_reason: s.stack_status_reason().map(str::to_owned),
+        parameters: s
+            .parameters()
+            .iter()
+            .filter_map(|p| {
+                Some((
+                    p.parameter_key()?.to_owned(),
+                    p.parameter_value().unwrap_or_default().to_owned(),
+                ))
+            })
+            .collect(),
+        tags: s
+            .tags()
+            .iter()
+            .filter_map(|t| Some((t.key()?.to_owned(), t.value()?.to_owned())))
+            .collect(),
+        outputs: s
+            .outputs()
+            .iter()
+            .filter_map(|o| {
+                Some((
+                    o.output_key()?.to_owned(),
+                    o.output_value().unwrap_or_default().to_owned(),
+                ))
+            })
+            .collect(),
+        termination_protection: s.enable_termination_protection().unwrap_or(false),
+        last_updated: system_time(s.last_updated_time()),
+    }
+}
+
+impl Cloud for AwsCloud {
+    async fn describe_stacks(
+        &self,
+        names: &BTreeSet<String>,
+        owner: (&str, &str),
+    ) -> CloudResult<BTreeMap<String, Stack>> {
+        let mut pages = self.cfn.describe_stacks().into_paginator().send();
+        let mut out = BTreeMap::new();
+        while let Some(page) = pages.try_next().await.map_err(classify)? {
+            self.calls.tick();
+            for s in page.stacks() {
+                let stack = map_stack(s);
+                let owned = stack.tags.get(owner.0).is_some_and(|v| v == owner.1);
+                if stack.status != "DELETE_COMPLETE" && (names.contains(&stack.name) || owned) {
+                    out.insert(stack.name.clone(), stack);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn get_template(&self, stack: &str) -> CloudResult<String> {
+        self.calls.tick();
+        let out = self
+            .cfn
+            .get_template()
+            .stack_name(stack)
+            .template_stage(cfn::types::TemplateStage::Original)
+            .send()
+            .await
+            .map_err(classify)?;
+        Ok(out.template_body().unwrap_or_default().to_owned())
+    }
+
+    async fn create_change_set(&self, r: &ChangeSetRequest) -> CloudResult<()> {
+        self.calls.tick();
+        let parameters = r
+            .parameters
+            .iter()
+            .map(|(k, v)| {
+                cfn::types::Parameter::builder()
+                    .parameter_key(k)
+                    .parameter_value(v)
+                    .build()
+            })
+            .collect();
+        let tags = r
+            .tags
+            .iter()
+            .map(|(k, v)| cfn::types::Tag::builder().key(k).value(v).build())
+            .collect();
+        self.cfn
+            .create_change_set()
+            .stack_name(&r.stack_name)
+            .change_set_name(&r.change_set_name)
+            .change_set_type(match r.kind {
+                ChangeSetKind::Create => cfn::types::ChangeSetType::Create,
+                ChangeSetKind::Update => cfn::types::ChangeSetType::Update,
+            })
+            .template_body(&r.template_body)
+            .set_parameters(Some(parameters))
+            .set_tags(Some(tags))
+            .capabilities(cfn::types::Capability::CapabilityIam)
+            .capabilities(cfn::types::Capability::CapabilityNamedIam)
+            .capabilities(cfn::types::Capability::CapabilityAutoExpand)
+            .description(&r.description)
+            .send()
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn describe_change_set(&self, stack: &str, name: &str) -> CloudResult<ChangeSet> {
+        let mut token: Option<String> = None;
+        let mut changes = Vec::new();
+        loop {
+            self.calls.tick();
+            let out = self
+                .cfn
+                .describe_change_set()
+                .stack_name(stack)
+                .change_set_name(name)
+                .set_next_token(token.take())
+                .send()
+                .await
+                .map_err(classify)?;
+            for c in out.changes() {
+                let Some(rc) = c.resource_change() else {
+                    continue;
+                };
+                changes.push(ResourceChange {
+                    action: match rc.action() {
+                        Some(cfn::types::ChangeAction::Add) => ChangeAction::Add,
+                        Some(cfn::types::ChangeAction::Remove) => ChangeAction::Remove,
+                        Some(cfn::types::ChangeAction::Import) => ChangeAction::Import,
+                        Some(cfn::types::ChangeAction::Dynamic) => ChangeAction::Dynamic,
+                        _ => ChangeAction::Modify,
+                    },
+                    logical_id: rc.logical_resource_id().unwrap_or_default().to_owned(),
+                    resource_type: rc.resource_type().unwrap_or_default().to_owned(),
+                    replacement: match rc.replacement() {
+                        Some(cfn::types::Replacement::True) => Some(Replacement::True),
+                        Some(cfn::types::Replacement::False) => Some(Replacement::False),
+                        Some(cfn::types::Replacement::Conditional) => {
+                            Some(Replacement::Conditional)
+                        }
+                        _ => None,
+                    },
+                    scope: rc.scope().iter().map(|s| s.as_str().to_owned()).collect(),
+                });
+            }
+            let reason = out.status_reason().unwrap_or_default().to_owned();
+            let status = match (
+                out.status().map(|s| s.as_str()).unwrap_or_default(),
+                out.execution_status()
+                    .map(|s| s.as_str())
+                    .unwrap_or_default(),
+            ) {
+                ("FAILED", _) if matches!(classify_code("", &reason), CloudError::NoChanges) => {
+                    ChangeSetStatus::NoChanges
+                }
+                ("FAILED", _) => ChangeSetStatus::Failed(reason),
+                ("CREATE_PENDING" | "CREATE_IN_PROGRESS", _) => ChangeSetStatus::Pending,
+                (_, "EXECUTE_IN_PROGRESS") => ChangeSetStatus::Executing,
+                (_, "EXECUTE_COMPLETE") => ChangeSetStatus::Executed,
+                (_, "EXECUTE_FAILED") => {
+                    ChangeSetStatus::Failed(format!("execution failed: {reason}"))
+                }
+                (_, "OBSOLETE") => {
+                    ChangeSetStatus::Failed("obsolete: the stack changed since".into())
+                }
+                ("CREATE_COMPLETE", "AVAILABLE") => ChangeSetStatus::Ready,
+                _ => ChangeSetStatus::Pending,
+            };
+            token = out.next_token().map(str::to_owned);
+            if token.is_none() {
+                return Ok(ChangeSet {
+                    name: out.change_set_name().unwrap_or(name).to_owned(),
+                    id: out.change_set_id().unwrap_or_default().to_owned(),
+                    status,
+                    changes,
+                });
+            }
+        }
+    }
+
+    async fn list_change_sets(&self, stack: &str) -> CloudResult<Vec<String>> {
+        let mut token: Option<String> = None;
+        let mut names = Vec::new();
+        loop {
+            self.calls.tick();
+            let out = self
+                .cfn
+                .list_change_sets()
+                .stack_name(stack)
+                .set_next_token(token.take())
+                .send()
+                .await
+                .map_err(classify)?;
+            names.extend(
+                out.summaries()
+                    .iter()
+                    .filter_map(|s| s.change_set_name().map(str::to_owned)),
+            );
+            token = out.next_token().map(str::to_owned);
+            if token.is_none() {
+                return Ok(names);
+            }
+        }
+    }
+
+    async fn execute_change_set(&self, stack: &str, name: &str) -> CloudResult<()> {
+        self.calls.tick();
+        self.cfn
+            .execute_change_set()
+            .stack_name(stack)
+            .change_set_name(name)
+            .send()
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn delete_change_set(&self, stack: &str, name: &str) -> CloudResult<()> {
+        self.calls.tick();
+        self.cfn
+            .delete_change_set()
+            .stack_name(stack)
+            .change_set_name(name)
+            .send()
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn stack_events(&self, stack: &str, after: Option<&str>) -> CloudResult<Vec<StackEvent>> {
+        // Newest first: read pages until the last event already seen. With
+        // no mark, the first page (the latest 100 events) is enough.
+        let mut token: Option<String> = None;
+        let mut out = Vec::new();
+        'pages: loop {
+            self.calls.tick();
+            let page = self
+                .cfn
+                .describe_stack_events()
+                .stack_name(stack)
+                .set_next_token(token.take())
+                .send()
+                .await
+                .map_err(classify)?;
+            for e in page.stack_events() {
+                let id = e.event_id().unwrap_or_default();
+                if Some(id) == after {
+                    break 'pages;
+                }
+                out.push(StackEvent {
+                    id: id.to_owned(),
+                    timestamp: system_time(e.timestamp()).unwrap_or(SystemTime::UNIX_EPOCH),
+                    logical_id: e.logical_resource_id().unwrap_or_default().to_owned(),
+                    resource_type: e.resource_type().unwrap_or_default().to_owned(),
+                    status: e
+                        .resource_status()
+                        .map(|s| s.as_str().to_owned())
+                        .unwrap_or_default(),
+                    reason: e.resource_status_reason().map(str::to_owned),
+                });
+            }
+            token = page.next_token().map(str::to_owned);
+            if token.is_none() || after.is_none() {
+                break;
+            }
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    async fn continue_update_rollback(&self, stack: &str) -> CloudResult<()> {
+        self.calls.tick();
+        self.cfn
+            .continue_update_rollback()
+            .stack_name(stack)
+            .send()
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn delete_stack(&self, stack: &str) -> CloudResult<()> {
+        self.calls.tick();
+        self.cfn
+            .delete_stack()
+            .stack_name(stack)
+            .send()
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn describe_services(
+        &self,
+        cluster: &str,
+        names: &[String],
+    ) -> CloudResult<Vec<Service>> {
+        let mut out = Vec::new();
+        for batch in names.chunks(10) {
+            self.calls.tick();
+            let resp = self
+                .ecs
+                .describe_services()
+                .cluster(cluster)
+                .set_services(Some(batch.to_vec()))
+                .send()
+                .await
+                .map_err(classify)?;
+            for s in resp.services() {
+                out.push(Service {
+                    cluster: cluster.to_owned(),
+                    name: s.service_name().unwrap_or_default().to_owned(),
+                    arn: s.service_arn().unwrap_or_default().to_owned(),
+                    status: s.status().unwrap_or_default().to_owned(),
+                    desired: s.desired_count(),
+                    running: s.running_count(),
+                    pending: s.pending_count(),
+                    task_definition: s.task_definition().unwrap_or_default().to_owned(),
+                    deployments: s
+                        .deployments()
+                        .iter()
+                        .map(|d| Deployment {
+                            status: d.status().unwrap_or_default().to_owned(),
+                            rollout_state: d.rollout_state().map(|r| r.as_str().to_owned()),
+                            rollout_reason: d.rollout_state_reason().map(str::to_owned),
+                            task_definition: d.task_definition().unwrap_or_default().to_owned(),
+                            desired: d.desired_count(),
+                            running: d.running_count(),
+                            failed_tasks: d.failed_tasks(),
+                        })
+                        .collect(),
+                    events: s
+                        .events()
+                        .iter()
+                        .take(5)
+                        .filter_map(|e| e.message().map(str::to_owned))
+                        .collect(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn update_service(
+        &self,
+        cluster: &str,
+        service: &str,
+        desired: Option<i32>,
+        task_definition: Option<&str>,
+    ) -> CloudResult<()> {
+        self.calls.tick();
+        self.ecs
+            .update_service()
+            .cluster(cluster)
+            .service(service)
+            .set_desired_count(desired)
+            .set_task_definition(task_definition.map(str::to_owned))
+            .send()
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn caller_account(&self) -> CloudResult<String> {
+        self.calls.tick();
+        let me = self
+            .sts
+            .get_caller_identity()
+            .send()
+            .await
+            .map_err(classify)?;
+        me.account()
+            .map(str::to_owned)
+            .ok_or_else(|| CloudError::Validation("GetCallerIdentity returned no account".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_codes_and_messages_are_classified_once() {
+        assert_eq!(
+            classify_code("ValidationError", "No updates are to be performed."),
+            CloudError::NoChanges
+        );
+        assert_eq!(
+            classify_code(
+                "",
+                "The submitted information didn't contain changes. Submit different information to create a change set."
+            ),
+            CloudError::NoChanges
+        );
+        assert!(matches!(
+            classify_code("Throttling", "Rate exceeded"),
+            CloudError::Throttled(_)
+        ));
+        assert!(matches!(
+            classify_code("ValidationError", "Stack with id x does not exist"),
+            CloudError::NotFound(_)
+        ));
+        assert!(matches!(
+            classify_code(
+                "ValidationError",
+                "Stack:arn is in UPDATE_IN_PROGRESS state and can not be updated."
+            ),
+            CloudError::Conflict(_)
+        ));
+        assert!(matches!(
+            classify_code("AccessDenied", "no"),
+            CloudError::AccessDenied(_)
+        ));
+        assert!(matches!(
+            classify_code("ValidationError", "Template format error"),
+            CloudError::Validation(_)
+        ));
+    }
+}

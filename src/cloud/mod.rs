@@ -1,0 +1,265 @@
+//! The narrow interface to AWS: the few operations stackwarden needs, in its
+//! own types. [`aws`] implements it with the AWS SDK; [`sim`] is an
+//! in-memory simulated AWS for tests and benchmarks.
+//!
+//! Errors are typed once, here at the boundary ([`CloudError`]), so the rest
+//! of the code never inspects SDK error strings.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::time::SystemTime;
+
+pub mod aws;
+pub mod sim;
+
+/// An error from the cloud, classified.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CloudError {
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// "No updates are to be performed" / "didn't contain changes".
+    #[error("no changes")]
+    NoChanges,
+    #[error("throttled: {0}")]
+    Throttled(String),
+    /// Another operation is in progress on the resource.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("access denied: {0}")]
+    AccessDenied(String),
+    #[error("invalid request: {0}")]
+    Validation(String),
+    #[error("transport: {0}")]
+    Transport(String),
+}
+
+impl CloudError {
+    /// Worth retrying after a pause.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, CloudError::Throttled(_) | CloudError::Transport(_))
+    }
+}
+
+pub type CloudResult<T> = Result<T, CloudError>;
+
+/// A stack as DescribeStacks reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Stack {
+    pub name: String,
+    pub id: String,
+    pub status: String,
+    pub status_reason: Option<String>,
+    /// As AWS echoes them: NoEcho values are `****`.
+    pub parameters: BTreeMap<String, String>,
+    pub tags: BTreeMap<String, String>,
+    pub outputs: BTreeMap<String, String>,
+    pub termination_protection: bool,
+    #[serde(skip)]
+    pub last_updated: Option<SystemTime>,
+}
+
+impl Stack {
+    pub fn in_progress(&self) -> bool {
+        self.status.ends_with("_IN_PROGRESS")
+    }
+}
+
+/// Whether a change set creates a stack or updates one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum ChangeSetKind {
+    Create,
+    Update,
+}
+
+/// Everything needed to create a change set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeSetRequest {
+    pub stack_name: String,
+    pub change_set_name: String,
+    pub kind: ChangeSetKind,
+    pub template_body: String,
+    pub parameters: BTreeMap<String, String>,
+    pub tags: BTreeMap<String, String>,
+    pub description: String,
+}
+
+/// Lifecycle of a change set.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub enum ChangeSetStatus {
+    /// Still being computed.
+    Pending,
+    /// Computed and executable.
+    Ready,
+    /// Computed, and it changes nothing.
+    NoChanges,
+    /// Could not be computed.
+    Failed(String),
+    /// Being executed, or executed.
+    Executing,
+    Executed,
+}
+
+/// What a change does to one resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+pub enum ChangeAction {
+    Add,
+    Modify,
+    Remove,
+    Import,
+    Dynamic,
+}
+
+/// Whether a modification replaces the resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Replacement {
+    True,
+    False,
+    Conditional,
+}
+
+/// One resource-level change of a change set.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ResourceChange {
+    pub action: ChangeAction,
+    pub logical_id: String,
+    pub resource_type: String,
+    /// `None` when AWS does not say (the emulator never does).
+    pub replacement: Option<Replacement>,
+    /// Which parts change (Properties, Tags, ...).
+    pub scope: Vec<String>,
+}
+
+/// A described change set.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ChangeSet {
+    pub name: String,
+    pub id: String,
+    pub status: ChangeSetStatus,
+    pub changes: Vec<ResourceChange>,
+}
+
+/// One entry of a stack's event log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StackEvent {
+    pub id: String,
+    pub timestamp: SystemTime,
+    pub logical_id: String,
+    pub resource_type: String,
+    pub status: String,
+    pub reason: Option<String>,
+}
+
+/// An ECS deployment of a service.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Deployment {
+    /// PRIMARY, ACTIVE or INACTIVE.
+    pub status: String,
+    /// COMPLETED, IN_PROGRESS or FAILED (None on older services).
+    pub rollout_state: Option<String>,
+    pub rollout_reason: Option<String>,
+    pub task_definition: String,
+    pub desired: i32,
+    pub running: i32,
+    pub failed_tasks: i32,
+}
+
+/// An ECS service as DescribeServices reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Service {
+    pub cluster: String,
+    pub name: String,
+    pub arn: String,
+    pub status: String,
+    pub desired: i32,
+    pub running: i32,
+    pub pending: i32,
+    pub task_definition: String,
+    pub deployments: Vec<Deployment>,
+    /// Most recent service events, newest first.
+    pub events: Vec<String>,
+}
+
+impl Service {
+    pub fn primary(&self) -> Option<&Deployment> {
+        self.deployments.iter().find(|d| d.status == "PRIMARY")
+    }
+}
+
+/// The operations stackwarden needs from AWS, per account and region.
+///
+/// Every method is one logical AWS operation (pagination included); none
+/// retries on its own beyond the SDK's standard retries, so callers decide
+/// how to wait.
+pub trait Cloud: Send + Sync {
+    /// Describes the named stacks that exist (one paginated DescribeStacks
+    /// for the region; names absent from the result do not exist). Also
+    /// returns every other stack tagged with `owner_tag` = `owner`, so
+    /// orphans can be found in the same call.
+    fn describe_stacks(
+        &self,
+        names: &BTreeSet<String>,
+        owner: (&str, &str),
+    ) -> impl Future<Output = CloudResult<BTreeMap<String, Stack>>> + Send;
+
+    /// The stack's current template body.
+    fn get_template(&self, stack: &str) -> impl Future<Output = CloudResult<String>> + Send;
+
+    fn create_change_set(
+        &self,
+        request: &ChangeSetRequest,
+    ) -> impl Future<Output = CloudResult<()>> + Send;
+
+    fn describe_change_set(
+        &self,
+        stack: &str,
+        name: &str,
+    ) -> impl Future<Output = CloudResult<ChangeSet>> + Send;
+
+    /// Names of the stack's change sets.
+    fn list_change_sets(
+        &self,
+        stack: &str,
+    ) -> impl Future<Output = CloudResult<Vec<String>>> + Send;
+
+    fn execute_change_set(
+        &self,
+        stack: &str,
+        name: &str,
+    ) -> impl Future<Output = CloudResult<()>> + Send;
+
+    fn delete_change_set(
+        &self,
+        stack: &str,
+        name: &str,
+    ) -> impl Future<Output = CloudResult<()>> + Send;
+
+    /// Events newer than `after` (an event id), oldest first; all when None.
+    fn stack_events(
+        &self,
+        stack: &str,
+        after: Option<&str>,
+    ) -> impl Future<Output = CloudResult<Vec<StackEvent>>> + Send;
+
+    fn continue_update_rollback(&self, stack: &str)
+    -> impl Future<Output = CloudResult<()>> + Send;
+
+    fn delete_stack(&self, stack: &str) -> impl Future<Output = CloudResult<()>> + Send;
+
+    /// Describes services of one cluster (batches of 10 per call).
+    fn describe_services(
+        &self,
+        cluster: &str,
+        names: &[String],
+    ) -> impl Future<Output = CloudResult<Vec<Service>>> + Send;
+
+    fn update_service(
+        &self,
+        cluster: &str,
+        service: &str,
+        desired: Option<i32>,
+        task_definition: Option<&str>,
+    ) -> impl Future<Output = CloudResult<()>> + Send;
+
+    /// The account the credentials belong to (STS GetCallerIdentity).
+    fn caller_account(&self) -> impl Future<Output = CloudResult<String>> + Send;
+}

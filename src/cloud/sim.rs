@@ -1,0 +1,834 @@
+//! An in-memory simulated AWS implementing [`Cloud`], for tests, the
+//! benchmarks and anything the emulator cannot do: failed and rolled-back
+//! stacks, slow operations, throttling, stuck stacks, out-of-band edits.
+//!
+//! Time is tokio's clock, so tests on a paused clock run hours of simulated
+//! operations instantly. State advances lazily: every call first completes
+//! the operations whose time has come. One seed drives every random choice
+//! (throttling), so a seed replays exactly.
+//!
+//! The simulation also watches stackwarden: starting a second operation on a
+//! stack that is busy, or executing a change set that replaces a resource of
+//! a protected type, is recorded in [`SimCloud::violations`] (and refused as
+//! AWS refuses the first).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use serde_json::Value as Json;
+use tokio::time::Instant;
+
+use super::{
+    ChangeAction, ChangeSet, ChangeSetKind, ChangeSetRequest, ChangeSetStatus, Cloud, CloudError,
+    CloudResult, Deployment, Replacement, ResourceChange, Service, Stack, StackEvent,
+};
+use crate::policy;
+use crate::template::Template;
+
+/// Knobs of the simulation. Latencies are per stack name; unlisted stacks
+/// take `default_latency`.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub seed: u64,
+    pub account: String,
+    pub default_latency: Duration,
+    pub latency: BTreeMap<String, Duration>,
+    pub change_set_latency: Duration,
+    /// Probability that any call is throttled.
+    pub throttle_rate: f64,
+}
+
+impl Default for SimConfig {
+    fn default() -> SimConfig {
+        SimConfig {
+            seed: 0,
+            account: "123456789012".into(),
+            default_latency: Duration::from_secs(30),
+            latency: BTreeMap::new(),
+            change_set_latency: Duration::from_secs(2),
+            throttle_rate: 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Operation {
+    /// The status to reach when the operation ends (CREATE_COMPLETE, ...).
+    target: &'static str,
+    done_at: Instant,
+    /// Applied when the operation succeeds.
+    apply: Option<Applied>,
+}
+
+#[derive(Debug, Clone)]
+struct Applied {
+    template_body: String,
+    parameters: BTreeMap<String, String>,
+    tags: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone)]
+struct SimStack {
+    stack: Stack,
+    template_body: String,
+    operation: Option<Operation>,
+    events: Vec<StackEvent>,
+    change_sets: BTreeMap<String, SimChangeSet>,
+}
+
+#[derive(Debug, Clone)]
+struct SimChangeSet {
+    request: ChangeSetRequest,
+    ready_at: Instant,
+    changes: Vec<ResourceChange>,
+    executed: bool,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    stacks: BTreeMap<String, SimStack>,
+    services: BTreeMap<(String, String), Service>,
+    fail_next: BTreeSet<String>,
+    stuck: BTreeSet<String>,
+    calls: BTreeMap<&'static str, u64>,
+    violations: Vec<String>,
+    executed: Vec<(String, Vec<ResourceChange>)>,
+    deleted: Vec<String>,
+    next_id: u64,
+}
+
+/// The simulated cloud. Cheap to clone; clones share state.
+#[derive(Clone)]
+pub struct SimCloud {
+    config: Arc<SimConfig>,
+    state: Arc<Mutex<State>>,
+    rng: Arc<Mutex<StdRng>>,
+}
+
+impl SimCloud {
+    pub fn new(config: SimConfig) -> SimCloud {
+        SimCloud {
+            rng: Arc::new(Mutex::new(StdRng::seed_from_u64(config.seed))),
+            config: Arc::new(config),
+            state: Arc::new(Mutex::new(State::default())),
+        }
+    }
+
+    /// The next update (or create) of `stack` fails and rolls back.
+    pub fn fail_next_operation(&self, stack: &str) {
+        self.lock().fail_next.insert(stack.to_owned());
+    }
+
+    /// Operations on `stack` never finish (until [`SimCloud::unstick`]).
+    pub fn stick(&self, stack: &str) {
+        self.lock().stuck.insert(stack.to_owned());
+    }
+
+    pub fn unstick(&self, stack: &str) {
+        self.lock().stuck.remove(stack);
+    }
+
+    /// Someone changes a parameter outside stackwarden (as a console edit).
+    pub fn edit_parameter(&self, stack: &str, key: &str, value: &str) {
+        let mut st = self.lock();
+        let s = st.stacks.get_mut(stack).expect("edit of an unknown stack");
+        s.stack.parameters.insert(key.to_owned(), value.to_owned());
+    }
+
+    /// Someone scales a service outside stackwarden.
+    pub fn edit_desired_count(&self, cluster: &str, service: &str, desired: i32) {
+        let mut st = self.lock();
+        let s = st
+            .services
+            .get_mut(&(cluster.to_owned(), service.to_owned()))
+            .expect("edit of an unknown service");
+        s.desired = desired;
+        s.running = desired;
+    }
+
+    /// Puts a stack in a status directly (for failure scenarios).
+    pub fn force_status(&self, stack: &str, status: &str, reason: &str) {
+        let mut st = self.lock();
+        let s = st.stacks.get_mut(stack).expect("unknown stack");
+        s.stack.status = status.to_owned();
+        s.stack.status_reason = Some(reason.to_owned());
+        s.operation = None;
+    }
+
+    /// Calls per operation name.
+    pub fn calls(&self) -> BTreeMap<&'static str, u64> {
+        self.lock().calls.clone()
+    }
+
+    pub fn total_calls(&self) -> u64 {
+        self.lock().calls.values().sum()
+    }
+
+    /// Write calls (anything but Describe/Get/List).
+    pub fn write_calls(&self) -> u64 {
+        self.lock()
+            .calls
+            .iter()
+            .filter(|(k, _)| {
+                !(k.starts_with("Describe") || k.starts_with("Get") || k.starts_with("List"))
+            })
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    /// Invariant violations seen so far (empty when stackwarden behaved).
+    pub fn violations(&self) -> Vec<String> {
+        self.lock().violations.clone()
+    }
+
+    /// Executed change sets, in order, with their changes.
+    pub fn executed(&self) -> Vec<(String, Vec<ResourceChange>)> {
+        self.lock().executed.clone()
+    }
+
+    pub fn deleted(&self) -> Vec<String> {
+        self.lock().deleted.clone()
+    }
+
+    /// A stack's current view, as DescribeStacks would show it.
+    pub fn stack(&self, name: &str) -> Option<Stack> {
+        let now = Instant::now();
+        let mut st = self.lock();
+        advance(&mut st, now);
+        st.stacks.get(name).map(|s| s.stack.clone())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts the call, maybe throttles it, and advances time-driven state.
+    fn enter(&self, op: &'static str) -> CloudResult<std::sync::MutexGuard<'_, State>> {
+        let throttled = self.config.throttle_rate > 0.0
+            && self
+                .rng
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .gen_bool(self.config.throttle_rate);
+        let mut st = self.lock();
+        *st.calls.entry(op).or_default() += 1;
+        if throttled {
+            return Err(CloudError::Throttled(format!("{op}: Rate exceeded")));
+        }
+        advance(&mut st, Instant::now());
+        Ok(st)
+    }
+
+    fn latency(&self, stack: &str) -> Duration {
+        self.config
+            .latency
+            .get(stack)
+            .copied()
+            .unwrap_or(self.config.default_latency)
+    }
+}
+
+/// Completes every operation whose time has come.
+fn advance(st: &mut State, now: Instant) {
+    let names: Vec<String> = st.stacks.keys().cloned().collect();
+    for name in names {
+        let stuck = st.stuck.contains(&name);
+        let fail = st.fail_next.contains(&name);
+        let s = st.stacks.get_mut(&name).expect("listed");
+        let Some(op) = s.operation.clone() else {
+            continue;
+        };
+        if stuck || op.done_at > now {
+            continue;
+        }
+        s.operation = None;
+        let (status, reason) = if fail && op.apply.is_some() {
+            let failed = if op.target == "CREATE_COMPLETE" {
+                "ROLLBACK_COMPLETE"
+            } else {
+                "UPDATE_ROLLBACK_COMPLETE"
+            };
+            (
+                failed,
+                Some("Resource handler returned message: simulated failure".to_owned()),
+            )
+        } else {
+            if let Some(a) = op.apply {
+                s.template_body = a.template_body;
+                s.stack.parameters = a.parameters;
+                s.stack.tags = a.tags;
+                s.stack.outputs = outputs_of(&name, &s.template_body, &s.stack.parameters);
+                if op.target == "UPDATE_COMPLETE" {
+                    s.stack.last_updated = Some(SystemTime::now());
+                }
+            }
+            (op.target, None)
+        };
+        s.stack.status = status.to_owned();
+        s.stack.status_reason = reason.clone();
+        st.next_id += 1;
+        let id = format!("ev-{}", st.next_id);
+        let s = st.stacks.get_mut(&name).expect("listed");
+        s.events.push(StackEvent {
+            id,
+            timestamp: SystemTime::now(),
+            logical_id: name.clone(),
+            resource_type: "AWS::CloudFormation::Stack".into(),
+            status: status.to_owned(),
+            reason,
+        });
+        if fail {
+            st.fail_next.remove(&name);
+        } else {
+            sync_services(st, &name);
+        }
+    }
+}
+
+/// Evaluates outputs well enough for dependents: `Ref` of a parameter is its
+/// value, anything else a deterministic physical-looking id.
+fn outputs_of(
+    stack: &str,
+    body: &str,
+    params: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    let Ok(t) = Template::parse(body) else {
+        return BTreeMap::new();
+    };
+    let mut out = BTreeMap::new();
+    let Some(Json::Object(outputs)) = t.canonical.get("Outputs") else {
+        return out;
+    };
+    for (key, o) in outputs {
+        let value = match o.get("Value") {
+            Some(Json::Object(f))
+                if f.get("Ref")
+                    .and_then(Json::as_str)
+                    .is_some_and(|r| params.contains_key(r)) =>
+            {
+                params[f["Ref"].as_str().expect("checked")].clone()
+            }
+            Some(Json::Object(f)) if f.get("Fn::GetAtt").is_some() => {
+                let parts = &f["Fn::GetAtt"];
+                let res = parts.get(0).and_then(Json::as_str).unwrap_or("x");
+                if is_service(&t, res) {
+                    service_name(stack, res)
+                } else {
+                    format!(
+                        "{stack}-{res}-{}",
+                        parts.get(1).and_then(Json::as_str).unwrap_or("")
+                    )
+                }
+            }
+            Some(Json::Object(f))
+                if f.get("Ref")
+                    .and_then(Json::as_str)
+                    .is_some_and(|r| is_task_definition(&t, r)) =>
+            {
+                let r = f["Ref"].as_str().expect("checked");
+                format!(
+                    "arn:aws:ecs:sim:task-definition/{stack}-{r}:{}",
+                    revision_of(params)
+                )
+            }
+            Some(Json::Object(f)) if f.get("Ref").is_some() => {
+                format!("{stack}-{}", f["Ref"].as_str().unwrap_or("x"))
+            }
+            _ => format!("{stack}.{key}"),
+        };
+        out.insert(key.clone(), value);
+    }
+    out
+}
+
+fn is_service(t: &Template, logical: &str) -> bool {
+    t.resources
+        .get(logical)
+        .is_some_and(|r| r.kind == "AWS::ECS::Service")
+}
+
+fn is_task_definition(t: &Template, logical: &str) -> bool {
+    t.resources
+        .get(logical)
+        .is_some_and(|r| r.kind == "AWS::ECS::TaskDefinition")
+}
+
+fn service_name(stack: &str, logical: &str) -> String {
+    format!("{stack}-{logical}")
+}
+
+/// A task definition revision that changes whenever the parameters do.
+fn revision_of(params: &BTreeMap<String, String>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    params.hash(&mut h);
+    h.finish() % 1000
+}
+
+/// Creates or updates the ECS services a stack declares, as CloudFormation
+/// would: cluster and desired count from the parameters they reference.
+fn sync_services(st: &mut State, stack: &str) {
+    let s = &st.stacks[stack];
+    let Ok(t) = Template::parse(&s.template_body) else {
+        return;
+    };
+    let params = s.stack.parameters.clone();
+    let outputs = s.stack.outputs.clone();
+    for (logical, r) in &t.resources {
+        if r.kind != "AWS::ECS::Service" {
+            continue;
+        }
+        let by_ref = |prop: &str| {
+            r.properties
+                .get(prop)
+                .and_then(|v| v.get("Ref"))
+                .and_then(Json::as_str)
+                .and_then(|p| params.get(p).cloned())
+        };
+        let cluster = by_ref("Cluster").unwrap_or_else(|| "default".into());
+        let desired: i32 = by_ref("DesiredCount")
+            .and_then(|d| d.parse().ok())
+            .unwrap_or(1);
+        let task_definition = outputs
+            .values()
+            .find(|v| v.contains(":task-definition/"))
+            .cloned()
+            .unwrap_or_default();
+        let name = service_name(stack, logical);
+        let svc = Service {
+            cluster: cluster.clone(),
+            name: name.clone(),
+            arn: format!("arn:aws:ecs:sim:service/{cluster}/{name}"),
+            status: "ACTIVE".into(),
+            desired,
+            running: desired,
+            pending: 0,
+            task_definition: task_definition.clone(),
+            deployments: vec![Deployment {
+                status: "PRIMARY".into(),
+                rollout_state: Some("COMPLETED".into()),
+                rollout_reason: None,
+                task_definition,
+                desired,
+                running: desired,
+                failed_tasks: 0,
+            }],
+            events: vec![],
+        };
+        st.services.insert((cluster, name), svc);
+    }
+}
+
+/// Resource-level changes between two templates with their parameters.
+fn diff_templates(
+    old: Option<(&str, &BTreeMap<String, String>)>,
+    new_body: &str,
+    new_params: &BTreeMap<String, String>,
+) -> Vec<ResourceChange> {
+    let Ok(new) = Template::parse(new_body) else {
+        return vec![];
+    };
+    let old = old.and_then(|(b, p)| Template::parse(b).ok().map(|t| (t, p)));
+    let mut changes = Vec::new();
+    for (id, r) in &new.resources {
+        let before = old.as_ref().and_then(|(t, _)| t.resources.get(id));
+        match before {
+            None => changes.push(ResourceChange {
+                action: ChangeAction::Add,
+                logical_id: id.clone(),
+                resource_type: r.kind.clone(),
+                replacement: None,
+                scope: vec![],
+            }),
+            Some(b) => {
+                let old_params = old.as_ref().map(|(_, p)| *p).expect("old exists");
+                let changed_params: BTreeSet<&str> = new_params
+                    .iter()
+                    .filter(|(k, v)| old_params.get(*k) != Some(*v))
+                    .map(|(k, _)| k.as_str())
+                    .collect();
+                let props_changed = b.properties != r.properties || b.kind != r.kind;
+                let uses_changed = changed_params.iter().any(|p| references(&r.properties, p));
+                if props_changed || uses_changed {
+                    let replaces = b.kind != r.kind
+                        || policy::replacing_properties(&r.kind).iter().any(|prop| {
+                            r.properties.get(*prop) != b.properties.get(*prop)
+                                || changed_params.iter().any(|p| {
+                                    r.properties.get(*prop).is_some_and(|v| references(v, p))
+                                })
+                        });
+                    changes.push(ResourceChange {
+                        action: ChangeAction::Modify,
+                        logical_id: id.clone(),
+                        resource_type: r.kind.clone(),
+                        replacement: Some(if replaces {
+                            Replacement::True
+                        } else {
+                            Replacement::False
+                        }),
+                        scope: vec!["Properties".into()],
+                    });
+                }
+            }
+        }
+    }
+    if let Some((t, _)) = &old {
+        for (id, r) in &t.resources {
+            if !new.resources.contains_key(id) {
+                changes.push(ResourceChange {
+                    action: ChangeAction::Remove,
+                    logical_id: id.clone(),
+                    resource_type: r.kind.clone(),
+                    replacement: None,
+                    scope: vec![],
+                });
+            }
+        }
+    }
+    changes
+}
+
+/// Whether a JSON value references parameter `p` (Ref or ${p} in a Sub).
+fn references(v: &Json, p: &str) -> bool {
+    match v {
+        Json::Object(m) => {
+            m.get("Ref").and_then(Json::as_str) == Some(p)
+                || m.get("Fn::Sub").is_some_and(|s| sub_mentions(s, p))
+                || m.values().any(|x| references(x, p))
+        }
+        Json::Array(a) => a.iter().any(|x| references(x, p)),
+        _ => false,
+    }
+}
+
+fn sub_mentions(v: &Json, p: &str) -> bool {
+    match v {
+        Json::String(s) => s.contains(&format!("${{{p}}}")),
+        Json::Array(a) => a.iter().any(|x| sub_mentions(x, p)),
+        _ => false,
+    }
+}
+
+impl Cloud for SimCloud {
+    async fn describe_stacks(
+        &self,
+        names: &BTreeSet<String>,
+        owner: (&str, &str),
+    ) -> CloudResult<BTreeMap<String, Stack>> {
+        let st = self.enter("DescribeStacks")?;
+        Ok(st
+            .stacks
+            .values()
+            .filter(|s| s.stack.status != "REVIEW_IN_PROGRESS" || names.contains(&s.stack.name))
+            .filter(|s| {
+                names.contains(&s.stack.name)
+                    || s.stack.tags.get(owner.0).is_some_and(|v| v == owner.1)
+            })
+            .map(|s| (s.stack.name.clone(), s.stack.clone()))
+            .collect())
+    }
+
+    async fn get_template(&self, stack: &str) -> CloudResult<String> {
+        let st = self.enter("GetTemplate")?;
+        st.stacks
+            .get(stack)
+            .map(|s| s.template_body.clone())
+            .ok_or_else(|| CloudError::NotFound(format!("Stack with id {stack} does not exist")))
+    }
+
+    async fn create_change_set(&self, r: &ChangeSetRequest) -> CloudResult<()> {
+        let ready_at = Instant::now() + self.config.change_set_latency;
+        let mut st = self.enter("CreateChangeSet")?;
+        st.next_id += 1;
+        let id = st.next_id;
+        let existing = st.stacks.get(&r.stack_name);
+        match (r.kind, existing) {
+            (ChangeSetKind::Create, Some(s)) if s.stack.status != "REVIEW_IN_PROGRESS" => {
+                return Err(CloudError::Conflict(format!(
+                    "Stack [{}] already exists",
+                    r.stack_name
+                )));
+            }
+            (ChangeSetKind::Update, None) => {
+                return Err(CloudError::NotFound(format!(
+                    "Stack [{}] does not exist",
+                    r.stack_name
+                )));
+            }
+            (_, Some(s)) if s.change_sets.contains_key(&r.change_set_name) => {
+                return Err(CloudError::Conflict(format!(
+                    "ChangeSet {} already exists",
+                    r.change_set_name
+                )));
+            }
+            _ => {}
+        }
+        let old = existing
+            .filter(|s| s.stack.status != "REVIEW_IN_PROGRESS")
+            .map(|s| {
+                (
+                    s.template_body.clone(),
+                    s.stack.parameters.clone(),
+                    s.stack.tags.clone(),
+                )
+            });
+        let changes = diff_templates(
+            old.as_ref().map(|(b, p, _)| (b.as_str(), p)),
+            &r.template_body,
+            &r.parameters,
+        );
+        let tags_changed = old.as_ref().is_some_and(|(_, _, t)| t != &r.tags);
+        let cs = SimChangeSet {
+            request: r.clone(),
+            ready_at,
+            changes: if changes.is_empty() && tags_changed {
+                // A tag-only update touches every resource's Tags.
+                vec![]
+            } else {
+                changes
+            },
+            executed: false,
+        };
+        let entry = st
+            .stacks
+            .entry(r.stack_name.clone())
+            .or_insert_with(|| SimStack {
+                stack: Stack {
+                    name: r.stack_name.clone(),
+                    id: format!("arn:aws:cloudformation:sim:stack/{}/{id}", r.stack_name),
+                    status: "REVIEW_IN_PROGRESS".into(),
+                    status_reason: None,
+                    parameters: BTreeMap::new(),
+                    tags: BTreeMap::new(),
+                    outputs: BTreeMap::new(),
+                    termination_protection: false,
+                    last_updated: None,
+                },
+                template_body: String::new(),
+                operation: None,
+                events: vec![],
+                change_sets: BTreeMap::new(),
+            });
+        entry.change_sets.insert(r.change_set_name.clone(), cs);
+        Ok(())
+    }
+
+    async fn describe_change_set(&self, stack: &str, name: &str) -> CloudResult<ChangeSet> {
+        let st = self.enter("DescribeChangeSet")?;
+        let s = st
+            .stacks
+            .get(stack)
+            .ok_or_else(|| CloudError::NotFound(format!("Stack [{stack}] does not exist")))?;
+        let cs = s
+            .change_sets
+            .get(name)
+            .ok_or_else(|| CloudError::NotFound(format!("ChangeSet [{name}] does not exist")))?;
+        let same_tags = s.stack.tags == cs.request.tags;
+        let status = if cs.executed {
+            ChangeSetStatus::Executed
+        } else if Instant::now() < cs.ready_at {
+            ChangeSetStatus::Pending
+        } else if cs.changes.is_empty() && cs.request.kind == ChangeSetKind::Update && same_tags {
+            ChangeSetStatus::NoChanges
+        } else {
+            ChangeSetStatus::Ready
+        };
+        Ok(ChangeSet {
+            name: name.to_owned(),
+            id: format!("{}/{name}", s.stack.id),
+            status,
+            changes: cs.changes.clone(),
+        })
+    }
+
+    async fn list_change_sets(&self, stack: &str) -> CloudResult<Vec<String>> {
+        let st = self.enter("ListChangeSets")?;
+        Ok(st
+            .stacks
+            .get(stack)
+            .map(|s| s.change_sets.keys().cloned().collect())
+            .unwrap_or_default())
+    }
+
+    async fn execute_change_set(&self, stack: &str, name: &str) -> CloudResult<()> {
+        let latency = self.latency(stack);
+        let mut st = self.enter("ExecuteChangeSet")?;
+        let s = st
+            .stacks
+            .get(stack)
+            .ok_or_else(|| CloudError::NotFound(format!("Stack [{stack}] does not exist")))?;
+        if s.operation.is_some() || s.stack.in_progress() && s.stack.status != "REVIEW_IN_PROGRESS"
+        {
+            let msg = format!("ExecuteChangeSet on {stack} while it is {}", s.stack.status);
+            st.violations.push(msg.clone());
+            return Err(CloudError::Conflict(msg));
+        }
+        let cs =
+            s.change_sets.get(name).cloned().ok_or_else(|| {
+                CloudError::NotFound(format!("ChangeSet [{name}] does not exist"))
+            })?;
+        if Instant::now() < cs.ready_at {
+            return Err(CloudError::Conflict(format!(
+                "ChangeSet [{name}] is not ready"
+            )));
+        }
+        for c in &cs.changes {
+            let destructive =
+                c.action == ChangeAction::Remove || c.replacement == Some(Replacement::True);
+            if destructive
+                && crate::spec::DEFAULT_PROTECTED_TYPES.contains(&c.resource_type.as_str())
+            {
+                st.violations.push(format!(
+                    "executed change set {name} on {stack} that replaces or removes protected {} {}",
+                    c.resource_type, c.logical_id
+                ));
+            }
+        }
+        let create = cs.request.kind == ChangeSetKind::Create;
+        let now = Instant::now();
+        let s = st.stacks.get_mut(stack).expect("checked");
+        s.stack.status = if create {
+            "CREATE_IN_PROGRESS"
+        } else {
+            "UPDATE_IN_PROGRESS"
+        }
+        .into();
+        s.operation = Some(Operation {
+            target: if create {
+                "CREATE_COMPLETE"
+            } else {
+                "UPDATE_COMPLETE"
+            },
+            done_at: now + latency,
+            apply: Some(Applied {
+                template_body: cs.request.template_body.clone(),
+                parameters: cs.request.parameters.clone(),
+                tags: cs.request.tags.clone(),
+            }),
+        });
+        // AWS deletes every other change set of the stack on execution.
+        s.change_sets.retain(|k, _| k == name);
+        s.change_sets.get_mut(name).expect("kept").executed = true;
+        st.executed.push((stack.to_owned(), cs.changes));
+        Ok(())
+    }
+
+    async fn delete_change_set(&self, stack: &str, name: &str) -> CloudResult<()> {
+        let mut st = self.enter("DeleteChangeSet")?;
+        let s = st
+            .stacks
+            .get_mut(stack)
+            .ok_or_else(|| CloudError::NotFound(format!("Stack [{stack}] does not exist")))?;
+        s.change_sets
+            .remove(name)
+            .map(|_| ())
+            .ok_or_else(|| CloudError::NotFound(format!("ChangeSet [{name}] does not exist")))?;
+        // Deleting the only change set of a never-executed stack removes it, as AWS does.
+        if s.stack.status == "REVIEW_IN_PROGRESS" && s.change_sets.is_empty() {
+            st.stacks.remove(stack);
+        }
+        Ok(())
+    }
+
+    async fn stack_events(&self, stack: &str, after: Option<&str>) -> CloudResult<Vec<StackEvent>> {
+        let st = self.enter("DescribeStackEvents")?;
+        let s = st
+            .stacks
+            .get(stack)
+            .ok_or_else(|| CloudError::NotFound(format!("Stack [{stack}] does not exist")))?;
+        let start = after
+            .and_then(|a| s.events.iter().position(|e| e.id == a).map(|i| i + 1))
+            .unwrap_or(0);
+        Ok(s.events[start..].to_vec())
+    }
+
+    async fn continue_update_rollback(&self, stack: &str) -> CloudResult<()> {
+        let latency = self.latency(stack);
+        let mut st = self.enter("ContinueUpdateRollback")?;
+        let s = st
+            .stacks
+            .get_mut(stack)
+            .ok_or_else(|| CloudError::NotFound(format!("Stack [{stack}] does not exist")))?;
+        if s.stack.status != "UPDATE_ROLLBACK_FAILED" {
+            return Err(CloudError::Validation(format!(
+                "{stack} is {}, not UPDATE_ROLLBACK_FAILED",
+                s.stack.status
+            )));
+        }
+        s.stack.status = "UPDATE_ROLLBACK_IN_PROGRESS".into();
+        s.operation = Some(Operation {
+            target: "UPDATE_ROLLBACK_COMPLETE",
+            done_at: Instant::now() + latency / 2,
+            apply: None,
+        });
+        Ok(())
+    }
+
+    async fn delete_stack(&self, stack: &str) -> CloudResult<()> {
+        let mut st = self.enter("DeleteStack")?;
+        let Some(s) = st.stacks.get(stack) else {
+            return Ok(());
+        };
+        if s.stack.termination_protection {
+            st.violations
+                .push(format!("DeleteStack on termination-protected {stack}"));
+            return Err(CloudError::Validation(format!(
+                "Stack [{stack}] cannot be deleted while TerminationProtection is enabled"
+            )));
+        }
+        st.stacks.remove(stack);
+        st.deleted.push(stack.to_owned());
+        Ok(())
+    }
+
+    async fn describe_services(
+        &self,
+        cluster: &str,
+        names: &[String],
+    ) -> CloudResult<Vec<Service>> {
+        let mut out = Vec::new();
+        for batch in names.chunks(10) {
+            let st = self.enter("DescribeServices")?;
+            out.extend(
+                batch
+                    .iter()
+                    .filter_map(|n| st.services.get(&(cluster.to_owned(), n.clone())).cloned()),
+            );
+        }
+        Ok(out)
+    }
+
+    async fn update_service(
+        &self,
+        cluster: &str,
+        service: &str,
+        desired: Option<i32>,
+        task_definition: Option<&str>,
+    ) -> CloudResult<()> {
+        let mut st = self.enter("UpdateService")?;
+        let s = st
+            .services
+            .get_mut(&(cluster.to_owned(), service.to_owned()))
+            .ok_or_else(|| CloudError::NotFound(format!("service {service} not found")))?;
+        if let Some(d) = desired {
+            s.desired = d;
+            s.running = d;
+        }
+        if let Some(td) = task_definition {
+            s.task_definition = td.to_owned();
+        }
+        for d in &mut s.deployments {
+            d.desired = s.desired;
+            d.running = s.running;
+            d.task_definition = s.task_definition.clone();
+        }
+        Ok(())
+    }
+
+    async fn caller_account(&self) -> CloudResult<String> {
+        let _st = self.enter("GetCallerIdentity")?;
+        Ok(self.config.account.clone())
+    }
+}

@@ -1,0 +1,101 @@
+//! Observation: what AWS says now about one environment, read as cheaply as
+//! the decision allows.
+//!
+//! One paginated DescribeStacks for all stacks of the region; GetTemplate
+//! only for stable stacks whose revision tag differs from the desired one (or
+//! for all of them when a full comparison is asked for); DescribeServices
+//! in batches of 10 per cluster.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::cloud::{Cloud, CloudError};
+use crate::plan::{Observed, resolve};
+use crate::retry;
+use crate::spec::{DesiredEnv, ENVIRONMENT_TAG, REVISION_TAG};
+use crate::template::Template;
+
+/// How thoroughly to compare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Depth {
+    /// Trust a matching revision tag: no GetTemplate for stacks that carry
+    /// the desired revision.
+    Fast,
+    /// Fetch and compare every stable stack's template.
+    Full,
+}
+
+/// Reads the live state of an environment.
+///
+/// # Errors
+/// A cloud error that persisted through retries.
+pub async fn observe<C: Cloud>(
+    cloud: &C,
+    env: &DesiredEnv,
+    depth: Depth,
+) -> Result<Observed, CloudError> {
+    let names: BTreeSet<String> = env.stacks.values().map(|s| s.name.clone()).collect();
+    let stacks =
+        retry::call(|| cloud.describe_stacks(&names, (ENVIRONMENT_TAG, &env.name))).await?;
+    let mut observed = Observed {
+        stacks,
+        ..Observed::default()
+    };
+
+    let wanted: Vec<&str> = env
+        .stacks
+        .values()
+        .filter_map(|d| {
+            let live = observed.stacks.get(&d.name)?;
+            let stable = !live.in_progress() && live.status != "REVIEW_IN_PROGRESS";
+            let tagged = live.tags.get(REVISION_TAG) == Some(&d.revision);
+            (stable && (depth == Depth::Full || !tagged)).then_some(d.name.as_str())
+        })
+        .collect();
+    let bodies = futures::future::join_all(
+        wanted
+            .iter()
+            .map(|name| retry::call(move || cloud.get_template(name))),
+    )
+    .await;
+    for (name, body) in wanted.into_iter().zip(bodies) {
+        // A live template that does not parse compares as changed: keep it
+        // out of `templates` only if it cannot be read at all.
+        let body = body?;
+        match Template::parse(&body) {
+            Ok(t) => {
+                observed.templates.insert(name.to_owned(), t);
+            }
+            Err(e) => {
+                tracing::warn!(message = "Live template does not parse.", stack = name, error = %e.message)
+            }
+        }
+    }
+
+    let mut by_cluster: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for stack in env.stacks.values() {
+        for svc in &stack.ecs_services {
+            if let (Ok(c), Ok(s)) = (
+                resolve(&svc.cluster, env, &observed),
+                resolve(&svc.service, env, &observed),
+            ) {
+                by_cluster.entry(c).or_default().insert(s);
+            }
+        }
+    }
+    for (cluster, services) in by_cluster {
+        let services: Vec<String> = services.into_iter().collect();
+        match retry::call(|| cloud.describe_services(&cluster, &services)).await {
+            Ok(found) => {
+                for s in found {
+                    observed
+                        .services
+                        .insert((cluster.clone(), s.name.clone()), s);
+                }
+            }
+            // The cluster is gone or not created yet: its services are missing.
+            Err(CloudError::NotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(observed)
+}

@@ -1,0 +1,709 @@
+//! The plan: what to do about each stack and ECS service, in dependency
+//! order, and why. Computed purely from desired state, observed state and
+//! policy: no IO, no clock, so it is exhaustively testable and prints the
+//! same way every time.
+
+use std::collections::BTreeMap;
+
+use crate::cloud::{Service, Stack};
+use crate::diff::{StackDiff, diff_stack};
+use crate::policy;
+use crate::spec::{DesiredEnv, DesiredStack, ENVIRONMENT_TAG, Mode, Value};
+use crate::template::Template;
+
+/// What AWS says now, for one environment.
+#[derive(Debug, Clone, Default)]
+pub struct Observed {
+    /// By stack name: the environment's stacks that exist, and any other
+    /// stack tagged as belonging to the environment.
+    pub stacks: BTreeMap<String, Stack>,
+    /// Live templates, by stack name, for the stacks whose template was fetched.
+    pub templates: BTreeMap<String, Template>,
+    /// By (cluster, service name).
+    pub services: BTreeMap<(String, String), Service>,
+    /// By stack name: the revision whose update failed and rolled back, when
+    /// the stack is in UPDATE_ROLLBACK_COMPLETE after stackwarden's update.
+    pub failed_revisions: BTreeMap<String, String>,
+}
+
+/// Whether an object matches its desired state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Sync {
+    InSync,
+    OutOfSync,
+    Missing,
+    /// Tagged as ours, absent from desired state.
+    Orphaned,
+    /// Cannot be known yet (an operation is in flight, or upstream is not ready).
+    Unknown,
+}
+
+/// How an object is doing, whatever its sync status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Health {
+    Healthy,
+    /// An operation is in flight.
+    Progressing,
+    /// Working on an older state: a rolled-back update, a failed rollout,
+    /// fewer tasks running than desired.
+    Degraded,
+    /// Stuck: needs a decision (failed create, failed rollback).
+    Failed,
+    /// Does not exist.
+    Absent,
+}
+
+/// What to do about one stack.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum StackAction {
+    /// Nothing: in sync.
+    None,
+    Create,
+    Update {
+        what: Vec<String>,
+    },
+    /// Someone else's operation is in flight: wait, never start a second one.
+    Wait {
+        status: String,
+    },
+    /// UPDATE_ROLLBACK_FAILED, and the policy allows continuing the rollback.
+    ContinueRollback,
+    /// Failed create, and the policy allows deleting and recreating.
+    Recreate,
+    /// A change is needed and may not run (policy, failed state).
+    Blocked {
+        reason: String,
+    },
+    /// A change may be needed, but an upstream stack is not ready.
+    Skip {
+        upstream: String,
+    },
+    /// Orphaned and policy allows deleting it.
+    Prune,
+}
+
+impl StackAction {
+    /// Whether this action writes to AWS.
+    pub fn mutates(&self) -> bool {
+        matches!(
+            self,
+            StackAction::Create
+                | StackAction::Update { .. }
+                | StackAction::ContinueRollback
+                | StackAction::Recreate
+                | StackAction::Prune
+        )
+    }
+
+    pub fn label(&self) -> &'static str {
+        match self {
+            StackAction::None => "none",
+            StackAction::Create => "create",
+            StackAction::Update { .. } => "update",
+            StackAction::Wait { .. } => "wait",
+            StackAction::ContinueRollback => "continue-rollback",
+            StackAction::Recreate => "recreate",
+            StackAction::Blocked { .. } => "blocked",
+            StackAction::Skip { .. } => "skip",
+            StackAction::Prune => "prune",
+        }
+    }
+}
+
+/// The plan for one stack.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StackPlan {
+    pub key: String,
+    pub name: String,
+    /// 1-based wave of the dependency graph (0 for orphans).
+    pub wave: usize,
+    pub status: Option<String>,
+    pub sync: Sync,
+    pub health: Health,
+    pub action: StackAction,
+    /// One line: why this action.
+    pub reason: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub diff: Option<StackDiff>,
+}
+
+/// What to do about one ECS service.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ServiceAction {
+    None,
+    Scale {
+        from: i32,
+        to: i32,
+    },
+    Redeploy {
+        task_definition: String,
+    },
+    /// Its stack changes first, or its names are not known yet.
+    Wait {
+        reason: String,
+    },
+    Blocked {
+        reason: String,
+    },
+}
+
+impl ServiceAction {
+    pub fn label(&self) -> &'static str {
+        match self {
+            ServiceAction::None => "none",
+            ServiceAction::Scale { .. } => "scale",
+            ServiceAction::Redeploy { .. } => "redeploy",
+            ServiceAction::Wait { .. } => "wait",
+            ServiceAction::Blocked { .. } => "blocked",
+        }
+    }
+}
+
+/// The plan for one ECS service.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ServicePlan {
+    pub stack: String,
+    pub cluster: Option<String>,
+    pub service: Option<String>,
+    pub sync: Sync,
+    pub health: Health,
+    pub action: ServiceAction,
+    pub reason: String,
+    pub running: Option<i32>,
+    pub desired: Option<i32>,
+}
+
+/// The plan of one environment.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Plan {
+    pub environment: String,
+    pub revision: String,
+    pub mode: Mode,
+    /// In dependency order; orphans last.
+    pub stacks: Vec<StackPlan>,
+    pub services: Vec<ServicePlan>,
+}
+
+/// How a plan ends, for exit codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    InSync,
+    Differences,
+    Failed,
+}
+
+impl Plan {
+    /// `Failed` when a stack or service is failed; `Differences` when
+    /// anything is out of sync, missing, orphaned, in flight, or unhealthy;
+    /// `InSync` otherwise.
+    pub fn verdict(&self) -> Verdict {
+        let failed = self.stacks.iter().any(|s| s.health == Health::Failed)
+            || self.services.iter().any(|s| s.health == Health::Failed);
+        if failed {
+            return Verdict::Failed;
+        }
+        let clean = self.stacks.iter().all(|s| {
+            s.sync == Sync::InSync && s.health == Health::Healthy && s.action == StackAction::None
+        }) && self.services.iter().all(|s| {
+            s.sync == Sync::InSync && s.health == Health::Healthy && s.action == ServiceAction::None
+        });
+        if clean {
+            Verdict::InSync
+        } else {
+            Verdict::Differences
+        }
+    }
+}
+
+/// Resolves a value from observed outputs; `Err` names what is missing.
+pub fn resolve(value: &Value, env: &DesiredEnv, observed: &Observed) -> Result<String, String> {
+    match value {
+        Value::Literal(s) => Ok(s.clone()),
+        Value::Output { stack, output } => {
+            let name = &env.stacks[stack].name;
+            match observed.stacks.get(name) {
+                None => Err(format!("{stack} does not exist yet")),
+                Some(s) => s
+                    .outputs
+                    .get(output)
+                    .cloned()
+                    .ok_or_else(|| format!("{stack} has no output {output} yet ({})", s.status)),
+            }
+        }
+    }
+}
+
+/// Resolved parameters of a stack, or the first unresolved reference.
+pub fn resolve_parameters(
+    stack: &DesiredStack,
+    env: &DesiredEnv,
+    observed: &Observed,
+) -> Result<BTreeMap<String, String>, (String, String)> {
+    stack
+        .parameters
+        .iter()
+        .map(|(k, v)| {
+            resolve(v, env, observed)
+                .map(|r| (k.clone(), r))
+                .map_err(|why| match v {
+                    Value::Output { stack, .. } => (stack.clone(), why),
+                    Value::Literal(_) => (String::new(), why),
+                })
+        })
+        .collect()
+}
+
+const FAILED_STATUSES: &[&str] = &[
+    "ROLLBACK_COMPLETE",
+    "ROLLBACK_FAILED",
+    "UPDATE_ROLLBACK_FAILED",
+    "DELETE_FAILED",
+    "IMPORT_ROLLBACK_FAILED",
+];
+
+/// Computes the plan of an environment.
+///
+/// # Guarantees
+/// Stacks appear in wave order (sorted within a wave). No stack gets a
+/// mutating action while another operation is in flight on it, while an
+/// upstream stack is not ready, or in observe mode.
+pub fn plan(env: &DesiredEnv, observed: &Observed) -> Plan {
+    let mut stacks: Vec<StackPlan> = Vec::new();
+    let mut by_key: BTreeMap<String, StackPlan> = BTreeMap::new();
+    for (i, wave) in env.waves.iter().enumerate() {
+        for key in wave {
+            let p = plan_stack(env, &env.stacks[key], i + 1, observed, &by_key);
+            by_key.insert(key.clone(), p.clone());
+            stacks.push(p);
+        }
+    }
+    // Orphans: tagged with this environment, not declared.
+    let declared: std::collections::BTreeSet<&String> =
+        env.stacks.values().map(|s| &s.name).collect();
+    for (name, s) in &observed.stacks {
+        if declared.contains(name) || s.tags.get(ENVIRONMENT_TAG) != Some(&env.name) {
+            continue;
+        }
+        let (action, reason) = if env.policy.mode == Mode::Observe {
+            (
+                StackAction::Blocked {
+                    reason: "observe mode".into(),
+                },
+                "tagged for this environment but not declared; observe mode".to_owned(),
+            )
+        } else if !env.policy.prune {
+            (
+                StackAction::None,
+                "tagged for this environment but not declared; policy.prune is off, kept"
+                    .to_owned(),
+            )
+        } else if s.termination_protection {
+            (
+                StackAction::Blocked {
+                    reason: "termination protection is on".into(),
+                },
+                "orphaned, but termination protection is on: never deleted".to_owned(),
+            )
+        } else {
+            (
+                StackAction::Prune,
+                "orphaned: not declared any more, policy.prune is on".to_owned(),
+            )
+        };
+        stacks.push(StackPlan {
+            key: String::new(),
+            name: name.clone(),
+            wave: 0,
+            status: Some(s.status.clone()),
+            sync: Sync::Orphaned,
+            health: Health::Healthy,
+            action,
+            reason,
+            diff: None,
+        });
+    }
+    let services = env
+        .order()
+        .flat_map(|s| s.ecs_services.iter().map(move |svc| (s, svc)))
+        .map(|(s, svc)| plan_service(env, s, svc, observed, &by_key[&s.key]))
+        .collect();
+    Plan {
+        environment: env.name.clone(),
+        revision: env.revision.clone(),
+        mode: env.policy.mode,
+        stacks,
+        services,
+    }
+}
+
+/// An upstream stack that is not ready for its dependents, and why.
+fn upstream_not_ready(
+    stack: &DesiredStack,
+    done: &BTreeMap<String, StackPlan>,
+) -> Option<(String, String)> {
+    stack.depends_on.iter().find_map(|dep| {
+        let p = &done[dep];
+        let ready = p.health == Health::Healthy || p.health == Health::Degraded;
+        if ready && p.action == StackAction::None {
+            return None;
+        }
+        let why = match &p.action {
+            StackAction::Create => format!("{dep} will be created first"),
+            StackAction::Update { .. } => format!("{dep} will be updated first"),
+            StackAction::Wait { status } => format!("waiting on {dep}: {status}"),
+            StackAction::None => format!(
+                "{dep} is not ready ({})",
+                p.status.clone().unwrap_or_default()
+            ),
+            other => format!("{dep} is {} ({})", other.label(), p.reason),
+        };
+        Some((dep.clone(), why))
+    })
+}
+
+fn plan_stack(
+    env: &DesiredEnv,
+    stack: &DesiredStack,
+    wave: usize,
+    observed: &Observed,
+    done: &BTreeMap<String, StackPlan>,
+) -> StackPlan {
+    let mut p = StackPlan {
+        key: stack.key.clone(),
+        name: stack.name.clone(),
+        wave,
+        status: None,
+        sync: Sync::Unknown,
+        health: Health::Absent,
+        action: StackAction::None,
+        reason: String::new(),
+        diff: None,
+    };
+    let observe_only = env.policy.mode == Mode::Observe;
+    let upstream = upstream_not_ready(stack, done);
+    let blocked_upstream = upstream.as_ref().filter(|(dep, _)| {
+        let a = &done[dep].action;
+        !matches!(a, StackAction::Create | StackAction::Update { .. })
+    });
+
+    let live = observed
+        .stacks
+        .get(&stack.name)
+        .filter(|s| s.status != "DELETE_COMPLETE");
+    let Some(live) = live.filter(|s| s.status != "REVIEW_IN_PROGRESS") else {
+        // Missing (or only an unexecuted CREATE change set exists).
+        p.sync = Sync::Missing;
+        p.status = live.map(|s| s.status.clone());
+        (p.action, p.reason) = if observe_only {
+            (
+                StackAction::Blocked {
+                    reason: "observe mode".into(),
+                },
+                "does not exist; observe mode".into(),
+            )
+        } else if let Some((dep, why)) = blocked_upstream {
+            (
+                StackAction::Skip {
+                    upstream: dep.clone(),
+                },
+                format!("does not exist; {why}"),
+            )
+        } else if upstream.is_some() {
+            let pending: Vec<&str> = stack
+                .depends_on
+                .iter()
+                .filter(|d| done[*d].action != StackAction::None)
+                .map(String::as_str)
+                .collect();
+            (
+                StackAction::Create,
+                format!(
+                    "does not exist; created once {} complete",
+                    pending.join(", ")
+                ),
+            )
+        } else {
+            (StackAction::Create, "does not exist".into())
+        };
+        return p;
+    };
+    p.status = Some(live.status.clone());
+
+    if live.in_progress() {
+        p.health = Health::Progressing;
+        p.action = StackAction::Wait {
+            status: live.status.clone(),
+        };
+        p.reason = format!("{} in flight; never start a second operation", live.status);
+        return p;
+    }
+
+    if FAILED_STATUSES.contains(&live.status.as_str()) {
+        p.health = Health::Failed;
+        p.sync = Sync::OutOfSync;
+        let why = live
+            .status_reason
+            .clone()
+            .unwrap_or_else(|| "no reason given".into());
+        let protected = policy::holds_protected(&stack.template, &env.policy);
+        (p.action, p.reason) = match live.status.as_str() {
+            "ROLLBACK_COMPLETE" | "ROLLBACK_FAILED" if observe_only => (
+                StackAction::Blocked {
+                    reason: "observe mode".into(),
+                },
+                format!("creation failed: {why}"),
+            ),
+            "ROLLBACK_COMPLETE"
+                if env.policy.recreate_failed && !protected && !live.termination_protection =>
+            {
+                (
+                    StackAction::Recreate,
+                    format!(
+                        "creation failed ({why}); policy.recreate_failed: delete and create again"
+                    ),
+                )
+            }
+            "ROLLBACK_COMPLETE" | "ROLLBACK_FAILED" => (
+                StackAction::Blocked {
+                    reason: format!("creation failed: {why}"),
+                },
+                if protected {
+                    format!(
+                        "creation failed: {why}; holds protected resources, never recreated automatically"
+                    )
+                } else {
+                    format!(
+                        "creation failed: {why}; set policy.recreate_failed or delete the stack"
+                    )
+                },
+            ),
+            "UPDATE_ROLLBACK_FAILED" if env.policy.continue_rollback && !observe_only => (
+                StackAction::ContinueRollback,
+                format!("rollback failed ({why}); policy.continue_rollback: continue it"),
+            ),
+            "UPDATE_ROLLBACK_FAILED" => (
+                StackAction::Blocked {
+                    reason: format!("rollback failed: {why}"),
+                },
+                format!(
+                    "rollback failed: {why}; set policy.continue_rollback or run `stackwarden rollback`"
+                ),
+            ),
+            other => (
+                StackAction::Blocked {
+                    reason: format!("{other}: {why}"),
+                },
+                format!("{other}: {why}"),
+            ),
+        };
+        return p;
+    }
+
+    // Stable. Degraded when the last update rolled back.
+    p.health = if live.status == "UPDATE_ROLLBACK_COMPLETE" {
+        Health::Degraded
+    } else {
+        Health::Healthy
+    };
+    let parameters = match resolve_parameters(stack, env, observed) {
+        Ok(r) => r,
+        Err((dep, why)) => {
+            p.sync = Sync::Unknown;
+            p.action = StackAction::Skip { upstream: dep };
+            p.reason = format!("cannot resolve parameters: {why}");
+            return p;
+        }
+    };
+    let tags = stack.tags_with_ownership(&env.name);
+    let diff = diff_stack(
+        stack,
+        &parameters,
+        &tags,
+        live,
+        observed.templates.get(&stack.name),
+    );
+    if diff.is_empty() {
+        p.sync = Sync::InSync;
+        p.reason = if p.health == Health::Degraded {
+            "in sync, but the last update rolled back".into()
+        } else {
+            "in sync".into()
+        };
+        return p;
+    }
+    p.sync = Sync::OutOfSync;
+    let what = diff.summary();
+    let summary = what.join(", ");
+    p.diff = Some(diff);
+    (p.action, p.reason) = if observe_only {
+        (
+            StackAction::Blocked {
+                reason: "observe mode".into(),
+            },
+            format!("differs: {summary}; observe mode"),
+        )
+    } else if let Some(failed) = observed
+        .failed_revisions
+        .get(&stack.name)
+        .filter(|r| **r == stack.revision)
+    {
+        (
+            StackAction::Blocked {
+                reason: format!("update to revision {failed} failed and rolled back"),
+            },
+            format!(
+                "differs: {summary}; the update to this revision rolled back: change the desired state to retry"
+            ),
+        )
+    } else if let Some((dep, why)) = &upstream {
+        (
+            StackAction::Skip {
+                upstream: dep.clone(),
+            },
+            format!("differs: {summary}; {why}"),
+        )
+    } else {
+        (StackAction::Update { what }, format!("differs: {summary}"))
+    };
+    p
+}
+
+fn plan_service(
+    env: &DesiredEnv,
+    stack: &DesiredStack,
+    spec: &crate::spec::EcsServiceSpec,
+    observed: &Observed,
+    stack_plan: &StackPlan,
+) -> ServicePlan {
+    let cluster = resolve(&spec.cluster, env, observed).ok();
+    let service = resolve(&spec.service, env, observed).ok();
+    let mut p = ServicePlan {
+        stack: stack.key.clone(),
+        cluster: cluster.clone(),
+        service: service.clone(),
+        sync: Sync::Unknown,
+        health: Health::Absent,
+        action: ServiceAction::None,
+        reason: String::new(),
+        running: None,
+        desired: None,
+    };
+    if stack_plan.action != StackAction::None {
+        p.action = ServiceAction::Wait {
+            reason: format!("stack {} first ({})", stack.key, stack_plan.action.label()),
+        };
+        p.reason = "converged after its stack".into();
+        if let (Some(c), Some(s)) = (&cluster, &service)
+            && let Some(live) = observed.services.get(&(c.clone(), s.clone()))
+        {
+            p.health = service_health(live);
+            p.running = Some(live.running);
+            p.desired = Some(live.desired);
+        }
+        return p;
+    }
+    let (Some(c), Some(s)) = (cluster, service) else {
+        p.action = ServiceAction::Wait {
+            reason: "names not known yet".into(),
+        };
+        p.reason = "its stack has no outputs naming it yet".into();
+        return p;
+    };
+    let Some(live) = observed.services.get(&(c, s)) else {
+        p.sync = Sync::Missing;
+        p.health = Health::Absent;
+        p.reason = "service not found in its cluster".into();
+        p.action = ServiceAction::Blocked {
+            reason: "service not found; its stack should own it".into(),
+        };
+        return p;
+    };
+    p.running = Some(live.running);
+    p.desired = Some(live.desired);
+    p.health = service_health(live);
+    let target = match (spec.autoscaling, spec.desired_count) {
+        (Some(a), _) => {
+            let (min, max) = (a.min as i32, a.max as i32);
+            (live.desired < min || live.desired > max).then(|| live.desired.clamp(min, max))
+        }
+        (None, Some(d)) => (live.desired != d as i32).then_some(d as i32),
+        (None, None) => None,
+    };
+    let expected_td = spec
+        .task_definition
+        .as_ref()
+        .and_then(|v| resolve(v, env, observed).ok())
+        .filter(|td| !td.is_empty() && *td != live.task_definition);
+    let observe_only = env.policy.mode == Mode::Observe;
+    (p.sync, p.action, p.reason) = match (target, expected_td) {
+        (None, None) => (Sync::InSync, ServiceAction::None, health_reason(live)),
+        (Some(to), _) if observe_only => (
+            Sync::OutOfSync,
+            ServiceAction::Blocked {
+                reason: "observe mode".into(),
+            },
+            format!("desired count {} -> {to}; observe mode", live.desired),
+        ),
+        (_, Some(td)) if observe_only => (
+            Sync::OutOfSync,
+            ServiceAction::Blocked {
+                reason: "observe mode".into(),
+            },
+            format!(
+                "task definition {} -> {td}; observe mode",
+                live.task_definition
+            ),
+        ),
+        (Some(to), _) => (
+            Sync::OutOfSync,
+            ServiceAction::Scale {
+                from: live.desired,
+                to,
+            },
+            match spec.autoscaling {
+                Some(a) => format!(
+                    "desired count {} outside autoscaling range {}..={}",
+                    live.desired, a.min, a.max
+                ),
+                None => format!("desired count {} -> {to}", live.desired),
+            },
+        ),
+        (None, Some(td)) => (
+            Sync::OutOfSync,
+            ServiceAction::Redeploy {
+                task_definition: td.clone(),
+            },
+            format!("runs {}, its stack declares {td}", live.task_definition),
+        ),
+    };
+    p
+}
+
+fn service_health(s: &Service) -> Health {
+    match s.primary().and_then(|d| d.rollout_state.as_deref()) {
+        Some("FAILED") => Health::Degraded,
+        Some("IN_PROGRESS") => Health::Progressing,
+        _ if s.deployments.len() > 1 => Health::Progressing,
+        _ if s.running < s.desired => Health::Degraded,
+        _ => Health::Healthy,
+    }
+}
+
+fn health_reason(s: &Service) -> String {
+    match service_health(s) {
+        Health::Healthy => format!("in sync; {}/{} tasks running", s.running, s.desired),
+        Health::Progressing => format!(
+            "deployment in progress; {}/{} running",
+            s.running, s.desired
+        ),
+        _ => match s.primary().and_then(|d| d.rollout_reason.clone()) {
+            Some(r) if s.primary().and_then(|d| d.rollout_state.as_deref()) == Some("FAILED") => {
+                format!("rollout failed: {r}")
+            }
+            _ => format!("only {}/{} tasks running", s.running, s.desired),
+        },
+    }
+}

@@ -1,0 +1,271 @@
+//! Safety rules, as pure functions: which resource changes may run.
+//!
+//! A change that replaces or removes a resource of a protected type is
+//! blocked unless the desired state allows that logical resource. Where AWS
+//! gives no replacement information (the emulator never does; AWS says
+//! `Conditional` when it cannot know), the change is treated as a possible
+//! replacement: safety does not depend on the quality of a preview.
+
+use crate::cloud::{ChangeAction, Replacement, ResourceChange};
+use crate::spec::Policy;
+use crate::template::Template;
+
+/// Properties whose change replaces a resource (create-only properties), for
+/// the protected types. Used to forecast replacements from the templates
+/// alone, and by the simulated cloud to produce realistic change sets.
+pub fn replacing_properties(resource_type: &str) -> &'static [&'static str] {
+    match resource_type {
+        "AWS::DynamoDB::Table" => &["TableName", "KeySchema", "LocalSecondaryIndexes"],
+        "AWS::ElastiCache::ReplicationGroup" => &[
+            "ReplicationGroupId",
+            "CacheSubnetGroupName",
+            "AtRestEncryptionEnabled",
+            "KmsKeyId",
+            "Port",
+            "NumNodeGroups",
+        ],
+        "AWS::ElastiCache::CacheCluster" => {
+            &["ClusterName", "Engine", "Port", "CacheSubnetGroupName"]
+        }
+        "AWS::MSK::Cluster" => &["ClusterName", "EncryptionInfo", "BrokerNodeGroupInfo"],
+        "AWS::KMS::Key" => &["KeySpec", "KeyUsage", "MultiRegion"],
+        "AWS::S3::Bucket" => &["BucketName"],
+        "AWS::SecretsManager::Secret" => &["Name"],
+        "AWS::Backup::BackupVault" => &["BackupVaultName", "EncryptionKeyArn"],
+        "AWS::RDS::DBInstance" => &[
+            "DBInstanceIdentifier",
+            "Engine",
+            "StorageEncrypted",
+            "KmsKeyId",
+        ],
+        "AWS::RDS::DBCluster" => &[
+            "DBClusterIdentifier",
+            "Engine",
+            "StorageEncrypted",
+            "KmsKeyId",
+        ],
+        _ => &[],
+    }
+}
+
+/// A change the policy forbids.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Violation {
+    pub logical_id: String,
+    pub resource_type: String,
+    pub why: String,
+}
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} ({}) {}",
+            self.logical_id, self.resource_type, self.why
+        )
+    }
+}
+
+fn protected(policy: &Policy, stack_key: &str, logical_id: &str, resource_type: &str) -> bool {
+    policy.protect.contains(resource_type)
+        && !policy
+            .allow_replacement
+            .contains(&(stack_key.to_owned(), logical_id.to_owned()))
+}
+
+/// The changes of a change set that the policy forbids.
+pub fn check_changes(
+    stack_key: &str,
+    changes: &[ResourceChange],
+    policy: &Policy,
+) -> Vec<Violation> {
+    changes
+        .iter()
+        .filter(|c| protected(policy, stack_key, &c.logical_id, &c.resource_type))
+        .filter_map(|c| {
+            let why = match (c.action, c.replacement) {
+                (ChangeAction::Add | ChangeAction::Import, _) => return None,
+                (ChangeAction::Remove, _) => "would be removed".to_owned(),
+                (_, Some(Replacement::False)) => return None,
+                (_, Some(Replacement::True)) => "would be replaced (Replacement: True)".to_owned(),
+                (_, Some(Replacement::Conditional)) => {
+                    "may be replaced (Replacement: Conditional)".to_owned()
+                }
+                (_, None) => "may be replaced (the change set does not say)".to_owned(),
+            };
+            Some(Violation {
+                logical_id: c.logical_id.clone(),
+                resource_type: c.resource_type.clone(),
+                why,
+            })
+        })
+        .collect()
+}
+
+/// Replacements and removals of protected resources forecast from the live
+/// and desired templates alone, whatever a change set says.
+pub fn forecast(
+    stack_key: &str,
+    live: &Template,
+    desired: &Template,
+    policy: &Policy,
+) -> Vec<Violation> {
+    let mut out = Vec::new();
+    for (id, old) in &live.resources {
+        if !protected(policy, stack_key, id, &old.kind) {
+            continue;
+        }
+        match desired.resources.get(id) {
+            None => out.push(Violation {
+                logical_id: id.clone(),
+                resource_type: old.kind.clone(),
+                why: "would be removed (absent from the desired template)".into(),
+            }),
+            Some(new) if new.kind != old.kind => out.push(Violation {
+                logical_id: id.clone(),
+                resource_type: old.kind.clone(),
+                why: format!("would be replaced (type changes to {})", new.kind),
+            }),
+            Some(new) => {
+                let changed: Vec<&str> = replacing_properties(&old.kind)
+                    .iter()
+                    .copied()
+                    .filter(|p| old.properties.get(*p) != new.properties.get(*p))
+                    .collect();
+                if !changed.is_empty() {
+                    out.push(Violation {
+                        logical_id: id.clone(),
+                        resource_type: old.kind.clone(),
+                        why: format!(
+                            "would be replaced (create-only {} changes)",
+                            changed.join(", ")
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Whether a template holds any protected resource: such a stack is never
+/// deleted and recreated automatically.
+pub fn holds_protected(template: &Template, policy: &Policy) -> bool {
+    template
+        .resources
+        .values()
+        .any(|r| policy.protect.contains(&r.kind))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    fn policy(allow: &[(&str, &str)]) -> Policy {
+        Policy {
+            mode: crate::spec::Mode::Converge,
+            prune: false,
+            protect: crate::spec::DEFAULT_PROTECTED_TYPES
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
+            allow_replacement: allow
+                .iter()
+                .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+                .collect::<BTreeSet<_>>(),
+            recreate_failed: false,
+            continue_rollback: false,
+        }
+    }
+
+    fn change(
+        action: ChangeAction,
+        id: &str,
+        ty: &str,
+        replacement: Option<Replacement>,
+    ) -> ResourceChange {
+        ResourceChange {
+            action,
+            logical_id: id.into(),
+            resource_type: ty.into(),
+            replacement,
+            scope: vec![],
+        }
+    }
+
+    const TABLE: &str = "AWS::DynamoDB::Table";
+
+    #[test]
+    fn replacing_or_removing_a_protected_resource_is_blocked() {
+        let p = policy(&[]);
+        for (c, blocked) in [
+            (
+                change(ChangeAction::Modify, "T", TABLE, Some(Replacement::True)),
+                true,
+            ),
+            (
+                change(
+                    ChangeAction::Modify,
+                    "T",
+                    TABLE,
+                    Some(Replacement::Conditional),
+                ),
+                true,
+            ),
+            (change(ChangeAction::Modify, "T", TABLE, None), true),
+            (change(ChangeAction::Remove, "T", TABLE, None), true),
+            (
+                change(ChangeAction::Modify, "T", TABLE, Some(Replacement::False)),
+                false,
+            ),
+            (change(ChangeAction::Add, "T", TABLE, None), false),
+            (
+                change(
+                    ChangeAction::Modify,
+                    "Q",
+                    "AWS::SQS::Queue",
+                    Some(Replacement::True),
+                ),
+                false,
+            ),
+            (
+                change(ChangeAction::Remove, "Q", "AWS::SQS::Queue", None),
+                false,
+            ),
+        ] {
+            assert_eq!(
+                !check_changes("data", std::slice::from_ref(&c), &p).is_empty(),
+                blocked,
+                "{c:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_allowed_logical_resource_may_be_replaced() {
+        let p = policy(&[("data", "T")]);
+        let c = change(ChangeAction::Modify, "T", TABLE, Some(Replacement::True));
+        assert!(check_changes("data", std::slice::from_ref(&c), &p).is_empty());
+        // Allowed in its own stack only.
+        assert!(!check_changes("other", &[c], &p).is_empty());
+    }
+
+    #[test]
+    fn forecast_sees_a_key_schema_change_the_change_set_hides() {
+        let live = Template::parse("Resources:\n  T: {Type: 'AWS::DynamoDB::Table', Properties: {KeySchema: [{AttributeName: id, KeyType: HASH}], BillingMode: PAY_PER_REQUEST}}\n").unwrap();
+        let new_key = Template::parse("Resources:\n  T: {Type: 'AWS::DynamoDB::Table', Properties: {KeySchema: [{AttributeName: pk, KeyType: HASH}], BillingMode: PAY_PER_REQUEST}}\n").unwrap();
+        let new_billing = Template::parse("Resources:\n  T: {Type: 'AWS::DynamoDB::Table', Properties: {KeySchema: [{AttributeName: id, KeyType: HASH}], BillingMode: PROVISIONED}}\n").unwrap();
+        let removed = Template::parse("Resources:\n  Q: {Type: 'AWS::SQS::Queue'}\n").unwrap();
+        let p = policy(&[]);
+        let v = forecast("data", &live, &new_key, &p);
+        assert_eq!(v.len(), 1);
+        assert!(v[0].why.contains("KeySchema"), "{v:?}");
+        assert!(forecast("data", &live, &new_billing, &p).is_empty());
+        assert!(
+            forecast("data", &live, &removed, &p)[0]
+                .why
+                .contains("removed")
+        );
+    }
+}
