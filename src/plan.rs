@@ -339,29 +339,33 @@ pub fn plan(env: &DesiredEnv, observed: &Observed) -> Plan {
     }
 }
 
-/// An upstream stack that is not ready for its dependents, and why.
+/// The upstream stacks that are not ready for their dependents, and why.
 fn upstream_not_ready(
     stack: &DesiredStack,
     done: &BTreeMap<String, StackPlan>,
-) -> Option<(String, String)> {
-    stack.depends_on.iter().find_map(|dep| {
-        let p = &done[dep];
-        let ready = p.health == Health::Healthy || p.health == Health::Degraded;
-        if ready && p.action == StackAction::None {
-            return None;
-        }
-        let why = match &p.action {
-            StackAction::Create => format!("{dep} will be created first"),
-            StackAction::Update { .. } => format!("{dep} will be updated first"),
-            StackAction::Wait { status } => format!("waiting on {dep}: {status}"),
-            StackAction::None => format!(
-                "{dep} is not ready ({})",
-                p.status.clone().unwrap_or_default()
-            ),
-            other => format!("{dep} is {} ({})", other.label(), p.reason),
-        };
-        Some((dep.clone(), why))
-    })
+) -> Vec<(String, String)> {
+    stack
+        .depends_on
+        .iter()
+        .filter_map(|dep| {
+            let p = &done[dep];
+            let ready = p.health == Health::Healthy || p.health == Health::Degraded;
+            if ready && p.action == StackAction::None {
+                return None;
+            }
+            let why = match &p.action {
+                StackAction::Create => format!("{dep} will be created first"),
+                StackAction::Update { .. } => format!("{dep} will be updated first"),
+                StackAction::Wait { status } => format!("waiting on {dep}: {status}"),
+                StackAction::None => format!(
+                    "{dep} is not ready ({})",
+                    p.status.clone().unwrap_or_default()
+                ),
+                other => format!("{dep} is {} ({})", other.label(), p.reason),
+            };
+            Some((dep.clone(), why))
+        })
+        .collect()
 }
 
 fn plan_stack(
@@ -383,11 +387,17 @@ fn plan_stack(
         diff: None,
     };
     let observe_only = env.policy.mode == Mode::Observe;
-    let upstream = upstream_not_ready(stack, done);
-    let blocked_upstream = upstream.as_ref().filter(|(dep, _)| {
-        let a = &done[dep].action;
-        !matches!(a, StackAction::Create | StackAction::Update { .. })
+    let not_ready = upstream_not_ready(stack, done);
+    // An upstream that will not change in this pass (failed, blocked, in
+    // someone else's hands) stops this stack; one that is about to be
+    // created or updated only orders it.
+    let blocked_upstream = not_ready.iter().find(|(dep, _)| {
+        !matches!(
+            done[dep].action,
+            StackAction::Create | StackAction::Update { .. }
+        )
     });
+    let upstream = not_ready.first();
 
     let live = observed
         .stacks
@@ -412,12 +422,7 @@ fn plan_stack(
                 format!("does not exist; {why}"),
             )
         } else if upstream.is_some() {
-            let pending: Vec<&str> = stack
-                .depends_on
-                .iter()
-                .filter(|d| done[*d].action != StackAction::None)
-                .map(String::as_str)
-                .collect();
+            let pending: Vec<&str> = not_ready.iter().map(|(d, _)| d.as_str()).collect();
             (
                 StackAction::Create,
                 format!(

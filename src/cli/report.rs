@@ -19,6 +19,9 @@ struct Preview {
     changes: Vec<ResourceChange>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
+    /// Why no change set was made.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    skipped: Option<String>,
 }
 
 pub(super) async fn plan_command(
@@ -98,13 +101,17 @@ async fn preview_change_sets<C: Cloud>(
             _ => continue,
         };
         let stack = &env.stacks[&p.key];
-        let Ok(parameters) = resolve_parameters(stack, env, observed) else {
-            out.push(Preview {
-                stack: p.key.clone(),
-                changes: vec![],
-                error: None,
-            });
-            continue;
+        let parameters = match resolve_parameters(stack, env, observed) {
+            Ok(p) => p,
+            Err((_, why)) => {
+                out.push(Preview {
+                    stack: p.key.clone(),
+                    changes: vec![],
+                    error: None,
+                    skipped: Some(format!("not previewed: {why}")),
+                });
+                continue;
+            }
         };
         let request = ChangeSetRequest {
             stack_name: stack.name.clone(),
@@ -125,11 +132,13 @@ async fn preview_change_sets<C: Cloud>(
                 stack: p.key.clone(),
                 changes,
                 error: None,
+                skipped: None,
             },
             Err(e) => Preview {
                 stack: p.key.clone(),
                 changes: vec![],
                 error: Some(e.to_string()),
+                skipped: None,
             },
         });
     }
@@ -277,6 +286,8 @@ fn print_text(env: &DesiredEnv, plan: &Plan, previews: &[Preview], show: Show) {
         println!("  change set for {}:", p.stack);
         if let Some(e) = &p.error {
             println!("    error: {e}");
+        } else if let Some(why) = &p.skipped {
+            println!("    {why}");
         } else if p.changes.is_empty() {
             println!("    (no resource changes)");
         } else {

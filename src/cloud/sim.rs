@@ -256,8 +256,19 @@ fn advance(st: &mut State, now: Instant) {
             )
         } else {
             if let Some(a) = op.apply {
+                // AWS echoes every parameter, defaults included, NoEcho masked.
+                s.stack.parameters = match Template::parse(&a.template_body) {
+                    Ok(t) => t
+                        .effective_parameters(&a.parameters)
+                        .into_iter()
+                        .map(|(k, v)| {
+                            let masked = t.parameters.get(&k).is_some_and(|p| p.no_echo);
+                            (k, if masked { "****".to_owned() } else { v })
+                        })
+                        .collect(),
+                    Err(_) => a.parameters,
+                };
                 s.template_body = a.template_body;
-                s.stack.parameters = a.parameters;
                 s.stack.tags = a.tags;
                 s.stack.outputs = outputs_of(&name, &s.template_body, &s.stack.parameters);
                 if op.target == "UPDATE_COMPLETE" {
