@@ -82,17 +82,7 @@ impl Document {
     /// # Errors
     /// A syntax error, with its position.
     pub fn parse(text: &str) -> Result<Document, YamlError> {
-        let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| YamlError {
-            pos: e
-                .location()
-                .map(|l| Pos {
-                    line: l.line(),
-                    column: l.column(),
-                })
-                .unwrap_or_default(),
-            path: String::new(),
-            message: strip_location(&e.to_string()),
-        })?;
+        let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(syntax_error)?;
         let mut recorder = PositionRecorder::default();
         let mut parser = Parser::new_from_str(text);
         // serde_yaml accepted the text, so the event parser will too; if it
@@ -150,6 +140,21 @@ fn path_segments(path: &serde_path_to_error::Path) -> Vec<String> {
 fn unknown_field(message: &str) -> Option<String> {
     let rest = message.strip_prefix("unknown field `")?;
     Some(rest.split('`').next()?.to_owned())
+}
+
+/// A serde_yaml parse error as a [`YamlError`] at its position.
+fn syntax_error(e: serde_yaml::Error) -> YamlError {
+    YamlError {
+        pos: e
+            .location()
+            .map(|l| Pos {
+                line: l.line(),
+                column: l.column(),
+            })
+            .unwrap_or_default(),
+        path: String::new(),
+        message: strip_location(&e.to_string()),
+    }
 }
 
 /// serde_yaml appends " at line L column C" to its messages; the position is
@@ -251,17 +256,7 @@ impl MarkedEventReceiver for PositionRecorder {
 /// # Errors
 /// A syntax error with its position, or a short-form tag used wrongly.
 pub fn parse_template(text: &str) -> Result<Json, YamlError> {
-    let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| YamlError {
-        pos: e
-            .location()
-            .map(|l| Pos {
-                line: l.line(),
-                column: l.column(),
-            })
-            .unwrap_or_default(),
-        path: String::new(),
-        message: strip_location(&e.to_string()),
-    })?;
+    let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(syntax_error)?;
     to_json(value).map_err(|message| YamlError {
         pos: Pos::default(),
         path: String::new(),
