@@ -6,7 +6,7 @@
 //! operation. `validate`: 0 valid, 1 invalid.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -221,16 +221,12 @@ fn load_selected(select: &Select) -> anyhow::Result<(Vec<DesiredEnv>, bool)> {
             Err(errors) => {
                 failed = true;
                 for e in &errors.0 {
-                    eprintln!("{}", display_error(e, Path::new(".")));
+                    eprintln!("error: {e}");
                 }
             }
         }
     }
     Ok((envs, failed))
-}
-
-fn display_error(e: &spec::SpecError, _root: &Path) -> String {
-    format!("error: {e}")
 }
 
 fn validate(select: &Select) -> Outcome {
