@@ -4,6 +4,7 @@
 //! Layers, dependencies pointing down only:
 //! `cli` -> `apply` -> `plan` / `diff` / `policy` (pure) -> `spec` -> `cloud`.
 
+pub mod apply;
 pub mod cli;
 pub mod cloud;
 pub mod diff;

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::cloud::{Cloud, CloudError};
+use crate::cloud::{ChangeSetStatus, Cloud, CloudError};
 use crate::plan::{Observed, resolve};
 use crate::retry;
 use crate::spec::{DesiredEnv, ENVIRONMENT_TAG, REVISION_TAG};
@@ -71,17 +71,91 @@ pub async fn observe<C: Cloud>(
         }
     }
 
+    observed.failed_revisions = failed_revisions(cloud, env, &observed.stacks).await?;
+    observe_services(cloud, env, &mut observed).await?;
+    Ok(observed)
+}
+
+/// Re-reads every stack of the environment (one DescribeStacks), keeping
+/// what else was observed: outputs and statuses are fresh for the next
+/// decision.
+///
+/// # Errors
+/// A cloud error that persisted through retries.
+pub async fn refresh_stacks<C: Cloud>(
+    cloud: &C,
+    env: &DesiredEnv,
+    observed: &mut Observed,
+) -> Result<(), CloudError> {
+    let names: BTreeSet<String> = env.stacks.values().map(|s| s.name.clone()).collect();
+    observed.stacks =
+        retry::call(|| cloud.describe_stacks(&names, (ENVIRONMENT_TAG, &env.name))).await?;
+    observed.failed_revisions = failed_revisions(cloud, env, &observed.stacks).await?;
+    Ok(())
+}
+
+/// The stacks whose operation to the desired revision stackwarden executed
+/// and that rolled back: their status says rolled back and their executed
+/// change set is this revision's. Costs calls only for rolled-back stacks.
+async fn failed_revisions<C: Cloud>(
+    cloud: &C,
+    env: &DesiredEnv,
+    stacks: &BTreeMap<String, crate::cloud::Stack>,
+) -> Result<BTreeMap<String, String>, CloudError> {
+    let mut out = BTreeMap::new();
+    for d in env.stacks.values() {
+        let Some(live) = stacks.get(&d.name) else {
+            continue;
+        };
+        if !matches!(
+            live.status.as_str(),
+            "ROLLBACK_COMPLETE" | "UPDATE_ROLLBACK_COMPLETE"
+        ) {
+            continue;
+        }
+        let ours = d.change_set_name();
+        let names = retry::call(|| cloud.list_change_sets(&d.name)).await?;
+        if !names.contains(&ours) {
+            continue;
+        }
+        match retry::call(|| cloud.describe_change_set(&d.name, &ours)).await {
+            Ok(cs)
+                if matches!(
+                    cs.status,
+                    ChangeSetStatus::Executed | ChangeSetStatus::Failed(_)
+                ) =>
+            {
+                out.insert(d.name.clone(), d.revision.clone());
+            }
+            Ok(_) | Err(CloudError::NotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+/// Describes the ECS services the environment declares whose names are
+/// known (their stacks' outputs exist), in batches of 10 per cluster.
+///
+/// # Errors
+/// A cloud error that persisted through retries.
+pub async fn observe_services<C: Cloud>(
+    cloud: &C,
+    env: &DesiredEnv,
+    observed: &mut Observed,
+) -> Result<(), CloudError> {
     let mut by_cluster: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for stack in env.stacks.values() {
         for svc in &stack.ecs_services {
             if let (Ok(c), Ok(s)) = (
-                resolve(&svc.cluster, env, &observed),
-                resolve(&svc.service, env, &observed),
+                resolve(&svc.cluster, env, observed),
+                resolve(&svc.service, env, observed),
             ) {
                 by_cluster.entry(c).or_default().insert(s);
             }
         }
     }
+    observed.services.clear();
     for (cluster, services) in by_cluster {
         let services: Vec<String> = services.into_iter().collect();
         match retry::call(|| cloud.describe_services(&cluster, &services)).await {
@@ -97,5 +171,5 @@ pub async fn observe<C: Cloud>(
             Err(e) => return Err(e),
         }
     }
-    Ok(observed)
+    Ok(())
 }

@@ -21,8 +21,11 @@ pub struct Observed {
     pub templates: BTreeMap<String, Template>,
     /// By (cluster, service name).
     pub services: BTreeMap<(String, String), Service>,
-    /// By stack name: the revision whose update failed and rolled back, when
-    /// the stack is in UPDATE_ROLLBACK_COMPLETE after stackwarden's update.
+    /// By stack name: the desired revision whose operation stackwarden
+    /// executed and that failed (the stack is in ROLLBACK_COMPLETE or
+    /// UPDATE_ROLLBACK_COMPLETE and its executed change set is
+    /// `stackwarden-<revision>`). Read from the cloud, so a restart knows it
+    /// too; such a revision is never retried.
     pub failed_revisions: BTreeMap<String, String>,
 }
 
@@ -454,12 +457,21 @@ fn plan_stack(
             .clone()
             .unwrap_or_else(|| "no reason given".into());
         let protected = policy::holds_protected(&stack.template, &env.policy);
+        let failed_here = observed.failed_revisions.get(&stack.name) == Some(&stack.revision);
         (p.action, p.reason) = match live.status.as_str() {
             "ROLLBACK_COMPLETE" | "ROLLBACK_FAILED" if observe_only => (
                 StackAction::Blocked {
                     reason: "observe mode".into(),
                 },
                 format!("creation failed: {why}"),
+            ),
+            "ROLLBACK_COMPLETE" if failed_here && !observe_only => (
+                StackAction::Blocked {
+                    reason: format!("creation of revision {} failed: {why}", stack.revision),
+                },
+                format!(
+                    "creation of this revision failed: {why}; change the desired state to retry"
+                ),
             ),
             "ROLLBACK_COMPLETE"
                 if env.policy.recreate_failed && !protected && !live.termination_protection =>
@@ -507,11 +519,16 @@ fn plan_stack(
         return p;
     }
 
-    // Stable. Degraded when the last update rolled back.
-    p.health = if live.status == "UPDATE_ROLLBACK_COMPLETE" {
-        Health::Degraded
-    } else {
+    // Stable. Degraded when the last update rolled back; failed when it was
+    // stackwarden's update to this very revision (it needs a decision: a new
+    // revision, and its dependents wait for it).
+    let failed_here = observed.failed_revisions.get(&stack.name) == Some(&stack.revision);
+    p.health = if live.status != "UPDATE_ROLLBACK_COMPLETE" {
         Health::Healthy
+    } else if failed_here {
+        Health::Failed
+    } else {
+        Health::Degraded
     };
     let parameters = match resolve_parameters(stack, env, observed) {
         Ok(r) => r,

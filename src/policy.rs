@@ -8,7 +8,9 @@
 
 use crate::cloud::{ChangeAction, Replacement, ResourceChange};
 use crate::spec::Policy;
-use crate::template::Template;
+use std::collections::BTreeMap;
+
+use crate::template::{Template, references_parameter};
 
 /// Properties whose change replaces a resource (create-only properties), for
 /// the protected types. Used to forecast replacements from the templates
@@ -102,20 +104,43 @@ pub fn check_changes(
         .collect()
 }
 
+/// One side of a forecast: a template and the parameter values it is
+/// (or would be) deployed with.
+#[derive(Debug, Clone, Copy)]
+pub struct Deployed<'a> {
+    pub template: &'a Template,
+    pub parameters: &'a BTreeMap<String, String>,
+}
+
 /// Replacements and removals of protected resources forecast from the live
-/// and desired templates alone, whatever a change set says.
+/// and desired templates and parameters alone, whatever a change set says:
+/// a protected resource that disappears or changes type, or a create-only
+/// property whose text changes or that references a parameter whose value
+/// changes (`TableName: !Sub ${Environment}-reviews` with a new
+/// `Environment`).
 pub fn forecast(
     stack_key: &str,
-    live: &Template,
-    desired: &Template,
+    live: Deployed<'_>,
+    desired: Deployed<'_>,
     policy: &Policy,
 ) -> Vec<Violation> {
+    let changed_params: Vec<&str> = desired
+        .parameters
+        .iter()
+        .filter(|(k, v)| {
+            // A masked (NoEcho) live value is unknown: not a known change.
+            live.parameters
+                .get(*k)
+                .is_some_and(|old| old != *v && old != "****")
+        })
+        .map(|(k, _)| k.as_str())
+        .collect();
     let mut out = Vec::new();
-    for (id, old) in &live.resources {
+    for (id, old) in &live.template.resources {
         if !protected(policy, stack_key, id, &old.kind) {
             continue;
         }
-        match desired.resources.get(id) {
+        match desired.template.resources.get(id) {
             None => out.push(Violation {
                 logical_id: id.clone(),
                 resource_type: old.kind.clone(),
@@ -127,19 +152,30 @@ pub fn forecast(
                 why: format!("would be replaced (type changes to {})", new.kind),
             }),
             Some(new) => {
-                let changed: Vec<&str> = replacing_properties(&old.kind)
-                    .iter()
-                    .copied()
-                    .filter(|p| old.properties.get(*p) != new.properties.get(*p))
-                    .collect();
-                if !changed.is_empty() {
+                let mut why: Vec<String> = Vec::new();
+                for prop in replacing_properties(&old.kind) {
+                    let (before, after) = (old.properties.get(*prop), new.properties.get(*prop));
+                    if before != after {
+                        why.push(format!("create-only {prop} changes"));
+                    } else if let Some(v) = after {
+                        let via: Vec<&str> = changed_params
+                            .iter()
+                            .copied()
+                            .filter(|p| references_parameter(v, p))
+                            .collect();
+                        if !via.is_empty() {
+                            why.push(format!(
+                                "create-only {prop} changes with parameter {}",
+                                via.join(", ")
+                            ));
+                        }
+                    }
+                }
+                if !why.is_empty() {
                     out.push(Violation {
                         logical_id: id.clone(),
                         resource_type: old.kind.clone(),
-                        why: format!(
-                            "would be replaced (create-only {} changes)",
-                            changed.join(", ")
-                        ),
+                        why: format!("would be replaced ({})", why.join("; ")),
                     });
                 }
             }
@@ -258,14 +294,47 @@ mod tests {
         let new_billing = Template::parse("Resources:\n  T: {Type: 'AWS::DynamoDB::Table', Properties: {KeySchema: [{AttributeName: id, KeyType: HASH}], BillingMode: PROVISIONED}}\n").unwrap();
         let removed = Template::parse("Resources:\n  Q: {Type: 'AWS::SQS::Queue'}\n").unwrap();
         let p = policy(&[]);
-        let v = forecast("data", &live, &new_key, &p);
+        let none = BTreeMap::new();
+        let d = |t| Deployed {
+            template: t,
+            parameters: &none,
+        };
+        let v = forecast("data", d(&live), d(&new_key), &p);
         assert_eq!(v.len(), 1);
         assert!(v[0].why.contains("KeySchema"), "{v:?}");
-        assert!(forecast("data", &live, &new_billing, &p).is_empty());
+        assert!(forecast("data", d(&live), d(&new_billing), &p).is_empty());
         assert!(
-            forecast("data", &live, &removed, &p)[0]
+            forecast("data", d(&live), d(&removed), &p)[0]
                 .why
                 .contains("removed")
         );
+    }
+
+    #[test]
+    fn forecast_sees_a_parameter_that_renames_a_protected_table() {
+        let t = Template::parse("Parameters:\n  Environment: {Type: String}\n  Billing: {Type: String}\nResources:\n  T: {Type: 'AWS::DynamoDB::Table', Properties: {TableName: !Sub '${Environment}-reviews', BillingMode: !Ref Billing}}\n").unwrap();
+        let params = |env: &str, billing: &str| {
+            BTreeMap::from([
+                ("Environment".to_owned(), env.to_owned()),
+                ("Billing".to_owned(), billing.to_owned()),
+            ])
+        };
+        let (live, renamed, rebilled) = (
+            params("dev", "PAY_PER_REQUEST"),
+            params("qa", "PAY_PER_REQUEST"),
+            params("dev", "PROVISIONED"),
+        );
+        let d = |parameters| Deployed {
+            template: &t,
+            parameters,
+        };
+        let v = forecast("data", d(&live), d(&renamed), &policy(&[]));
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(
+            v[0].why
+                .contains("TableName changes with parameter Environment")
+        );
+        assert!(forecast("data", d(&live), d(&rebilled), &policy(&[])).is_empty());
+        assert!(forecast("data", d(&live), d(&renamed), &policy(&[("data", "T")])).is_empty());
     }
 }

@@ -20,6 +20,9 @@ use crate::yaml::{Document, Pos, YamlError};
 pub const REVISION_TAG: &str = "stackwarden:revision";
 /// Tag naming the environment that owns a stack (used to find orphans).
 pub const ENVIRONMENT_TAG: &str = "stackwarden:environment";
+/// Change sets stackwarden makes are named `stackwarden-<revision>`; any
+/// other of this prefix on a stack is stale and deleted.
+pub const CHANGE_SET_PREFIX: &str = "stackwarden-";
 
 /// Resource types whose replacement or removal loses data, protected unless
 /// the desired state allows the logical resource explicitly.
@@ -36,7 +39,8 @@ pub const DEFAULT_PROTECTED_TYPES: &[&str] = &[
     "AWS::RDS::DBCluster",
 ];
 
-const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(60 * 60);
+/// How long one stack operation may take unless the desired state says.
+pub const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 const DEFAULT_ALERT_REPEAT: Duration = Duration::from_secs(6 * 60 * 60);
 
 /// One problem in a desired-state file (or a template it names).
@@ -323,6 +327,11 @@ impl DesiredStack {
         tags.insert(REVISION_TAG.to_owned(), self.revision.clone());
         tags.insert(ENVIRONMENT_TAG.to_owned(), environment.to_owned());
         tags
+    }
+
+    /// The name of this revision's change set: a restart finds and reuses it.
+    pub fn change_set_name(&self) -> String {
+        format!("{CHANGE_SET_PREFIX}{}", &self.revision[..12])
     }
 
     /// Parameters whose values must never be shown.

@@ -36,6 +36,27 @@ pub struct Template {
     pub canonical: Json,
 }
 
+/// Whether a template value references parameter `p`, by `Ref` or as
+/// `${p}` in an `Fn::Sub`: a change of `p` changes this value.
+pub fn references_parameter(v: &Json, p: &str) -> bool {
+    fn sub_mentions(v: &Json, p: &str) -> bool {
+        match v {
+            Json::String(s) => s.contains(&format!("${{{p}}}")),
+            Json::Array(a) => a.iter().any(|x| sub_mentions(x, p)),
+            _ => false,
+        }
+    }
+    match v {
+        Json::Object(m) => {
+            m.get("Ref").and_then(Json::as_str) == Some(p)
+                || m.get("Fn::Sub").is_some_and(|s| sub_mentions(s, p))
+                || m.values().any(|x| references_parameter(x, p))
+        }
+        Json::Array(a) => a.iter().any(|x| references_parameter(x, p)),
+        _ => false,
+    }
+}
+
 impl Template {
     /// Parses a template body (YAML or JSON).
     ///

@@ -30,6 +30,32 @@ enum Command {
     Plan(PlanArgs),
     /// Sync status and health of every stack and ECS service.
     Status(ObserveArgs),
+    /// Bring AWS to the desired state: observe, plan, apply what the policy
+    /// allows, in dependency order, and report.
+    Reconcile(ReconcileArgs),
+}
+
+#[derive(Debug, Args)]
+struct ReconcileArgs {
+    #[command(flatten)]
+    select: Select,
+    /// One pass, then exit: 0 in sync, 2 differences remain, 1 failed.
+    #[arg(long)]
+    once: bool,
+    /// Concurrent stack operations per account and region.
+    #[arg(long, value_name = "N", default_value_t = crate::apply::DEFAULT_MAX_PARALLEL as u16,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    max_parallel: u16,
+    /// Trust the revision tags: fetch a stack's template only when its tag
+    /// differs (the default compares every template).
+    #[arg(long)]
+    fast: bool,
+    /// Print the number of AWS API calls made to stderr.
+    #[arg(long)]
+    stats: bool,
+    /// No progress lines on stderr.
+    #[arg(short, long)]
+    quiet: bool,
 }
 
 #[derive(Debug, Args)]
@@ -140,6 +166,20 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
             false,
             Show::Status,
         )),
+        Command::Reconcile(args) => {
+            if !args.once {
+                anyhow::bail!(
+                    "the long-running controller is not available in this build; run `stackwarden reconcile --once` (e.g. from a scheduler)"
+                );
+            }
+            runtime()?.block_on(reconcile::once(
+                &args.select,
+                usize::from(args.max_parallel),
+                !args.fast,
+                args.stats,
+                args.quiet,
+            ))
+        }
     }
 }
 
@@ -175,6 +215,7 @@ impl From<crate::plan::Verdict> for Outcome {
     }
 }
 
+mod reconcile;
 mod report;
 
 /// The environment files a selection names, in name order.

@@ -206,6 +206,21 @@ impl Cloud for AwsCloud {
         Ok(out)
     }
 
+    async fn describe_stack(&self, name: &str) -> CloudResult<Option<Stack>> {
+        self.calls.tick();
+        match self.cfn.describe_stacks().stack_name(name).send().await {
+            Ok(out) => Ok(out
+                .stacks()
+                .iter()
+                .map(map_stack)
+                .find(|s| s.status != "DELETE_COMPLETE")),
+            Err(e) => match classify(e) {
+                CloudError::NotFound(_) => Ok(None),
+                other => Err(other),
+            },
+        }
+    }
+
     async fn get_template(&self, stack: &str) -> CloudResult<String> {
         self.calls.tick();
         let out = self
@@ -344,9 +359,13 @@ impl Cloud for AwsCloud {
                 .send()
                 .await
                 .map_err(classify)?;
+            // Filtered by stack again: the emulator answers with every
+            // stack's change sets, and stale-change-set cleanup must never
+            // touch another stack's.
             names.extend(
                 out.summaries()
                     .iter()
+                    .filter(|s| s.stack_name().is_none_or(|n| n == stack))
                     .filter_map(|s| s.change_set_name().map(str::to_owned)),
             );
             token = out.next_token().map(str::to_owned);
@@ -437,6 +456,18 @@ impl Cloud for AwsCloud {
         self.cfn
             .delete_stack()
             .stack_name(stack)
+            .send()
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn set_termination_protection(&self, stack: &str, enabled: bool) -> CloudResult<()> {
+        self.calls.tick();
+        self.cfn
+            .update_termination_protection()
+            .stack_name(stack)
+            .enable_termination_protection(enabled)
             .send()
             .await
             .map_err(classify)?;

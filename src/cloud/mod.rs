@@ -59,8 +59,10 @@ pub struct Stack {
 }
 
 impl Stack {
+    /// An operation is in flight (REVIEW_IN_PROGRESS is not one: it is a
+    /// stack that only has an unexecuted CREATE change set).
     pub fn in_progress(&self) -> bool {
-        self.status.ends_with("_IN_PROGRESS")
+        self.status.ends_with("_IN_PROGRESS") && self.status != "REVIEW_IN_PROGRESS"
     }
 }
 
@@ -201,6 +203,11 @@ pub trait Cloud: Send + Sync {
         owner: (&str, &str),
     ) -> impl Future<Output = CloudResult<BTreeMap<String, Stack>>> + Send;
 
+    /// One stack by name (one DescribeStacks call, for polling); `None`
+    /// when it does not exist.
+    fn describe_stack(&self, name: &str)
+    -> impl Future<Output = CloudResult<Option<Stack>>> + Send;
+
     /// The stack's current template body.
     fn get_template(&self, stack: &str) -> impl Future<Output = CloudResult<String>> + Send;
 
@@ -244,6 +251,13 @@ pub trait Cloud: Send + Sync {
     -> impl Future<Output = CloudResult<()>> + Send;
 
     fn delete_stack(&self, stack: &str) -> impl Future<Output = CloudResult<()>> + Send;
+
+    /// UpdateTerminationProtection.
+    fn set_termination_protection(
+        &self,
+        stack: &str,
+        enabled: bool,
+    ) -> impl Future<Output = CloudResult<()>> + Send;
 
     /// Describes services of one cluster (batches of 10 per call).
     fn describe_services(

@@ -25,7 +25,7 @@ use super::{
     CloudResult, Deployment, Replacement, ResourceChange, Service, Stack, StackEvent,
 };
 use crate::policy;
-use crate::template::Template;
+use crate::template::{Template, references_parameter};
 
 /// Knobs of the simulation. Latencies are per stack name; unlisted stacks
 /// take `default_latency`.
@@ -38,6 +38,9 @@ pub struct SimConfig {
     pub change_set_latency: Duration,
     /// Probability that any call is throttled.
     pub throttle_rate: f64,
+    /// Change sets give no replacement information (as the emulator), so
+    /// safety must come from policy's own forecast.
+    pub hide_replacement: bool,
 }
 
 impl Default for SimConfig {
@@ -49,6 +52,7 @@ impl Default for SimConfig {
             latency: BTreeMap::new(),
             change_set_latency: Duration::from_secs(2),
             throttle_rate: 0.0,
+            hide_replacement: false,
         }
     }
 }
@@ -97,6 +101,9 @@ struct State {
     executed: Vec<(String, Vec<ResourceChange>)>,
     deleted: Vec<String>,
     next_id: u64,
+    throttle_rate: f64,
+    /// (stack name, logical id) the test's desired state allows to replace.
+    allowed: BTreeSet<(String, String)>,
 }
 
 /// The simulated cloud. Cheap to clone; clones share state.
@@ -111,9 +118,83 @@ impl SimCloud {
     pub fn new(config: SimConfig) -> SimCloud {
         SimCloud {
             rng: Arc::new(Mutex::new(StdRng::seed_from_u64(config.seed))),
+            state: Arc::new(Mutex::new(State {
+                throttle_rate: config.throttle_rate,
+                ..State::default()
+            })),
             config: Arc::new(config),
-            state: Arc::new(Mutex::new(State::default())),
         }
+    }
+
+    /// Tells the watcher that the desired state allows replacing this
+    /// resource, so executing such a change is not a violation.
+    pub fn allow_replacement(&self, stack: &str, logical_id: &str) {
+        self.lock()
+            .allowed
+            .insert((stack.to_owned(), logical_id.to_owned()));
+    }
+
+    /// Changes the probability that a call is throttled (0 stops throttling).
+    pub fn set_throttle_rate(&self, rate: f64) {
+        self.lock().throttle_rate = rate;
+    }
+
+    /// Forgets pending failures and unsticks every stack: the faults stop.
+    pub fn clear_faults(&self) {
+        let mut st = self.lock();
+        st.fail_next.clear();
+        st.stuck.clear();
+        st.throttle_rate = 0.0;
+    }
+
+    /// Someone else starts an update of `stack` (a console or CLI user); it
+    /// ends after `takes`, changing nothing stackwarden manages.
+    pub fn start_foreign_update(&self, stack: &str, takes: Duration) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        advance(&mut st, now);
+        let s = st.stacks.get_mut(stack).expect("unknown stack");
+        if s.operation.is_some() {
+            return;
+        }
+        s.stack.status = "UPDATE_IN_PROGRESS".into();
+        s.operation = Some(Operation {
+            target: "UPDATE_COMPLETE",
+            done_at: now + takes,
+            apply: None,
+        });
+    }
+
+    /// An operator deletes a stack by hand (no termination-protection check:
+    /// they would have turned it off first).
+    pub fn delete_out_of_band(&self, stack: &str) {
+        self.lock().stacks.remove(stack);
+    }
+
+    /// The primary deployment of a service fails (the ECS circuit breaker
+    /// rolled it back).
+    pub fn fail_rollout(&self, cluster: &str, service: &str, reason: &str) {
+        let mut st = self.lock();
+        let s = st
+            .services
+            .get_mut(&(cluster.to_owned(), service.to_owned()))
+            .expect("unknown service");
+        s.running = 0;
+        for d in &mut s.deployments {
+            d.rollout_state = Some("FAILED".into());
+            d.rollout_reason = Some(reason.to_owned());
+            d.running = 0;
+        }
+    }
+
+    /// Names of a stack's change sets, as ListChangeSets would give them
+    /// (not counted as a call).
+    pub fn change_set_names(&self, stack: &str) -> Vec<String> {
+        self.lock()
+            .stacks
+            .get(stack)
+            .map(|s| s.change_sets.keys().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// The next update (or create) of `stack` fails and rolls back.
@@ -206,12 +287,13 @@ impl SimCloud {
 
     /// Counts the call, maybe throttles it, and advances time-driven state.
     fn enter(&self, op: &'static str) -> CloudResult<std::sync::MutexGuard<'_, State>> {
-        let throttled = self.config.throttle_rate > 0.0
+        let rate = self.lock().throttle_rate;
+        let throttled = rate > 0.0
             && self
                 .rng
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .gen_bool(self.config.throttle_rate);
+                .gen_bool(rate);
         let mut st = self.lock();
         *st.calls.entry(op).or_default() += 1;
         if throttled {
@@ -244,6 +326,11 @@ fn advance(st: &mut State, now: Instant) {
             continue;
         }
         s.operation = None;
+        if op.target == "DELETE_COMPLETE" {
+            st.stacks.remove(&name);
+            st.deleted.push(name);
+            continue;
+        }
         let (status, reason) = if fail && op.apply.is_some() {
             let failed = if op.target == "CREATE_COMPLETE" {
                 "ROLLBACK_COMPLETE"
@@ -461,13 +548,17 @@ fn diff_templates(
                     .map(|(k, _)| k.as_str())
                     .collect();
                 let props_changed = b.properties != r.properties || b.kind != r.kind;
-                let uses_changed = changed_params.iter().any(|p| references(&r.properties, p));
+                let uses_changed = changed_params
+                    .iter()
+                    .any(|p| references_parameter(&r.properties, p));
                 if props_changed || uses_changed {
                     let replaces = b.kind != r.kind
                         || policy::replacing_properties(&r.kind).iter().any(|prop| {
                             r.properties.get(*prop) != b.properties.get(*prop)
                                 || changed_params.iter().any(|p| {
-                                    r.properties.get(*prop).is_some_and(|v| references(v, p))
+                                    r.properties
+                                        .get(*prop)
+                                        .is_some_and(|v| references_parameter(v, p))
                                 })
                         });
                     changes.push(ResourceChange {
@@ -501,27 +592,6 @@ fn diff_templates(
     changes
 }
 
-/// Whether a JSON value references parameter `p` (Ref or ${p} in a Sub).
-fn references(v: &Json, p: &str) -> bool {
-    match v {
-        Json::Object(m) => {
-            m.get("Ref").and_then(Json::as_str) == Some(p)
-                || m.get("Fn::Sub").is_some_and(|s| sub_mentions(s, p))
-                || m.values().any(|x| references(x, p))
-        }
-        Json::Array(a) => a.iter().any(|x| references(x, p)),
-        _ => false,
-    }
-}
-
-fn sub_mentions(v: &Json, p: &str) -> bool {
-    match v {
-        Json::String(s) => s.contains(&format!("${{{p}}}")),
-        Json::Array(a) => a.iter().any(|x| sub_mentions(x, p)),
-        _ => false,
-    }
-}
-
 impl Cloud for SimCloud {
     async fn describe_stacks(
         &self,
@@ -539,6 +609,15 @@ impl Cloud for SimCloud {
             })
             .map(|s| (s.stack.name.clone(), s.stack.clone()))
             .collect())
+    }
+
+    async fn describe_stack(&self, name: &str) -> CloudResult<Option<Stack>> {
+        let st = self.enter("DescribeStacks")?;
+        Ok(st
+            .stacks
+            .get(name)
+            .map(|s| s.stack.clone())
+            .filter(|s| s.status != "DELETE_COMPLETE"))
     }
 
     async fn get_template(&self, stack: &str) -> CloudResult<String> {
@@ -646,11 +725,17 @@ impl Cloud for SimCloud {
         } else {
             ChangeSetStatus::Ready
         };
+        let mut changes = cs.changes.clone();
+        if self.config.hide_replacement {
+            for c in &mut changes {
+                c.replacement = None;
+            }
+        }
         Ok(ChangeSet {
             name: name.to_owned(),
             id: format!("{}/{name}", s.stack.id),
             status,
-            changes: cs.changes.clone(),
+            changes,
         })
     }
 
@@ -688,7 +773,11 @@ impl Cloud for SimCloud {
         for c in &cs.changes {
             let destructive =
                 c.action == ChangeAction::Remove || c.replacement == Some(Replacement::True);
+            let allowed = st
+                .allowed
+                .contains(&(stack.to_owned(), c.logical_id.clone()));
             if destructive
+                && !allowed
                 && crate::spec::DEFAULT_PROTECTED_TYPES.contains(&c.resource_type.as_str())
             {
                 st.violations.push(format!(
@@ -778,6 +867,7 @@ impl Cloud for SimCloud {
     }
 
     async fn delete_stack(&self, stack: &str) -> CloudResult<()> {
+        let latency = self.latency(stack);
         let mut st = self.enter("DeleteStack")?;
         let Some(s) = st.stacks.get(stack) else {
             return Ok(());
@@ -789,8 +879,28 @@ impl Cloud for SimCloud {
                 "Stack [{stack}] cannot be deleted while TerminationProtection is enabled"
             )));
         }
-        st.stacks.remove(stack);
-        st.deleted.push(stack.to_owned());
+        if s.operation.is_some() {
+            let msg = format!("DeleteStack on {stack} while it is {}", s.stack.status);
+            st.violations.push(msg.clone());
+            return Err(CloudError::Conflict(msg));
+        }
+        let s = st.stacks.get_mut(stack).expect("checked");
+        s.stack.status = "DELETE_IN_PROGRESS".into();
+        s.operation = Some(Operation {
+            target: "DELETE_COMPLETE",
+            done_at: Instant::now() + latency / 2,
+            apply: None,
+        });
+        Ok(())
+    }
+
+    async fn set_termination_protection(&self, stack: &str, enabled: bool) -> CloudResult<()> {
+        let mut st = self.enter("UpdateTerminationProtection")?;
+        let s = st
+            .stacks
+            .get_mut(stack)
+            .ok_or_else(|| CloudError::NotFound(format!("Stack [{stack}] does not exist")))?;
+        s.stack.termination_protection = enabled;
         Ok(())
     }
 

@@ -1,0 +1,1222 @@
+//! Applying a plan: the one code path of `reconcile --once` and of every
+//! daemon pass.
+//!
+//! [`reconcile`] observes, plans, executes what the plan and the policy
+//! allow, re-observes and reports. Stacks run as their dependency graph
+//! allows: a stack starts when every stack it depends on has finished and is
+//! ready, independent stacks run concurrently (bounded by a semaphore shared
+//! per account and region), and a failure stops only the failed stack's
+//! dependents.
+//!
+//! Each stack re-observes and re-plans just before it acts (outputs of the
+//! stacks it depends on are read fresh), so a pass is level-triggered all the
+//! way down: it is always safe to kill it and run it again. Change sets are
+//! named from the desired revision, so a restarted pass finds and reuses its
+//! own.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use tokio::sync::{OnceCell, Semaphore, mpsc};
+use tokio::time::Instant;
+
+use crate::cloud::{
+    ChangeSet, ChangeSetKind, ChangeSetRequest, ChangeSetStatus, Cloud, CloudError, Stack,
+    StackEvent,
+};
+use crate::observe::{self, Depth, observe};
+use crate::plan::{
+    Observed, Plan, ServiceAction, StackAction, StackPlan, Verdict, plan, resolve_parameters,
+};
+use crate::policy::{self, Deployed};
+use crate::retry;
+use crate::spec::{CHANGE_SET_PREFIX, DesiredEnv, DesiredStack};
+use crate::template::Template;
+
+/// Default bound on concurrent stack operations per account and region.
+pub const DEFAULT_MAX_PARALLEL: usize = 4;
+
+/// How many times one stack may be re-planned within a pass (after waiting
+/// on someone else, after a recreate's delete). Bounds the work of a pass.
+const MAX_STEPS: usize = 4;
+
+/// An error that ends an environment's pass before or instead of applying.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApplyError {
+    #[error(
+        "refusing to change anything: the credentials belong to account {actual}, the desired state declares {expected}"
+    )]
+    AccountMismatch { expected: String, actual: String },
+    #[error("cannot check the caller's account (STS GetCallerIdentity): {0}")]
+    AccountCheck(CloudError),
+    #[error("cannot observe: {0}")]
+    Observe(CloudError),
+}
+
+/// Something worth showing while a pass runs (the terminal progress view
+/// and the logs are fed from it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Progress {
+    Started {
+        environment: String,
+        stack: String,
+        action: String,
+    },
+    Event {
+        environment: String,
+        stack: String,
+        event: StackEvent,
+    },
+    Finished {
+        environment: String,
+        stack: String,
+        result: String,
+        elapsed: Duration,
+    },
+}
+
+/// Knobs of a pass.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// How thoroughly the first observation compares templates.
+    pub depth: Depth,
+    /// Where progress goes, if anywhere.
+    pub progress: Option<mpsc::UnboundedSender<Progress>>,
+}
+
+/// What happened to one stack in a pass.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum StackResult {
+    /// Nothing to do.
+    InSync,
+    Created,
+    Updated,
+    /// The change set had no changes: in sync after all.
+    NoChanges,
+    /// UPDATE_ROLLBACK_FAILED continued to UPDATE_ROLLBACK_COMPLETE.
+    RollbackContinued,
+    /// Orphan deleted (policy.prune).
+    Pruned,
+    /// A change is needed and may not run (policy, failed revision,
+    /// observe mode).
+    Blocked {
+        reason: String,
+    },
+    /// An upstream stack is not ready.
+    Skipped {
+        upstream: String,
+    },
+    /// Waited on an operation past the stack's timeout. `ours` tells
+    /// whether the operation was stackwarden's (a failure) or someone
+    /// else's (a difference that remains).
+    TimedOut {
+        status: String,
+        ours: bool,
+    },
+    /// An operation failed or rolled back, or AWS refused a call.
+    Failed {
+        reason: String,
+    },
+}
+
+impl StackResult {
+    /// Whether dependents may go ahead: the stack is at its desired state.
+    pub fn ready(&self) -> bool {
+        matches!(
+            self,
+            StackResult::InSync
+                | StackResult::Created
+                | StackResult::Updated
+                | StackResult::NoChanges
+        )
+    }
+
+    /// Whether the pass failed because of this stack.
+    pub fn failed(&self) -> bool {
+        matches!(
+            self,
+            StackResult::Failed { .. } | StackResult::TimedOut { ours: true, .. }
+        )
+    }
+
+    pub fn label(&self) -> &'static str {
+        match self {
+            StackResult::InSync => "in-sync",
+            StackResult::Created => "created",
+            StackResult::Updated => "updated",
+            StackResult::NoChanges => "no-changes",
+            StackResult::RollbackContinued => "rollback-continued",
+            StackResult::Pruned => "pruned",
+            StackResult::Blocked { .. } => "blocked",
+            StackResult::Skipped { .. } => "skipped",
+            StackResult::TimedOut { .. } => "timed-out",
+            StackResult::Failed { .. } => "failed",
+        }
+    }
+
+    /// The reason, for results that have one.
+    pub fn detail(&self) -> Option<String> {
+        match self {
+            StackResult::Blocked { reason } | StackResult::Failed { reason } => {
+                Some(reason.clone())
+            }
+            StackResult::Skipped { upstream } => Some(format!("upstream {upstream} is not ready")),
+            StackResult::TimedOut { status, ours } => Some(format!(
+                "still {status} at the timeout ({})",
+                if *ours {
+                    "our operation; not cancelled"
+                } else {
+                    "someone else's operation"
+                }
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// One stack's part of a pass.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct StackReport {
+    pub key: String,
+    pub name: String,
+    /// The action planned at the start of the pass.
+    pub planned: String,
+    pub result: StackResult,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub change_set: Option<String>,
+    pub seconds: f64,
+    /// Status after the pass (None: does not exist).
+    pub final_status: Option<String>,
+}
+
+/// What happened to one ECS service.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ServiceResult {
+    InSync,
+    Scaled {
+        from: i32,
+        to: i32,
+    },
+    Redeployed {
+        task_definition: String,
+    },
+    /// Its stack is not ready, or its names are not known.
+    Skipped {
+        reason: String,
+    },
+    Blocked {
+        reason: String,
+    },
+    /// The rollout did not settle within the stack's timeout.
+    TimedOut,
+    Failed {
+        reason: String,
+    },
+}
+
+impl ServiceResult {
+    pub fn failed(&self) -> bool {
+        matches!(self, ServiceResult::Failed { .. })
+    }
+}
+
+/// One ECS service's part of a pass.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ServiceReport {
+    pub stack: String,
+    pub cluster: Option<String>,
+    pub service: Option<String>,
+    pub result: ServiceResult,
+    pub seconds: f64,
+}
+
+/// A whole pass over one environment.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    pub environment: String,
+    pub revision: String,
+    pub stacks: Vec<StackReport>,
+    pub services: Vec<ServiceReport>,
+    /// The plan from the observation after applying: the truth at the end.
+    #[serde(rename = "final")]
+    pub final_plan: Plan,
+    pub seconds: f64,
+}
+
+impl Report {
+    /// `Failed` when an operation failed (or ours timed out) or the final
+    /// state holds a failed object; otherwise the final plan's verdict.
+    pub fn verdict(&self) -> Verdict {
+        let failed = self.stacks.iter().any(|s| s.result.failed())
+            || self.services.iter().any(|s| s.result.failed());
+        if failed {
+            Verdict::Failed
+        } else {
+            self.final_plan.verdict()
+        }
+    }
+
+    /// Stacks that an operation was started on in this pass.
+    pub fn changed(&self) -> usize {
+        self.stacks
+            .iter()
+            .filter(|s| {
+                matches!(
+                    s.result,
+                    StackResult::Created
+                        | StackResult::Updated
+                        | StackResult::RollbackContinued
+                        | StackResult::Pruned
+                ) || matches!(s.result, StackResult::Failed { .. }) && s.change_set.is_some()
+            })
+            .count()
+    }
+}
+
+/// One pass over an environment: observe, plan, apply what policy allows,
+/// wait, re-observe, report.
+///
+/// `limit` bounds concurrent stack operations; share one per account and
+/// region between environments.
+///
+/// # Guarantees
+/// Never starts an operation on a stack that has one in flight; never
+/// executes a change set the policy forbids; never deletes a stack unless it
+/// is an orphan with `policy.prune` and no termination protection, or a
+/// failed create with `policy.recreate_failed` holding nothing protected;
+/// writes nothing in observe mode or before the caller's account matches.
+/// Every wait is bounded by the stack's timeout, so the pass ends.
+///
+/// # Errors
+/// The environment cannot be observed, or the account check fails. Errors
+/// of single stacks are reported in the [`Report`], not here.
+pub async fn reconcile<C: Cloud>(
+    cloud: &C,
+    env: &DesiredEnv,
+    limit: &Semaphore,
+    options: &Options,
+) -> Result<Report, ApplyError> {
+    let started = Instant::now();
+    let observed = observe(cloud, env, options.depth)
+        .await
+        .map_err(ApplyError::Observe)?;
+    let initial = plan(env, &observed);
+    let pass = Pass {
+        cloud,
+        env,
+        limit,
+        options,
+        account: OnceCell::new(),
+        templates: Mutex::new(observed.templates.clone()),
+        initial: &initial,
+        touched: AtomicBool::new(false),
+    };
+    let stacks = pass.run_stacks().await?;
+    let services = pass.run_services(&stacks).await?;
+
+    // Nothing written and nothing waited on: the first observation is
+    // still the truth, and a steady-state pass costs one observation.
+    let (final_observed, final_plan) = if pass.touched() {
+        let o = observe(cloud, env, Depth::Fast)
+            .await
+            .map_err(ApplyError::Observe)?;
+        let p = plan(env, &o);
+        (o, p)
+    } else {
+        (observed, initial.clone())
+    };
+    let stacks = stacks
+        .into_iter()
+        .map(|mut r| {
+            r.final_status = final_observed.stacks.get(&r.name).map(|s| s.status.clone());
+            r
+        })
+        .collect();
+    Ok(Report {
+        environment: env.name.clone(),
+        revision: env.revision.clone(),
+        stacks,
+        services,
+        final_plan,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+struct Pass<'a, C> {
+    cloud: &'a C,
+    env: &'a DesiredEnv,
+    limit: &'a Semaphore,
+    options: &'a Options,
+    /// The account check, done once, before the first write.
+    account: OnceCell<Result<(), ApplyError>>,
+    /// Live templates read by the first observation. A stack brought to its
+    /// desired revision drops its entry: its template is the desired one.
+    templates: Mutex<BTreeMap<String, Template>>,
+    /// The plan from the first observation.
+    initial: &'a Plan,
+    /// Set by every write and every wait: the first observation is stale.
+    touched: AtomicBool,
+}
+
+/// How one step of a stack ends: done, or re-plan and go again.
+enum Step {
+    Done(StackResult),
+    Replan,
+}
+
+type StackFuture<'a> = Shared<BoxFuture<'a, StackReport>>;
+
+impl<'a, C: Cloud> Pass<'a, C> {
+    fn touch(&self) {
+        self.touched.store(true, Ordering::Relaxed);
+    }
+
+    fn touched(&self) -> bool {
+        self.touched.load(Ordering::Relaxed)
+    }
+
+    fn emit(&self, p: Progress) {
+        if let Some(tx) = &self.options.progress {
+            let _ = tx.send(p);
+        }
+    }
+
+    /// Runs every declared stack as the graph allows, then the orphans.
+    async fn run_stacks(&self) -> Result<Vec<StackReport>, ApplyError> {
+        let initial = self.initial;
+        let mut futures: BTreeMap<String, StackFuture<'_>> = BTreeMap::new();
+        let mut order = Vec::new();
+        for stack in self.env.order() {
+            let deps: Vec<(String, StackFuture<'_>)> = stack
+                .depends_on
+                .iter()
+                .map(|d| (d.clone(), futures[d].clone()))
+                .collect();
+            let planned = initial
+                .stacks
+                .iter()
+                .find(|p| p.key == stack.key)
+                .map(|p| p.action.label().to_owned())
+                .unwrap_or_default();
+            let f = async move {
+                let mut upstream = None;
+                let mut upstream_changed = false;
+                for (dep, f) in deps {
+                    let r = f.await.result;
+                    upstream_changed |= r != StackResult::InSync;
+                    if !r.ready() && upstream.is_none() {
+                        upstream = Some(dep);
+                    }
+                }
+                let start = Instant::now();
+                let (result, change_set) = match upstream {
+                    Some(upstream) => (StackResult::Skipped { upstream }, None),
+                    None => self.run_stack(stack, upstream_changed).await,
+                };
+                self.finish(&stack.key, &stack.name, planned, result, change_set, start)
+            }
+            .boxed()
+            .shared();
+            futures.insert(stack.key.clone(), f);
+            order.push(stack.key.clone());
+        }
+        let mut reports = futures::future::join_all(order.iter().map(|k| futures[k].clone())).await;
+        for orphan in initial.stacks.iter().filter(|p| p.key.is_empty()) {
+            reports.push(self.run_orphan(orphan).await);
+        }
+        Ok(reports)
+    }
+
+    fn finish(
+        &self,
+        key: &str,
+        name: &str,
+        planned: String,
+        result: StackResult,
+        change_set: Option<String>,
+        start: Instant,
+    ) -> StackReport {
+        let elapsed = start.elapsed();
+        if result.ready() && result != StackResult::InSync {
+            // Its live template is now the desired one.
+            self.lock_templates().remove(name);
+        }
+        match &result {
+            StackResult::Failed { reason } => {
+                tracing::error!(message = "Stack failed.", environment = %self.env.name, stack = key, %reason)
+            }
+            StackResult::Blocked { reason } => {
+                tracing::warn!(message = "Stack blocked.", environment = %self.env.name, stack = key, %reason)
+            }
+            other => {
+                tracing::info!(message = "Stack done.", environment = %self.env.name, stack = key, result = other.label(), seconds = elapsed.as_secs_f64())
+            }
+        }
+        self.emit(Progress::Finished {
+            environment: self.env.name.clone(),
+            stack: key.to_owned(),
+            result: match result.detail() {
+                Some(d) => format!("{}: {d}", result.label()),
+                None => result.label().to_owned(),
+            },
+            elapsed,
+        });
+        StackReport {
+            key: key.to_owned(),
+            name: name.to_owned(),
+            planned,
+            result,
+            change_set,
+            seconds: elapsed.as_secs_f64(),
+            final_status: None,
+        }
+    }
+
+    fn lock_templates(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Template>> {
+        self.templates.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Checks the caller's account once, before the first write.
+    async fn guard(&self) -> Result<(), ApplyError> {
+        self.touch();
+        self.account
+            .get_or_init(|| async {
+                let Some(expected) = &self.env.account_id else {
+                    return Ok(());
+                };
+                let actual = retry::call(|| self.cloud.caller_account())
+                    .await
+                    .map_err(ApplyError::AccountCheck)?;
+                if &actual == expected {
+                    Ok(())
+                } else {
+                    Err(ApplyError::AccountMismatch {
+                        expected: expected.clone(),
+                        actual,
+                    })
+                }
+            })
+            .await
+            .clone()
+    }
+
+    /// Re-observes the environment's stacks (one DescribeStacks) and plans
+    /// with them, keeping the templates read so far.
+    async fn replan(&self) -> Result<(Observed, Plan), CloudError> {
+        let mut observed = Observed {
+            templates: self.lock_templates().clone(),
+            ..Observed::default()
+        };
+        observe::refresh_stacks(self.cloud, self.env, &mut observed).await?;
+        let p = plan(self.env, &observed);
+        Ok((observed, p))
+    }
+
+    /// Brings one stack to its desired state, as far as this pass may.
+    ///
+    /// A stack with nothing to do whose upstream did nothing either keeps
+    /// the first plan's verdict without a new read; anything else re-reads.
+    async fn run_stack(
+        &self,
+        stack: &DesiredStack,
+        upstream_changed: bool,
+    ) -> (StackResult, Option<String>) {
+        let deadline = Instant::now() + stack.timeout;
+        let mut change_set = None;
+        let mut recreated = false;
+        let first = self
+            .initial
+            .stacks
+            .iter()
+            .find(|s| s.key == stack.key)
+            .expect("every declared stack is planned");
+        if !upstream_changed
+            && matches!(
+                first.action,
+                StackAction::None | StackAction::Blocked { .. } | StackAction::Skip { .. }
+            )
+        {
+            return (self.settled(first), None);
+        }
+        for _ in 0..MAX_STEPS {
+            let (observed, p) = match self.replan().await {
+                Ok(x) => x,
+                Err(e) => return (failed(format!("cannot observe: {e}")), change_set),
+            };
+            let sp = p
+                .stacks
+                .iter()
+                .find(|s| s.key == stack.key)
+                .expect("every declared stack is planned");
+            if sp.action.mutates() || matches!(sp.action, StackAction::Wait { .. }) {
+                self.emit(Progress::Started {
+                    environment: self.env.name.clone(),
+                    stack: stack.key.clone(),
+                    action: sp.action.label().to_owned(),
+                });
+            }
+            // Concurrency is bounded for everything that operates or waits.
+            let _permit = if sp.action == StackAction::None {
+                None
+            } else {
+                Some(self.limit.acquire().await.expect("never closed"))
+            };
+            let step = match &sp.action {
+                StackAction::None | StackAction::Blocked { .. } | StackAction::Skip { .. } => {
+                    Step::Done(self.settled(sp))
+                }
+                StackAction::Wait { .. } => match self.wait_stable(stack, deadline).await {
+                    Ok(_) => Step::Replan,
+                    Err(Waited::TimedOut(status)) => Step::Done(StackResult::TimedOut {
+                        status,
+                        ours: false,
+                    }),
+                    Err(Waited::Error(e)) => Step::Done(failed(e.to_string())),
+                },
+                StackAction::Create | StackAction::Update { .. } => {
+                    change_set = Some(stack.change_set_name());
+                    self.converge(stack, sp, &observed, deadline).await
+                }
+                StackAction::ContinueRollback => self.continue_rollback(stack, deadline).await,
+                StackAction::Recreate if recreated => Step::Done(failed(
+                    "the recreated stack failed again in this pass".into(),
+                )),
+                StackAction::Recreate => {
+                    recreated = true;
+                    self.delete(stack.name.as_str(), sp, deadline).await
+                }
+                // Orphans are not in the graph.
+                StackAction::Prune => Step::Done(StackResult::InSync),
+            };
+            match step {
+                Step::Done(r) => return (r, change_set),
+                Step::Replan => continue,
+            }
+        }
+        (
+            StackResult::Blocked {
+                reason: format!("still changing after {MAX_STEPS} steps; the next pass continues"),
+            },
+            change_set,
+        )
+    }
+
+    /// The result of a plan that asks nothing of this pass.
+    fn settled(&self, sp: &StackPlan) -> StackResult {
+        match &sp.action {
+            StackAction::Blocked { reason } => StackResult::Blocked {
+                reason: blocked_reason(sp, reason),
+            },
+            StackAction::Skip { upstream } => StackResult::Skipped {
+                upstream: upstream.clone(),
+            },
+            _ => StackResult::InSync,
+        }
+    }
+
+    /// The change-set lifecycle of one stack: reuse or create, wait, check
+    /// policy, execute, wait for the stack.
+    async fn converge(
+        &self,
+        stack: &DesiredStack,
+        sp: &StackPlan,
+        observed: &Observed,
+        deadline: Instant,
+    ) -> Step {
+        if let Err(e) = self.guard().await {
+            return Step::Done(failed(e.to_string()));
+        }
+        let parameters = match resolve_parameters(stack, self.env, observed) {
+            Ok(p) => p,
+            Err((_, why)) => {
+                return Step::Done(failed(format!("cannot resolve parameters: {why}")));
+            }
+        };
+        let live = observed.stacks.get(&stack.name);
+        let exists = live.is_some_and(|s| s.status != "REVIEW_IN_PROGRESS");
+        let kind = if exists {
+            ChangeSetKind::Update
+        } else {
+            ChangeSetKind::Create
+        };
+        let name = stack.change_set_name();
+        let reused = if live.is_some() {
+            match self.clean_change_sets(stack, &name).await {
+                Ok(r) => r,
+                Err(e) => return Step::Done(failed(format!("change sets: {e}"))),
+            }
+        } else {
+            false
+        };
+        if !reused {
+            let request = ChangeSetRequest {
+                stack_name: stack.name.clone(),
+                change_set_name: name.clone(),
+                kind,
+                template_body: stack.template_body.clone(),
+                parameters: parameters.clone(),
+                tags: stack.tags_with_ownership(&self.env.name),
+                description: format!("stackwarden revision {}", stack.revision),
+            };
+            match retry::call(|| self.cloud.create_change_set(&request)).await {
+                // Made by a pass that crashed between create and our list.
+                Ok(()) | Err(CloudError::Conflict(_)) => {}
+                Err(e) => return Step::Done(failed(format!("CreateChangeSet: {e}"))),
+            }
+        }
+        let cs = match self.wait_change_set(stack, &name, deadline).await {
+            Ok(cs) => cs,
+            Err(Waited::TimedOut(_)) => {
+                return Step::Done(StackResult::TimedOut {
+                    status: "change set CREATE_PENDING".into(),
+                    ours: true,
+                });
+            }
+            Err(Waited::Error(e)) => return Step::Done(failed(format!("change set: {e}"))),
+        };
+        match &cs.status {
+            ChangeSetStatus::NoChanges => {
+                let _ = retry::call(|| self.cloud.delete_change_set(&stack.name, &name)).await;
+                return Step::Done(match self.protect_termination(stack).await {
+                    Ok(()) => StackResult::NoChanges,
+                    Err(e) => failed(format!("UpdateTerminationProtection: {e}")),
+                });
+            }
+            ChangeSetStatus::Failed(why) => {
+                // Deleted so the next pass (or a new revision) can make a fresh one.
+                let _ = retry::call(|| self.cloud.delete_change_set(&stack.name, &name)).await;
+                return Step::Done(failed(format!("change set {name} failed: {why}")));
+            }
+            // Someone executed it already: follow the stack.
+            ChangeSetStatus::Executing | ChangeSetStatus::Executed => {
+                return self.follow(stack, kind, None, deadline).await;
+            }
+            ChangeSetStatus::Ready | ChangeSetStatus::Pending => {}
+        }
+
+        let mut violations = policy::check_changes(&stack.key, &cs.changes, &self.env.policy);
+        if exists && let Some(live) = live {
+            let live_template = self.lock_templates().get(&stack.name).cloned();
+            let live_template = live_template.as_ref().unwrap_or(&stack.template);
+            let desired_params = stack.template.effective_parameters(&parameters);
+            for v in policy::forecast(
+                &stack.key,
+                Deployed {
+                    template: live_template,
+                    parameters: &live.parameters,
+                },
+                Deployed {
+                    template: &stack.template,
+                    parameters: &desired_params,
+                },
+                &self.env.policy,
+            ) {
+                if !violations.iter().any(|x| x.logical_id == v.logical_id) {
+                    violations.push(v);
+                }
+            }
+        }
+        if !violations.is_empty() {
+            let list: Vec<String> = violations.iter().map(ToString::to_string).collect();
+            return Step::Done(StackResult::Blocked {
+                reason: format!(
+                    "policy: {}; change set {name} left for review (allow with policy.allow_replacement)",
+                    list.join("; ")
+                ),
+            });
+        }
+
+        let mark = self.event_mark(&stack.name).await;
+        match retry::call(|| self.cloud.execute_change_set(&stack.name, &name)).await {
+            Ok(()) => {}
+            // Someone started an operation since we looked: re-plan (wait).
+            Err(CloudError::Conflict(_)) => return Step::Replan,
+            Err(e) => return Step::Done(failed(format!("ExecuteChangeSet: {e}"))),
+        }
+        tracing::info!(message = "Change set executed.", environment = %self.env.name, stack = %stack.key, change_set = %name, what = %sp.reason);
+        self.follow(stack, kind, mark, deadline).await
+    }
+
+    /// Waits for our operation on a stack to end and judges the outcome.
+    async fn follow(
+        &self,
+        stack: &DesiredStack,
+        kind: ChangeSetKind,
+        mark: Option<String>,
+        deadline: Instant,
+    ) -> Step {
+        let mut mark = mark;
+        let end = match self.wait_settled(&stack.name, deadline, &mut mark).await {
+            Ok(end) => end,
+            Err(Waited::TimedOut(status)) => {
+                return Step::Done(StackResult::TimedOut { status, ours: true });
+            }
+            Err(Waited::Error(e)) => return Step::Done(failed(e.to_string())),
+        };
+        let Some(end) = end else {
+            return Step::Done(failed("the stack disappeared during the operation".into()));
+        };
+        match end.status.as_str() {
+            "CREATE_COMPLETE" | "UPDATE_COMPLETE" => {
+                if let Err(e) = self.protect_termination(stack).await {
+                    return Step::Done(failed(format!("UpdateTerminationProtection: {e}")));
+                }
+                Step::Done(if kind == ChangeSetKind::Create {
+                    StackResult::Created
+                } else {
+                    StackResult::Updated
+                })
+            }
+            status => {
+                let reason = self
+                    .failure_reason(&stack.name)
+                    .await
+                    .or(end.status_reason.clone())
+                    .unwrap_or_else(|| "no reason given".into());
+                Step::Done(failed(format!("{status}: {reason}")))
+            }
+        }
+    }
+
+    /// Deletes stale `stackwarden-*` change sets of a stack and tells
+    /// whether this revision's own can be reused.
+    async fn clean_change_sets(
+        &self,
+        stack: &DesiredStack,
+        ours: &str,
+    ) -> Result<bool, CloudError> {
+        let names = retry::call(|| self.cloud.list_change_sets(&stack.name)).await?;
+        let mut reuse = false;
+        if names.iter().any(|n| n == ours) {
+            let cs = retry::call(|| self.cloud.describe_change_set(&stack.name, ours)).await?;
+            reuse = matches!(cs.status, ChangeSetStatus::Ready | ChangeSetStatus::Pending);
+        }
+        for n in &names {
+            let stale = n.starts_with(CHANGE_SET_PREFIX) && (n != ours || !reuse);
+            if stale {
+                tracing::info!(message = "Deleting a stale change set.", stack = %stack.key, change_set = %n);
+                match retry::call(|| self.cloud.delete_change_set(&stack.name, n)).await {
+                    Ok(()) | Err(CloudError::NotFound(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(reuse)
+    }
+
+    /// Sets termination protection when the live stack differs from desired.
+    async fn protect_termination(&self, stack: &DesiredStack) -> Result<(), CloudError> {
+        let live = retry::call(|| self.cloud.describe_stack(&stack.name)).await?;
+        if live.is_some_and(|s| s.termination_protection != stack.termination_protection) {
+            retry::call(|| {
+                self.cloud
+                    .set_termination_protection(&stack.name, stack.termination_protection)
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn continue_rollback(&self, stack: &DesiredStack, deadline: Instant) -> Step {
+        if let Err(e) = self.guard().await {
+            return Step::Done(failed(e.to_string()));
+        }
+        let mut mark = self.event_mark(&stack.name).await;
+        if let Err(e) = retry::call(|| self.cloud.continue_update_rollback(&stack.name)).await {
+            return Step::Done(failed(format!("ContinueUpdateRollback: {e}")));
+        }
+        match self.wait_settled(&stack.name, deadline, &mut mark).await {
+            Ok(Some(s)) if s.status == "UPDATE_ROLLBACK_COMPLETE" => {
+                Step::Done(StackResult::RollbackContinued)
+            }
+            Ok(Some(s)) => Step::Done(failed(format!(
+                "continuing the rollback ended in {}: {}",
+                s.status,
+                s.status_reason.unwrap_or_default()
+            ))),
+            Ok(None) => Step::Done(failed("the stack disappeared during the rollback".into())),
+            Err(Waited::TimedOut(status)) => {
+                Step::Done(StackResult::TimedOut { status, ours: true })
+            }
+            Err(Waited::Error(e)) => Step::Done(failed(e.to_string())),
+        }
+    }
+
+    /// Deletes a stack (a failed create to recreate, or a pruned orphan),
+    /// re-checking the safety conditions against a fresh read first.
+    async fn delete(&self, name: &str, sp: &StackPlan, deadline: Instant) -> Step {
+        if let Err(e) = self.guard().await {
+            return Step::Done(failed(e.to_string()));
+        }
+        let live = match retry::call(|| self.cloud.describe_stack(name)).await {
+            Ok(Some(s)) => s,
+            Ok(None) => return Step::Replan,
+            Err(e) => return Step::Done(failed(format!("DescribeStacks: {e}"))),
+        };
+        if live.termination_protection || live.in_progress() {
+            return Step::Done(StackResult::Blocked {
+                reason: format!(
+                    "not deleted: {}",
+                    if live.termination_protection {
+                        "termination protection is on".to_owned()
+                    } else {
+                        format!("{} in flight", live.status)
+                    }
+                ),
+            });
+        }
+        tracing::warn!(message = "Deleting a stack.", environment = %self.env.name, stack = name, why = %sp.reason);
+        if let Err(e) = retry::call(|| self.cloud.delete_stack(name)).await {
+            return Step::Done(failed(format!("DeleteStack: {e}")));
+        }
+        let mut mark = None;
+        match self.wait_settled(name, deadline, &mut mark).await {
+            Ok(None) => Step::Replan,
+            Ok(Some(s)) => Step::Done(failed(format!(
+                "deletion ended in {}: {}",
+                s.status,
+                s.status_reason.unwrap_or_default()
+            ))),
+            Err(Waited::TimedOut(status)) => {
+                Step::Done(StackResult::TimedOut { status, ours: true })
+            }
+            Err(Waited::Error(e)) => Step::Done(failed(e.to_string())),
+        }
+    }
+
+    async fn run_orphan(&self, sp: &StackPlan) -> StackReport {
+        let start = Instant::now();
+        let result = match &sp.action {
+            StackAction::Prune => {
+                let _permit = self.limit.acquire().await.expect("never closed");
+                let deadline = Instant::now() + crate::spec::DEFAULT_OPERATION_TIMEOUT;
+                match self.delete(&sp.name, sp, deadline).await {
+                    Step::Replan => StackResult::Pruned,
+                    Step::Done(r) => r,
+                }
+            }
+            StackAction::Blocked { reason } => StackResult::Blocked {
+                reason: reason.clone(),
+            },
+            _ => StackResult::InSync,
+        };
+        self.finish(
+            &sp.name,
+            &sp.name,
+            sp.action.label().to_owned(),
+            result,
+            None,
+            start,
+        )
+    }
+
+    /// Waits for a change set to be computed.
+    async fn wait_change_set(
+        &self,
+        stack: &DesiredStack,
+        name: &str,
+        deadline: Instant,
+    ) -> Result<ChangeSet, Waited> {
+        let mut backoff = retry::poll_backoff();
+        loop {
+            match self.cloud.describe_change_set(&stack.name, name).await {
+                Ok(cs) if cs.status != ChangeSetStatus::Pending => return Ok(cs),
+                Ok(_) => {}
+                Err(e) if e.is_transient() => {}
+                Err(e) => return Err(Waited::Error(e)),
+            }
+            pause(&mut backoff, deadline)
+                .await
+                .map_err(|()| Waited::TimedOut("change set pending".into()))?;
+        }
+    }
+
+    /// Waits until no operation is in flight on the stack.
+    async fn wait_stable(
+        &self,
+        stack: &DesiredStack,
+        deadline: Instant,
+    ) -> Result<Option<Stack>, Waited> {
+        let mut mark = self.event_mark(&stack.name).await;
+        self.wait_settled(&stack.name, deadline, &mut mark).await
+    }
+
+    /// Polls a stack until it is stable (or gone), streaming its events.
+    /// Transient errors (throttling) are answered by polling later.
+    async fn wait_settled(
+        &self,
+        name: &str,
+        deadline: Instant,
+        mark: &mut Option<String>,
+    ) -> Result<Option<Stack>, Waited> {
+        self.touch();
+        let mut backoff = retry::poll_backoff();
+        let mut last_status = String::from("unknown");
+        loop {
+            match self.cloud.describe_stack(name).await {
+                Ok(s) => {
+                    self.stream_events(name, mark).await;
+                    match s {
+                        Some(s) if s.in_progress() => last_status = s.status,
+                        other => return Ok(other),
+                    }
+                }
+                Err(e) if e.is_transient() => {}
+                Err(e) => return Err(Waited::Error(e)),
+            }
+            pause(&mut backoff, deadline)
+                .await
+                .map_err(|()| Waited::TimedOut(last_status.clone()))?;
+        }
+    }
+
+    /// The id of the newest event, so only later ones are streamed.
+    async fn event_mark(&self, stack: &str) -> Option<String> {
+        match retry::call(|| self.cloud.stack_events(stack, None)).await {
+            Ok(events) => events.last().map(|e| e.id.clone()),
+            Err(_) => None,
+        }
+    }
+
+    /// Logs and shows events newer than `mark`, and moves the mark.
+    async fn stream_events(&self, stack: &str, mark: &mut Option<String>) {
+        let Ok(events) = self.cloud.stack_events(stack, mark.as_deref()).await else {
+            return; // best effort: the next poll catches up
+        };
+        for e in events {
+            tracing::info!(
+                message = "Stack event.",
+                environment = %self.env.name,
+                stack,
+                resource = %e.logical_id,
+                resource_type = %e.resource_type,
+                status = %e.status,
+                reason = e.reason.as_deref().unwrap_or(""),
+            );
+            *mark = Some(e.id.clone());
+            self.emit(Progress::Event {
+                environment: self.env.name.clone(),
+                stack: self.key_of(stack),
+                event: e,
+            });
+        }
+    }
+
+    fn key_of(&self, name: &str) -> String {
+        self.env
+            .stacks
+            .values()
+            .find(|s| s.name == name)
+            .map_or_else(|| name.to_owned(), |s| s.key.clone())
+    }
+
+    /// The first failure reason among a stack's recent events.
+    async fn failure_reason(&self, stack: &str) -> Option<String> {
+        let events = retry::call(|| self.cloud.stack_events(stack, None))
+            .await
+            .ok()?;
+        // The root cause is the oldest failure of the latest operation.
+        let start = events
+            .iter()
+            .rposition(|e| {
+                e.resource_type == "AWS::CloudFormation::Stack"
+                    && (e.status == "UPDATE_IN_PROGRESS" || e.status == "CREATE_IN_PROGRESS")
+            })
+            .unwrap_or(0);
+        events[start..]
+            .iter()
+            .find(|e| e.status.ends_with("_FAILED") && e.reason.is_some())
+            .map(|e| {
+                format!(
+                    "{} {}: {}",
+                    e.logical_id,
+                    e.status,
+                    e.reason.clone().unwrap_or_default()
+                )
+            })
+    }
+
+    /// Converges the ECS services whose stacks are ready, then waits for
+    /// their rollouts to settle.
+    async fn run_services(&self, stacks: &[StackReport]) -> Result<Vec<ServiceReport>, ApplyError> {
+        if self.env.stacks.values().all(|s| s.ecs_services.is_empty()) {
+            return Ok(vec![]);
+        }
+        let start = Instant::now();
+        let p = if self.touched() {
+            let o = observe(self.cloud, self.env, Depth::Fast)
+                .await
+                .map_err(ApplyError::Observe)?;
+            plan(self.env, &o)
+        } else {
+            self.initial.clone()
+        };
+        let mut out = Vec::new();
+        for sp in &p.services {
+            let ready = stacks
+                .iter()
+                .find(|s| s.key == sp.stack)
+                .is_some_and(|s| s.result.ready());
+            let result = if !ready {
+                ServiceResult::Skipped {
+                    reason: format!("stack {} is not ready", sp.stack),
+                }
+            } else {
+                self.converge_service(sp).await
+            };
+            if let ServiceResult::Failed { reason } = &result {
+                tracing::error!(message = "Service failed.", environment = %self.env.name, service = ?sp.service, %reason);
+            }
+            out.push(ServiceReport {
+                stack: sp.stack.clone(),
+                cluster: sp.cluster.clone(),
+                service: sp.service.clone(),
+                result,
+                seconds: start.elapsed().as_secs_f64(),
+            });
+        }
+        Ok(out)
+    }
+
+    async fn converge_service(&self, sp: &crate::plan::ServicePlan) -> ServiceResult {
+        let (Some(cluster), Some(service)) = (&sp.cluster, &sp.service) else {
+            return ServiceResult::Skipped {
+                reason: sp.reason.clone(),
+            };
+        };
+        let (desired, task_definition, result) = match &sp.action {
+            ServiceAction::None => return ServiceResult::InSync,
+            ServiceAction::Wait { reason } => {
+                return ServiceResult::Skipped {
+                    reason: reason.clone(),
+                };
+            }
+            ServiceAction::Blocked { reason } => {
+                return ServiceResult::Blocked {
+                    reason: reason.clone(),
+                };
+            }
+            ServiceAction::Scale { from, to } => (
+                Some(*to),
+                None,
+                ServiceResult::Scaled {
+                    from: *from,
+                    to: *to,
+                },
+            ),
+            ServiceAction::Redeploy { task_definition } => (
+                None,
+                Some(task_definition.as_str()),
+                ServiceResult::Redeployed {
+                    task_definition: task_definition.clone(),
+                },
+            ),
+        };
+        if let Err(e) = self.guard().await {
+            return ServiceResult::Failed {
+                reason: e.to_string(),
+            };
+        }
+        tracing::info!(message = "Updating an ECS service.", environment = %self.env.name, cluster, service, why = %sp.reason);
+        if let Err(e) = retry::call(|| {
+            self.cloud
+                .update_service(cluster, service, desired, task_definition)
+        })
+        .await
+        {
+            return ServiceResult::Failed {
+                reason: format!("UpdateService: {e}"),
+            };
+        }
+        let timeout = self
+            .env
+            .stacks
+            .get(&sp.stack)
+            .map_or(crate::spec::DEFAULT_OPERATION_TIMEOUT, |s| s.timeout);
+        let deadline = Instant::now() + timeout;
+        let mut backoff = retry::poll_backoff();
+        loop {
+            match self
+                .cloud
+                .describe_services(cluster, std::slice::from_ref(service))
+                .await
+            {
+                Ok(found) => {
+                    let Some(s) = found.into_iter().next() else {
+                        return ServiceResult::Failed {
+                            reason: "the service disappeared".into(),
+                        };
+                    };
+                    let primary = s.primary().cloned();
+                    match primary.as_ref().and_then(|d| d.rollout_state.as_deref()) {
+                        Some("FAILED") => {
+                            return ServiceResult::Failed {
+                                reason: format!(
+                                    "rollout failed: {}",
+                                    primary
+                                        .and_then(|d| d.rollout_reason)
+                                        .unwrap_or_else(|| "no reason given".into())
+                                ),
+                            };
+                        }
+                        Some("COMPLETED") if s.deployments.len() == 1 => return result,
+                        None if s.deployments.len() <= 1 && s.running == s.desired => {
+                            return result;
+                        }
+                        _ => {}
+                    }
+                }
+                Err(e) if e.is_transient() => {}
+                Err(e) => {
+                    return ServiceResult::Failed {
+                        reason: format!("DescribeServices: {e}"),
+                    };
+                }
+            }
+            if pause(&mut backoff, deadline).await.is_err() {
+                return ServiceResult::TimedOut;
+            }
+        }
+    }
+}
+
+/// Why a wait ended early.
+enum Waited {
+    TimedOut(String),
+    Error(CloudError),
+}
+
+/// Sleeps for the next poll interval, or fails when the deadline is reached.
+async fn pause(backoff: &mut backoff::ExponentialBackoff, deadline: Instant) -> Result<(), ()> {
+    use backoff::backoff::Backoff;
+    let now = Instant::now();
+    if now >= deadline {
+        return Err(());
+    }
+    let wait = backoff
+        .next_backoff()
+        .unwrap_or(retry::POLL_MAX)
+        .min(deadline - now);
+    tokio::time::sleep(wait).await;
+    Ok(())
+}
+
+fn failed(reason: String) -> StackResult {
+    StackResult::Failed { reason }
+}
+
+/// The reason a blocked stack gives: the plan's full explanation when it
+/// says more than the short one.
+fn blocked_reason(sp: &StackPlan, short: &str) -> String {
+    if sp.reason.contains(short) {
+        sp.reason.clone()
+    } else {
+        format!("{short}: {}", sp.reason)
+    }
+}

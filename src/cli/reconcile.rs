@@ -1,0 +1,245 @@
+//! `reconcile --once`: one pass over each selected environment, with
+//! progress on stderr and a report on stdout.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, mpsc};
+use tokio::time::Instant;
+
+use super::{Format, Outcome, Select, load_selected};
+use crate::apply::{self, Options, Progress, Report, ServiceResult};
+use crate::cloud::aws::AwsCloud;
+use crate::observe::Depth;
+use crate::spec::DesiredEnv;
+
+/// How often the progress view repeats what is still running.
+const HEARTBEAT: Duration = Duration::from_secs(15);
+
+pub(super) async fn once(
+    select: &Select,
+    max_parallel: usize,
+    full: bool,
+    stats: bool,
+    quiet: bool,
+) -> anyhow::Result<Outcome> {
+    let (envs, load_failed) = load_selected(select)?;
+    if load_failed {
+        // Bad input changes nothing, in any environment.
+        eprintln!("error: invalid desired state: nothing was applied");
+        return Ok(Outcome::Failed);
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    let printer = (!quiet).then(|| tokio::spawn(print_progress(rx)));
+    let options = Options {
+        depth: if full { Depth::Full } else { Depth::Fast },
+        progress: (!quiet).then_some(tx),
+    };
+
+    // One bound per account (role) and region, shared by its environments.
+    let mut limits: BTreeMap<(String, String), Arc<Semaphore>> = BTreeMap::new();
+    for env in &envs {
+        limits
+            .entry(limit_key(env))
+            .or_insert_with(|| Arc::new(Semaphore::new(max_parallel)));
+    }
+    let runs = envs.iter().map(|env| {
+        let limit = limits[&limit_key(env)].clone();
+        let options = options.clone();
+        async move {
+            let cloud = AwsCloud::connect(&env.region, env.assume_role.as_ref()).await;
+            let result = apply::reconcile(&cloud, env, &limit, &options).await;
+            (env, result, cloud.calls().get())
+        }
+    });
+    let results = futures::future::join_all(runs).await;
+    drop(options);
+    if let Some(p) = printer {
+        let _ = p.await;
+    }
+
+    let mut outcome = Outcome::InSync;
+    let mut json = Vec::new();
+    for (env, result, calls) in results {
+        match result {
+            Ok(report) => {
+                outcome = outcome.worst(report.verdict().into());
+                match select.output {
+                    Format::Json => json.push(serde_json::json!({
+                        "environment": env.name,
+                        "region": env.region,
+                        "revision": env.revision,
+                        "verdict": report.verdict(),
+                        "api_calls": calls,
+                        "report": report,
+                    })),
+                    Format::Text => print_report(env, &report),
+                }
+            }
+            Err(e) => {
+                outcome = Outcome::Failed;
+                eprintln!("error: {}: {e}", env.name);
+                if select.output == Format::Json {
+                    json.push(serde_json::json!({
+                        "environment": env.name,
+                        "region": env.region,
+                        "revision": env.revision,
+                        "verdict": "failed",
+                        "error": e.to_string(),
+                        "api_calls": calls,
+                    }));
+                }
+            }
+        }
+        if stats {
+            eprintln!("{}: {calls} AWS API calls", env.name);
+        }
+    }
+    if select.output == Format::Json {
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    }
+    Ok(outcome)
+}
+
+fn limit_key(env: &DesiredEnv) -> (String, String) {
+    (
+        env.assume_role
+            .as_ref()
+            .map_or_else(|| "default".to_owned(), |r| r.role_arn.clone()),
+        env.region.clone(),
+    )
+}
+
+/// Prints progress lines to stderr until every sender is gone: each
+/// stack's start, its events and its end, and every few seconds what is
+/// still running and for how long.
+async fn print_progress(mut rx: mpsc::UnboundedReceiver<Progress>) {
+    let start = Instant::now();
+    let mut running: BTreeMap<(String, String), Instant> = BTreeMap::new();
+    let mut heartbeat = tokio::time::interval_at(start + HEARTBEAT, HEARTBEAT);
+    let stamp = |at: Instant| format!("[{:>7.1}s]", at.duration_since(start).as_secs_f64());
+    loop {
+        tokio::select! {
+            p = rx.recv() => {
+                let Some(p) = p else { return };
+                let now = Instant::now();
+                match p {
+                    Progress::Started { environment, stack, action } => {
+                        eprintln!("{} {environment}/{stack}: {action}", stamp(now));
+                        running.insert((environment, stack), now);
+                    }
+                    Progress::Event { environment, stack, event } => {
+                        let reason = event.reason.map(|r| format!(" ({r})")).unwrap_or_default();
+                        eprintln!(
+                            "{}   {environment}/{stack}: {} {} {}{reason}",
+                            stamp(now), event.logical_id, event.resource_type, event.status
+                        );
+                    }
+                    Progress::Finished { environment, stack, result, elapsed } => {
+                        if running.remove(&(environment.clone(), stack.clone())).is_some()
+                            || !result.starts_with("in-sync")
+                        {
+                            eprintln!(
+                                "{} {environment}/{stack}: {result} ({})",
+                                stamp(now),
+                                humantime::format_duration(round(elapsed))
+                            );
+                        }
+                    }
+                }
+            }
+            _ = heartbeat.tick() => {
+                if !running.is_empty() {
+                    let now = Instant::now();
+                    let list: Vec<String> = running
+                        .iter()
+                        .map(|((e, s), t)| format!("{e}/{s} {}", humantime::format_duration(round(now - *t))))
+                        .collect();
+                    eprintln!("{} running: {}", stamp(now), list.join(", "));
+                }
+            }
+        }
+    }
+}
+
+fn round(d: Duration) -> Duration {
+    Duration::from_millis(d.as_millis() as u64 / 100 * 100)
+}
+
+fn print_report(env: &DesiredEnv, report: &Report) {
+    println!(
+        "{} ({}, revision {}): {:?} after {:.1}s; {} stack operation(s)",
+        env.name,
+        env.region,
+        env.revision,
+        report.verdict(),
+        report.seconds,
+        report.changed()
+    );
+    let w = report
+        .stacks
+        .iter()
+        .map(|s| s.key.len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    println!(
+        "  {:<w$}  {:<17} {:<18} {:>8}  {:<26} DETAIL",
+        "STACK", "PLANNED", "RESULT", "TIME", "STATUS"
+    );
+    for s in &report.stacks {
+        println!(
+            "  {:<w$}  {:<17} {:<18} {:>7.1}s  {:<26} {}",
+            s.key,
+            s.planned,
+            s.result.label(),
+            s.seconds,
+            s.final_status.as_deref().unwrap_or("-"),
+            s.result.detail().unwrap_or_default()
+        );
+    }
+    for s in &report.services {
+        let what = match &s.result {
+            ServiceResult::InSync => "in sync".to_owned(),
+            ServiceResult::Scaled { from, to } => format!("scaled {from} -> {to}"),
+            ServiceResult::Redeployed { task_definition } => {
+                format!("redeployed {task_definition}")
+            }
+            ServiceResult::Skipped { reason } => format!("skipped: {reason}"),
+            ServiceResult::Blocked { reason } => format!("blocked: {reason}"),
+            ServiceResult::TimedOut => "timed out waiting for the rollout".to_owned(),
+            ServiceResult::Failed { reason } => format!("failed: {reason}"),
+        };
+        println!("  ecs:{}  {what}", s.service.as_deref().unwrap_or("?"),);
+    }
+    let remaining: Vec<String> = report
+        .final_plan
+        .stacks
+        .iter()
+        .filter(|s| {
+            s.action != crate::plan::StackAction::None || s.sync != crate::plan::Sync::InSync
+        })
+        .map(|s| {
+            format!(
+                "{} ({})",
+                if s.key.is_empty() { &s.name } else { &s.key },
+                s.reason
+            )
+        })
+        .chain(
+            report
+                .final_plan
+                .services
+                .iter()
+                .filter(|s| s.action != crate::plan::ServiceAction::None)
+                .map(|s| format!("ecs:{} ({})", s.service.as_deref().unwrap_or("?"), s.reason)),
+        )
+        .collect();
+    if !remaining.is_empty() {
+        println!("  remaining differences:");
+        for r in remaining {
+            println!("    {r}");
+        }
+    }
+}
