@@ -470,7 +470,7 @@ fn plan_stack(
                     reason: format!("creation of revision {} failed: {why}", stack.revision),
                 },
                 format!(
-                    "creation of this revision failed: {why}; change the desired state to retry"
+                    "creation of this revision failed: {why}; not retried: push a new revision (with policy.recreate_failed) or delete the stack"
                 ),
             ),
             "ROLLBACK_COMPLETE"

@@ -153,7 +153,7 @@ async fn a_failed_create_is_blocked_with_its_reason_and_its_dependents_skip() {
         "{network:?}"
     );
     assert!(
-        network.reason.contains("set policy.recreate_failed"),
+        network.reason.contains("policy.recreate_failed"),
         "{}",
         network.reason
     );
@@ -188,7 +188,19 @@ async fn recreate_is_planned_only_when_allowed_and_never_for_a_stack_holding_pro
     create_all(&cloud, &env, &["network"]).await;
     cloud.fail_next_operation(&env.stacks["dynamodb"].name);
     create_all(&cloud, &env, &["dynamodb"]).await;
+    // The revision that failed is never retried, even with recreate_failed.
     let p = plan_now(&cloud, &env).await;
+    assert!(
+        matches!(&stack(&p, "network").action, StackAction::Blocked { reason } if reason.contains("creation of revision")),
+        "{:?}",
+        stack(&p, "network")
+    );
+    // A new revision (the operator's fix) is recreated.
+    let mut fixed = env.clone();
+    for s in fixed.stacks.values_mut() {
+        s.revision = format!("f{}", &s.revision[1..]);
+    }
+    let p = plan_now(&cloud, &fixed).await;
     assert_eq!(stack(&p, "network").action, StackAction::Recreate);
     let dynamodb = stack(&p, "dynamodb");
     assert!(

@@ -154,7 +154,12 @@ impl SimCloud {
         let mut st = self.lock();
         advance(&mut st, now);
         let s = st.stacks.get_mut(stack).expect("unknown stack");
-        if s.operation.is_some() {
+        // Only a stable, updatable stack can be updated (AWS refuses the rest).
+        let updatable = matches!(
+            s.stack.status.as_str(),
+            "CREATE_COMPLETE" | "UPDATE_COMPLETE" | "UPDATE_ROLLBACK_COMPLETE"
+        );
+        if s.operation.is_some() || !updatable {
             return;
         }
         s.stack.status = "UPDATE_IN_PROGRESS".into();
@@ -312,6 +317,47 @@ impl SimCloud {
     }
 }
 
+/// A template parsed once per distinct body: the simulation parses the
+/// same few templates thousands of times over a many-seed test.
+fn parsed(body: &str) -> Option<Arc<Template>> {
+    use std::collections::HashMap;
+    use std::sync::OnceLock;
+    static CACHE: OnceLock<Mutex<HashMap<String, Option<Arc<Template>>>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(t) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(body) {
+        return t.clone();
+    }
+    let t = Template::parse(body).ok().map(Arc::new);
+    cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(body.to_owned(), t.clone());
+    t
+}
+
+/// Appends an event to a stack's log (ids are global and increasing).
+fn push_event(
+    st: &mut State,
+    stack: &str,
+    logical_id: &str,
+    kind: &str,
+    status: &str,
+    reason: Option<String>,
+) {
+    st.next_id += 1;
+    let id = format!("ev-{}", st.next_id);
+    if let Some(s) = st.stacks.get_mut(stack) {
+        s.events.push(StackEvent {
+            id,
+            timestamp: SystemTime::now(),
+            logical_id: logical_id.to_owned(),
+            resource_type: kind.to_owned(),
+            status: status.to_owned(),
+            reason,
+        });
+    }
+}
+
 /// Completes every operation whose time has come.
 fn advance(st: &mut State, now: Instant) {
     let names: Vec<String> = st.stacks.keys().cloned().collect();
@@ -326,6 +372,22 @@ fn advance(st: &mut State, now: Instant) {
             continue;
         }
         s.operation = None;
+        let first_resource = op
+            .apply
+            .as_ref()
+            .and_then(|a| parsed(&a.template_body))
+            .and_then(|t| {
+                t.resources
+                    .iter()
+                    .next()
+                    .map(|(id, r)| (id.clone(), r.kind.clone()))
+            })
+            .unwrap_or_else(|| {
+                (
+                    "Resource".into(),
+                    "AWS::CloudFormation::WaitCondition".into(),
+                )
+            });
         if op.target == "DELETE_COMPLETE" {
             st.stacks.remove(&name);
             st.deleted.push(name);
@@ -344,8 +406,8 @@ fn advance(st: &mut State, now: Instant) {
         } else {
             if let Some(a) = op.apply {
                 // AWS echoes every parameter, defaults included, NoEcho masked.
-                s.stack.parameters = match Template::parse(&a.template_body) {
-                    Ok(t) => t
+                s.stack.parameters = match parsed(&a.template_body) {
+                    Some(t) => t
                         .effective_parameters(&a.parameters)
                         .into_iter()
                         .map(|(k, v)| {
@@ -353,7 +415,7 @@ fn advance(st: &mut State, now: Instant) {
                             (k, if masked { "****".to_owned() } else { v })
                         })
                         .collect(),
-                    Err(_) => a.parameters,
+                    None => a.parameters,
                 };
                 s.template_body = a.template_body;
                 s.stack.tags = a.tags;
@@ -366,17 +428,24 @@ fn advance(st: &mut State, now: Instant) {
         };
         s.stack.status = status.to_owned();
         s.stack.status_reason = reason.clone();
-        st.next_id += 1;
-        let id = format!("ev-{}", st.next_id);
-        let s = st.stacks.get_mut(&name).expect("listed");
-        s.events.push(StackEvent {
-            id,
-            timestamp: SystemTime::now(),
-            logical_id: name.clone(),
-            resource_type: "AWS::CloudFormation::Stack".into(),
-            status: status.to_owned(),
+        if let Some(why) = &reason {
+            // The root cause is a resource's failure, before the rollback.
+            let first = first_resource.clone();
+            let verb = if status == "ROLLBACK_COMPLETE" {
+                "CREATE_FAILED"
+            } else {
+                "UPDATE_FAILED"
+            };
+            push_event(st, &name, &first.0, &first.1, verb, Some(why.clone()));
+        }
+        push_event(
+            st,
+            &name,
+            &name,
+            "AWS::CloudFormation::Stack",
+            status,
             reason,
-        });
+        );
         if fail {
             st.fail_next.remove(&name);
         } else {
@@ -392,7 +461,7 @@ fn outputs_of(
     body: &str,
     params: &BTreeMap<String, String>,
 ) -> BTreeMap<String, String> {
-    let Ok(t) = Template::parse(body) else {
+    let Some(t) = parsed(body) else {
         return BTreeMap::new();
     };
     let mut out = BTreeMap::new();
@@ -469,7 +538,7 @@ fn revision_of(params: &BTreeMap<String, String>) -> u64 {
 /// would: cluster and desired count from the parameters they reference.
 fn sync_services(st: &mut State, stack: &str) {
     let s = &st.stacks[stack];
-    let Ok(t) = Template::parse(&s.template_body) else {
+    let Some(t) = parsed(&s.template_body) else {
         return;
     };
     let params = s.stack.parameters.clone();
@@ -525,10 +594,10 @@ fn diff_templates(
     new_body: &str,
     new_params: &BTreeMap<String, String>,
 ) -> Vec<ResourceChange> {
-    let Ok(new) = Template::parse(new_body) else {
+    let Some(new) = parsed(new_body) else {
         return vec![];
     };
-    let old = old.and_then(|(b, p)| Template::parse(b).ok().map(|t| (t, p)));
+    let old = old.and_then(|(b, p)| parsed(b).map(|t| (t, p)));
     let mut changes = Vec::new();
     for (id, r) in &new.resources {
         let before = old.as_ref().and_then(|(t, _)| t.resources.get(id));
@@ -812,6 +881,15 @@ impl Cloud for SimCloud {
         s.change_sets.retain(|k, _| k == name);
         s.change_sets.get_mut(name).expect("kept").executed = true;
         st.executed.push((stack.to_owned(), cs.changes));
+        let status = st.stacks[stack].stack.status.clone();
+        push_event(
+            &mut st,
+            stack,
+            stack,
+            "AWS::CloudFormation::Stack",
+            &status,
+            Some("User Initiated".into()),
+        );
         Ok(())
     }
 
