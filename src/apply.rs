@@ -28,6 +28,7 @@ use crate::cloud::{
     ChangeSet, ChangeSetKind, ChangeSetRequest, ChangeSetStatus, Cloud, CloudError, Stack,
     StackEvent,
 };
+use crate::diff::TemplateDiff;
 use crate::observe::{self, Depth, observe};
 use crate::plan::{
     Observed, Plan, ServiceAction, StackAction, StackPlan, Verdict, plan, resolve_parameters,
@@ -632,6 +633,18 @@ impl<'a, C: Cloud> Pass<'a, C> {
         if let Err(e) = self.guard().await {
             return Step::Done(failed(e.to_string()));
         }
+        // Only the protection differs: one call, no change set.
+        if let Some(d) = &sp.diff
+            && d.template != TemplateDiff::Changed
+            && d.parameters.is_empty()
+            && d.tags.is_empty()
+            && d.termination_protection.is_some()
+        {
+            return Step::Done(match self.protect_termination(stack).await {
+                Ok(()) => StackResult::Updated,
+                Err(e) => failed(format!("UpdateTerminationProtection: {e}")),
+            });
+        }
         let parameters = match resolve_parameters(stack, self.env, observed) {
             Ok(p) => p,
             Err((_, why)) => {
@@ -667,6 +680,13 @@ impl<'a, C: Cloud> Pass<'a, C> {
             match retry::call(|| self.cloud.create_change_set(&request)).await {
                 // Made by a pass that crashed between create and our list.
                 Ok(()) | Err(CloudError::Conflict(_)) => {}
+                // Some endpoints refuse an empty change set outright.
+                Err(CloudError::NoChanges) => {
+                    return Step::Done(match self.protect_termination(stack).await {
+                        Ok(()) => StackResult::NoChanges,
+                        Err(e) => failed(format!("UpdateTerminationProtection: {e}")),
+                    });
+                }
                 Err(e) => return Step::Done(failed(format!("CreateChangeSet: {e}"))),
             }
         }

@@ -622,8 +622,7 @@ impl Loader {
                     task_definition: r.task_definition,
                 })
                 .collect::<Vec<_>>();
-            let revision =
-                stack_revision(&template, &s.parameters, &tags, s.termination_protection);
+            let revision = stack_revision(&template, &s.parameters, &tags);
             stacks.insert(
                 key.clone(),
                 DesiredStack {
@@ -960,17 +959,20 @@ fn valid_stack_name(name: &str) -> bool {
 
 /// Hash of everything that defines a stack: the template's meaning (not its
 /// formatting), parameters as declared, tags, termination protection.
+/// What a change set deploys: template, parameters and tags. Termination
+/// protection is not part of it: it is a stack setting changed by its own
+/// API call, and folding it in would turn a protection toggle into a
+/// tags-only change set, which AWS rejects as empty for stacks without
+/// taggable resources.
 fn stack_revision(
     template: &Template,
     parameters: &BTreeMap<String, Value>,
     tags: &BTreeMap<String, String>,
-    termination_protection: bool,
 ) -> String {
     let material = serde_json::json!({
         "template": template.canonical,
         "parameters": parameters,
         "tags": tags,
-        "termination_protection": termination_protection,
     });
     // serde_json maps are sorted (no preserve_order feature): stable bytes.
     let bytes = serde_json::to_vec(&material).expect("JSON values serialize");

@@ -316,3 +316,71 @@ async fn invalid_desired_state_applies_nothing_in_any_environment() {
     assert!(err.contains("nothing was applied"), "{err}");
     assert!(live_stacks(&config).await.is_empty());
 }
+
+#[tokio::test]
+async fn termination_protection_is_set_after_create_and_turned_off_when_undeclared() {
+    let emu = Emulator::get();
+    let _guard = emu.lock().await;
+    let config = emu.sdk_config().await;
+    let env = dev();
+    let network = env.stacks["network"].name.clone();
+    let ws = Workspace::new();
+    ws.edit(
+        "desired-state/dev.yaml",
+        "  network:\n    template: ../templates/network.yaml",
+        "  network:\n    template: ../templates/network.yaml\n    termination_protection: true",
+    );
+    let ds = ws.desired_state().display().to_string();
+    let (out, v) = reconcile(emu, &["--desired-state", &ds]);
+    assert_eq!(out.status.code(), Some(0), "{v}\n{}", stderr(&out));
+    let protected = |live: &BTreeMap<String, aws_sdk_cloudformation::types::Stack>| {
+        live[&network].enable_termination_protection()
+    };
+    assert_eq!(protected(&live_stacks(&config).await), Some(true));
+    // AWS (and the shim) refuse to delete it now.
+    let refused = aws_sdk_cloudformation::Client::new(&config)
+        .delete_stack()
+        .stack_name(&network)
+        .send()
+        .await;
+    assert!(refused.is_err());
+
+    ws.edit(
+        "desired-state/dev.yaml",
+        "    termination_protection: true\n",
+        "",
+    );
+    let (out, v) = reconcile(emu, &["--desired-state", &ds]);
+    assert_eq!(out.status.code(), Some(0), "{v}\n{}", stderr(&out));
+    assert_eq!(protected(&live_stacks(&config).await), Some(false));
+}
+
+#[tokio::test]
+async fn a_tag_change_in_the_desired_state_converges() {
+    let emu = Emulator::get();
+    let _guard = emu.lock().await;
+    let config = emu.sdk_config().await;
+    let ws = Workspace::new();
+    let ds = ws.desired_state().display().to_string();
+    let (out, v) = reconcile(emu, &["--desired-state", &ds]);
+    assert_eq!(out.status.code(), Some(0), "{v}");
+    ws.edit(
+        "desired-state/dev.yaml",
+        "CostCenter: hr-platform",
+        "CostCenter: people-platform",
+    );
+    let (out, v) = reconcile(emu, &["--desired-state", &ds]);
+    assert_eq!(out.status.code(), Some(0), "{v}\n{}", stderr(&out));
+    for (name, s) in live_stacks(&config).await {
+        let cost = s
+            .tags()
+            .iter()
+            .find(|t| t.key() == Some("CostCenter"))
+            .and_then(|t| t.value());
+        assert_eq!(cost, Some("people-platform"), "{name}");
+    }
+    let plan = run(emu
+        .command()
+        .args(["plan", "-e", "dev", "--desired-state", &ds]));
+    assert_eq!(plan.status.code(), Some(0), "{}", stdout(&plan));
+}

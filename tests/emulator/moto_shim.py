@@ -27,6 +27,16 @@ Patches
    running = desired and its primary deployment COMPLETED, as a healthy
    Fargate service does once its tasks pass health checks. UpdateService in
    moto already sets running = desired.
+5. Fn::Cidr and 6. ACM certificates: see their sections below.
+7. UpdateTerminationProtection is not implemented (moto stores the flag at
+   CreateStack but has no action to change it), and DeleteStack ignores the
+   flag. We add the action and make DeleteStack refuse a protected stack
+   with AWS's message, so termination protection is tested end to end.
+8. An UPDATE change set whose only difference is the stack's tags is refused
+   ("No updates are to be performed") or marked FAILED ("didn't contain
+   changes"); on AWS the new tags propagate to the stack's taggable
+   resources, so the change set has changes and executes. We let such a
+   change set be created and executed, so a tag change converges.
 """
 
 import argparse
@@ -268,6 +278,74 @@ def _register_certificate(account_id, region, arn_certificate, arn_user):
 
 
 elbv2_models.register_certificate = _register_certificate
+
+
+# --- 7. Termination protection -----------------------------------------------------
+from moto.cloudformation import responses as cfn_responses  # noqa: E402
+from moto.cloudformation.exceptions import ValidationError  # noqa: E402
+from moto.core.responses import ActionResult  # noqa: E402
+
+
+def _update_termination_protection(self):
+    stack = self.cloudformation_backend.get_stack(self._get_param("StackName"))
+    enabled = self._get_param("EnableTerminationProtection")
+    stack.enable_termination_protection = enabled in (True, "true", "True")
+    return ActionResult({"StackId": stack.stack_id})
+
+
+cfn_responses.CloudFormationResponse.update_termination_protection = (
+    _update_termination_protection
+)
+_original_delete_stack = cfn_models.CloudFormationBackend.delete_stack
+
+
+def _delete_stack(self, name_or_stack_id):
+    stack = next(
+        (s for s in self.stacks.values() if name_or_stack_id in (s.name, s.stack_id)),
+        None,
+    )
+    if stack is not None and stack.enable_termination_protection:
+        raise ValidationError(
+            message=f"Stack [{stack.name}] cannot be deleted while TerminationProtection is enabled"
+        )
+    return _original_delete_stack(self, name_or_stack_id)
+
+
+cfn_models.CloudFormationBackend.delete_stack = _delete_stack
+
+
+# --- 8. Tags-only change sets -------------------------------------------------------
+_original_create_change_set = cfn_models.CloudFormationBackend.create_change_set
+
+
+def _create_change_set(self, *args, **kwargs):
+    change_set_id, stack_id = _original_create_change_set(self, *args, **kwargs)
+    change_set = self.change_sets[change_set_id]
+    tags = change_set.tags or {}
+    if change_set.status == "FAILED" and tags != (change_set.stack.tags or {}):
+        change_set.status = "CREATE_COMPLETE"
+        change_set.execution_status = "AVAILABLE"
+        change_set.status_reason = None
+    return change_set_id, stack_id
+
+
+cfn_models.CloudFormationBackend.create_change_set = _create_change_set
+_original_validate_different_update = (
+    cfn_responses.CloudFormationResponse._validate_different_update
+)
+
+
+def _validate_different_update(self, incoming_params, stack_body, old_stack):
+    tags = {t["Key"]: t["Value"] for t in self._get_param("Tags", [])}
+    # A tags-only update is an update on AWS (UpdateStack too).
+    if tags and tags != (old_stack.tags or {}):
+        return
+    _original_validate_different_update(self, incoming_params, stack_body, old_stack)
+
+
+cfn_responses.CloudFormationResponse._validate_different_update = (
+    _validate_different_update
+)
 
 
 def _exit_when_stdin_closes():
