@@ -23,6 +23,7 @@ use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use tokio::sync::{OnceCell, Semaphore, mpsc};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::cloud::{
     ChangeSet, ChangeSetKind, ChangeSetRequest, ChangeSetStatus, Cloud, CloudError, Stack,
@@ -422,6 +423,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
                 };
                 self.finish(&stack.key, &stack.name, planned, result, change_set, start)
             }
+            .instrument(tracing::info_span!("stack", stack = %stack.key))
             .boxed()
             .shared();
             futures.insert(stack.key.clone(), f);

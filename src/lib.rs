@@ -7,7 +7,11 @@
 pub mod apply;
 pub mod cli;
 pub mod cloud;
+pub mod controller;
 pub mod diff;
+pub mod endpoints;
+pub mod metrics;
+pub mod notify;
 pub mod observe;
 pub mod plan;
 pub mod policy;

@@ -19,6 +19,18 @@ use crate::spec::{self, DesiredEnv};
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log format on stderr: `auto` is human on a terminal, JSON lines
+    /// otherwise. Filter with RUST_LOG (default: info for the daemon, warn
+    /// for the other commands).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Auto)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Auto,
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -40,6 +52,7 @@ struct ReconcileArgs {
     #[command(flatten)]
     select: Select,
     /// One pass, then exit: 0 in sync, 2 differences remain, 1 failed.
+    /// Without it, run as a controller until SIGTERM.
     #[arg(long)]
     once: bool,
     /// Concurrent stack operations per account and region.
@@ -50,12 +63,33 @@ struct ReconcileArgs {
     /// differs (the default compares every template).
     #[arg(long)]
     fast: bool,
-    /// Print the number of AWS API calls made to stderr.
+    /// Print the number of AWS API calls made to stderr (--once).
     #[arg(long)]
     stats: bool,
-    /// No progress lines on stderr.
+    /// No progress lines on stderr (--once).
     #[arg(short, long)]
     quiet: bool,
+    /// Publish alerts to each environment's SNS topic (--once; the
+    /// controller always does).
+    #[arg(long)]
+    alerts: bool,
+    /// Controller: time between passes of an environment (humantime), with
+    /// 10% jitter.
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
+    interval: std::time::Duration,
+    /// Controller: address of /healthz, /readyz, /metrics and /status.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9090")]
+    listen: std::net::SocketAddr,
+    /// Controller: how long a running pass may go on after SIGTERM.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    shutdown_grace: std::time::Duration,
+    /// Controller: environments reconciled at once.
+    #[arg(long, value_name = "N", default_value_t = 4,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    max_envs: u16,
+    /// Controller: CloudWatch namespace of the metrics.
+    #[arg(long, value_name = "NAMESPACE", default_value = "Stackwarden")]
+    metrics_namespace: String,
 }
 
 #[derive(Debug, Args)]
@@ -149,7 +183,8 @@ pub fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<Outcome> {
-    init_logging();
+    let daemon = matches!(&cli.command, Command::Reconcile(a) if !a.once);
+    init_logging(cli.log_format, if daemon { "info" } else { "warn" });
     match cli.command {
         Command::Validate(select) => Ok(validate(&select)),
         Command::Plan(args) => runtime()?.block_on(report::plan_command(
@@ -166,19 +201,30 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
             false,
             Show::Status,
         )),
+        Command::Reconcile(args) if args.once => runtime()?.block_on(reconcile::once(
+            &args.select,
+            usize::from(args.max_parallel),
+            !args.fast,
+            args.stats,
+            args.quiet,
+            args.alerts,
+        )),
         Command::Reconcile(args) => {
-            if !args.once {
-                anyhow::bail!(
-                    "the long-running controller is not available in this build; run `stackwarden reconcile --once` (e.g. from a scheduler)"
-                );
-            }
-            runtime()?.block_on(reconcile::once(
-                &args.select,
-                usize::from(args.max_parallel),
-                !args.fast,
-                args.stats,
-                args.quiet,
-            ))
+            let settings = crate::controller::Settings {
+                interval: args.interval,
+                max_envs: usize::from(args.max_envs),
+                max_parallel: usize::from(args.max_parallel),
+                shutdown_grace: args.shutdown_grace,
+                metrics_namespace: args.metrics_namespace.clone(),
+                depth: if args.fast {
+                    crate::observe::Depth::Fast
+                } else {
+                    crate::observe::Depth::Full
+                },
+                seed: std::process::id().into(),
+                ..crate::controller::Settings::default()
+            };
+            runtime()?.block_on(daemon::run(&args.select, args.listen, settings))
         }
     }
 }
@@ -189,14 +235,25 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-/// Logs go to stderr, filtered by RUST_LOG (default: warnings).
-fn init_logging() {
+/// Logs go to stderr, filtered by RUST_LOG (default: `default`), human on
+/// a terminal and JSON lines otherwise (CloudWatch Logs reads them).
+fn init_logging(format: LogFormat, default: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let json = match format {
+        LogFormat::Json => true,
+        LogFormat::Text => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().with_current_span(true).try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -215,6 +272,7 @@ impl From<crate::plan::Verdict> for Outcome {
     }
 }
 
+mod daemon;
 mod reconcile;
 mod report;
 

@@ -23,6 +23,7 @@ pub(super) async fn once(
     full: bool,
     stats: bool,
     quiet: bool,
+    alerts: bool,
 ) -> anyhow::Result<Outcome> {
     let (envs, load_failed) = load_selected(select)?;
     if load_failed {
@@ -55,6 +56,9 @@ pub(super) async fn once(
     });
     let results = futures::future::join_all(runs).await;
     drop(options);
+    if alerts {
+        send_alerts(&results).await;
+    }
     if let Some(p) = printer {
         let _ = p.await;
     }
@@ -100,6 +104,32 @@ pub(super) async fn once(
         println!("{}", serde_json::to_string_pretty(&json)?);
     }
     Ok(outcome)
+}
+
+/// One alert per environment with findings (a single run has no memory of
+/// earlier episodes: CI decides how often it runs).
+async fn send_alerts(results: &[(&DesiredEnv, Result<Report, apply::ApplyError>, u64)]) {
+    use crate::notify::{Episodes, Finding, Kind, Notifier, SnsNotifier};
+    let notifier = SnsNotifier::connect().await;
+    for (env, result, _) in results {
+        let Some(topic) = env.alerts.as_ref().map(|a| &a.sns_topic_arn) else {
+            continue;
+        };
+        let findings = match result {
+            Ok(report) => crate::notify::findings(report),
+            Err(e) => vec![Finding {
+                object: "environment".into(),
+                kind: Kind::Failed,
+                difference: e.to_string(),
+            }],
+        };
+        let now = tokio::time::Instant::now();
+        if let Some(alert) = Episodes::new(Duration::MAX).update(&env.name, &findings, now)
+            && let Err(e) = notifier.publish(topic, &alert).await
+        {
+            eprintln!("warning: {}: alert not sent: {e}", env.name);
+        }
+    }
 }
 
 fn limit_key(env: &DesiredEnv) -> (String, String) {

@@ -44,9 +44,23 @@ pub struct AwsCloud {
     ecs: aws_sdk_ecs::Client,
     sts: aws_sdk_sts::Client,
     calls: Arc<CallCounter>,
+    throttles: Arc<CallCounter>,
 }
 
 impl AwsCloud {
+    /// Classifies an SDK error, counting throttling.
+    fn error<E, R>(&self, err: SdkError<E, R>) -> CloudError
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        R: std::fmt::Debug + Send + Sync + 'static,
+    {
+        let e = classify(err);
+        if matches!(e, CloudError::Throttled(_)) {
+            self.throttles.tick();
+        }
+        e
+    }
+
     /// Builds clients for `region`, assuming `role` when given.
     pub async fn connect(region: &str, role: Option<&AssumeRole>) -> AwsCloud {
         let base = aws_config::defaults(BehaviorVersion::latest())
@@ -76,6 +90,7 @@ impl AwsCloud {
             ecs: aws_sdk_ecs::Client::new(&config),
             sts: aws_sdk_sts::Client::new(&config),
             calls: Arc::new(CallCounter::default()),
+            throttles: Arc::new(CallCounter::default()),
         }
     }
 
@@ -186,6 +201,10 @@ fn map_stack(s: &cfn::types::Stack) -> Stack {
 }
 
 impl Cloud for AwsCloud {
+    fn throttles(&self) -> u64 {
+        self.throttles.get()
+    }
+
     async fn describe_stacks(
         &self,
         names: &BTreeSet<String>,
@@ -193,7 +212,7 @@ impl Cloud for AwsCloud {
     ) -> CloudResult<BTreeMap<String, Stack>> {
         let mut pages = self.cfn.describe_stacks().into_paginator().send();
         let mut out = BTreeMap::new();
-        while let Some(page) = pages.try_next().await.map_err(classify)? {
+        while let Some(page) = pages.try_next().await.map_err(|e| self.error(e))? {
             self.calls.tick();
             for s in page.stacks() {
                 let stack = map_stack(s);
@@ -214,7 +233,7 @@ impl Cloud for AwsCloud {
                 .iter()
                 .map(map_stack)
                 .find(|s| s.status != "DELETE_COMPLETE")),
-            Err(e) => match classify(e) {
+            Err(e) => match self.error(e) {
                 CloudError::NotFound(_) => Ok(None),
                 other => Err(other),
             },
@@ -230,7 +249,7 @@ impl Cloud for AwsCloud {
             .template_stage(cfn::types::TemplateStage::Original)
             .send()
             .await
-            .map_err(classify)?;
+            .map_err(|e| self.error(e))?;
         Ok(out.template_body().unwrap_or_default().to_owned())
     }
 
@@ -268,7 +287,7 @@ impl Cloud for AwsCloud {
             .description(&r.description)
             .send()
             .await
-            .map_err(classify)?;
+            .map_err(|e| self.error(e))?;
         Ok(())
     }
 
@@ -285,7 +304,7 @@ impl Cloud for AwsCloud {
                 .set_next_token(token.take())
                 .send()
                 .await
-                .map_err(classify)?;
+                .map_err(|e| self.error(e))?;
             for c in out.changes() {
                 let Some(rc) = c.resource_change() else {
                     continue;
@@ -358,7 +377,7 @@ impl Cloud for AwsCloud {
                 .set_next_token(token.take())
                 .send()
                 .await
-                .map_err(classify)?;
+                .map_err(|e| self.error(e))?;
             // Filtered by stack again: the emulator answers with every
             // stack's change sets, and stale-change-set cleanup must never
             // touch another stack's.
@@ -383,7 +402,7 @@ impl Cloud for AwsCloud {
             .change_set_name(name)
             .send()
             .await
-            .map_err(classify)?;
+            .map_err(|e| self.error(e))?;
         Ok(())
     }
 
@@ -395,7 +414,7 @@ impl Cloud for AwsCloud {
             .change_set_name(name)
             .send()
             .await
-            .map_err(classify)?;
+            .map_err(|e| self.error(e))?;
         Ok(())
     }
 
@@ -413,7 +432,7 @@ impl Cloud for AwsCloud {
                 .set_next_token(token.take())
                 .send()
                 .await
-                .map_err(classify)?;
+                .map_err(|e| self.error(e))?;
             for e in page.stack_events() {
                 let id = e.event_id().unwrap_or_default();
                 if Some(id) == after {
@@ -447,7 +466,7 @@ impl Cloud for AwsCloud {
             .stack_name(stack)
             .send()
             .await
-            .map_err(classify)?;
+            .map_err(|e| self.error(e))?;
         Ok(())
     }
 
@@ -458,7 +477,7 @@ impl Cloud for AwsCloud {
             .stack_name(stack)
             .send()
             .await
-            .map_err(classify)?;
+            .map_err(|e| self.error(e))?;
         Ok(())
     }
 
@@ -470,7 +489,7 @@ impl Cloud for AwsCloud {
             .enable_termination_protection(enabled)
             .send()
             .await
-            .map_err(classify)?;
+            .map_err(|e| self.error(e))?;
         Ok(())
     }
 
@@ -489,7 +508,7 @@ impl Cloud for AwsCloud {
                 .set_services(Some(batch.to_vec()))
                 .send()
                 .await
-                .map_err(classify)?;
+                .map_err(|e| self.error(e))?;
             for s in resp.services() {
                 out.push(Service {
                     cluster: cluster.to_owned(),
@@ -541,7 +560,7 @@ impl Cloud for AwsCloud {
             .set_task_definition(task_definition.map(str::to_owned))
             .send()
             .await
-            .map_err(classify)?;
+            .map_err(|e| self.error(e))?;
         Ok(())
     }
 
@@ -552,7 +571,7 @@ impl Cloud for AwsCloud {
             .get_caller_identity()
             .send()
             .await
-            .map_err(classify)?;
+            .map_err(|e| self.error(e))?;
         me.account()
             .map(str::to_owned)
             .ok_or_else(|| CloudError::Validation("GetCallerIdentity returned no account".into()))

@@ -274,6 +274,11 @@ pub trait Cloud: Send + Sync {
         task_definition: Option<&str>,
     ) -> impl Future<Output = CloudResult<()>> + Send;
 
+    /// Throttling errors seen so far (after the SDK's own retries).
+    fn throttles(&self) -> u64 {
+        0
+    }
+
     /// The account the credentials belong to (STS GetCallerIdentity).
     fn caller_account(&self) -> impl Future<Output = CloudResult<String>> + Send;
 }

@@ -102,6 +102,7 @@ struct State {
     deleted: Vec<String>,
     next_id: u64,
     throttle_rate: f64,
+    throttled: u64,
     /// (stack name, logical id) the test's desired state allows to replace.
     allowed: BTreeSet<(String, String)>,
 }
@@ -302,6 +303,7 @@ impl SimCloud {
         let mut st = self.lock();
         *st.calls.entry(op).or_default() += 1;
         if throttled {
+            st.throttled += 1;
             return Err(CloudError::Throttled(format!("{op}: Rate exceeded")));
         }
         advance(&mut st, Instant::now());
@@ -662,6 +664,10 @@ fn diff_templates(
 }
 
 impl Cloud for SimCloud {
+    fn throttles(&self) -> u64 {
+        self.lock().throttled
+    }
+
     async fn describe_stacks(
         &self,
         names: &BTreeSet<String>,

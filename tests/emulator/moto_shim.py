@@ -37,6 +37,11 @@ Patches
    changes"); on AWS the new tags propagate to the stack's taggable
    resources, so the change set has changes and executes. We let such a
    change set be created and executed, so a tag change converges.
+9. CloudWatch: the AWS SDK for Rust speaks Smithy RPC v2 CBOR to CloudWatch
+   (POST /service/GraniteServiceVersion20100801/operation/<Op>), which moto
+   does not route (getmoto/moto#9195). We decode PutMetricData from CBOR and
+   hand it to moto's CloudWatch backend, so the metrics stackwarden puts are
+   readable with any client that speaks moto's protocols (boto3 in tests).
 """
 
 import argparse
@@ -346,6 +351,60 @@ def _validate_different_update(self, incoming_params, stack_body, old_stack):
 cfn_responses.CloudFormationResponse._validate_different_update = (
     _validate_different_update
 )
+
+
+# --- 9. CloudWatch over Smithy RPC v2 CBOR ------------------------------------------
+from moto.moto_server import werkzeug_app  # noqa: E402
+
+_CBOR_PREFIX = "/service/GraniteServiceVersion20100801/operation/"
+_original_dispatch = werkzeug_app.DomainDispatcherApplication.__call__
+
+
+def _cbor_response(start_response, status, body):
+    import cbor2
+
+    payload = cbor2.dumps(body)
+    start_response(
+        status,
+        [
+            ("Content-Type", "application/cbor"),
+            ("smithy-protocol", "rpc-v2-cbor"),
+            ("Content-Length", str(len(payload))),
+        ],
+    )
+    return [payload]
+
+
+def _dispatch(self, environ, start_response):
+    path = environ.get("PATH_INFO", "")
+    if not path.startswith(_CBOR_PREFIX):
+        return _original_dispatch(self, environ, start_response)
+    import cbor2
+    from moto.cloudwatch.models import cloudwatch_backends
+    from moto.core import DEFAULT_ACCOUNT_ID
+
+    operation = path[len(_CBOR_PREFIX):]
+    length = int(environ.get("CONTENT_LENGTH") or 0)
+    body = cbor2.loads(environ["wsgi.input"].read(length)) if length else {}
+    auth = environ.get("HTTP_AUTHORIZATION", "")
+    match = re.search(r"Credential=[^/]+/[^/]+/([^/]+)/", auth)
+    region = match.group(1) if match else "us-east-1"
+    backend = cloudwatch_backends[DEFAULT_ACCOUNT_ID][region]
+    if operation == "PutMetricData":
+        data = [
+            {k: v for k, v in m.items() if k != "Timestamp"}
+            for m in body.get("MetricData", [])
+        ]
+        backend.put_metric_data(body["Namespace"], data)
+        return _cbor_response(start_response, "200 OK", {})
+    return _cbor_response(
+        start_response,
+        "400 Bad Request",
+        {"__type": "UnknownOperationException", "message": f"shim: {operation} not translated"},
+    )
+
+
+werkzeug_app.DomainDispatcherApplication.__call__ = _dispatch
 
 
 def _exit_when_stdin_closes():

@@ -1,0 +1,508 @@
+//! The long-running controller: every environment is a work item,
+//! reconciled on its interval (with jitter), at once when its desired-state
+//! file or a template it uses changes, and on SIGHUP; with exponential
+//! backoff after failures. A pass is [`apply::reconcile`], the very code of
+//! `reconcile --once`.
+//!
+//! One task per environment, so never two passes of one environment at
+//! once; environments run in parallel up to a bound. A desired state that
+//! stops loading is reported (status, log, alert) and the last good one
+//! keeps being enforced; nothing of the broken one is applied.
+//!
+//! On shutdown no pass starts; a running pass gets the grace period to
+//! finish, then is dropped at its next await point (every AWS call is whole
+//! or not made; CloudFormation goes on server-side and the next start
+//! observes and continues, reusing its change sets).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use backoff::ExponentialBackoff;
+use backoff::backoff::Backoff;
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use sha2::{Digest, Sha256};
+use tokio::sync::{Semaphore, broadcast, watch};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::apply::{self, Options};
+use crate::cloud::Cloud;
+use crate::metrics::{MetricsSink, PassMetrics, Registry};
+use crate::notify::{Episodes, Finding, Kind, Notifier};
+use crate::observe::Depth;
+use crate::plan::Verdict;
+use crate::spec::{self, DesiredEnv};
+
+/// How the controller schedules.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub interval: Duration,
+    /// Each wait is the interval times a random factor in 1 ± jitter.
+    pub jitter: f64,
+    /// How often desired-state files are checked for changes.
+    pub watch_every: Duration,
+    /// Environments reconciled at once.
+    pub max_envs: usize,
+    /// Stack operations at once per account and region.
+    pub max_parallel: usize,
+    pub shutdown_grace: Duration,
+    /// First wait after a failed pass; doubles up to `backoff_max`.
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub metrics_namespace: String,
+    pub depth: Depth,
+    /// Seeds the jitter (tests replay exactly).
+    pub seed: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            interval: Duration::from_secs(300),
+            jitter: 0.1,
+            watch_every: Duration::from_secs(2),
+            max_envs: 4,
+            max_parallel: apply::DEFAULT_MAX_PARALLEL,
+            shutdown_grace: Duration::from_secs(30),
+            backoff_initial: Duration::from_secs(30),
+            backoff_max: Duration::from_secs(15 * 60),
+            metrics_namespace: "Stackwarden".into(),
+            depth: Depth::Full,
+            seed: 0,
+        }
+    }
+}
+
+/// Makes the cloud of an environment (its region and role).
+pub trait Connect: Send + std::marker::Sync {
+    type Cloud: Cloud + 'static;
+    fn connect(&self, env: &DesiredEnv) -> impl Future<Output = Self::Cloud> + Send;
+}
+
+/// One object's state, for `/status`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ObjectStatus {
+    pub object: String,
+    pub sync: crate::plan::Sync,
+    pub health: crate::plan::Health,
+    pub reason: String,
+}
+
+/// One environment's state, for `/status`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct EnvStatus {
+    pub file: PathBuf,
+    pub revision: Option<String>,
+    pub passes: u64,
+    /// Seconds since the Unix epoch.
+    pub last_pass_at: Option<u64>,
+    pub last_pass_seconds: Option<f64>,
+    pub result: Option<Verdict>,
+    /// Why the last pass could not run or ended early.
+    pub error: Option<String>,
+    /// The desired-state file does not load; the last good one is enforced.
+    pub desired_state_error: Option<String>,
+    pub objects: Vec<ObjectStatus>,
+    pub open_alerts: Vec<Finding>,
+}
+
+/// What the controller shares with the HTTP endpoints.
+#[derive(Debug, Default)]
+pub struct Shared {
+    status: Mutex<BTreeMap<String, EnvStatus>>,
+    registry: Mutex<Registry>,
+}
+
+impl Shared {
+    fn status(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, EnvStatus>> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ready once every environment has had a pass and none of the last
+    /// passes ended in an error of stackwarden's own (cannot load any desired
+    /// state, cannot observe).
+    pub fn readiness(&self) -> Result<(), String> {
+        let status = self.status();
+        if status.is_empty() {
+            return Err("no environment".into());
+        }
+        for (name, s) in status.iter() {
+            if s.passes == 0 {
+                return Err(format!("{name}: first pass not done"));
+            }
+            if let Some(e) = &s.error {
+                return Err(format!("{name}: {e}"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn status_json(&self) -> String {
+        serde_json::to_string_pretty(&*self.status()).expect("JSON")
+    }
+
+    pub fn metrics_text(&self) -> String {
+        self.registry().render()
+    }
+
+    /// A copy of one environment's status.
+    pub fn env(&self, name: &str) -> Option<EnvStatus> {
+        self.status().get(name).cloned()
+    }
+}
+
+/// The controller, with what it talks to.
+pub struct Controller<'a, K, N, M> {
+    pub connect: &'a K,
+    pub notifier: &'a N,
+    pub sink: &'a M,
+    pub settings: &'a Settings,
+    pub shared: &'a Shared,
+}
+
+impl<K: Connect, N: Notifier, M: MetricsSink> Controller<'_, K, N, M> {
+    /// Runs until `shutdown` turns true; returns when every environment's
+    /// loop has ended (within the grace period). `hup` reconciles every
+    /// environment at once.
+    pub async fn run(
+        &self,
+        files: BTreeMap<String, PathBuf>,
+        hup: &broadcast::Sender<()>,
+        shutdown: watch::Receiver<bool>,
+    ) {
+        let envs_limit = Semaphore::new(self.settings.max_envs.max(1));
+        let limits: Mutex<BTreeMap<(String, String), Arc<Semaphore>>> = Mutex::default();
+        for (name, file) in &files {
+            self.shared.status().insert(
+                name.clone(),
+                EnvStatus {
+                    file: file.clone(),
+                    ..EnvStatus::default()
+                },
+            );
+        }
+        let loops = files.iter().enumerate().map(|(i, (name, file))| {
+            let ctx = EnvLoop {
+                name,
+                file,
+                connect: self.connect,
+                notifier: self.notifier,
+                sink: self.sink,
+                settings: self.settings,
+                shared: self.shared,
+                envs_limit: &envs_limit,
+                limits: &limits,
+            };
+            ctx.run(
+                hup.subscribe(),
+                shutdown.clone(),
+                self.settings.seed.wrapping_add(i as u64),
+            )
+        });
+        futures::future::join_all(loops).await;
+    }
+}
+
+struct EnvLoop<'a, K, N, M> {
+    name: &'a str,
+    file: &'a Path,
+    connect: &'a K,
+    notifier: &'a N,
+    sink: &'a M,
+    settings: &'a Settings,
+    shared: &'a Shared,
+    envs_limit: &'a Semaphore,
+    limits: &'a Mutex<BTreeMap<(String, String), Arc<Semaphore>>>,
+}
+
+impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
+    async fn run(
+        self,
+        mut hup: broadcast::Receiver<()>,
+        mut shutdown: watch::Receiver<bool>,
+        seed: u64,
+    ) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut backoff = ExponentialBackoff {
+            current_interval: self.settings.backoff_initial,
+            initial_interval: self.settings.backoff_initial,
+            multiplier: 2.0,
+            randomization_factor: 0.2,
+            max_interval: self.settings.backoff_max,
+            max_elapsed_time: None,
+            ..ExponentialBackoff::default()
+        };
+        let mut last_good: Option<DesiredEnv> = None;
+        let mut watched: Vec<PathBuf> = vec![self.file.to_owned()];
+        let mut seen = fingerprint(&watched);
+        let mut episodes: Option<Episodes> = None;
+        let mut cloud: Option<((String, String), K::Cloud)> = None;
+        let mut next = Instant::now();
+        let mut watch = tokio::time::interval(self.settings.watch_every);
+        watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let why = tokio::select! {
+                _ = tokio::time::sleep_until(next) => "scheduled",
+                r = hup.recv() => match r {
+                    Ok(()) | Err(broadcast::error::RecvError::Lagged(_)) => "SIGHUP",
+                    Err(broadcast::error::RecvError::Closed) => "scheduled",
+                },
+                _ = watch.tick() => {
+                    let now = fingerprint(&watched);
+                    if now == seen {
+                        continue;
+                    }
+                    "desired state changed"
+                }
+                _ = shutdown.changed() => break,
+            };
+            let span = tracing::info_span!("pass", environment = self.name);
+            tracing::info!(message = "Pass starting.", environment = self.name, why);
+
+            // Load, keeping the last good desired state on error.
+            let loaded = spec::load(self.file);
+            let load_error = match loaded {
+                Ok(env) => {
+                    watched = env.sources.clone();
+                    last_good = Some(env);
+                    None
+                }
+                Err(errors) => {
+                    let text = errors
+                        .0
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; ");
+                    tracing::error!(message = "Desired state does not load; the last good one stays in force.", errors = %text);
+                    Some(text)
+                }
+            };
+            seen = fingerprint(&watched);
+            let Some(env) = last_good.clone() else {
+                self.record_error(load_error.clone(), load_error.clone(), None);
+                next = Instant::now() + backoff.next_backoff().unwrap_or(self.settings.backoff_max);
+                continue;
+            };
+            let episodes = episodes.get_or_insert_with(|| {
+                Episodes::new(
+                    env.alerts
+                        .as_ref()
+                        .map_or(Duration::from_secs(6 * 3600), |a| a.repeat_after),
+                )
+            });
+
+            let permit = tokio::select! {
+                p = self.envs_limit.acquire() => p.expect("never closed"),
+                _ = shutdown.changed() => break,
+            };
+            let key = (
+                env.assume_role
+                    .as_ref()
+                    .map_or_else(|| "default".to_owned(), |r| r.role_arn.clone()),
+                env.region.clone(),
+            );
+            if cloud.as_ref().is_none_or(|(k, _)| *k != key) {
+                cloud = Some((key.clone(), self.connect.connect(&env).await));
+            }
+            let (_, c) = cloud.as_ref().expect("connected above");
+            let limit = self
+                .limits
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(key)
+                .or_insert_with(|| Arc::new(Semaphore::new(self.settings.max_parallel)))
+                .clone();
+            let options = Options {
+                depth: self.settings.depth,
+                progress: None,
+            };
+            let throttles = c.throttles();
+            let started = Instant::now();
+            let pass = apply::reconcile(c, &env, &limit, &options).instrument(span);
+            let result = tokio::select! {
+                r = pass => r,
+                _ = grace_after(shutdown.clone(), self.settings.shutdown_grace) => {
+                    tracing::warn!(message = "Shutting down: the pass is abandoned at a safe point; the next start continues it.");
+                    break;
+                }
+            };
+            drop(permit);
+            let throttled = c.throttles() - throttles;
+
+            let ok = match &result {
+                Ok(report) => {
+                    let mut findings = crate::notify::findings(report);
+                    if let Some(e) = &load_error {
+                        findings.push(Finding {
+                            object: "desired-state".into(),
+                            kind: Kind::Failed,
+                            difference: format!(
+                                "does not load, the last good state is enforced: {e}"
+                            ),
+                        });
+                    }
+                    let m = PassMetrics::from_report(report, throttled);
+                    self.publish(&env, &m, Some(report.verdict())).await;
+                    self.alert(&env, episodes, &findings).await;
+                    let mut status = self.shared.status();
+                    let s = status.entry(self.name.to_owned()).or_default();
+                    s.passes += 1;
+                    s.revision = Some(env.revision.clone());
+                    s.last_pass_at = Some(unix_now());
+                    s.last_pass_seconds = Some(report.seconds);
+                    s.result = Some(report.verdict());
+                    s.error = None;
+                    s.desired_state_error = load_error.clone();
+                    s.objects = objects(report);
+                    s.open_alerts = episodes.open().cloned().collect();
+                    tracing::info!(message = "Pass done.", environment = self.name, verdict = ?report.verdict(), seconds = report.seconds, operations = report.changed());
+                    report.verdict() != Verdict::Failed
+                }
+                Err(e) => {
+                    tracing::error!(message = "Pass failed.", environment = self.name, error = %e);
+                    let m = PassMetrics::from_error(
+                        self.name,
+                        started.elapsed().as_secs_f64(),
+                        throttled,
+                    );
+                    self.publish(&env, &m, None).await;
+                    let findings = vec![Finding {
+                        object: "environment".into(),
+                        kind: Kind::Failed,
+                        difference: e.to_string(),
+                    }];
+                    self.alert(&env, episodes, &findings).await;
+                    self.record_error(Some(e.to_string()), load_error.clone(), Some(&*episodes));
+                    false
+                }
+            };
+            // Success (or a pass of the last good state while the file is
+            // broken: the file watch brings the fix) waits the interval;
+            // a failure backs off.
+            let wait = if ok {
+                backoff.reset();
+                let f = 1.0 + self.settings.jitter * rng.gen_range(-1.0..=1.0);
+                self.settings.interval.mul_f64(f.max(0.0))
+            } else {
+                backoff.next_backoff().unwrap_or(self.settings.backoff_max)
+            };
+            tracing::debug!(
+                message = "Next pass scheduled.",
+                in_seconds = wait.as_secs_f64()
+            );
+            next = Instant::now() + wait;
+        }
+        tracing::info!(
+            message = "Environment loop stopped.",
+            environment = self.name
+        );
+    }
+
+    fn record_error(
+        &self,
+        error: Option<String>,
+        load_error: Option<String>,
+        episodes: Option<&Episodes>,
+    ) {
+        let mut status = self.shared.status();
+        let s = status.entry(self.name.to_owned()).or_default();
+        s.passes += 1;
+        s.last_pass_at = Some(unix_now());
+        s.result = None;
+        s.error = error;
+        s.desired_state_error = load_error;
+        if let Some(e) = episodes {
+            s.open_alerts = e.open().cloned().collect();
+        }
+    }
+
+    async fn publish(&self, env: &DesiredEnv, m: &PassMetrics, verdict: Option<Verdict>) {
+        self.shared.registry().record(m, verdict);
+        if let Err(e) = self
+            .sink
+            .put(&self.settings.metrics_namespace, &env.region, m)
+            .await
+        {
+            tracing::warn!(message = "CloudWatch metrics not sent.", error = %e);
+        }
+    }
+
+    async fn alert(&self, env: &DesiredEnv, episodes: &mut Episodes, findings: &[Finding]) {
+        let Some(alert) = episodes.update(&env.name, findings, Instant::now()) else {
+            return;
+        };
+        let Some(topic) = env.alerts.as_ref().map(|a| a.sns_topic_arn.clone()) else {
+            tracing::warn!(message = "Alert not sent: no alerts.sns_topic_arn.", subject = %alert.subject);
+            return;
+        };
+        match self.notifier.publish(&topic, &alert).await {
+            Ok(()) => {
+                self.shared.registry().record_alert(&env.name);
+                tracing::info!(message = "Alert sent.", subject = %alert.subject, event = alert.event);
+            }
+            Err(e) => {
+                tracing::warn!(message = "Alert not sent.", subject = %alert.subject, error = %e)
+            }
+        }
+    }
+}
+
+/// Resolves `grace` after `shutdown` turns true; never before.
+async fn grace_after(mut shutdown: watch::Receiver<bool>, grace: Duration) {
+    while !*shutdown.borrow() {
+        if shutdown.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+    tokio::time::sleep(grace).await;
+}
+
+/// A hash of the files' contents (a missing file hashes as absent), so a
+/// change is seen whatever the file system's timestamp resolution.
+fn fingerprint(files: &[PathBuf]) -> Vec<u8> {
+    let mut h = Sha256::new();
+    for f in files {
+        h.update(f.as_os_str().as_encoded_bytes());
+        match std::fs::read(f) {
+            Ok(bytes) => h.update(&bytes),
+            Err(_) => h.update(b"\0absent"),
+        }
+    }
+    h.finalize().to_vec()
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn objects(report: &apply::Report) -> Vec<ObjectStatus> {
+    let p = &report.final_plan;
+    p.stacks
+        .iter()
+        .map(|s| ObjectStatus {
+            object: format!("stack:{}", if s.key.is_empty() { &s.name } else { &s.key }),
+            sync: s.sync,
+            health: s.health,
+            reason: s.reason.clone(),
+        })
+        .chain(p.services.iter().map(|s| ObjectStatus {
+            object: format!("ecs:{}", s.service.as_deref().unwrap_or(&s.stack)),
+            sync: s.sync,
+            health: s.health,
+            reason: s.reason.clone(),
+        }))
+        .collect()
+}

@@ -1,0 +1,359 @@
+//! Metrics of passes: the same numbers to CloudWatch (once per pass per
+//! environment) and on `/metrics` in Prometheus text format.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::future::Future;
+
+use crate::apply::{Report, StackResult};
+use crate::cloud::CloudError;
+use crate::plan::{Health, ServiceAction, StackAction, Sync, Verdict};
+
+/// What one pass over one environment measured.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct PassMetrics {
+    pub environment: String,
+    pub stacks_in_sync: u64,
+    pub stacks_drifted: u64,
+    pub stacks_failed: u64,
+    pub stacks_blocked: u64,
+    pub services_healthy: u64,
+    pub services_degraded: u64,
+    pub duration_seconds: f64,
+    /// 1 when the pass ended in an error (observe, account check, invalid
+    /// desired state), else 0.
+    pub errors: u64,
+    pub change_sets_executed: u64,
+    pub throttles: u64,
+    /// Per stack key: 1 in sync and healthy, 0 not.
+    pub stack_in_sync: BTreeMap<String, u64>,
+}
+
+impl PassMetrics {
+    /// The numbers of a finished pass. `throttles` is the count of this pass.
+    pub fn from_report(report: &Report, throttles: u64) -> PassMetrics {
+        let mut m = PassMetrics {
+            environment: report.environment.clone(),
+            duration_seconds: report.seconds,
+            change_sets_executed: report.changed() as u64,
+            throttles,
+            ..PassMetrics::default()
+        };
+        for s in &report.final_plan.stacks {
+            let result = report.stacks.iter().find(|r| r.name == s.name);
+            let failed = s.health == Health::Failed || result.is_some_and(|r| r.result.failed());
+            let blocked = matches!(s.action, StackAction::Blocked { .. })
+                || result.is_some_and(|r| matches!(r.result, StackResult::Blocked { .. }));
+            let clean = s.sync == Sync::InSync && s.health == Health::Healthy;
+            if failed {
+                m.stacks_failed += 1;
+            } else if blocked {
+                m.stacks_blocked += 1;
+            } else if clean {
+                m.stacks_in_sync += 1;
+            } else {
+                m.stacks_drifted += 1;
+            }
+            let key = if s.key.is_empty() { &s.name } else { &s.key };
+            m.stack_in_sync
+                .insert(key.clone(), u64::from(clean && !failed));
+        }
+        for s in &report.final_plan.services {
+            if s.health == Health::Healthy && s.action == ServiceAction::None {
+                m.services_healthy += 1;
+            } else if s.health == Health::Degraded {
+                m.services_degraded += 1;
+            }
+        }
+        m
+    }
+
+    /// The numbers of a pass that ended in an error.
+    pub fn from_error(environment: &str, duration_seconds: f64, throttles: u64) -> PassMetrics {
+        PassMetrics {
+            environment: environment.to_owned(),
+            duration_seconds,
+            errors: 1,
+            throttles,
+            ..PassMetrics::default()
+        }
+    }
+
+    /// (name, unit, value) of the environment-level metrics.
+    fn values(&self) -> [(&'static str, &'static str, f64); 10] {
+        [
+            ("StacksInSync", "Count", self.stacks_in_sync as f64),
+            ("StacksDrifted", "Count", self.stacks_drifted as f64),
+            ("StacksFailed", "Count", self.stacks_failed as f64),
+            ("StacksBlocked", "Count", self.stacks_blocked as f64),
+            ("ServicesHealthy", "Count", self.services_healthy as f64),
+            ("ServicesDegraded", "Count", self.services_degraded as f64),
+            ("PassDuration", "Seconds", self.duration_seconds),
+            ("Errors", "Count", self.errors as f64),
+            (
+                "ChangeSetsExecuted",
+                "Count",
+                self.change_sets_executed as f64,
+            ),
+            ("Throttles", "Count", self.throttles as f64),
+        ]
+    }
+}
+
+/// Where pass metrics go besides `/metrics`.
+pub trait MetricsSink: Send + std::marker::Sync {
+    fn put(
+        &self,
+        namespace: &str,
+        region: &str,
+        metrics: &PassMetrics,
+    ) -> impl Future<Output = Result<(), CloudError>> + Send;
+}
+
+/// CloudWatch `PutMetricData`: dimension `Environment`, and `Environment` +
+/// `Stack` for `StackInSync`.
+#[derive(Clone)]
+pub struct CloudWatchSink {
+    config: aws_config::SdkConfig,
+}
+
+impl CloudWatchSink {
+    pub async fn connect() -> CloudWatchSink {
+        CloudWatchSink {
+            config: aws_config::defaults(aws_config::BehaviorVersion::latest())
+                .load()
+                .await,
+        }
+    }
+}
+
+impl MetricsSink for CloudWatchSink {
+    async fn put(&self, namespace: &str, region: &str, m: &PassMetrics) -> Result<(), CloudError> {
+        use aws_sdk_cloudwatch::types::{Dimension, MetricDatum, StandardUnit};
+        let config = aws_sdk_cloudwatch::config::Builder::from(&self.config)
+            .region(aws_config::Region::new(region.to_owned()))
+            .build();
+        let client = aws_sdk_cloudwatch::Client::from_conf(config);
+        let dim = |k: &str, v: &str| Dimension::builder().name(k).value(v).build();
+        let mut data: Vec<MetricDatum> = m
+            .values()
+            .iter()
+            .map(|(name, unit, value)| {
+                MetricDatum::builder()
+                    .metric_name(*name)
+                    .unit(StandardUnit::from(*unit))
+                    .value(*value)
+                    .dimensions(dim("Environment", &m.environment))
+                    .build()
+            })
+            .collect();
+        data.extend(m.stack_in_sync.iter().map(|(stack, v)| {
+            MetricDatum::builder()
+                .metric_name("StackInSync")
+                .unit(StandardUnit::Count)
+                .value(*v as f64)
+                .dimensions(dim("Environment", &m.environment))
+                .dimensions(dim("Stack", stack))
+                .build()
+        }));
+        // PutMetricData takes up to 1000 data per call.
+        for chunk in data.chunks(1000) {
+            client
+                .put_metric_data()
+                .namespace(namespace)
+                .set_metric_data(Some(chunk.to_vec()))
+                .send()
+                .await
+                .map_err(|e| {
+                    CloudError::Transport(
+                        aws_smithy_types::error::display::DisplayErrorContext(&e).to_string(),
+                    )
+                })?;
+        }
+        Ok(())
+    }
+}
+
+/// The numbers behind `/metrics`: the last pass of each environment, and
+/// counters since the process started.
+#[derive(Debug, Default, Clone)]
+pub struct Registry {
+    last: BTreeMap<String, PassMetrics>,
+    passes: BTreeMap<(String, &'static str), u64>,
+    errors: BTreeMap<String, u64>,
+    change_sets: BTreeMap<String, u64>,
+    throttles: BTreeMap<String, u64>,
+    alerts: BTreeMap<String, u64>,
+}
+
+impl Registry {
+    /// Records a pass (its verdict, or `error`).
+    pub fn record(&mut self, m: &PassMetrics, verdict: Option<Verdict>) {
+        let env = m.environment.clone();
+        let result = match verdict {
+            Some(Verdict::InSync) => "in_sync",
+            Some(Verdict::Differences) => "differences",
+            Some(Verdict::Failed) => "failed",
+            None => "error",
+        };
+        *self.passes.entry((env.clone(), result)).or_default() += 1;
+        *self.errors.entry(env.clone()).or_default() += m.errors;
+        *self.change_sets.entry(env.clone()).or_default() += m.change_sets_executed;
+        *self.throttles.entry(env.clone()).or_default() += m.throttles;
+        self.last.insert(env, m.clone());
+    }
+
+    pub fn record_alert(&mut self, environment: &str) {
+        *self.alerts.entry(environment.to_owned()).or_default() += 1;
+    }
+
+    /// Prometheus text exposition format (version 0.0.4).
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, f64)>| {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            for (labels, v) in rows {
+                let _ = writeln!(out, "{name}{{{labels}}} {v}");
+            }
+        };
+        let env = |e: &str| format!("environment=\"{}\"", escape(e));
+        family(
+            "stackwarden_stacks",
+            "gauge",
+            "Stacks by state after the last pass.",
+            self.last
+                .values()
+                .flat_map(|m| {
+                    [
+                        ("in_sync", m.stacks_in_sync),
+                        ("drifted", m.stacks_drifted),
+                        ("failed", m.stacks_failed),
+                        ("blocked", m.stacks_blocked),
+                    ]
+                    .map(|(s, v)| (format!("{},state=\"{s}\"", env(&m.environment)), v as f64))
+                })
+                .collect(),
+        );
+        family(
+            "stackwarden_stack_in_sync",
+            "gauge",
+            "1 when the stack is in sync and healthy after the last pass.",
+            self.last
+                .values()
+                .flat_map(|m| {
+                    m.stack_in_sync.iter().map(|(k, v)| {
+                        (
+                            format!("{},stack=\"{}\"", env(&m.environment), escape(k)),
+                            *v as f64,
+                        )
+                    })
+                })
+                .collect(),
+        );
+        family(
+            "stackwarden_services",
+            "gauge",
+            "ECS services by health after the last pass.",
+            self.last
+                .values()
+                .flat_map(|m| {
+                    [
+                        ("healthy", m.services_healthy),
+                        ("degraded", m.services_degraded),
+                    ]
+                    .map(|(s, v)| (format!("{},health=\"{s}\"", env(&m.environment)), v as f64))
+                })
+                .collect(),
+        );
+        family(
+            "stackwarden_pass_duration_seconds",
+            "gauge",
+            "Duration of the last pass.",
+            self.last
+                .values()
+                .map(|m| (env(&m.environment), m.duration_seconds))
+                .collect(),
+        );
+        family(
+            "stackwarden_passes_total",
+            "counter",
+            "Passes by result.",
+            self.passes
+                .iter()
+                .map(|((e, r), v)| (format!("{},result=\"{r}\"", env(e)), *v as f64))
+                .collect(),
+        );
+        for (name, help, map) in [
+            (
+                "stackwarden_errors_total",
+                "Passes that ended in an error.",
+                &self.errors,
+            ),
+            (
+                "stackwarden_change_sets_executed_total",
+                "Stack operations started.",
+                &self.change_sets,
+            ),
+            (
+                "stackwarden_aws_throttles_total",
+                "AWS throttling errors seen.",
+                &self.throttles,
+            ),
+            (
+                "stackwarden_alerts_total",
+                "Alerts published.",
+                &self.alerts,
+            ),
+        ] {
+            family(
+                name,
+                "counter",
+                help,
+                map.iter().map(|(e, v)| (env(e), *v as f64)).collect(),
+            );
+        }
+        out
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_has_help_type_and_labelled_samples() {
+        let mut r = Registry::default();
+        let m = PassMetrics {
+            environment: "dev".into(),
+            stacks_in_sync: 7,
+            stacks_drifted: 1,
+            duration_seconds: 0.5,
+            change_sets_executed: 2,
+            stack_in_sync: BTreeMap::from([("network".into(), 0), ("iam".into(), 1)]),
+            ..PassMetrics::default()
+        };
+        r.record(&m, Some(Verdict::Differences));
+        r.record(&m, Some(Verdict::Differences));
+        let text = r.render();
+        assert!(text.contains("# TYPE stackwarden_stacks gauge"), "{text}");
+        assert!(text.contains("stackwarden_stacks{environment=\"dev\",state=\"in_sync\"} 7"));
+        assert!(
+            text.contains("stackwarden_stack_in_sync{environment=\"dev\",stack=\"network\"} 0")
+        );
+        assert!(
+            text.contains("stackwarden_passes_total{environment=\"dev\",result=\"differences\"} 2")
+        );
+        assert!(text.contains("stackwarden_change_sets_executed_total{environment=\"dev\"} 4"));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let value = line.rsplit(' ').next().unwrap();
+            assert!(value.parse::<f64>().is_ok(), "{line}");
+        }
+    }
+}

@@ -1,0 +1,329 @@
+//! The controller on the simulated cloud and tokio's paused clock:
+//! scheduling, file-change and SIGHUP triggers, backoff after failures,
+//! one alert per episode over many passes, a broken reload, and shutdown
+//! in the middle of a pass followed by a restart.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::Workspace;
+use stackwarden::cloud::CloudError;
+use stackwarden::cloud::sim::{SimCloud, SimConfig};
+use stackwarden::controller::{Connect, Controller, Settings, Shared};
+use stackwarden::metrics::{MetricsSink, PassMetrics};
+use stackwarden::notify::{Alert, Notifier};
+use stackwarden::plan::Verdict;
+use stackwarden::spec::DesiredEnv;
+use tokio::sync::{broadcast, watch};
+
+struct SimConnect(SimCloud);
+
+impl Connect for SimConnect {
+    type Cloud = SimCloud;
+    async fn connect(&self, _env: &DesiredEnv) -> SimCloud {
+        self.0.clone()
+    }
+}
+
+/// Keeps what would have gone to SNS and CloudWatch.
+#[derive(Clone, Default)]
+struct Recorder {
+    alerts: Arc<Mutex<Vec<(String, Alert)>>>,
+    metrics: Arc<Mutex<Vec<PassMetrics>>>,
+}
+
+impl Recorder {
+    fn alerts(&self) -> Vec<Alert> {
+        self.alerts
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, a)| a.clone())
+            .collect()
+    }
+}
+
+impl Notifier for Recorder {
+    async fn publish(&self, topic: &str, alert: &Alert) -> Result<(), CloudError> {
+        self.alerts
+            .lock()
+            .unwrap()
+            .push((topic.to_owned(), alert.clone()));
+        Ok(())
+    }
+}
+
+impl MetricsSink for Recorder {
+    async fn put(&self, _ns: &str, _region: &str, m: &PassMetrics) -> Result<(), CloudError> {
+        self.metrics.lock().unwrap().push(m.clone());
+        Ok(())
+    }
+}
+
+fn settings(interval: u64) -> Settings {
+    Settings {
+        interval: Duration::from_secs(interval),
+        jitter: 0.0,
+        watch_every: Duration::from_secs(1),
+        ..Settings::default()
+    }
+}
+
+/// A controller over the workspace's dev, driven by `driver`, which gets
+/// the shared status and the SIGHUP sender and returns when the test is
+/// done; then the controller is stopped and must end.
+async fn with_controller<F, Fut>(
+    ws: &Workspace,
+    cloud: &SimCloud,
+    recorder: &Recorder,
+    settings: &Settings,
+    driver: F,
+) where
+    F: FnOnce(Arc<Shared>, broadcast::Sender<()>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let shared = Arc::new(Shared::default());
+    let (stop, stopped) = watch::channel(false);
+    let (hup, _) = broadcast::channel(4);
+    let files = BTreeMap::from([("dev".to_owned(), ws.path("desired-state/dev.yaml"))]);
+    let connect = SimConnect(cloud.clone());
+    let controller = Controller {
+        connect: &connect,
+        notifier: recorder,
+        sink: recorder,
+        settings,
+        shared: &shared,
+    };
+    let drive = async {
+        driver(shared.clone(), hup.clone()).await;
+        stop.send(true).unwrap();
+    };
+    tokio::join!(controller.run(files, &hup, stopped), drive);
+}
+
+/// Sleeps (simulated) until `cond` holds, checking every second.
+async fn until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let start = tokio::time::Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+fn passes(shared: &Shared) -> u64 {
+    shared.env("dev").map_or(0, |s| s.passes)
+}
+
+fn in_sync(shared: &Shared) -> bool {
+    shared
+        .env("dev")
+        .is_some_and(|s| s.result == Some(Verdict::InSync))
+}
+
+const KEY: &str = "- {AttributeName: cycleId, KeyType: HASH}";
+const REPLACING_KEY: &str = "- {AttributeName: organizationId, KeyType: HASH}";
+
+#[tokio::test(start_paused = true)]
+async fn a_blocked_change_over_a_hundred_passes_alerts_once_then_recovers_then_alerts_again() {
+    let ws = Workspace::new();
+    let cloud = SimCloud::new(SimConfig::default());
+    let rec = Recorder::default();
+    let (ws, cloud, rec) = (&ws, &cloud, &rec);
+    with_controller(ws, cloud, rec, &settings(60), |shared, _| async move {
+        until("dev created", Duration::from_secs(3600), || {
+            in_sync(&shared)
+        })
+        .await;
+        assert!(rec.alerts().is_empty(), "{:?}", rec.alerts());
+
+        // The file watch picks the change up without waiting for the interval.
+        ws.edit("templates/dynamodb.yaml", KEY, REPLACING_KEY);
+        until("the blocked alert", Duration::from_secs(10), || {
+            rec.alerts().len() == 1
+        })
+        .await;
+        let before = passes(&shared);
+        tokio::time::sleep(Duration::from_secs(100 * 60)).await;
+        assert!(passes(&shared) >= before + 99, "{}", passes(&shared));
+        let alerts = rec.alerts();
+        assert_eq!(alerts.len(), 1, "one alert per episode: {alerts:#?}");
+        assert_eq!(alerts[0].event, "blocked");
+        assert!(alerts[0].subject.starts_with("[stackwarden] dev: "));
+        assert!(alerts[0].message.contains("ReviewCyclesTable"));
+
+        ws.edit("templates/dynamodb.yaml", REPLACING_KEY, KEY);
+        until("the recovery", Duration::from_secs(10), || {
+            rec.alerts().len() == 2
+        })
+        .await;
+        assert_eq!(rec.alerts()[1].event, "recovered");
+
+        ws.edit("templates/dynamodb.yaml", KEY, REPLACING_KEY);
+        until("a new episode", Duration::from_secs(10), || {
+            rec.alerts().len() == 3
+        })
+        .await;
+        assert_eq!(rec.alerts()[2].event, "blocked");
+    })
+    .await;
+    assert!(rec.metrics.lock().unwrap().len() >= 100);
+    assert!(cloud.violations().is_empty(), "{:?}", cloud.violations());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_broken_reload_keeps_enforcing_the_last_good_state_and_applies_nothing_of_it() {
+    let ws = Workspace::new();
+    let cloud = SimCloud::new(SimConfig::default());
+    let rec = Recorder::default();
+    let (ws, cloud, rec) = (&ws, &cloud, &rec);
+    with_controller(ws, cloud, rec, &settings(60), |shared, _| async move {
+        until("dev created", Duration::from_secs(3600), || {
+            in_sync(&shared)
+        })
+        .await;
+        // A broken edit that would also change a parameter.
+        ws.edit(
+            "desired-state/dev.yaml",
+            "FlowLogRetentionDays: 14",
+            "FlowLogRetentionDays: 30\n      colour: blue",
+        );
+        until("the error", Duration::from_secs(10), || {
+            shared
+                .env("dev")
+                .is_some_and(|s| s.desired_state_error.is_some())
+        })
+        .await;
+        let status = shared.env("dev").unwrap();
+        assert!(
+            status
+                .desired_state_error
+                .as_deref()
+                .unwrap()
+                .contains("colour"),
+            "{status:?}"
+        );
+        let alert = rec.alerts().pop().expect("an alert");
+        assert!(alert.message.contains("desired-state"), "{alert:?}");
+        // Drift is still corrected, to the last good state.
+        let network = "dev-performance-mgmt-network";
+        cloud.edit_parameter(network, "FlowLogRetentionDays", "7");
+        until("drift corrected", Duration::from_secs(300), || {
+            cloud.stack(network).unwrap().parameters["FlowLogRetentionDays"] == "14"
+        })
+        .await;
+
+        ws.edit(
+            "desired-state/dev.yaml",
+            "FlowLogRetentionDays: 30\n      colour: blue",
+            "FlowLogRetentionDays: 14",
+        );
+        until("the fix", Duration::from_secs(10), || {
+            shared
+                .env("dev")
+                .is_some_and(|s| s.desired_state_error.is_none())
+        })
+        .await;
+        assert_eq!(rec.alerts().last().unwrap().event, "recovered");
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn failing_passes_back_off_exponentially_instead_of_every_interval() {
+    let ws = Workspace::new();
+    // Every pass fails the account guard.
+    let cloud = SimCloud::new(SimConfig {
+        account: "999999999999".into(),
+        ..SimConfig::default()
+    });
+    let rec = Recorder::default();
+    let (ws, cloud, rec) = (&ws, &cloud, &rec);
+    let s = Settings {
+        backoff_initial: Duration::from_secs(30),
+        backoff_max: Duration::from_secs(15 * 60),
+        ..settings(10)
+    };
+    with_controller(ws, cloud, rec, &s, |shared, _| async move {
+        tokio::time::sleep(Duration::from_secs(2 * 3600)).await;
+        let n = passes(&shared);
+        // Every 10 s would be 720 passes; 30 s doubling to 15 min is ~12.
+        assert!((8..=16).contains(&n), "{n} passes in two hours");
+        assert_eq!(shared.env("dev").unwrap().result, Some(Verdict::Failed));
+    })
+    .await;
+    assert_eq!(cloud.write_calls(), 0);
+    // One alert for the whole failing episode.
+    assert_eq!(rec.alerts().len(), 1, "{:#?}", rec.alerts());
+    assert_eq!(rec.alerts()[0].severity, "critical");
+}
+
+#[tokio::test(start_paused = true)]
+async fn sighup_starts_a_pass_at_once() {
+    let ws = Workspace::new();
+    let cloud = SimCloud::new(SimConfig::default());
+    let rec = Recorder::default();
+    let (ws, cloud, rec) = (&ws, &cloud, &rec);
+    with_controller(ws, cloud, rec, &settings(3600), |shared, hup| async move {
+        until("dev created", Duration::from_secs(3600), || {
+            in_sync(&shared)
+        })
+        .await;
+        let before = passes(&shared);
+        hup.send(()).unwrap();
+        until("a pass", Duration::from_secs(5), || {
+            passes(&shared) > before
+        })
+        .await;
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_mid_pass_ends_within_the_grace_and_a_restart_continues_without_duplicates() {
+    let ws = Workspace::new();
+    let cloud = SimCloud::new(SimConfig {
+        default_latency: Duration::from_secs(20 * 60),
+        ..SimConfig::default()
+    });
+    let rec = Recorder::default();
+    let (ws, cloud, rec) = (&ws, &cloud, &rec);
+    let s = Settings {
+        shutdown_grace: Duration::from_secs(30),
+        ..settings(60)
+    };
+    let stopped_at = Arc::new(Mutex::new(None));
+    let at = stopped_at.clone();
+    let start = tokio::time::Instant::now();
+    with_controller(ws, cloud, rec, &s, |_, _| async move {
+        // Network and dynamodb are being created.
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        *at.lock().unwrap() = Some(tokio::time::Instant::now());
+    })
+    .await;
+    let stopped = stopped_at.lock().unwrap().unwrap();
+    let took = tokio::time::Instant::now() - stopped;
+    assert!(
+        took <= Duration::from_secs(31),
+        "shutdown took {took:?} (grace 30 s)"
+    );
+    assert!(start.elapsed() < Duration::from_secs(20 * 60));
+
+    // A new controller (the restart) picks up where the cloud is.
+    with_controller(ws, cloud, rec, &s, |shared, _| async move {
+        until("dev converged", Duration::from_secs(6 * 3600), || {
+            in_sync(&shared)
+        })
+        .await;
+    })
+    .await;
+    assert_eq!(
+        cloud.calls()["CreateChangeSet"],
+        8,
+        "one change set per stack"
+    );
+    assert_eq!(cloud.calls()["ExecuteChangeSet"], 8);
+    assert!(cloud.violations().is_empty(), "{:?}", cloud.violations());
+}
