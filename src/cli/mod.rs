@@ -45,6 +45,16 @@ enum Command {
     /// Bring AWS to the desired state: observe, plan, apply what the policy
     /// allows, in dependency order, and report.
     Reconcile(ReconcileArgs),
+    /// Exit 0 when the daemon's endpoint answers 200 (for container health
+    /// checks in images without curl).
+    Healthcheck {
+        /// host:port of the daemon's --listen address.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        addr: String,
+        /// Path to ask.
+        #[arg(long, default_value = "/healthz")]
+        path: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -201,6 +211,7 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
             false,
             Show::Status,
         )),
+        Command::Healthcheck { addr, path } => Ok(healthcheck(&addr, &path)),
         Command::Reconcile(args) if args.once => runtime()?.block_on(reconcile::once(
             &args.select,
             usize::from(args.max_parallel),
@@ -225,6 +236,32 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 ..crate::controller::Settings::default()
             };
             runtime()?.block_on(daemon::run(&args.select, args.listen, settings))
+        }
+    }
+}
+
+fn healthcheck(addr: &str, path: &str) -> Outcome {
+    use std::io::{Read, Write};
+    let answer = (|| -> std::io::Result<String> {
+        let mut s = std::net::TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })();
+    match answer {
+        Ok(a) if a.starts_with("HTTP/1.1 200") => Outcome::InSync,
+        Ok(a) => {
+            eprintln!("{}", a.lines().next().unwrap_or("no answer"));
+            Outcome::Failed
+        }
+        Err(e) => {
+            eprintln!("error: {addr}: {e}");
+            Outcome::Failed
         }
     }
 }
