@@ -530,7 +530,9 @@ impl<'a, C: Cloud> Pass<'a, C> {
         stack: &DesiredStack,
         upstream_changed: bool,
     ) -> (StackResult, Option<String>) {
-        let deadline = Instant::now() + stack.timeout;
+        // The timeout counts from when the stack gets its turn, not while it
+        // queues behind the concurrency bound.
+        let mut deadline: Option<Instant> = None;
         let mut change_set = None;
         let mut recreated = false;
         let first = self
@@ -547,7 +549,10 @@ impl<'a, C: Cloud> Pass<'a, C> {
         {
             return (self.settled(first), None);
         }
-        for _ in 0..MAX_STEPS {
+        // Held from the first action that needs it to the end of the stack.
+        let mut permit = None;
+        let mut steps = 0;
+        loop {
             let (observed, p) = match self.replan().await {
                 Ok(x) => x,
                 Err(e) => return (failed(format!("cannot observe: {e}")), change_set),
@@ -557,19 +562,25 @@ impl<'a, C: Cloud> Pass<'a, C> {
                 .iter()
                 .find(|s| s.key == stack.key)
                 .expect("every declared stack is planned");
-            if sp.action.mutates() || matches!(sp.action, StackAction::Wait { .. }) {
+            let acts = sp.action.mutates() || matches!(sp.action, StackAction::Wait { .. });
+            // Concurrency is bounded for everything that operates or waits.
+            // A stack that had to queue for its turn looks again first: the
+            // plan it queued with may be stale.
+            if acts && permit.is_none() {
+                let queued = Instant::now();
+                permit = Some(self.limit.acquire().await.expect("never closed"));
+                if queued.elapsed() > Duration::ZERO {
+                    continue;
+                }
+            }
+            if acts {
                 self.emit(Progress::Started {
                     environment: self.env.name.clone(),
                     stack: stack.key.clone(),
                     action: sp.action.label().to_owned(),
                 });
             }
-            // Concurrency is bounded for everything that operates or waits.
-            let _permit = if sp.action == StackAction::None {
-                None
-            } else {
-                Some(self.limit.acquire().await.expect("never closed"))
-            };
+            let deadline = *deadline.get_or_insert_with(|| Instant::now() + stack.timeout);
             let step = match &sp.action {
                 StackAction::None | StackAction::Blocked { .. } | StackAction::Skip { .. } => {
                     Step::Done(self.settled(sp))
@@ -599,15 +610,19 @@ impl<'a, C: Cloud> Pass<'a, C> {
             };
             match step {
                 Step::Done(r) => return (r, change_set),
-                Step::Replan => continue,
+                Step::Replan if steps + 1 < MAX_STEPS => steps += 1,
+                Step::Replan => {
+                    return (
+                        StackResult::Blocked {
+                            reason: format!(
+                                "still changing after {MAX_STEPS} steps; the next pass continues"
+                            ),
+                        },
+                        change_set,
+                    );
+                }
             }
         }
-        (
-            StackResult::Blocked {
-                reason: format!("still changing after {MAX_STEPS} steps; the next pass continues"),
-            },
-            change_set,
-        )
     }
 
     /// The result of a plan that asks nothing of this pass.
