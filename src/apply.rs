@@ -316,6 +316,7 @@ pub async fn reconcile<C: Cloud>(
         options,
         account: OnceCell::new(),
         templates: Mutex::new(observed.templates.clone()),
+        first: &observed,
         initial: &initial,
         touched: AtomicBool::new(false),
     };
@@ -360,7 +361,8 @@ struct Pass<'a, C> {
     /// Live templates read by the first observation. A stack brought to its
     /// desired revision drops its entry: its template is the desired one.
     templates: Mutex<BTreeMap<String, Template>>,
-    /// The plan from the first observation.
+    /// The first observation, and the plan made from it.
+    first: &'a Observed,
     initial: &'a Plan,
     /// Set by every write and every wait: the first observation is stale.
     touched: AtomicBool,
@@ -552,10 +554,17 @@ impl<'a, C: Cloud> Pass<'a, C> {
         // Held from the first action that needs it to the end of the stack.
         let mut permit = None;
         let mut steps = 0;
+        // The pass's first observation is fresh enough for a stack whose
+        // upstream did nothing, until it has waited or acted.
+        let mut fresh = !upstream_changed;
         loop {
-            let (observed, p) = match self.replan().await {
-                Ok(x) => x,
-                Err(e) => return (failed(format!("cannot observe: {e}")), change_set),
+            let (observed, p) = if std::mem::take(&mut fresh) {
+                (self.first.clone(), self.initial.clone())
+            } else {
+                match self.replan().await {
+                    Ok(x) => x,
+                    Err(e) => return (failed(format!("cannot observe: {e}")), change_set),
+                }
             };
             let sp = p
                 .stacks
@@ -657,7 +666,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
             && d.tags.is_empty()
             && d.termination_protection.is_some()
         {
-            return Step::Done(match self.protect_termination(stack).await {
+            return Step::Done(match self.protect_termination(stack, None).await {
                 Ok(()) => StackResult::Updated,
                 Err(e) => failed(format!("UpdateTerminationProtection: {e}")),
             });
@@ -699,7 +708,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
                 Ok(()) | Err(CloudError::Conflict(_)) => {}
                 // Some endpoints refuse an empty change set outright.
                 Err(CloudError::NoChanges) => {
-                    return Step::Done(match self.protect_termination(stack).await {
+                    return Step::Done(match self.protect_termination(stack, None).await {
                         Ok(()) => StackResult::NoChanges,
                         Err(e) => failed(format!("UpdateTerminationProtection: {e}")),
                     });
@@ -720,7 +729,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
         match &cs.status {
             ChangeSetStatus::NoChanges => {
                 let _ = retry::call(|| self.cloud.delete_change_set(&stack.name, &name)).await;
-                return Step::Done(match self.protect_termination(stack).await {
+                return Step::Done(match self.protect_termination(stack, None).await {
                     Ok(()) => StackResult::NoChanges,
                     Err(e) => failed(format!("UpdateTerminationProtection: {e}")),
                 });
@@ -801,7 +810,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
         };
         match end.status.as_str() {
             "CREATE_COMPLETE" | "UPDATE_COMPLETE" => {
-                if let Err(e) = self.protect_termination(stack).await {
+                if let Err(e) = self.protect_termination(stack, Some(&end)).await {
                     return Step::Done(failed(format!("UpdateTerminationProtection: {e}")));
                 }
                 Step::Done(if kind == ChangeSetKind::Create {
@@ -848,8 +857,16 @@ impl<'a, C: Cloud> Pass<'a, C> {
     }
 
     /// Sets termination protection when the live stack differs from desired.
-    async fn protect_termination(&self, stack: &DesiredStack) -> Result<(), CloudError> {
-        let live = retry::call(|| self.cloud.describe_stack(&stack.name)).await?;
+    /// `known`: the stack as just read, when the caller has it (saves a call).
+    async fn protect_termination(
+        &self,
+        stack: &DesiredStack,
+        known: Option<&Stack>,
+    ) -> Result<(), CloudError> {
+        let live = match known {
+            Some(s) => Some(s.clone()),
+            None => retry::call(|| self.cloud.describe_stack(&stack.name)).await?,
+        };
         if live.is_some_and(|s| s.termination_protection != stack.termination_protection) {
             retry::call(|| {
                 self.cloud

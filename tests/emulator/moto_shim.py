@@ -42,6 +42,12 @@ Patches
    does not route (getmoto/moto#9195). We decode PutMetricData from CBOR and
    hand it to moto's CloudWatch backend, so the metrics stackwarden puts are
    readable with any client that speaks moto's protocols (boto3 in tests).
+10. UpdateStack (or an UPDATE change set) with the same template and the
+   same parameter values is an update in moto whenever the stack has
+   parameters left to their defaults (moto compares the given values with
+   all stored ones); AWS answers "No updates are to be performed". We
+   compare the given values, so the old scripts' steady-state check and
+   stackwarden's no-change detection behave as on AWS.
 """
 
 import argparse
@@ -345,6 +351,12 @@ def _validate_different_update(self, incoming_params, stack_body, old_stack):
     # A tags-only update is an update on AWS (UpdateStack too).
     if tags and tags != (old_stack.tags or {}):
         return
+    # See 10: the same template with the same given values is no update.
+    if incoming_params and stack_body and old_stack.template == stack_body:
+        given = self._get_param_values(incoming_params, old_stack.stack_parameters)
+        old = old_stack.stack_parameters
+        if all(k in old and str(_render(old[k])) == str(_render(v)) for k, v in given.items()):
+            raise ValidationError(old_stack.name, message="No updates are to be performed.")
     _original_validate_different_update(self, incoming_params, stack_body, old_stack)
 
 
