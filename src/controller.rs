@@ -328,6 +328,7 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
                 progress: None,
             };
             let throttles = c.throttles();
+            let calls = c.api_calls();
             let started = Instant::now();
             let pass = apply::reconcile(c, &env, &limit, &options).instrument(span);
             let result = tokio::select! {
@@ -339,6 +340,7 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
             };
             drop(permit);
             let throttled = c.throttles() - throttles;
+            let calls = c.api_calls() - calls;
 
             let ok = match &result {
                 Ok(report) => {
@@ -352,7 +354,10 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
                             ),
                         });
                     }
-                    let m = PassMetrics::from_report(report, throttled);
+                    let m = PassMetrics {
+                        api_calls: calls,
+                        ..PassMetrics::from_report(report, throttled)
+                    };
                     self.publish(&env, &m, Some(report.verdict())).await;
                     self.alert(&env, episodes, &findings).await;
                     let mut status = self.shared.status();
@@ -371,11 +376,14 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
                 }
                 Err(e) => {
                     tracing::error!(message = "Pass failed.", environment = self.name, error = %e);
-                    let m = PassMetrics::from_error(
-                        self.name,
-                        started.elapsed().as_secs_f64(),
-                        throttled,
-                    );
+                    let m = PassMetrics {
+                        api_calls: calls,
+                        ..PassMetrics::from_error(
+                            self.name,
+                            started.elapsed().as_secs_f64(),
+                            throttled,
+                        )
+                    };
                     self.publish(&env, &m, None).await;
                     let findings = vec![Finding {
                         object: "environment".into(),

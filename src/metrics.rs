@@ -25,6 +25,8 @@ pub struct PassMetrics {
     pub errors: u64,
     pub change_sets_executed: u64,
     pub throttles: u64,
+    /// AWS API calls of the pass (not sent to CloudWatch).
+    pub api_calls: u64,
     /// Per stack key: 1 in sync and healthy, 0 not.
     pub stack_in_sync: BTreeMap<String, u64>,
 }
@@ -183,6 +185,7 @@ pub struct Registry {
     errors: BTreeMap<String, u64>,
     change_sets: BTreeMap<String, u64>,
     throttles: BTreeMap<String, u64>,
+    api_calls: BTreeMap<String, u64>,
     alerts: BTreeMap<String, u64>,
 }
 
@@ -200,6 +203,7 @@ impl Registry {
         *self.errors.entry(env.clone()).or_default() += m.errors;
         *self.change_sets.entry(env.clone()).or_default() += m.change_sets_executed;
         *self.throttles.entry(env.clone()).or_default() += m.throttles;
+        *self.api_calls.entry(env.clone()).or_default() += m.api_calls;
         self.last.insert(env, m.clone());
     }
 

@@ -205,6 +205,10 @@ impl Cloud for AwsCloud {
         self.throttles.get()
     }
 
+    fn api_calls(&self) -> u64 {
+        self.calls.get()
+    }
+
     async fn describe_stacks(
         &self,
         names: &BTreeSet<String>,

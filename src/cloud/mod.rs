@@ -279,6 +279,11 @@ pub trait Cloud: Send + Sync {
         0
     }
 
+    /// API calls made so far (pages count one each).
+    fn api_calls(&self) -> u64 {
+        0
+    }
+
     /// The account the credentials belong to (STS GetCallerIdentity).
     fn caller_account(&self) -> impl Future<Output = CloudResult<String>> + Send;
 }

@@ -668,6 +668,10 @@ impl Cloud for SimCloud {
         self.lock().throttled
     }
 
+    fn api_calls(&self) -> u64 {
+        self.total_calls()
+    }
+
     async fn describe_stacks(
         &self,
         names: &BTreeSet<String>,
