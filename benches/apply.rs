@@ -10,33 +10,18 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use stackwarden::apply::{self, Options};
-use stackwarden::cloud::sim::{SimCloud, SimConfig};
+use stackwarden::cloud::sim::{self, SimCloud, SimConfig};
 use stackwarden::observe::Depth;
 use stackwarden::spec;
 use tokio::sync::Semaphore;
-
-/// Minutes per stack operation, as the issue gives them.
-const MINUTES: [(&str, u64); 8] = [
-    ("network", 4),
-    ("dynamodb", 2),
-    ("msk", 25),
-    ("elasticache", 12),
-    ("iam", 1),
-    ("alb", 4),
-    ("ecs-cluster", 2),
-    ("service", 6),
-];
 
 fn main() {
     let env = spec::load(
         &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("desired-state/dev.yaml"),
     )
     .expect("dev loads");
-    let minutes: BTreeMap<&str, u64> = MINUTES.into_iter().collect();
-    let latency: BTreeMap<String, Duration> = minutes
-        .iter()
-        .map(|(k, m)| (env.stacks[*k].name.clone(), Duration::from_secs(m * 60)))
-        .collect();
+    let minutes: BTreeMap<&str, u64> = sim::SERVICE_MINUTES.into_iter().collect();
+    let latency = sim::latencies(&env, &sim::SERVICE_MINUTES);
     let change_set = SimConfig::default().change_set_latency;
 
     // Lower bound: the longest path through the graph, each stack costing

@@ -122,9 +122,7 @@ pub struct CloudWatchSink {
 impl CloudWatchSink {
     pub async fn connect() -> CloudWatchSink {
         CloudWatchSink {
-            config: aws_config::defaults(aws_config::BehaviorVersion::latest())
-                .load()
-                .await,
+            config: crate::cloud::aws::shared_config().await,
         }
     }
 }
@@ -166,11 +164,7 @@ impl MetricsSink for CloudWatchSink {
                 .set_metric_data(Some(chunk.to_vec()))
                 .send()
                 .await
-                .map_err(|e| {
-                    CloudError::Transport(
-                        aws_smithy_types::error::display::DisplayErrorContext(&e).to_string(),
-                    )
-                })?;
+                .map_err(crate::cloud::aws::classify)?;
         }
         Ok(())
     }

@@ -312,9 +312,7 @@ pub struct SnsNotifier {
 impl SnsNotifier {
     pub async fn connect() -> SnsNotifier {
         SnsNotifier {
-            config: aws_config::defaults(aws_config::BehaviorVersion::latest())
-                .load()
-                .await,
+            config: crate::cloud::aws::shared_config().await,
         }
     }
 }
@@ -345,11 +343,7 @@ impl Notifier for SnsNotifier {
             .message_attributes("event", attr(alert.event))
             .send()
             .await
-            .map_err(|e| {
-                CloudError::Transport(
-                    aws_smithy_types::error::display::DisplayErrorContext(&e).to_string(),
-                )
-            })?;
+            .map_err(crate::cloud::aws::classify)?;
         Ok(())
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::Workspace;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use stackwarden::apply::{self, Options, Report, ServiceResult, StackResult};
-use stackwarden::cloud::sim::{SimCloud, SimConfig};
+use stackwarden::cloud::sim::{self, SERVICE_MINUTES, SimCloud, SimConfig};
 use stackwarden::cloud::{ChangeSetKind, ChangeSetRequest, Cloud};
 use stackwarden::observe::Depth;
 use stackwarden::plan::{Health, Verdict};
@@ -26,18 +26,6 @@ const ALL: [&str; 8] = [
     "alb",
     "ecs-cluster",
     "service",
-];
-
-/// Realistic per-stack latencies, in minutes.
-const MINUTES: [(&str, u64); 8] = [
-    ("network", 4),
-    ("dynamodb", 2),
-    ("msk", 25),
-    ("elasticache", 12),
-    ("iam", 1),
-    ("alb", 4),
-    ("ecs-cluster", 2),
-    ("service", 6),
 ];
 
 fn load(ws: &Workspace) -> DesiredEnv {
@@ -74,10 +62,7 @@ fn dev_replacing_the_table() -> DesiredEnv {
 fn config(env: &DesiredEnv, seed: u64) -> SimConfig {
     SimConfig {
         seed,
-        latency: MINUTES
-            .iter()
-            .map(|(k, m)| (env.stacks[*k].name.clone(), Duration::from_secs(m * 60)))
-            .collect(),
+        latency: sim::latencies(env, &SERVICE_MINUTES),
         ..SimConfig::default()
     }
 }
@@ -134,7 +119,7 @@ async fn creating_dev_follows_the_graph_and_a_second_pass_writes_nothing() {
     // Independent stacks overlap: the pass takes the critical path
     // (network 4 + msk 25 + iam 1 + alb 4 + service 6 = 40 min, plus change
     // sets), not the sum of all stacks (56 min).
-    let sum: u64 = MINUTES.iter().map(|(_, m)| m * 60).sum();
+    let sum: u64 = SERVICE_MINUTES.iter().map(|(_, m)| m * 60).sum();
     println!(
         "simulated create of dev: {:.1} min (sequential sum {} min)",
         took.as_secs_f64() / 60.0,

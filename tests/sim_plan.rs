@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use stackwarden::cloud::sim::{SimCloud, SimConfig};
+use stackwarden::cloud::sim::{self, SimCloud, SimConfig};
 use stackwarden::cloud::{ChangeSetKind, ChangeSetRequest, Cloud};
 use stackwarden::observe::{Depth, observe};
 use stackwarden::plan::{Health, Plan, StackAction, Sync, Verdict, plan, resolve_parameters};
@@ -16,25 +16,12 @@ fn dev() -> DesiredEnv {
         .expect("dev loads")
 }
 
-/// Realistic per-stack latencies (minutes).
+/// Realistic per-stack latencies.
 fn config(env: &DesiredEnv, seed: u64, throttle_rate: f64) -> SimConfig {
-    let minutes = [
-        ("network", 4),
-        ("dynamodb", 2),
-        ("msk", 25),
-        ("elasticache", 12),
-        ("iam", 1),
-        ("alb", 4),
-        ("ecs-cluster", 2),
-        ("service", 6),
-    ];
     SimConfig {
         seed,
         throttle_rate,
-        latency: minutes
-            .iter()
-            .map(|(k, m)| (env.stacks[*k].name.clone(), Duration::from_secs(m * 60)))
-            .collect(),
+        latency: sim::latencies(env, &sim::SERVICE_MINUTES),
         ..SimConfig::default()
     }
 }

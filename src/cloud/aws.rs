@@ -100,8 +100,18 @@ impl AwsCloud {
     }
 }
 
+/// The standard AWS configuration (environment, profiles, container and
+/// instance roles; `AWS_ENDPOINT_URL`), for the clients that are not per
+/// environment (SNS, CloudWatch: each call sets its region).
+pub async fn shared_config() -> aws_config::SdkConfig {
+    aws_config::defaults(BehaviorVersion::latest())
+        .retry_config(RetryConfig::adaptive().with_max_attempts(5))
+        .load()
+        .await
+}
+
 /// Maps an SDK error to a [`CloudError`] by its code and message.
-fn classify<E, R>(err: SdkError<E, R>) -> CloudError
+pub(crate) fn classify<E, R>(err: SdkError<E, R>) -> CloudError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     R: std::fmt::Debug + Send + Sync + 'static,

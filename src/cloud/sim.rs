@@ -27,6 +27,36 @@ use super::{
 use crate::policy;
 use crate::template::{Template, references_parameter};
 
+/// Realistic operation times of the service's stacks, in minutes (creating
+/// an MSK cluster takes 25): for simulations that should feel like AWS.
+pub const SERVICE_MINUTES: [(&str, u64); 8] = [
+    ("network", 4),
+    ("dynamodb", 2),
+    ("msk", 25),
+    ("elasticache", 12),
+    ("iam", 1),
+    ("alb", 4),
+    ("ecs-cluster", 2),
+    ("service", 6),
+];
+
+/// Per stack name, the latency of each `(stack key, minutes)` of `minutes`
+/// for the stacks of `env` (as [`SimConfig::latency`] wants it).
+pub fn latencies(
+    env: &crate::spec::DesiredEnv,
+    minutes: &[(&str, u64)],
+) -> BTreeMap<String, Duration> {
+    minutes
+        .iter()
+        .filter_map(|(k, m)| {
+            Some((
+                env.stacks.get(*k)?.name.clone(),
+                Duration::from_secs(m * 60),
+            ))
+        })
+        .collect()
+}
+
 /// Knobs of the simulation. Latencies are per stack name; unlisted stacks
 /// take `default_latency`.
 #[derive(Debug, Clone)]
