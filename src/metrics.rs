@@ -299,6 +299,11 @@ impl Registry {
                 &self.throttles,
             ),
             (
+                "stackwarden_aws_calls_total",
+                "AWS API calls made by passes.",
+                &self.api_calls,
+            ),
+            (
                 "stackwarden_alerts_total",
                 "Alerts published.",
                 &self.alerts,
@@ -330,6 +335,7 @@ mod tests {
         let mut r = Registry::default();
         let m = PassMetrics {
             environment: "dev".into(),
+            api_calls: 10,
             stacks_in_sync: 7,
             stacks_drifted: 1,
             duration_seconds: 0.5,
@@ -349,6 +355,7 @@ mod tests {
             text.contains("stackwarden_passes_total{environment=\"dev\",result=\"differences\"} 2")
         );
         assert!(text.contains("stackwarden_change_sets_executed_total{environment=\"dev\"} 4"));
+        assert!(text.contains("stackwarden_aws_calls_total{environment=\"dev\"} 20"));
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let value = line.rsplit(' ').next().unwrap();
             assert!(value.parse::<f64>().is_ok(), "{line}");

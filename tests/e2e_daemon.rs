@@ -205,6 +205,10 @@ async fn the_daemon_converges_alerts_once_publishes_metrics_and_stops_on_sigterm
         metrics.contains("stackwarden_stacks{environment=\"dev\",state=\"in_sync\"} 8"),
         "{metrics}"
     );
+    assert!(
+        metrics.contains("stackwarden_aws_calls_total{environment=\"dev\"}"),
+        "{metrics}"
+    );
     assert_eq!(d.get("/nope").0, 404);
     // The container health check.
     let hc = common::run(common::stackwarden().args([
