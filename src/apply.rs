@@ -26,8 +26,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::cloud::{
-    ChangeSet, ChangeSetKind, ChangeSetRequest, ChangeSetStatus, Cloud, CloudError, Stack,
-    StackEvent,
+    ChangeSet, ChangeSetKind, ChangeSetStatus, Cloud, CloudError, Stack, StackEvent,
 };
 use crate::diff::TemplateDiff;
 use crate::observe::{self, Depth, observe};
@@ -694,15 +693,13 @@ impl<'a, C: Cloud> Pass<'a, C> {
             false
         };
         if !reused {
-            let request = ChangeSetRequest {
-                stack_name: stack.name.clone(),
-                change_set_name: name.clone(),
+            let request = stack.change_set_request(
+                &self.env.name,
+                name.clone(),
                 kind,
-                template_body: stack.template_body.clone(),
-                parameters: parameters.clone(),
-                tags: stack.tags_with_ownership(&self.env.name),
-                description: format!("stackwarden revision {}", stack.revision),
-            };
+                parameters.clone(),
+                format!("stackwarden revision {}", stack.revision),
+            );
             match retry::call(|| self.cloud.create_change_set(&request)).await {
                 // Made by a pass that crashed between create and our list.
                 Ok(()) | Err(CloudError::Conflict(_)) => {}

@@ -306,12 +306,7 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
                 p = self.envs_limit.acquire() => p.expect("never closed"),
                 _ = shutdown.changed() => break,
             };
-            let key = (
-                env.assume_role
-                    .as_ref()
-                    .map_or_else(|| "default".to_owned(), |r| r.role_arn.clone()),
-                env.region.clone(),
-            );
+            let key = env.account_region();
             if cloud.as_ref().is_none_or(|(k, _)| *k != key) {
                 cloud = Some((key.clone(), self.connect.connect(&env).await));
             }
@@ -501,7 +496,7 @@ fn objects(report: &apply::Report) -> Vec<ObjectStatus> {
     p.stacks
         .iter()
         .map(|s| ObjectStatus {
-            object: format!("stack:{}", if s.key.is_empty() { &s.name } else { &s.key }),
+            object: format!("stack:{}", s.id()),
             sync: s.sync,
             health: s.health,
             reason: s.reason.clone(),

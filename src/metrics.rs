@@ -56,9 +56,8 @@ impl PassMetrics {
             } else {
                 m.stacks_drifted += 1;
             }
-            let key = if s.key.is_empty() { &s.name } else { &s.key };
             m.stack_in_sync
-                .insert(key.clone(), u64::from(clean && !failed));
+                .insert(s.id().to_owned(), u64::from(clean && !failed));
         }
         for s in &report.final_plan.services {
             if s.health == Health::Healthy && s.action == ServiceAction::None {

@@ -105,7 +105,7 @@ pub fn findings(report: &Report) -> Vec<Finding> {
         }
     }
     for s in &report.final_plan.stacks {
-        let object = format!("stack:{}", if s.key.is_empty() { &s.name } else { &s.key });
+        let object = format!("stack:{}", s.id());
         if told.contains(&object) {
             continue;
         }

@@ -131,6 +131,18 @@ pub struct StackPlan {
     pub diff: Option<StackDiff>,
 }
 
+impl StackPlan {
+    /// How to name the stack to people: its key, or its name for an orphan
+    /// (which has no key).
+    pub fn id(&self) -> &str {
+        if self.key.is_empty() {
+            &self.name
+        } else {
+            &self.key
+        }
+    }
+}
+
 /// What to do about one ECS service.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]

@@ -334,6 +334,27 @@ impl DesiredStack {
         format!("{CHANGE_SET_PREFIX}{}", &self.revision[..12])
     }
 
+    /// The request for a change set `name` of this stack: its template, the
+    /// resolved `parameters`, and its tags with stackwarden's own.
+    pub fn change_set_request(
+        &self,
+        environment: &str,
+        name: String,
+        kind: crate::cloud::ChangeSetKind,
+        parameters: BTreeMap<String, String>,
+        description: String,
+    ) -> crate::cloud::ChangeSetRequest {
+        crate::cloud::ChangeSetRequest {
+            stack_name: self.name.clone(),
+            change_set_name: name,
+            kind,
+            template_body: self.template_body.clone(),
+            parameters,
+            tags: self.tags_with_ownership(environment),
+            description,
+        }
+    }
+
     /// Parameters whose values must never be shown.
     pub fn secret_parameters(&self) -> BTreeSet<String> {
         self.template
@@ -367,6 +388,18 @@ pub struct DesiredEnv {
 }
 
 impl DesiredEnv {
+    /// Who and where stackwarden acts for this environment: the role it
+    /// assumes (`default` for the caller's own credentials) and the region.
+    /// Environments with the same key share clients and one concurrency bound.
+    pub fn account_region(&self) -> (String, String) {
+        (
+            self.assume_role
+                .as_ref()
+                .map_or_else(|| "default".to_owned(), |r| r.role_arn.clone()),
+            self.region.clone(),
+        )
+    }
+
     /// Stack keys in dependency order.
     pub fn order(&self) -> impl Iterator<Item = &DesiredStack> {
         self.waves.iter().flatten().map(|k| &self.stacks[k])

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use stackwarden::cloud::sim::{self, SimCloud, SimConfig};
-use stackwarden::cloud::{ChangeSetKind, ChangeSetRequest, Cloud};
+use stackwarden::cloud::{ChangeSetKind, Cloud};
 use stackwarden::observe::{Depth, observe};
 use stackwarden::plan::{Health, Plan, StackAction, Sync, Verdict, plan, resolve_parameters};
 use stackwarden::retry;
@@ -32,15 +32,13 @@ async fn start_create(cloud: &SimCloud, env: &DesiredEnv, key: &str) {
     let observed = observe(cloud, env, Depth::Fast).await.expect("observe");
     let stack = &env.stacks[key];
     let parameters = resolve_parameters(stack, env, &observed).expect("upstream outputs exist");
-    let request = ChangeSetRequest {
-        stack_name: stack.name.clone(),
-        change_set_name: format!("stackwarden-{}", &stack.revision[..12]),
-        kind: ChangeSetKind::Create,
-        template_body: stack.template_body.clone(),
+    let request = stack.change_set_request(
+        &env.name,
+        stack.change_set_name(),
+        ChangeSetKind::Create,
         parameters,
-        tags: stack.tags_with_ownership(&env.name),
-        description: String::new(),
-    };
+        String::new(),
+    );
     retry::call(|| cloud.create_change_set(&request))
         .await
         .expect("create change set");

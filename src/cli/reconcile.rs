@@ -42,11 +42,11 @@ pub(super) async fn once(
     let mut limits: BTreeMap<(String, String), Arc<Semaphore>> = BTreeMap::new();
     for env in &envs {
         limits
-            .entry(limit_key(env))
+            .entry(env.account_region())
             .or_insert_with(|| Arc::new(Semaphore::new(max_parallel)));
     }
     let runs = envs.iter().map(|env| {
-        let limit = limits[&limit_key(env)].clone();
+        let limit = limits[&env.account_region()].clone();
         let options = options.clone();
         async move {
             let cloud = AwsCloud::connect(&env.region, env.assume_role.as_ref()).await;
@@ -130,15 +130,6 @@ async fn send_alerts(results: &[(&DesiredEnv, Result<Report, apply::ApplyError>,
             eprintln!("warning: {}: alert not sent: {e}", env.name);
         }
     }
-}
-
-fn limit_key(env: &DesiredEnv) -> (String, String) {
-    (
-        env.assume_role
-            .as_ref()
-            .map_or_else(|| "default".to_owned(), |r| r.role_arn.clone()),
-        env.region.clone(),
-    )
 }
 
 /// Prints progress lines to stderr until every sender is gone: each
@@ -250,13 +241,7 @@ fn print_report(env: &DesiredEnv, report: &Report) {
         .filter(|s| {
             s.action != crate::plan::StackAction::None || s.sync != crate::plan::Sync::InSync
         })
-        .map(|s| {
-            format!(
-                "{} ({})",
-                if s.key.is_empty() { &s.name } else { &s.key },
-                s.reason
-            )
-        })
+        .map(|s| format!("{} ({})", s.id(), s.reason))
         .chain(
             report
                 .final_plan

@@ -113,15 +113,13 @@ async fn preview_change_sets<C: Cloud>(
                 continue;
             }
         };
-        let request = ChangeSetRequest {
-            stack_name: stack.name.clone(),
-            change_set_name: format!("stackwarden-preview-{}", &stack.revision[..12]),
+        let request = stack.change_set_request(
+            &env.name,
+            format!("stackwarden-preview-{}", &stack.revision[..12]),
             kind,
-            template_body: stack.template_body.clone(),
             parameters,
-            tags: stack.tags_with_ownership(&env.name),
-            description: format!("stackwarden plan preview of revision {}", stack.revision),
-        };
+            format!("stackwarden plan preview of revision {}", stack.revision),
+        );
         let result = preview_one(cloud, &request).await;
         // Always clean up, whatever happened.
         let _ =
@@ -189,13 +187,7 @@ fn print_text(env: &DesiredEnv, plan: &Plan, previews: &[Preview], show: Show) {
     let w = plan
         .stacks
         .iter()
-        .map(|s| {
-            if s.key.is_empty() {
-                s.name.len()
-            } else {
-                s.key.len()
-            }
-        })
+        .map(|s| s.id().len())
         .max()
         .unwrap_or(5)
         .max(5);
@@ -210,11 +202,7 @@ fn print_text(env: &DesiredEnv, plan: &Plan, previews: &[Preview], show: Show) {
         ),
     }
     for s in &plan.stacks {
-        let key = if s.key.is_empty() {
-            s.name.as_str()
-        } else {
-            s.key.as_str()
-        };
+        let key = s.id();
         let wave = if s.wave == 0 {
             "-".to_owned()
         } else {
