@@ -713,15 +713,15 @@ impl<'a, C: Cloud> Pass<'a, C> {
                 Err(e) => return Step::Done(failed(format!("CreateChangeSet: {e}"))),
             }
         }
-        let cs = match self.wait_change_set(stack, &name, deadline).await {
-            Ok(cs) => cs,
-            Err(Waited::TimedOut(_)) => {
+        let cs = match computed_change_set(self.cloud, &stack.name, &name, deadline).await {
+            Ok(Some(cs)) => cs,
+            Ok(None) => {
                 return Step::Done(StackResult::TimedOut {
                     status: "change set CREATE_PENDING".into(),
                     ours: true,
                 });
             }
-            Err(Waited::Error(e)) => return Step::Done(failed(format!("change set: {e}"))),
+            Err(e) => return Step::Done(failed(format!("change set: {e}"))),
         };
         match &cs.status {
             ChangeSetStatus::NoChanges => {
@@ -965,27 +965,6 @@ impl<'a, C: Cloud> Pass<'a, C> {
             None,
             start,
         )
-    }
-
-    /// Waits for a change set to be computed.
-    async fn wait_change_set(
-        &self,
-        stack: &DesiredStack,
-        name: &str,
-        deadline: Instant,
-    ) -> Result<ChangeSet, Waited> {
-        let mut backoff = retry::poll_backoff();
-        loop {
-            match self.cloud.describe_change_set(&stack.name, name).await {
-                Ok(cs) if cs.status != ChangeSetStatus::Pending => return Ok(cs),
-                Ok(_) => {}
-                Err(e) if e.is_transient() => {}
-                Err(e) => return Err(Waited::Error(e)),
-            }
-            pause(&mut backoff, deadline)
-                .await
-                .map_err(|()| Waited::TimedOut("change set pending".into()))?;
-        }
     }
 
     /// Waits until no operation is in flight on the stack.
@@ -1241,6 +1220,32 @@ impl<'a, C: Cloud> Pass<'a, C> {
 enum Waited {
     TimedOut(String),
     Error(CloudError),
+}
+
+/// Polls a change set until it is computed (any status but pending), with
+/// the poll backoff; throttled polls just poll later.
+///
+/// # Errors
+/// A cloud error other than throttling. `Ok(None)`: still pending at
+/// `deadline`.
+pub async fn computed_change_set<C: Cloud>(
+    cloud: &C,
+    stack: &str,
+    name: &str,
+    deadline: Instant,
+) -> Result<Option<ChangeSet>, CloudError> {
+    let mut backoff = retry::poll_backoff();
+    loop {
+        match cloud.describe_change_set(stack, name).await {
+            Ok(cs) if cs.status != ChangeSetStatus::Pending => return Ok(Some(cs)),
+            Ok(_) => {}
+            Err(e) if e.is_transient() => {}
+            Err(e) => return Err(e),
+        }
+        if pause(&mut backoff, deadline).await.is_err() {
+            return Ok(None);
+        }
+    }
 }
 
 /// Sleeps for the next poll interval, or fails when the deadline is reached.

@@ -120,7 +120,7 @@ async fn preview_change_sets<C: Cloud>(
             parameters,
             format!("stackwarden plan preview of revision {}", stack.revision),
         );
-        let result = preview_one(cloud, &request).await;
+        let result = preview_one(cloud, &request, stack.timeout).await;
         // Always clean up, whatever happened.
         let _ =
             retry::call(|| cloud.delete_change_set(&request.stack_name, &request.change_set_name))
@@ -143,26 +143,32 @@ async fn preview_change_sets<C: Cloud>(
     out
 }
 
+/// Creates the change set and reads its changes, waiting at most `timeout`
+/// (the stack's operation timeout) for AWS to compute it.
 async fn preview_one<C: Cloud>(
     cloud: &C,
     request: &ChangeSetRequest,
+    timeout: std::time::Duration,
 ) -> Result<Vec<ResourceChange>, CloudError> {
     retry::call(|| cloud.create_change_set(request)).await?;
-    let mut backoff = retry::poll_backoff();
-    loop {
-        let cs = retry::call(|| {
-            cloud.describe_change_set(&request.stack_name, &request.change_set_name)
-        })
-        .await?;
-        match cs.status {
-            ChangeSetStatus::Ready => return Ok(cs.changes),
-            ChangeSetStatus::NoChanges => return Ok(vec![]),
-            ChangeSetStatus::Failed(why) => return Err(CloudError::Validation(why)),
-            _ => {
-                use backoff::backoff::Backoff;
-                tokio::time::sleep(backoff.next_backoff().unwrap_or(retry::POLL_MAX)).await;
-            }
-        }
+    let deadline = tokio::time::Instant::now() + timeout;
+    let computed = crate::apply::computed_change_set(
+        cloud,
+        &request.stack_name,
+        &request.change_set_name,
+        deadline,
+    )
+    .await?;
+    let Some(cs) = computed else {
+        return Err(CloudError::Transport(format!(
+            "change set still being computed after {}",
+            humantime::format_duration(timeout)
+        )));
+    };
+    match cs.status {
+        ChangeSetStatus::NoChanges => Ok(vec![]),
+        ChangeSetStatus::Failed(why) => Err(CloudError::Validation(why)),
+        _ => Ok(cs.changes),
     }
 }
 
