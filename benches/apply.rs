@@ -6,7 +6,6 @@
 //!
 //! Run: `cargo bench --bench apply`. It reports; it asserts nothing.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use stackwarden::apply::{self, Options};
@@ -15,33 +14,18 @@ use stackwarden::observe::Depth;
 use stackwarden::spec;
 use tokio::sync::Semaphore;
 
+mod common;
+use common::critical_and_sum;
+
 fn main() {
     let env = spec::load(
         &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("desired-state/dev.yaml"),
     )
     .expect("dev loads");
-    let minutes: BTreeMap<&str, u64> = sim::SERVICE_MINUTES.into_iter().collect();
     let latency = sim::latencies(&env, &sim::SERVICE_MINUTES);
     let change_set = SimConfig::default().change_set_latency;
 
-    // Lower bound: the longest path through the graph, each stack costing
-    // its operation plus computing its change set.
-    let mut finish: BTreeMap<&str, Duration> = BTreeMap::new();
-    for s in env.order() {
-        let start = s
-            .depends_on
-            .iter()
-            .map(|d| finish[d.as_str()])
-            .max()
-            .unwrap_or_default();
-        let cost = Duration::from_secs(minutes[s.key.as_str()] * 60) + change_set;
-        finish.insert(s.key.as_str(), start + cost);
-    }
-    let critical = finish.values().max().copied().unwrap_or_default();
-    let sequential: Duration = env
-        .order()
-        .map(|s| Duration::from_secs(minutes[s.key.as_str()] * 60) + change_set)
-        .sum();
+    let (critical, sequential) = critical_and_sum(&env, &latency, change_set);
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -20,6 +20,9 @@ use stackwarden::plan::plan;
 use stackwarden::spec::{self, DesiredEnv};
 use tokio::sync::Semaphore;
 
+mod common;
+use common::critical_and_sum;
+
 const TEMPLATE: &str = r#"Parameters:
   Name: {Type: String}
   Up0: {Type: String, Default: ""}
@@ -76,27 +79,6 @@ fn synthetic(
     std::fs::write(&file, yaml).unwrap();
     let env = spec::load(&file).unwrap_or_else(|e| panic!("{e}"));
     (env, latency)
-}
-
-fn critical_and_sum(
-    env: &DesiredEnv,
-    latency: &BTreeMap<String, Duration>,
-    cs: Duration,
-) -> (Duration, Duration) {
-    let mut finish: BTreeMap<&str, Duration> = BTreeMap::new();
-    let mut sum = Duration::ZERO;
-    for s in env.order() {
-        let cost = latency[&s.name] + cs;
-        let start = s
-            .depends_on
-            .iter()
-            .map(|d| finish[d.as_str()])
-            .max()
-            .unwrap_or_default();
-        finish.insert(&s.key, start + cost);
-        sum += cost;
-    }
-    (finish.values().max().copied().unwrap_or_default(), sum)
 }
 
 /// Real elapsed time: the simulated passes run on a paused clock.
