@@ -247,6 +247,11 @@ pub struct Report {
     /// The plan from the observation after applying: the truth at the end.
     #[serde(rename = "final")]
     pub final_plan: Plan,
+    /// Why the observation after applying failed, if it did. The report
+    /// still tells what was done; `final` is then the plan the pass started
+    /// from, and the verdict is `Failed` (the end state is unknown).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub final_observation_error: Option<String>,
     pub seconds: f64,
 }
 
@@ -254,7 +259,8 @@ impl Report {
     /// `Failed` when an operation failed (or ours timed out) or the final
     /// state holds a failed object; otherwise the final plan's verdict.
     pub fn verdict(&self) -> Verdict {
-        let failed = self.stacks.iter().any(|s| s.result.failed())
+        let failed = self.final_observation_error.is_some()
+            || self.stacks.iter().any(|s| s.result.failed())
             || self.services.iter().any(|s| s.result.failed());
         if failed {
             Verdict::Failed
@@ -324,19 +330,33 @@ pub async fn reconcile<C: Cloud>(
 
     // Nothing written and nothing waited on: the first observation is
     // still the truth, and a steady-state pass costs one observation.
-    let (final_observed, final_plan) = if pass.touched() {
-        let o = observe(cloud, env, Depth::Fast)
-            .await
-            .map_err(ApplyError::Observe)?;
-        let p = plan(env, &o);
-        (o, p)
+    // A failed final observation does not lose the report of what was
+    // done: it becomes part of the report.
+    let (final_observed, final_plan, final_observation_error) = if pass.touched() {
+        match observe(cloud, env, Depth::Fast).await {
+            Ok(o) => {
+                let p = plan(env, &o);
+                (Some(o), p, None)
+            }
+            Err(e) => {
+                tracing::error!(message = "Final observation failed.", environment = %env.name, error = %e);
+                (
+                    None,
+                    initial.clone(),
+                    Some(format!("cannot observe after applying: {e}")),
+                )
+            }
+        }
     } else {
-        (observed, initial.clone())
+        (Some(observed), initial.clone(), None)
     };
     let stacks = stacks
         .into_iter()
         .map(|mut r| {
-            r.final_status = final_observed.stacks.get(&r.name).map(|s| s.status.clone());
+            r.final_status = final_observed
+                .as_ref()
+                .and_then(|o| o.stacks.get(&r.name))
+                .map(|s| s.status.clone());
             r
         })
         .collect();
@@ -346,6 +366,7 @@ pub async fn reconcile<C: Cloud>(
         stacks,
         services,
         final_plan,
+        final_observation_error,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
@@ -588,7 +609,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
                     action: sp.action.label().to_owned(),
                 });
             }
-            let deadline = *deadline.get_or_insert_with(|| Instant::now() + stack.timeout);
+            let deadline = *deadline.get_or_insert_with(|| retry::instant_after(stack.timeout));
             let step = match &sp.action {
                 StackAction::None | StackAction::Blocked { .. } | StackAction::Skip { .. } => {
                     Step::Done(self.settled(sp))
@@ -946,7 +967,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
         let result = match &sp.action {
             StackAction::Prune => {
                 let _permit = self.limit.acquire().await.expect("never closed");
-                let deadline = Instant::now() + crate::spec::DEFAULT_OPERATION_TIMEOUT;
+                let deadline = retry::instant_after(crate::spec::DEFAULT_OPERATION_TIMEOUT);
                 match self.delete(&sp.name, sp, deadline).await {
                     Step::Replan => StackResult::Pruned,
                     Step::Done(r) => r,
@@ -1169,7 +1190,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
             .stacks
             .get(&sp.stack)
             .map_or(crate::spec::DEFAULT_OPERATION_TIMEOUT, |s| s.timeout);
-        let deadline = Instant::now() + timeout;
+        let deadline = retry::instant_after(timeout);
         let mut backoff = retry::poll_backoff();
         loop {
             match self

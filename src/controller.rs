@@ -114,6 +114,9 @@ pub struct EnvStatus {
 pub struct Shared {
     status: Mutex<BTreeMap<String, EnvStatus>>,
     registry: Mutex<Registry>,
+    /// By when each environment's loop must show progress again; past it,
+    /// the loop is stalled and `/healthz` says so.
+    due: Mutex<BTreeMap<String, Instant>>,
 }
 
 impl Shared {
@@ -123,6 +126,33 @@ impl Shared {
 
     fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records that `environment`'s loop is alive and will show progress
+    /// again before `due`.
+    pub fn expect_progress_by(&self, environment: &str, due: Instant) {
+        self.due
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(environment.to_owned(), due);
+    }
+
+    /// Live while every environment loop shows progress when it said it
+    /// would: a loop that stops passing (wedged on a call, a file, a lock)
+    /// makes the process unhealthy, so an orchestrator restarts it rather
+    /// than trusting a controller that answers HTTP and does nothing.
+    pub fn liveness(&self) -> Result<(), String> {
+        let now = Instant::now();
+        let due = self.due.lock().unwrap_or_else(|p| p.into_inner());
+        for (name, at) in due.iter() {
+            if now > *at {
+                return Err(format!(
+                    "{name}: the pass loop is stalled (no progress for {} past its deadline)",
+                    humantime::format_duration(Duration::from_secs((now - *at).as_secs()))
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Ready once every environment has had a pass and none of the last
@@ -247,10 +277,14 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
         let mut next = Instant::now();
         let mut watch = tokio::time::interval(self.settings.watch_every);
         watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // While idle the loop comes round at least every `watch_every`.
+        let idle_bound = self.settings.watch_every * 3 + Duration::from_secs(60);
         loop {
             if *shutdown.borrow() {
                 break;
             }
+            self.shared
+                .expect_progress_by(self.name, crate::retry::instant_after(idle_bound));
             let why = tokio::select! {
                 _ = tokio::time::sleep_until(next) => "scheduled",
                 r = hup.recv() => match r {
@@ -291,7 +325,9 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
             seen = fingerprint(&watched);
             let Some(env) = last_good.clone() else {
                 self.record_error(load_error.clone(), load_error.clone(), None);
-                next = Instant::now() + backoff.next_backoff().unwrap_or(self.settings.backoff_max);
+                next = crate::retry::instant_after(
+                    backoff.next_backoff().unwrap_or(self.settings.backoff_max),
+                );
                 continue;
             };
             let episodes = episodes.get_or_insert_with(|| {
@@ -302,6 +338,17 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
                 )
             });
 
+            // A pass (and the wait for its turn behind other environments)
+            // is bounded by its stacks' timeouts, run one after another.
+            let pass_bound = env
+                .stacks
+                .values()
+                .map(|s| s.timeout)
+                .fold(Duration::from_secs(600), Duration::saturating_add);
+            self.shared.expect_progress_by(
+                self.name,
+                crate::retry::instant_after(pass_bound.saturating_mul(2)),
+            );
             let permit = tokio::select! {
                 p = self.envs_limit.acquire() => p.expect("never closed"),
                 _ = shutdown.changed() => break,
@@ -396,7 +443,7 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
             let wait = if ok {
                 backoff.reset();
                 let f = 1.0 + self.settings.jitter * rng.gen_range(-1.0..=1.0);
-                self.settings.interval.mul_f64(f.max(0.0))
+                self.settings.interval.mul_f64(f.clamp(0.0, 2.0))
             } else {
                 backoff.next_backoff().unwrap_or(self.settings.backoff_max)
             };
@@ -404,7 +451,7 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
                 message = "Next pass scheduled.",
                 in_seconds = wait.as_secs_f64()
             );
-            next = Instant::now() + wait;
+            next = crate::retry::instant_after(wait);
         }
         tracing::info!(
             message = "Environment loop stopped.",
@@ -477,9 +524,15 @@ fn fingerprint(files: &[PathBuf]) -> Vec<u8> {
     let mut h = Sha256::new();
     for f in files {
         h.update(f.as_os_str().as_encoded_bytes());
-        match std::fs::read(f) {
+        // Bounded and non-blocking: a FIFO or /dev/zero named here must not
+        // wedge the pass loop (the load then reports what is wrong).
+        let limit = crate::files::MAX_TEMPLATE_BYTES.max(crate::files::MAX_DESIRED_STATE_BYTES);
+        match crate::files::read_bytes(f, limit) {
             Ok(bytes) => h.update(&bytes),
-            Err(_) => h.update(b"\0absent"),
+            Err(e) => {
+                h.update(b"\0unreadable: ");
+                h.update(e.to_string().as_bytes());
+            }
         }
     }
     h.finalize().to_vec()
@@ -508,4 +561,25 @@ fn objects(report: &apply::Report) -> Vec<ObjectStatus> {
             reason: s.reason.clone(),
         }))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_loop_that_misses_its_deadline_makes_the_process_unhealthy() {
+        let shared = Shared::default();
+        assert_eq!(shared.liveness(), Ok(()));
+        shared.expect_progress_by("dev", Instant::now() + Duration::from_secs(60));
+        shared.expect_progress_by("prod", Instant::now() + Duration::from_secs(600));
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert_eq!(shared.liveness(), Ok(()));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let why = shared.liveness().unwrap_err();
+        assert!(why.starts_with("dev: the pass loop is stalled"), "{why}");
+        // Progress again: healthy again.
+        shared.expect_progress_by("dev", Instant::now() + Duration::from_secs(60));
+        assert_eq!(shared.liveness(), Ok(()));
+    }
 }

@@ -1,4 +1,5 @@
-//! The daemon's HTTP endpoints: `/healthz` (the process answers),
+//! The daemon's HTTP endpoints: `/healthz` (the process answers and every
+//! environment's pass loop keeps making progress),
 //! `/readyz` (first pass done, last pass not failing on stackwarden's side),
 //! `/metrics` (Prometheus text) and `/status` (JSON per environment).
 //!
@@ -67,7 +68,10 @@ async fn answer(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = path.split('?').next().unwrap_or("");
     let (status, content_type, body) = match (method, path) {
-        ("GET", "/healthz") => (200, "text/plain", "ok\n".to_owned()),
+        ("GET", "/healthz") => match shared.liveness() {
+            Ok(()) => (200, "text/plain", "ok\n".to_owned()),
+            Err(why) => (503, "text/plain", format!("unhealthy: {why}\n")),
+        },
         ("GET", "/readyz") => match shared.readiness() {
             Ok(()) => (200, "text/plain", "ready\n".to_owned()),
             Err(why) => (503, "text/plain", format!("not ready: {why}\n")),

@@ -10,6 +10,7 @@ pub mod cloud;
 pub mod controller;
 pub mod diff;
 pub mod endpoints;
+pub mod files;
 pub mod metrics;
 pub mod notify;
 pub mod observe;

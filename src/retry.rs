@@ -20,6 +20,18 @@ pub const POLL_MAX: Duration = Duration::from_secs(30);
 /// Attempts of one call while it is throttled or the network fails.
 const CALL_ATTEMPTS: u32 = 8;
 
+/// The instant `d` from now, saturating far in the future instead of
+/// overflowing: no duration, however large, may panic the process.
+pub fn instant_after(d: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(d)
+        .or_else(|| now.checked_add(FAR_FUTURE))
+        .unwrap_or(now)
+}
+
+/// A point further away than any real wait (about 30 years).
+const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
+
 /// Backoff for polling an operation: 200 ms growing x1.5 with 30% jitter to 30 s, no end.
 pub fn poll_backoff() -> ExponentialBackoff {
     ExponentialBackoff {

@@ -41,7 +41,18 @@ pub const DEFAULT_PROTECTED_TYPES: &[&str] = &[
 
 /// How long one stack operation may take unless the desired state says.
 pub const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(60 * 60);
+/// Bounds of `operation_timeout` and a stack's `timeout`. The longest
+/// CloudFormation operations (a large RDS or MSK cluster) take hours, not
+/// days; a longer timeout only hides a stuck stack.
+pub const OPERATION_TIMEOUT_RANGE: (Duration, Duration) =
+    (Duration::from_secs(60), Duration::from_secs(72 * 60 * 60));
 const DEFAULT_ALERT_REPEAT: Duration = Duration::from_secs(6 * 60 * 60);
+/// Bounds of `alerts.repeat_after`: a reminder more often than every
+/// minute is noise, one rarer than every 30 days is silence.
+pub const ALERT_REPEAT_RANGE: (Duration, Duration) = (
+    Duration::from_secs(60),
+    Duration::from_secs(30 * 24 * 60 * 60),
+);
 
 /// One problem in a desired-state file (or a template it names).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -183,6 +194,10 @@ struct RawEnv {
     policy: RawPolicy,
     #[serde(default)]
     operation_timeout: Option<HumanDuration>,
+    /// Templates must resolve (symlinks included) inside the repository
+    /// holding the desired-state folder unless this is set.
+    #[serde(default)]
+    allow_templates_outside_repository: bool,
     stacks: serde_yaml::Mapping,
 }
 
@@ -444,14 +459,15 @@ pub fn discover(dir: &Path) -> std::io::Result<BTreeMap<String, PathBuf>> {
 /// # Errors
 /// Every problem found, each with file, line, column and field.
 pub fn load(file: &Path) -> Result<DesiredEnv, SpecErrors> {
-    let text = std::fs::read_to_string(file).map_err(|e| {
-        SpecErrors(vec![SpecError {
-            file: file.to_owned(),
-            pos: Pos { line: 1, column: 1 },
-            path: String::new(),
-            message: format!("cannot read: {e}"),
-        }])
-    })?;
+    let text =
+        crate::files::read_text(file, crate::files::MAX_DESIRED_STATE_BYTES).map_err(|e| {
+            SpecErrors(vec![SpecError {
+                file: file.to_owned(),
+                pos: Pos { line: 1, column: 1 },
+                path: String::new(),
+                message: format!("cannot read: {e}"),
+            }])
+        })?;
     Loader::new(file).load(&text)
 }
 
@@ -461,6 +477,8 @@ struct Loader {
     errors: Vec<SpecError>,
     /// Every stack key of the file, loaded or not.
     declared: BTreeSet<String>,
+    /// Where templates must resolve to; `None` when the file opts out.
+    template_root: Option<PathBuf>,
 }
 
 impl Loader {
@@ -470,6 +488,7 @@ impl Loader {
             dir: file.parent().unwrap_or(Path::new(".")).to_owned(),
             errors: Vec::new(),
             declared: BTreeSet::new(),
+            template_root: None,
         }
     }
 
@@ -507,6 +526,16 @@ impl Loader {
             }
         };
         self.check_environment(&doc, &raw);
+        if !raw.allow_templates_outside_repository {
+            match crate::files::repository_root(&self.dir) {
+                Ok(root) => self.template_root = Some(root),
+                Err(e) => {
+                    let msg = format!("cannot resolve the folder {}: {e}", self.dir.display());
+                    self.error_at(&doc, "", msg);
+                    return Err(SpecErrors(self.errors));
+                }
+            }
+        }
         self.declared = raw
             .stacks
             .keys()
@@ -540,6 +569,18 @@ impl Loader {
             }
         }
         let policy = self.check_policy(&doc, &raw.policy, &raw_stacks, &templates);
+        if let Some(d) = raw.operation_timeout {
+            self.check_duration(&doc, "operation_timeout", d.0, OPERATION_TIMEOUT_RANGE);
+        }
+        if let Some(d) = raw.alerts.as_ref().and_then(|a| a.repeat_after) {
+            self.check_duration(&doc, "alerts.repeat_after", d.0, ALERT_REPEAT_RANGE);
+        }
+        for (key, s) in &raw_stacks {
+            if let Some(d) = s.timeout {
+                let path = format!("stacks.{key}.timeout");
+                self.check_duration(&doc, &path, d.0, OPERATION_TIMEOUT_RANGE);
+            }
+        }
         let env_timeout = raw
             .operation_timeout
             .map_or(DEFAULT_OPERATION_TIMEOUT, |d| d.0);
@@ -725,6 +766,29 @@ impl Loader {
         })
     }
 
+    /// Every duration is bounded at load time, so that nothing downstream
+    /// (deadlines, sleeps, backoff) can overflow on a value that validated.
+    fn check_duration(
+        &mut self,
+        doc: &Document,
+        path: &str,
+        d: Duration,
+        (min, max): (Duration, Duration),
+    ) {
+        if d < min || d > max {
+            self.error_at(
+                doc,
+                path,
+                format!(
+                    "{} is out of range: must be between {} and {}",
+                    humantime::format_duration(d),
+                    humantime::format_duration(min),
+                    humantime::format_duration(max)
+                ),
+            );
+        }
+    }
+
     fn check_environment(&mut self, doc: &Document, raw: &RawEnv) {
         let stem = self.file.file_stem().and_then(|s| s.to_str()).unwrap_or("");
         if raw.environment != stem {
@@ -785,14 +849,35 @@ impl Loader {
         rel: &str,
     ) -> Option<(PathBuf, String, Template)> {
         let path = normalize(&self.dir.join(rel));
-        let body = match std::fs::read_to_string(&path) {
+        let field = format!("stacks.{key}.template");
+        let resolved = match std::fs::canonicalize(&path) {
+            Ok(p) => p,
+            Err(e) => {
+                let msg = format!("cannot read template {}: {e}", path.display());
+                self.error_at(doc, &field, msg);
+                return None;
+            }
+        };
+        if let Some(root) = &self.template_root
+            && !resolved.starts_with(root)
+        {
+            let msg = format!(
+                "template {} resolves to {}, outside the repository {}; set \
+                 `allow_templates_outside_repository: true` to allow it",
+                path.display(),
+                resolved.display(),
+                root.display()
+            );
+            self.error_at(doc, &field, msg);
+            return None;
+        }
+        // The resolved path is read, so a symlink swapped after the check
+        // cannot point the read elsewhere.
+        let body = match crate::files::read_text(&resolved, crate::files::MAX_TEMPLATE_BYTES) {
             Ok(b) => b,
             Err(e) => {
-                self.error_at(
-                    doc,
-                    &format!("stacks.{key}.template"),
-                    format!("cannot read template {}: {e}", path.display()),
-                );
+                let msg = format!("cannot read template {}: {e}", path.display());
+                self.error_at(doc, &field, msg);
                 return None;
             }
         };
@@ -838,6 +923,21 @@ impl Loader {
                 continue;
             }
             self.check_reference(doc, &path, value, key, templates, depends_on);
+            // Values from outputs are known only at apply time; literals are
+            // checked now, as CloudFormation would check them.
+            if let Value::Literal(v) = value
+                && let Err(e) = template.parameters[name].check(v)
+            {
+                self.error_at(doc, &path, e);
+            }
+        }
+        for (name, p) in &template.parameters {
+            if let (false, Some(d)) = (given.contains_key(name), &p.default)
+                && let Err(e) = p.check(d)
+            {
+                let msg = format!("the template's default of parameter `{name}`: {e}");
+                self.error_at(doc, &format!("stacks.{key}"), msg);
+            }
         }
         let missing: Vec<&str> = template
             .parameters
@@ -1122,6 +1222,139 @@ stacks:
     parameters:
       Table: {output: data.TableName}
 ";
+
+    #[test]
+    fn durations_are_bounded_at_load_time() {
+        let text = GOOD.replace(
+            "tags: {Team: platform}\n",
+            "tags: {Team: platform}\noperation_timeout: 500000000000y\n",
+        );
+        let errs = Fixture::new().errors("dev", &text);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].starts_with("desired-state/dev.yaml:6:1: operation_timeout:")
+                && errs[0].contains("must be between 1m and 3days"),
+            "{errs:?}"
+        );
+        let text = GOOD.replace(
+            "parameters: {Env: dev}",
+            "parameters: {Env: dev}\n    timeout: 0s",
+        );
+        let errs = Fixture::new().errors("dev", &text);
+        assert!(
+            errs[0].contains("stacks.data.timeout: 0s is out of range"),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_accepted() {
+        let env = Fixture::new()
+            .load("dev", &format!("\u{feff}{GOOD}"))
+            .unwrap();
+        assert_eq!(env.stacks.len(), 2);
+    }
+
+    #[test]
+    fn duplicate_keys_and_second_documents_are_reported_where_they_are() {
+        let text = GOOD.replace(
+            "region: us-east-1\n",
+            "region: us-east-1\nregion: eu-west-1\n",
+        );
+        let errs = Fixture::new().errors("dev", &text);
+        assert!(
+            errs[0].starts_with("desired-state/dev.yaml:3:1: region:"),
+            "{errs:?}"
+        );
+        let errs = Fixture::new().errors("dev", &format!("{GOOD}---\nx: 1\n"));
+        assert!(
+            errs[0].starts_with("desired-state/dev.yaml:14:1:"),
+            "{errs:?}"
+        );
+        let bomb = "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n\
+                    c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n\
+                    e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]\n\
+                    g: [*f, *f, *f, *f, *f, *f, *f, *f, *f]\n";
+        let errs = Fixture::new().errors("dev", bomb);
+        assert!(
+            errs[0].starts_with("desired-state/dev.yaml:2:8:"),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn special_and_oversized_files_are_refused_with_the_limit_named() {
+        let f = Fixture::new();
+        let c = std::ffi::CString::new(
+            f.dir
+                .path()
+                .join("templates/pipe.yaml")
+                .as_os_str()
+                .as_encoded_bytes(),
+        )
+        .unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let errs = f.errors(
+            "dev",
+            &GOOD.replace("templates/a.yaml", "templates/pipe.yaml"),
+        );
+        assert!(errs[0].contains("not a regular file (a FIFO)"), "{errs:?}");
+        let big = format!("{TEMPLATE_A}# {}\n", "x".repeat(1024 * 1024));
+        std::fs::write(f.dir.path().join("templates/big.yaml"), big).unwrap();
+        let errs = f.errors(
+            "dev",
+            &GOOD.replace("templates/a.yaml", "templates/big.yaml"),
+        );
+        assert!(
+            errs[0].contains("larger than the limit of 1048576 bytes"),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn templates_must_stay_inside_the_repository() {
+        let f = Fixture::new();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("t.yaml"), TEMPLATE_A).unwrap();
+        let link = f.dir.path().join("templates/link.yaml");
+        std::os::unix::fs::symlink(outside.path().join("t.yaml"), &link).unwrap();
+        for rel in ["templates/link.yaml", "../../../../../../../etc/passwd"] {
+            let text = GOOD.replace("../templates/a.yaml", &format!("../{rel}"));
+            let errs = f.errors("dev", &text);
+            assert!(
+                errs[0].contains("stacks.data.template:")
+                    && errs[0].contains("outside the repository"),
+                "{errs:?}"
+            );
+        }
+        let text = GOOD.replace(
+            "tags: {Team: platform}\n",
+            "tags: {Team: platform}\nallow_templates_outside_repository: true\n",
+        );
+        let text = text.replace("../templates/a.yaml", "../templates/link.yaml");
+        assert!(f.load("dev", &text).is_ok());
+    }
+
+    #[test]
+    fn parameter_values_are_checked_against_the_template() {
+        let text = GOOD.replace(
+            "parameters: {Env: dev}",
+            "parameters: {Env: dev, Size: forty-five}",
+        );
+        let errs = Fixture::new().errors("dev", &text);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].starts_with("desired-state/dev.yaml:9:")
+                && errs[0].contains("stacks.data.parameters.Size: `forty-five` is not a Number"),
+            "{errs:?}"
+        );
+        let text = GOOD.replace(
+            "parameters: {Env: dev}",
+            "parameters: {Env: dev, Size: 1e400}",
+        );
+        assert!(Fixture::new().errors("dev", &text)[0].contains("is not a Number"));
+    }
 
     #[test]
     fn a_good_file_loads_with_implicit_edges_and_waves() {

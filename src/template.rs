@@ -16,6 +16,164 @@ pub struct TemplateParameter {
     pub default: Option<String>,
     /// NoEcho parameters are never printed and come back from AWS as `****`.
     pub no_echo: bool,
+    /// What CloudFormation checks a value against before any change.
+    pub constraints: Constraints,
+}
+
+/// A parameter's declared constraints (`AllowedValues`, `AllowedPattern`,
+/// `MinLength`, `MaxLength`, `MinValue`, `MaxValue`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Constraints {
+    pub allowed_values: Option<Vec<String>>,
+    pub allowed_pattern: Option<String>,
+    pub min_length: Option<f64>,
+    pub max_length: Option<f64>,
+    pub min_value: Option<f64>,
+    pub max_value: Option<f64>,
+    pub description: Option<String>,
+}
+
+impl Eq for Constraints {}
+
+/// The ids of the AWS-specific parameter types CloudFormation checks the
+/// shape of (the prefix every id of the type carries).
+const ID_PREFIXES: &[(&str, &str)] = &[
+    ("AWS::EC2::Image::Id", "ami-"),
+    ("AWS::EC2::Instance::Id", "i-"),
+    ("AWS::EC2::SecurityGroup::Id", "sg-"),
+    ("AWS::EC2::Subnet::Id", "subnet-"),
+    ("AWS::EC2::Volume::Id", "vol-"),
+    ("AWS::EC2::VPC::Id", "vpc-"),
+];
+
+impl TemplateParameter {
+    /// Checks `value` as CloudFormation checks a parameter value before it
+    /// creates a change set: its type's shape, then every constraint (for
+    /// list types, each element). The message never repeats a NoEcho value.
+    ///
+    /// # Errors
+    /// What is wrong with the value.
+    pub fn check(&self, value: &str) -> Result<(), String> {
+        let shown = |v: &str| {
+            if self.no_echo {
+                "the (NoEcho) value".to_owned()
+            } else {
+                format!("`{v}`")
+            }
+        };
+        let fail = |what: String| {
+            Err(match &self.constraints.description {
+                Some(d) => format!("{what} ({d})"),
+                None => what,
+            })
+        };
+        let kind = self
+            .kind
+            .strip_prefix("AWS::SSM::Parameter::Value<")
+            .map_or(self.kind.as_str(), |_| "AWS::SSM::Parameter::Name");
+        let (list, element) = match kind {
+            "CommaDelimitedList" => (true, "String"),
+            k => match k.strip_prefix("List<").and_then(|r| r.strip_suffix('>')) {
+                Some(e) => (true, e),
+                None => (false, k),
+            },
+        };
+        let items: Vec<&str> = if list {
+            value.split(',').map(str::trim).collect()
+        } else {
+            vec![value]
+        };
+        for item in &items {
+            match element {
+                "Number" => {
+                    if !is_number(item) {
+                        return fail(format!("{} is not a Number", shown(item)));
+                    }
+                }
+                "AWS::SSM::Parameter::Name" => {
+                    if item.is_empty() || item.len() > 2048 {
+                        return fail(format!("{} is not an SSM parameter name", shown(item)));
+                    }
+                }
+                k => {
+                    if let Some((_, prefix)) = ID_PREFIXES.iter().find(|(t, _)| *t == k) {
+                        let rest = item.strip_prefix(prefix).unwrap_or("");
+                        if rest.is_empty() || !rest.chars().all(|c| c.is_ascii_hexdigit()) {
+                            return fail(format!(
+                                "{} is not an {k} (expected {prefix}<hex>)",
+                                shown(item)
+                            ));
+                        }
+                    }
+                }
+            }
+            let c = &self.constraints;
+            if let Some(allowed) = &c.allowed_values
+                && !allowed.iter().any(|a| a == item)
+            {
+                let listed = if self.no_echo {
+                    String::new()
+                } else {
+                    format!(": {}", allowed.join(", "))
+                };
+                return fail(format!(
+                    "{} is not one of the AllowedValues{listed}",
+                    shown(item)
+                ));
+            }
+            if let Some(p) = &c.allowed_pattern
+                // A pattern Rust's regex cannot read (CloudFormation uses
+                // Java's syntax) is left to CloudFormation to check.
+                && let Ok(re) = regex::Regex::new(&format!("^(?:{p})$"))
+                && !re.is_match(item)
+            {
+                return fail(format!(
+                    "{} does not match the AllowedPattern `{p}`",
+                    shown(item)
+                ));
+            }
+            if element == "Number" {
+                let n: f64 = item.parse().unwrap_or(f64::NAN);
+                if c.min_value.is_some_and(|m| n < m) || c.max_value.is_some_and(|m| n > m) {
+                    return fail(format!(
+                        "{} is outside MinValue..MaxValue ({}..{})",
+                        shown(item),
+                        c.min_value.map_or("".into(), |m| m.to_string()),
+                        c.max_value.map_or("".into(), |m| m.to_string())
+                    ));
+                }
+            }
+        }
+        if !list {
+            let len = value.chars().count() as f64;
+            let c = &self.constraints;
+            if c.min_length.is_some_and(|m| len < m) || c.max_length.is_some_and(|m| len > m) {
+                return fail(format!(
+                    "the value's length {len} is outside MinLength..MaxLength ({}..{})",
+                    c.min_length.map_or("".into(), |m| m.to_string()),
+                    c.max_length.map_or("".into(), |m| m.to_string())
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A finite decimal number, as CloudFormation's `Number` type takes it.
+fn is_number(s: &str) -> bool {
+    let body = s.strip_prefix(['+', '-']).unwrap_or(s);
+    let (mantissa, exponent) = match body.split_once(['e', 'E']) {
+        Some((m, e)) => (m, Some(e)),
+        None => (body, None),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let digits = |x: &str| x.chars().all(|c| c.is_ascii_digit());
+    let mantissa_ok = (!int.is_empty() || !frac.is_empty()) && digits(int) && digits(frac);
+    let exponent_ok = exponent.is_none_or(|e| {
+        let e = e.strip_prefix(['+', '-']).unwrap_or(e);
+        !e.is_empty() && digits(e)
+    });
+    mantissa_ok && exponent_ok && s.parse::<f64>().is_ok_and(f64::is_finite)
 }
 
 /// A declared resource.
@@ -111,6 +269,7 @@ impl Template {
                         no_echo: p.get("NoEcho").is_some_and(|v| {
                             v.as_bool() == Some(true) || v.as_str() == Some("true")
                         }),
+                        constraints: constraints(p),
                     },
                 );
             }
@@ -143,6 +302,33 @@ impl Template {
                     .map(|v| (name.clone(), v))
             })
             .collect()
+    }
+}
+
+fn constraints(p: &Json) -> Constraints {
+    // Templates write numbers as numbers or as strings ("MinValue: '1'").
+    let number = |k: &str| match p.get(k)? {
+        Json::Number(n) => n.as_f64(),
+        Json::String(s) => s.trim().parse().ok(),
+        _ => None,
+    };
+    Constraints {
+        allowed_values: p
+            .get("AllowedValues")
+            .and_then(Json::as_array)
+            .map(|a| a.iter().map(render_scalar).collect()),
+        allowed_pattern: p
+            .get("AllowedPattern")
+            .and_then(Json::as_str)
+            .map(str::to_owned),
+        min_length: number("MinLength"),
+        max_length: number("MaxLength"),
+        min_value: number("MinValue"),
+        max_value: number("MaxValue"),
+        description: p
+            .get("ConstraintDescription")
+            .and_then(Json::as_str)
+            .map(str::to_owned),
     }
 }
 
@@ -194,6 +380,66 @@ Outputs:
         assert_eq!(eff["Env"], "dev");
         assert_eq!(eff["Count"], "2");
         assert_eq!(eff["Subnets"], "a,b");
+    }
+
+    fn param(body: &str) -> TemplateParameter {
+        let t = format!("Parameters:\n  P: {body}\nResources:\n  Q: {{Type: AWS::SNS::Topic}}\n");
+        Template::parse(&t).unwrap().parameters["P"].clone()
+    }
+
+    #[test]
+    fn numbers_are_checked_as_cloudformation_does() {
+        let p = param("{Type: Number, MinValue: 1, MaxValue: '100'}");
+        assert!(p.check("45").is_ok());
+        assert!(p.check("4.5e1").is_ok());
+        for bad in ["forty-five", "1e400", "", "0x10", "NaN", "inf"] {
+            assert!(p.check(bad).is_err(), "{bad}");
+        }
+        assert!(p.check("0").unwrap_err().contains("MinValue"));
+        assert!(p.check("101").unwrap_err().contains("MaxValue"));
+        let l = param("{Type: List<Number>}");
+        assert!(l.check("1,2, 3").is_ok());
+        assert!(l.check("1,two").unwrap_err().contains("`two`"));
+    }
+
+    #[test]
+    fn string_constraints_are_checked() {
+        let p = param(
+            "{Type: String, AllowedPattern: '[a-z]+', MinLength: 2, MaxLength: 4, \
+             ConstraintDescription: lower-case letters}",
+        );
+        assert!(p.check("abc").is_ok());
+        let e = p.check("ABC").unwrap_err();
+        assert!(
+            e.contains("AllowedPattern") && e.contains("lower-case letters"),
+            "{e}"
+        );
+        assert!(p.check("a").unwrap_err().contains("MinLength"));
+        assert!(p.check("abcde").unwrap_err().contains("MaxLength"));
+        let v = param("{Type: String, AllowedValues: [dev, prod]}");
+        assert!(v.check("dev").is_ok());
+        assert!(v.check("qa").unwrap_err().contains("dev, prod"));
+        let list = param("{Type: CommaDelimitedList, AllowedValues: [a, b]}");
+        assert!(list.check("a,b").is_ok());
+        assert!(list.check("a,c").is_err());
+    }
+
+    #[test]
+    fn aws_specific_types_are_checked_for_shape() {
+        let p = param("{Type: AWS::EC2::VPC::Id}");
+        assert!(p.check("vpc-0a1b2c").is_ok());
+        assert!(p.check("subnet-0a1b").is_err());
+        let l = param("{Type: List<AWS::EC2::Subnet::Id>}");
+        assert!(l.check("subnet-1,subnet-2").is_ok());
+        assert!(l.check("subnet-1,sg-2").is_err());
+    }
+
+    #[test]
+    fn a_no_echo_value_is_never_repeated() {
+        let p =
+            param("{Type: String, NoEcho: true, AllowedPattern: '[a-z]+', AllowedValues: [abc]}");
+        let e = p.check("Hunter2").unwrap_err();
+        assert!(!e.contains("Hunter2") && !e.contains("abc"), "{e}");
     }
 
     #[test]

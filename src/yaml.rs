@@ -82,12 +82,16 @@ impl Document {
     /// # Errors
     /// A syntax error, with its position.
     pub fn parse(text: &str) -> Result<Document, YamlError> {
-        let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(syntax_error)?;
+        let text = strip_bom(text);
         let mut recorder = PositionRecorder::default();
         let mut parser = Parser::new_from_str(text);
-        // serde_yaml accepted the text, so the event parser will too; if it
-        // does not, positions fall back to the document start.
-        let _ = parser.load(&mut recorder, false);
+        // The event parser runs first so that errors serde_yaml reports
+        // without a place (duplicate keys, a second document, alias bombs)
+        // can be given one. It does not expand aliases, so it is cheap on
+        // an alias bomb. Where it fails, positions fall back to the start.
+        let _ = parser.load(&mut recorder, true);
+        let value: serde_yaml::Value =
+            serde_yaml::from_str(text).map_err(|e| recorder.place(syntax_error(e)))?;
         Ok(Document {
             value,
             positions: Positions {
@@ -166,9 +170,21 @@ fn strip_location(message: &str) -> String {
     }
 }
 
+/// Editors on Windows start UTF-8 files with a byte-order mark; YAML allows
+/// it at the start of a stream, and it is not content.
+fn strip_bom(text: &str) -> &str {
+    text.strip_prefix('\u{feff}').unwrap_or(text)
+}
+
 #[derive(Default)]
 struct PositionRecorder {
     nodes: BTreeMap<Vec<String>, Pos>,
+    /// The first key seen twice in one mapping: its path and second place.
+    duplicate: Option<(Vec<String>, Pos)>,
+    /// Where each document of the stream starts.
+    documents: Vec<Pos>,
+    /// Where the first alias is used (an alias bomb is made of them).
+    first_alias: Option<Pos>,
     /// Open containers: for a mapping, whether the next scalar is a key.
     stack: Vec<Frame>,
     path: Vec<String>,
@@ -180,6 +196,29 @@ enum Frame {
 }
 
 impl PositionRecorder {
+    /// Gives a place to the errors serde_yaml reports without one.
+    fn place(&self, mut e: YamlError) -> YamlError {
+        if e.message.starts_with("duplicate entry")
+            && let Some((path, pos)) = &self.duplicate
+        {
+            e.pos = *pos;
+            e.path = path.join(".");
+        } else if e.message.contains("more than one document")
+            && let Some(pos) = self.documents.get(1)
+        {
+            e.pos = *pos;
+        } else if (e.message.contains("repetition limit") || e.message.contains("recursion limit"))
+            && let Some(pos) = self.first_alias
+        {
+            e.pos = pos;
+            e.message = format!("{} (aliases expand too far)", e.message);
+        }
+        if e.pos.line == 0 {
+            e.pos = Pos { line: 1, column: 1 };
+        }
+        e
+    }
+
     /// Called when a value node (scalar, or container start) begins.
     fn enter_value(&mut self, mark: Marker) {
         if let Some(Frame::Sequence { next_index }) = self.stack.last_mut() {
@@ -221,13 +260,19 @@ impl MarkedEventReceiver for PositionRecorder {
                 {
                     *expecting_key = false;
                     self.path.push(text);
-                    self.nodes.insert(self.path.clone(), pos_of(mark));
+                    if self.nodes.insert(self.path.clone(), pos_of(mark)).is_some()
+                        && self.duplicate.is_none()
+                    {
+                        self.duplicate = Some((self.path.clone(), pos_of(mark)));
+                    }
                     return;
                 }
                 self.enter_value(mark);
                 self.leave_value();
             }
+            Event::DocumentStart => self.documents.push(pos_of(mark)),
             Event::Alias(_) => {
+                self.first_alias.get_or_insert(pos_of(mark));
                 self.enter_value(mark);
                 self.leave_value();
             }
@@ -256,7 +301,12 @@ impl MarkedEventReceiver for PositionRecorder {
 /// # Errors
 /// A syntax error with its position, or a short-form tag used wrongly.
 pub fn parse_template(text: &str) -> Result<Json, YamlError> {
-    let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(syntax_error)?;
+    let text = strip_bom(text);
+    let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
+        let mut recorder = PositionRecorder::default();
+        let _ = Parser::new_from_str(text).load(&mut recorder, true);
+        recorder.place(syntax_error(e))
+    })?;
     to_json(value).map_err(|message| YamlError {
         pos: Pos::default(),
         path: String::new(),

@@ -112,3 +112,163 @@ fn an_unknown_environment_is_an_error() {
         stderr(&out)
     );
 }
+
+/// Runs a command that must end on its own within `limit` (a hang is the
+/// defect under test, so it must fail the test rather than wedge it).
+fn run_bounded(
+    cmd: &mut std::process::Command,
+    limit: std::time::Duration,
+) -> std::process::Output {
+    let child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let pid = child.id() as libc::pid_t;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output()));
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.expect("output"),
+        Err(_) => {
+            // SAFETY: signalling our own child process.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("{cmd:?} did not end within {limit:?}");
+        }
+    }
+}
+
+#[test]
+fn usage_errors_exit_1_and_help_and_version_exit_0() {
+    for args in [
+        &["plan", "-o", "jsn"][..],
+        &["reconcile", "--once", "--max-parallel", "0"],
+        &["frobnicate"],
+        &[],
+    ] {
+        let out = run(stackwarden().args(args));
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+    }
+    for args in [&["--help"][..], &["--version"], &["plan", "--help"]] {
+        let out = run(stackwarden().args(args));
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
+        assert!(!stdout(&out).is_empty());
+    }
+}
+
+#[test]
+fn intervals_below_the_floor_or_beyond_any_use_are_refused() {
+    for (value, shown) in [
+        ("0s", "0s"),
+        ("500000000000y", "500000000000y"),
+        ("25h", "25h"),
+    ] {
+        let out = run(stackwarden().args(["reconcile", "--interval", value]));
+        assert_eq!(out.status.code(), Some(1), "{value}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains(shown) && !err.contains("panicked"), "{err}");
+    }
+    let out = run(stackwarden().args(["reconcile", "--interval", "1s"]));
+    assert!(
+        stderr(&out).contains("must be between 10s and 1day"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn an_absurd_timeout_is_refused_by_validate_and_reconcile_without_a_panic() {
+    let ws = Workspace::new();
+    ws.edit(
+        "desired-state/dev.yaml",
+        "    timeout: 90m\n",
+        "    timeout: 500000000000y\n",
+    );
+    for args in [
+        &["validate", "-e", "dev"][..],
+        &["reconcile", "--once", "-e", "dev"],
+    ] {
+        let out = run(stackwarden()
+            .args(args)
+            .arg("--desired-state")
+            .arg(ws.desired_state())
+            .env("AWS_ENDPOINT_URL", "http://127.0.0.1:1"));
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains(".timeout: ") && err.contains("out of range"),
+            "{err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+#[test]
+fn fifos_devices_and_paths_outside_the_repository_are_refused_without_hanging() {
+    let ws = Workspace::new();
+    let fifo = ws.path("desired-state/qa.yaml");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let out = run_bounded(
+        stackwarden()
+            .args(["validate", "--desired-state"])
+            .arg(ws.desired_state()),
+        std::time::Duration::from_secs(30),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("qa.yaml:1:1: cannot read: not a regular file (a FIFO)"),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::remove_file(&fifo).unwrap();
+
+    let dev = std::fs::read_to_string(ws.path("desired-state/dev.yaml")).unwrap();
+    let template = dev
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("template: "))
+        .expect("a template line")
+        .to_owned();
+    for (target, expected) in [
+        (
+            "../../../../../../../../etc/passwd",
+            "outside the repository",
+        ),
+        ("/proc/self/environ", "outside the repository"),
+        ("/dev/zero", "outside the repository"),
+    ] {
+        ws.edit("desired-state/dev.yaml", &template, target);
+        let out = run_bounded(
+            stackwarden()
+                .args(["validate", "-e", "dev", "--desired-state"])
+                .arg(ws.desired_state()),
+            std::time::Duration::from_secs(30),
+        );
+        assert_eq!(out.status.code(), Some(1), "{target}");
+        assert!(
+            stderr(&out).contains(expected),
+            "{target}: {}",
+            stderr(&out)
+        );
+        ws.edit("desired-state/dev.yaml", target, &template);
+    }
+    // Opted out, /dev/zero is still only read as far as a regular file would be.
+    ws.edit("desired-state/dev.yaml", &template, "/dev/zero");
+    ws.edit(
+        "desired-state/dev.yaml",
+        "stacks:\n",
+        "allow_templates_outside_repository: true\nstacks:\n",
+    );
+    let out = run_bounded(
+        stackwarden()
+            .args(["validate", "-e", "dev", "--desired-state"])
+            .arg(ws.desired_state()),
+        std::time::Duration::from_secs(30),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("not a regular file (a character device)"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -14,6 +14,10 @@ use crate::metrics::CloudWatchSink;
 use crate::notify::SnsNotifier;
 use crate::spec::DesiredEnv;
 
+/// How long past the shutdown grace period a wedged process is given
+/// before it is ended without further ado.
+const HARD_EXIT_AFTER_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// AWS clients per environment: its region, and its role when it has one.
 struct AwsConnect;
 
@@ -42,6 +46,7 @@ pub(super) async fn run(
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hangup = signal(SignalKind::hangup())?;
+    let grace = settings.shutdown_grace;
     let signals = {
         let hup = hup.clone();
         tokio::spawn(async move {
@@ -57,6 +62,14 @@ pub(super) async fn run(
             }
             tracing::info!(message = "Shutting down.");
             let _ = stop.send(true);
+            // The last resort: whatever is wedged (a blocking call cannot be
+            // cancelled at an await point), the process ends shortly after
+            // the grace period.
+            std::thread::spawn(move || {
+                std::thread::sleep(grace.saturating_add(HARD_EXIT_AFTER_GRACE));
+                eprintln!("error: still running after the shutdown grace period; exiting");
+                std::process::exit(1);
+            });
         })
     };
     let server = tokio::spawn(crate::endpoints::serve(

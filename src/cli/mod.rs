@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -85,13 +86,16 @@ struct ReconcileArgs {
     alerts: bool,
     /// Controller: time between passes of an environment (humantime), with
     /// 10% jitter.
-    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
+    /// Between 10s and 24h: a shorter interval hammers AWS's shared
+    /// per-account rate limits, a longer one is not a controller.
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_interval)]
     interval: std::time::Duration,
     /// Controller: address of /healthz, /readyz, /metrics and /status.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9090")]
     listen: std::net::SocketAddr,
     /// Controller: how long a running pass may go on after SIGTERM.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    /// At most 1h.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_shutdown_grace)]
     shutdown_grace: std::time::Duration,
     /// Controller: environments reconciled at once.
     #[arg(long, value_name = "N", default_value_t = 4,
@@ -100,6 +104,34 @@ struct ReconcileArgs {
     /// Controller: CloudWatch namespace of the metrics.
     #[arg(long, value_name = "NAMESPACE", default_value = "Stackwarden")]
     metrics_namespace: String,
+}
+
+/// The bounds of `--interval`.
+pub const INTERVAL_RANGE: (Duration, Duration) =
+    (Duration::from_secs(10), Duration::from_secs(24 * 60 * 60));
+/// The bounds of `--shutdown-grace`.
+pub const SHUTDOWN_GRACE_RANGE: (Duration, Duration) =
+    (Duration::ZERO, Duration::from_secs(60 * 60));
+
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    bounded_duration(s, INTERVAL_RANGE)
+}
+
+fn parse_shutdown_grace(s: &str) -> Result<Duration, String> {
+    bounded_duration(s, SHUTDOWN_GRACE_RANGE)
+}
+
+/// A humantime duration within `[min, max]`, or a message naming the bounds.
+fn bounded_duration(s: &str, (min, max): (Duration, Duration)) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < min || d > max {
+        return Err(format!(
+            "must be between {} and {}",
+            humantime::format_duration(min),
+            humantime::format_duration(max)
+        ));
+    }
+    Ok(d)
 }
 
 #[derive(Debug, Args)]
@@ -182,7 +214,20 @@ impl From<Outcome> for ExitCode {
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // Help and version go to stdout and are not errors. Every usage
+            // error exits 1: exit 2 means "differences remain", and a CI
+            // recipe that accepts 2 must not pass on a mistyped flag.
+            return if e.use_stderr() {
+                Outcome::Failed.into()
+            } else {
+                Outcome::InSync.into()
+            };
+        }
+    };
     match run(cli) {
         Ok(outcome) => outcome.into(),
         Err(e) => {

@@ -234,6 +234,9 @@ fn print_report(env: &DesiredEnv, report: &Report) {
         };
         println!("  ecs:{}  {what}", s.service.as_deref().unwrap_or("?"),);
     }
+    if let Some(e) = &report.final_observation_error {
+        println!("  final state unknown: {e}");
+    }
     let remaining: Vec<String> = report
         .final_plan
         .stacks

@@ -151,7 +151,7 @@ async fn preview_one<C: Cloud>(
     timeout: std::time::Duration,
 ) -> Result<Vec<ResourceChange>, CloudError> {
     retry::call(|| cloud.create_change_set(request)).await?;
-    let deadline = tokio::time::Instant::now() + timeout;
+    let deadline = crate::retry::instant_after(timeout);
     let computed = crate::apply::computed_change_set(
         cloud,
         &request.stack_name,

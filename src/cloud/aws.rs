@@ -16,6 +16,7 @@ use aws_config::{BehaviorVersion, Region};
 use aws_sdk_cloudformation as cfn;
 use aws_sdk_cloudformation::error::ProvideErrorMetadata;
 use aws_smithy_runtime_api::client::result::SdkError;
+use aws_smithy_runtime_api::http::Response as HttpResponse;
 use aws_smithy_types::error::display::DisplayErrorContext;
 
 use super::{
@@ -129,6 +130,16 @@ where
         }
         _ => {}
     }
+    // A 5xx is AWS failing, whatever the code says (moto and proxies
+    // answer 5xx with odd or empty codes).
+    let status = err
+        .raw_response()
+        .and_then(|r| (r as &dyn std::any::Any).downcast_ref::<HttpResponse>())
+        .map(|r| r.status().as_u16());
+    if status.is_some_and(|s| s >= 500) {
+        let status = status.unwrap_or_default();
+        return CloudError::Server(format!("HTTP {status} {code}: {text}"));
+    }
     classify_code(&code, &text)
 }
 
@@ -155,6 +166,11 @@ fn classify_code(code: &str, message: &str) -> CloudError {
         | "InvalidChangeSetStatus"
         | "TokenAlreadyExistsException" => CloudError::Conflict(m),
         "AlreadyExistsException" => CloudError::Conflict(m),
+        "InternalFailure"
+        | "InternalError"
+        | "ServiceUnavailable"
+        | "ServiceUnavailableException"
+        | "ServerException" => CloudError::Server(format!("{code}: {m}")),
         _ if message.contains("does not exist") => CloudError::NotFound(m),
         _ if message.contains("_IN_PROGRESS state") || message.contains("in progress") => {
             CloudError::Conflict(m)
@@ -632,5 +648,30 @@ mod tests {
             classify_code("ValidationError", "Template format error"),
             CloudError::Validation(_)
         ));
+        assert!(matches!(
+            classify_code("InternalFailure", "oops"),
+            CloudError::Server(_)
+        ));
+    }
+
+    #[test]
+    fn any_5xx_answer_is_a_transient_service_error_not_an_invalid_request() {
+        use aws_smithy_types::body::SdkBody;
+        use aws_smithy_types::error::ErrorMetadata;
+        use cfn::operation::describe_stacks::DescribeStacksError;
+        let err = DescribeStacksError::generic(
+            ErrorMetadata::builder()
+                .code("ValidationError")
+                .message("boom")
+                .build(),
+        );
+        let raw = HttpResponse::new(
+            aws_smithy_runtime_api::http::StatusCode::try_from(502).unwrap(),
+            SdkBody::empty(),
+        );
+        let e = classify(SdkError::service_error(err, raw));
+        assert!(matches!(&e, CloudError::Server(_)), "{e:?}");
+        assert!(e.is_transient());
+        assert!(!e.to_string().contains("invalid request"), "{e}");
     }
 }

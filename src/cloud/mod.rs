@@ -31,12 +31,19 @@ pub enum CloudError {
     Validation(String),
     #[error("transport: {0}")]
     Transport(String),
+    /// An HTTP 5xx answer (InternalFailure, ServiceUnavailable, ...): AWS's
+    /// side failed, not the request.
+    #[error("AWS service error: {0}")]
+    Server(String),
 }
 
 impl CloudError {
     /// Worth retrying after a pause.
     pub fn is_transient(&self) -> bool {
-        matches!(self, CloudError::Throttled(_) | CloudError::Transport(_))
+        matches!(
+            self,
+            CloudError::Throttled(_) | CloudError::Transport(_) | CloudError::Server(_)
+        )
     }
 }
 
