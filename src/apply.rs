@@ -310,6 +310,7 @@ pub async fn reconcile<C: Cloud>(
     options: &Options,
 ) -> Result<Report, ApplyError> {
     let started = Instant::now();
+    let started_at = cloud.now();
     let observed = observe(cloud, env, options.depth)
         .await
         .map_err(ApplyError::Observe)?;
@@ -324,6 +325,7 @@ pub async fn reconcile<C: Cloud>(
         first: &observed,
         initial: &initial,
         touched: AtomicBool::new(false),
+        started_at,
     };
     let stacks = pass.run_stacks().await?;
     let services = pass.run_services(&stacks).await?;
@@ -386,6 +388,28 @@ struct Pass<'a, C> {
     initial: &'a Plan,
     /// Set by every write and every wait: the first observation is stale.
     touched: AtomicBool,
+    /// When the pass began, on the cloud's clock.
+    started_at: std::time::SystemTime,
+}
+
+/// How far back from a pass's start a change set of another name counts as
+/// possibly in use by a concurrent run (it also absorbs clock skew between
+/// this machine and AWS). Older ones are stale and deleted.
+pub const CONCURRENT_RUN_WINDOW: Duration = Duration::from_secs(5 * 60);
+
+/// What a stack's change sets hold of this revision's own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Existing {
+    None,
+    /// Ready or being computed: reuse it.
+    Reusable,
+    /// Being executed (by a concurrent run, or a retry whose answer was lost).
+    Executing,
+    /// Another run's change set, made since shortly before this pass.
+    OtherRun {
+        change_set: String,
+        age: Duration,
+    },
 }
 
 /// How one step of a stack ends: done, or re-plan and go again.
@@ -707,7 +731,19 @@ impl<'a, C: Cloud> Pass<'a, C> {
         let name = stack.change_set_name();
         let reused = if live.is_some() {
             match self.clean_change_sets(stack, &name).await {
-                Ok(r) => r,
+                Ok(Existing::Reusable) => true,
+                Ok(Existing::None) => false,
+                // A concurrent run of this revision got there first: its
+                // operation is ours to follow, never to start again.
+                Ok(Existing::Executing) => return self.follow(stack, kind, None, deadline).await,
+                Ok(Existing::OtherRun { change_set, age }) => {
+                    return Step::Done(StackResult::Blocked {
+                        reason: format!(
+                            "another run is acting on this stack (its change set {change_set} is {} old); left to it, the next pass continues",
+                            humantime::format_duration(Duration::from_secs(age.as_secs()))
+                        ),
+                    });
+                }
                 Err(e) => return Step::Done(failed(format!("change sets: {e}"))),
             }
         } else {
@@ -761,6 +797,10 @@ impl<'a, C: Cloud> Pass<'a, C> {
             ChangeSetStatus::Executing | ChangeSetStatus::Executed => {
                 return self.follow(stack, kind, None, deadline).await;
             }
+            // The stack got busy, or the change set was deleted under us:
+            // look again (a busy stack is waited for, a gone change set
+            // made anew).
+            ChangeSetStatus::Unavailable | ChangeSetStatus::Deleted => return Step::Replan,
             ChangeSetStatus::Ready | ChangeSetStatus::Pending => {}
         }
 
@@ -799,8 +839,24 @@ impl<'a, C: Cloud> Pass<'a, C> {
         let mark = self.event_mark(&stack.name).await;
         match retry::call(|| self.cloud.execute_change_set(&stack.name, &name)).await {
             Ok(()) => {}
-            // Someone started an operation since we looked: re-plan (wait).
-            Err(CloudError::Conflict(_)) => return Step::Replan,
+            // Refused: either this very change set is already executing (a
+            // retry of ours whose first answer was lost, or a concurrent run
+            // of the same revision), which is ours to follow; or someone
+            // started another operation, or deleted the change set: re-plan.
+            Err(CloudError::Conflict(_) | CloudError::NotFound(_)) => {
+                match retry::call(|| self.cloud.describe_change_set(&stack.name, &name)).await {
+                    Ok(cs)
+                        if matches!(
+                            cs.status,
+                            ChangeSetStatus::Executing | ChangeSetStatus::Executed
+                        ) =>
+                    {
+                        tracing::info!(message = "Change set already executing; following it.", environment = %self.env.name, stack = %stack.key, change_set = %name);
+                        return self.follow(stack, kind, mark, deadline).await;
+                    }
+                    _ => return Step::Replan,
+                }
+            }
             Err(e) => return Step::Done(failed(format!("ExecuteChangeSet: {e}"))),
         }
         tracing::info!(message = "Change set executed.", environment = %self.env.name, stack = %stack.key, change_set = %name, what = %sp.reason);
@@ -849,20 +905,56 @@ impl<'a, C: Cloud> Pass<'a, C> {
     }
 
     /// Deletes stale `stackwarden-*` change sets of a stack and tells
-    /// whether this revision's own can be reused.
+    /// what of this revision's own exists. A change set of another name made
+    /// since shortly before this pass began may be in use by a concurrent
+    /// run: it is not stale, and the stack is left to that run.
     async fn clean_change_sets(
         &self,
         stack: &DesiredStack,
         ours: &str,
-    ) -> Result<bool, CloudError> {
-        let names = retry::call(|| self.cloud.list_change_sets(&stack.name)).await?;
-        let mut reuse = false;
-        if names.iter().any(|n| n == ours) {
+    ) -> Result<Existing, CloudError> {
+        let sets = retry::call(|| self.cloud.list_change_sets(&stack.name)).await?;
+        let mut existing = Existing::None;
+        if sets.iter().any(|cs| cs.name == ours) {
             let cs = retry::call(|| self.cloud.describe_change_set(&stack.name, ours)).await?;
-            reuse = matches!(cs.status, ChangeSetStatus::Ready | ChangeSetStatus::Pending);
+            existing = match cs.status {
+                ChangeSetStatus::Ready | ChangeSetStatus::Pending => Existing::Reusable,
+                ChangeSetStatus::Executing => return Ok(Existing::Executing),
+                _ => Existing::None,
+            };
         }
-        for n in &names {
-            let stale = n.starts_with(CHANGE_SET_PREFIX) && (n != ours || !reuse);
+        let young_since = self
+            .started_at
+            .checked_sub(CONCURRENT_RUN_WINDOW)
+            .unwrap_or(std::time::UNIX_EPOCH);
+        for cs in &sets {
+            if !cs.name.starts_with(CHANGE_SET_PREFIX) || cs.name == ours {
+                continue;
+            }
+            // Young, and in a state a run uses (computed or being computed,
+            // or executing); a failed or executed one is done with.
+            if let Some(created) = cs.created
+                && created >= young_since
+                && matches!(
+                    retry::call(|| self.cloud.describe_change_set(&stack.name, &cs.name))
+                        .await
+                        .map(|d| d.status),
+                    Ok(ChangeSetStatus::Pending
+                        | ChangeSetStatus::Ready
+                        | ChangeSetStatus::Executing)
+                )
+            {
+                let age = self.cloud.now().duration_since(created).unwrap_or_default();
+                return Ok(Existing::OtherRun {
+                    change_set: cs.name.clone(),
+                    age,
+                });
+            }
+        }
+        for cs in &sets {
+            let n = &cs.name;
+            let stale =
+                n.starts_with(CHANGE_SET_PREFIX) && (n != ours || existing != Existing::Reusable);
             if stale {
                 tracing::info!(message = "Deleting a stale change set.", stack = %stack.key, change_set = %n);
                 match retry::call(|| self.cloud.delete_change_set(&stack.name, n)).await {
@@ -871,7 +963,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
                 }
             }
         }
-        Ok(reuse)
+        Ok(existing)
     }
 
     /// Sets termination protection when the live stack differs from desired.
@@ -1101,10 +1193,29 @@ impl<'a, C: Cloud> Pass<'a, C> {
         }
         let start = Instant::now();
         let p = if self.touched() {
-            let o = observe(self.cloud, self.env, Depth::Fast)
-                .await
-                .map_err(ApplyError::Observe)?;
-            plan(self.env, &o)
+            match observe(self.cloud, self.env, Depth::Fast).await {
+                Ok(o) => plan(self.env, &o),
+                // What the stacks did stays reported; each service says why
+                // it was not converged.
+                Err(e) => {
+                    let reason = format!("cannot observe before converging: {e}");
+                    tracing::error!(message = "Service observation failed.", environment = %self.env.name, %reason);
+                    return Ok(self
+                        .initial
+                        .services
+                        .iter()
+                        .map(|sp| ServiceReport {
+                            stack: sp.stack.clone(),
+                            cluster: sp.cluster.clone(),
+                            service: sp.service.clone(),
+                            result: ServiceResult::Failed {
+                                reason: reason.clone(),
+                            },
+                            seconds: start.elapsed().as_secs_f64(),
+                        })
+                        .collect());
+                }
+            }
         } else {
             self.initial.clone()
         };

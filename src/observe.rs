@@ -114,8 +114,8 @@ async fn failed_revisions<C: Cloud>(
             continue;
         }
         let ours = d.change_set_name();
-        let names = retry::call(|| cloud.list_change_sets(&d.name)).await?;
-        if !names.contains(&ours) {
+        let sets = retry::call(|| cloud.list_change_sets(&d.name)).await?;
+        if !sets.iter().any(|cs| cs.name == ours) {
             continue;
         }
         match retry::call(|| cloud.describe_change_set(&d.name, &ours)).await {

@@ -17,8 +17,12 @@ use crate::cloud::{CloudError, CloudResult};
 pub const POLL_INITIAL: Duration = Duration::from_millis(200);
 /// Longest poll interval.
 pub const POLL_MAX: Duration = Duration::from_secs(30);
-/// Attempts of one call while it is throttled or the network fails.
-const CALL_ATTEMPTS: u32 = 8;
+/// The longest one logical call keeps retrying while it is throttled or the
+/// network fails; then its last error is the answer. With no retries in the
+/// SDK, this bounds the time a CLI command spends on one call.
+pub const CALL_BUDGET: Duration = Duration::from_secs(120);
+/// The longest pause between two attempts of one call.
+const CALL_PAUSE_MAX: Duration = Duration::from_secs(20);
 
 /// The instant `d` from now, saturating far in the future instead of
 /// overflowing: no duration, however large, may panic the process.
@@ -46,11 +50,13 @@ pub fn poll_backoff() -> ExponentialBackoff {
     }
 }
 
-/// Runs one cloud call, retrying transient errors (throttling, transport)
-/// with backoff, up to a bounded number of attempts.
+/// Runs one cloud call, retrying transient errors (throttling, transport,
+/// 5xx) with backoff, for at most [`CALL_BUDGET`]. Every retry is logged
+/// as a warning (on stderr for the CLI), so throttling is seen as it happens.
 ///
 /// # Errors
-/// The first permanent error, or the last transient one.
+/// The first permanent error, or the last transient one once the budget is
+/// spent.
 pub async fn call<T, F, Fut>(mut f: F) -> CloudResult<T>
 where
     F: FnMut() -> Fut,
@@ -59,16 +65,23 @@ where
     let mut backoff = ExponentialBackoff {
         current_interval: Duration::from_millis(500),
         initial_interval: Duration::from_millis(500),
-        max_interval: Duration::from_secs(20),
+        max_interval: CALL_PAUSE_MAX,
         max_elapsed_time: None,
         ..ExponentialBackoff::default()
     };
-    let mut attempt = 1;
+    let started = tokio::time::Instant::now();
+    let mut attempt = 1u32;
     loop {
         match f().await {
-            Err(e) if e.is_transient() && attempt < CALL_ATTEMPTS => {
-                let wait = backoff.next_backoff().unwrap_or(Duration::from_secs(20));
-                tracing::debug!(message = "Retrying after a transient error.", error = %e, attempt, ?wait);
+            Err(e) if e.is_transient() => {
+                let spent = started.elapsed();
+                let left = CALL_BUDGET.saturating_sub(spent);
+                if left.is_zero() {
+                    tracing::warn!(message = "Giving up on a call after retrying.", error = %e, attempts = attempt, seconds = spent.as_secs());
+                    return Err(e);
+                }
+                let wait = backoff.next_backoff().unwrap_or(CALL_PAUSE_MAX).min(left);
+                tracing::warn!(message = "AWS call failed transiently; retrying.", error = %e, attempt, retry_in_ms = wait.as_millis() as u64);
                 tokio::time::sleep(wait).await;
                 attempt += 1;
             }
@@ -116,15 +129,22 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn endless_throttling_gives_up_after_bounded_attempts() {
+    async fn endless_throttling_gives_up_within_the_call_budget() {
         let n = AtomicU32::new(0);
+        let started = tokio::time::Instant::now();
         let r: CloudResult<()> = call(|| async {
             n.fetch_add(1, Ordering::SeqCst);
             Err(CloudError::Throttled("Rate exceeded".into()))
         })
         .await;
         assert!(matches!(r, Err(CloudError::Throttled(_))));
-        assert_eq!(n.load(Ordering::SeqCst), CALL_ATTEMPTS);
+        let took = started.elapsed();
+        // The budget, plus the one last attempt made at its end.
+        assert!(
+            took >= CALL_BUDGET && took <= CALL_BUDGET + Duration::from_millis(1),
+            "{took:?}"
+        );
+        assert!(n.load(Ordering::SeqCst) > 3);
     }
 
     #[test]

@@ -34,8 +34,9 @@ impl Daemon {
                 "reconcile",
                 "-e",
                 "dev",
+                // The floor; the test asks for passes with SIGHUP.
                 "--interval",
-                "1s",
+                "10s",
                 "--shutdown-grace",
                 "5s",
             ])
@@ -228,6 +229,7 @@ async fn the_daemon_converges_alerts_once_publishes_metrics_and_stops_on_sigterm
         .send()
         .await
         .unwrap();
+    d.signal("-HUP");
     until(
         "the scale-out undone",
         Duration::from_secs(20),
@@ -286,7 +288,13 @@ async fn the_daemon_converges_alerts_once_publishes_metrics_and_stops_on_sigterm
         "three more passes",
         Duration::from_secs(20),
         &d,
-        async || passes(&d) >= seen + 3,
+        async || {
+            let done = passes(&d) >= seen + 3;
+            if !done {
+                d.signal("-HUP");
+            }
+            done
+        },
     )
     .await;
     let r = sqs

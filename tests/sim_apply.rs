@@ -354,7 +354,7 @@ async fn a_rolled_back_update_is_not_retried_until_the_revision_changes() {
     ws.edit(
         "desired-state/dev.yaml",
         "FlowLogRetentionDays: 30",
-        "FlowLogRetentionDays: 31",
+        "FlowLogRetentionDays: 60",
     );
     let r = pass(&cloud, &load(&ws)).await;
     assert_eq!(result(&r, "network"), &StackResult::Updated, "{r:#?}");
@@ -377,6 +377,8 @@ async fn a_pass_that_crashed_before_executing_reuses_its_change_set_and_cleans_s
         description: String::new(),
     };
     cloud.create_change_set(&stale).await.unwrap();
+    // Made well before this pass: no concurrent run can be using it.
+    tokio::time::advance(apply::CONCURRENT_RUN_WINDOW * 2).await;
     // The crash: the pass is dropped while its change sets are computed.
     let crashed = tokio::time::timeout(Duration::from_secs(1), pass(&cloud, &env)).await;
     assert!(crashed.is_err(), "the pass was cut short");
@@ -683,5 +685,104 @@ fn invariants_hold_over_many_seeded_histories() {
     assert!(
         failures.is_empty(),
         "invariants broken for seeds {failures:?} (replay one with STACKWARDEN_SEED=N)"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_final_observation_keeps_the_report_of_what_was_done() {
+    let env = dev();
+    let cloud = SimCloud::new(config(&env, 3));
+    cloud.lose_network_once_stable(ALL.len());
+    let r = pass(&cloud, &env).await;
+    for key in ALL {
+        assert_eq!(result(&r, key), &StackResult::Created, "{key}");
+    }
+    let e = r
+        .final_observation_error
+        .as_deref()
+        .expect("the failure is reported");
+    assert!(
+        e.contains("cannot observe after applying") && e.contains("connection refused"),
+        "{e}"
+    );
+    assert_eq!(r.verdict(), Verdict::Failed);
+    assert!(!r.services.is_empty());
+    for s in &r.services {
+        assert!(
+            matches!(&s.result, ServiceResult::Failed { reason } if reason.contains("connection refused")),
+            "{s:?}"
+        );
+    }
+    let json = serde_json::to_value(&r).unwrap();
+    assert_eq!(json["stacks"].as_array().map(Vec::len), Some(ALL.len()));
+    assert!(json["final_observation_error"].is_string());
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_passes_at_once_execute_every_stack_once_and_never_fail_each_other() {
+    let env = dev();
+    let cloud = SimCloud::new(config(&env, 21));
+    let (a, b) = tokio::join!(pass(&cloud, &env), pass(&cloud, &env));
+    for r in [&a, &b] {
+        assert_ne!(r.verdict(), Verdict::Failed, "{r:#?}");
+    }
+    let executed = cloud.executed();
+    for key in ALL {
+        let n = executed
+            .iter()
+            .filter(|(s, _)| *s == name(&env, key))
+            .count();
+        assert_eq!(n, 1, "{key} executed {n} times");
+    }
+    assert!(cloud.violations().is_empty(), "{:?}", cloud.violations());
+    let again = pass(&cloud, &env).await;
+    assert_eq!(again.verdict(), Verdict::InSync, "{again:#?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn another_runs_fresh_change_set_is_left_alone_until_it_is_stale() {
+    let env = dev();
+    let cloud = SimCloud::new(config(&env, 22));
+    pass(&cloud, &env).await;
+    // Another run (another checkout, another revision) has just made its
+    // change set on the network stack.
+    let network = name(&env, "network");
+    let theirs = ChangeSetRequest {
+        stack_name: network.clone(),
+        change_set_name: "stackwarden-0123456789ab".into(),
+        kind: ChangeSetKind::Update,
+        template_body: env.stacks["network"].template_body.clone(),
+        parameters: BTreeMap::new(),
+        tags: BTreeMap::new(),
+        description: String::new(),
+    };
+    cloud.create_change_set(&theirs).await.unwrap();
+    let ws = Workspace::new();
+    ws.edit(
+        "desired-state/dev.yaml",
+        "FlowLogRetentionDays: 14",
+        "FlowLogRetentionDays: 30",
+    );
+    let changed = load(&ws);
+    let r = pass(&cloud, &changed).await;
+    assert!(
+        matches!(result(&r, "network"), StackResult::Blocked { reason } if reason.contains("another run") && reason.contains("stackwarden-0123456789ab")),
+        "{r:#?}"
+    );
+    assert_eq!(r.verdict(), Verdict::Differences);
+    assert!(
+        cloud
+            .change_set_names(&network)
+            .contains(&theirs.change_set_name)
+    );
+
+    // Abandoned: once older than the window it is stale, deleted, and ours runs.
+    tokio::time::advance(apply::CONCURRENT_RUN_WINDOW * 2).await;
+    let r = pass(&cloud, &changed).await;
+    assert_eq!(result(&r, "network"), &StackResult::Updated, "{r:#?}");
+    assert!(
+        !cloud
+            .change_set_names(&network)
+            .contains(&theirs.change_set_name)
     );
 }

@@ -20,8 +20,9 @@ use aws_smithy_runtime_api::http::Response as HttpResponse;
 use aws_smithy_types::error::display::DisplayErrorContext;
 
 use super::{
-    ChangeAction, ChangeSet, ChangeSetKind, ChangeSetRequest, ChangeSetStatus, Cloud, CloudError,
-    CloudResult, Deployment, Replacement, ResourceChange, Service, Stack, StackEvent,
+    ChangeAction, ChangeSet, ChangeSetKind, ChangeSetRequest, ChangeSetStatus, ChangeSetSummary,
+    Cloud, CloudError, CloudResult, Deployment, Replacement, ResourceChange, Service, Stack,
+    StackEvent,
 };
 use crate::spec::AssumeRole;
 
@@ -66,7 +67,8 @@ impl AwsCloud {
     pub async fn connect(region: &str, role: Option<&AssumeRole>) -> AwsCloud {
         let base = aws_config::defaults(BehaviorVersion::latest())
             .region(Region::new(region.to_owned()))
-            .retry_config(RetryConfig::adaptive().with_max_attempts(5))
+            .retry_config(sdk_retry())
+            .timeout_config(sdk_timeouts())
             .load()
             .await;
         let config = match role {
@@ -106,9 +108,28 @@ impl AwsCloud {
 /// environment (SNS, CloudWatch: each call sets its region).
 pub async fn shared_config() -> aws_config::SdkConfig {
     aws_config::defaults(BehaviorVersion::latest())
-        .retry_config(RetryConfig::adaptive().with_max_attempts(5))
+        .retry_config(sdk_retry())
+        .timeout_config(sdk_timeouts())
         .load()
         .await
+}
+
+/// The SDK does not retry: [`crate::retry::call`] is the one retry layer,
+/// bounded in time, visible in the logs, and without the adaptive mode's
+/// client-wide rate limiter (one throttled call used to slow every other
+/// call of the client).
+fn sdk_retry() -> RetryConfig {
+    RetryConfig::standard().with_max_attempts(1)
+}
+
+/// No call may hang: a connection that cannot be made, or an answer that
+/// never comes (a dropped connection, a wedged proxy), ends the attempt as a
+/// transport error, which the retry layer retries.
+fn sdk_timeouts() -> aws_config::timeout::TimeoutConfig {
+    aws_config::timeout::TimeoutConfig::builder()
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .operation_attempt_timeout(std::time::Duration::from_secs(60))
+        .build()
 }
 
 /// Maps an SDK error to a [`CloudError`] by its code and message.
@@ -371,6 +392,10 @@ impl Cloud for AwsCloud {
                     ChangeSetStatus::NoChanges
                 }
                 ("FAILED", _) => ChangeSetStatus::Failed(reason),
+                (
+                    "DELETE_PENDING" | "DELETE_IN_PROGRESS" | "DELETE_COMPLETE" | "DELETE_FAILED",
+                    _,
+                ) => ChangeSetStatus::Deleted,
                 ("CREATE_PENDING" | "CREATE_IN_PROGRESS", _) => ChangeSetStatus::Pending,
                 (_, "EXECUTE_IN_PROGRESS") => ChangeSetStatus::Executing,
                 (_, "EXECUTE_COMPLETE") => ChangeSetStatus::Executed,
@@ -381,6 +406,7 @@ impl Cloud for AwsCloud {
                     ChangeSetStatus::Failed("obsolete: the stack changed since".into())
                 }
                 ("CREATE_COMPLETE", "AVAILABLE") => ChangeSetStatus::Ready,
+                ("CREATE_COMPLETE", "UNAVAILABLE") => ChangeSetStatus::Unavailable,
                 _ => ChangeSetStatus::Pending,
             };
             token = out.next_token().map(str::to_owned);
@@ -395,7 +421,7 @@ impl Cloud for AwsCloud {
         }
     }
 
-    async fn list_change_sets(&self, stack: &str) -> CloudResult<Vec<String>> {
+    async fn list_change_sets(&self, stack: &str) -> CloudResult<Vec<ChangeSetSummary>> {
         let mut token: Option<String> = None;
         let mut names = Vec::new();
         loop {
@@ -415,7 +441,12 @@ impl Cloud for AwsCloud {
                 out.summaries()
                     .iter()
                     .filter(|s| s.stack_name().is_none_or(|n| n == stack))
-                    .filter_map(|s| s.change_set_name().map(str::to_owned)),
+                    .filter_map(|s| {
+                        Some(ChangeSetSummary {
+                            name: s.change_set_name()?.to_owned(),
+                            created: system_time(s.creation_time()),
+                        })
+                    }),
             );
             token = out.next_token().map(str::to_owned);
             if token.is_none() {

@@ -106,6 +106,20 @@ pub enum ChangeSetStatus {
     /// Being executed, or executed.
     Executing,
     Executed,
+    /// Computed, but not executable now (execution status `UNAVAILABLE`):
+    /// the stack has an operation in flight, so the caller re-plans.
+    Unavailable,
+    /// Being deleted or deleted (status `DELETE_PENDING`, `DELETE_IN_PROGRESS`,
+    /// `DELETE_COMPLETE`, `DELETE_FAILED`): not ours to use any more.
+    Deleted,
+}
+
+/// A change set as ListChangeSets summarizes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeSetSummary {
+    pub name: String,
+    /// When AWS created it (on AWS's clock).
+    pub created: Option<SystemTime>,
 }
 
 /// What a change does to one resource.
@@ -229,11 +243,11 @@ pub trait Cloud: Send + Sync {
         name: &str,
     ) -> impl Future<Output = CloudResult<ChangeSet>> + Send;
 
-    /// Names of the stack's change sets.
+    /// The stack's change sets, with when they were made.
     fn list_change_sets(
         &self,
         stack: &str,
-    ) -> impl Future<Output = CloudResult<Vec<String>>> + Send;
+    ) -> impl Future<Output = CloudResult<Vec<ChangeSetSummary>>> + Send;
 
     fn execute_change_set(
         &self,
@@ -293,4 +307,11 @@ pub trait Cloud: Send + Sync {
 
     /// The account the credentials belong to (STS GetCallerIdentity).
     fn caller_account(&self) -> impl Future<Output = CloudResult<String>> + Send;
+
+    /// Now, on the clock the cloud's timestamps (a change set's creation
+    /// time) are comparable with: the wall clock for AWS, the simulated
+    /// clock for the simulation.
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
+    }
 }

@@ -21,8 +21,9 @@ use serde_json::Value as Json;
 use tokio::time::Instant;
 
 use super::{
-    ChangeAction, ChangeSet, ChangeSetKind, ChangeSetRequest, ChangeSetStatus, Cloud, CloudError,
-    CloudResult, Deployment, Replacement, ResourceChange, Service, Stack, StackEvent,
+    ChangeAction, ChangeSet, ChangeSetKind, ChangeSetRequest, ChangeSetStatus, ChangeSetSummary,
+    Cloud, CloudError, CloudResult, Deployment, Replacement, ResourceChange, Service, Stack,
+    StackEvent,
 };
 use crate::policy;
 use crate::template::{Template, references_parameter};
@@ -118,6 +119,8 @@ struct SimChangeSet {
     ready_at: Instant,
     changes: Vec<ResourceChange>,
     executed: bool,
+    /// On the simulation's clock ([`SimCloud::now`]).
+    created: SystemTime,
 }
 
 #[derive(Debug, Default)]
@@ -135,11 +138,18 @@ struct State {
     throttled: u64,
     /// (stack name, logical id) the test's desired state allows to replace.
     allowed: BTreeSet<(String, String)>,
+    /// Listing stacks fails from the moment this many stacks exist with
+    /// no operation in flight (the network goes away after the work).
+    outage_once_stable: Option<usize>,
 }
 
 /// The simulated cloud. Cheap to clone; clones share state.
 #[derive(Clone)]
 pub struct SimCloud {
+    /// When the simulation began, on tokio's clock: its wall clock runs
+    /// from a fixed date at tokio's pace, so paused-clock tests can age
+    /// things.
+    epoch: Instant,
     config: Arc<SimConfig>,
     state: Arc<Mutex<State>>,
     rng: Arc<Mutex<StdRng>>,
@@ -148,6 +158,7 @@ pub struct SimCloud {
 impl SimCloud {
     pub fn new(config: SimConfig) -> SimCloud {
         SimCloud {
+            epoch: Instant::now(),
             rng: Arc::new(Mutex::new(StdRng::seed_from_u64(config.seed))),
             state: Arc::new(Mutex::new(State {
                 throttle_rate: config.throttle_rate,
@@ -170,12 +181,20 @@ impl SimCloud {
         self.lock().throttle_rate = rate;
     }
 
+    /// From the moment `stacks` stacks exist and none has an operation in
+    /// flight, every DescribeStacks listing fails as a lost connection:
+    /// the observation after a pass's work fails, the work itself does not.
+    pub fn lose_network_once_stable(&self, stacks: usize) {
+        self.lock().outage_once_stable = Some(stacks);
+    }
+
     /// Forgets pending failures and unsticks every stack: the faults stop.
     pub fn clear_faults(&self) {
         let mut st = self.lock();
         st.fail_next.clear();
         st.stuck.clear();
         st.throttle_rate = 0.0;
+        st.outage_once_stable = None;
     }
 
     /// Someone else starts an update of `stack` (a console or CLI user); it
@@ -708,6 +727,12 @@ impl Cloud for SimCloud {
         owner: (&str, &str),
     ) -> CloudResult<BTreeMap<String, Stack>> {
         let st = self.enter("DescribeStacks")?;
+        if let Some(n) = st.outage_once_stable
+            && st.stacks.len() >= n
+            && st.stacks.values().all(|s| s.operation.is_none())
+        {
+            return Err(CloudError::Transport("connection refused".into()));
+        }
         Ok(st
             .stacks
             .values()
@@ -789,6 +814,7 @@ impl Cloud for SimCloud {
                 changes
             },
             executed: false,
+            created: self.now(),
         };
         let entry = st
             .stacks
@@ -825,12 +851,18 @@ impl Cloud for SimCloud {
             .get(name)
             .ok_or_else(|| CloudError::NotFound(format!("ChangeSet [{name}] does not exist")))?;
         let same_tags = s.stack.tags == cs.request.tags;
-        let status = if cs.executed {
+        let busy = s.operation.is_some();
+        let status = if cs.executed && busy {
+            ChangeSetStatus::Executing
+        } else if cs.executed {
             ChangeSetStatus::Executed
         } else if Instant::now() < cs.ready_at {
             ChangeSetStatus::Pending
         } else if cs.changes.is_empty() && cs.request.kind == ChangeSetKind::Update && same_tags {
             ChangeSetStatus::NoChanges
+        } else if busy {
+            // As AWS: computed, but UNAVAILABLE while the stack is busy.
+            ChangeSetStatus::Unavailable
         } else {
             ChangeSetStatus::Ready
         };
@@ -848,13 +880,26 @@ impl Cloud for SimCloud {
         })
     }
 
-    async fn list_change_sets(&self, stack: &str) -> CloudResult<Vec<String>> {
+    async fn list_change_sets(&self, stack: &str) -> CloudResult<Vec<ChangeSetSummary>> {
         let st = self.enter("ListChangeSets")?;
         Ok(st
             .stacks
             .get(stack)
-            .map(|s| s.change_sets.keys().cloned().collect())
+            .map(|s| {
+                s.change_sets
+                    .iter()
+                    .map(|(name, cs)| ChangeSetSummary {
+                        name: name.clone(),
+                        created: Some(cs.created),
+                    })
+                    .collect()
+            })
             .unwrap_or_default())
+    }
+
+    fn now(&self) -> SystemTime {
+        // 2026-01-01T00:00:00Z, then tokio's pace.
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600) + self.epoch.elapsed()
     }
 
     async fn execute_change_set(&self, stack: &str, name: &str) -> CloudResult<()> {
@@ -864,6 +909,19 @@ impl Cloud for SimCloud {
             .stacks
             .get(stack)
             .ok_or_else(|| CloudError::NotFound(format!("Stack [{stack}] does not exist")))?;
+        // AWS refuses a second execution of one change set, harmlessly.
+        if let Some(cs) = s.change_sets.get(name)
+            && cs.executed
+        {
+            let state = if s.operation.is_some() {
+                "EXECUTE_IN_PROGRESS"
+            } else {
+                "EXECUTE_COMPLETE"
+            };
+            return Err(CloudError::Conflict(format!(
+                "ChangeSet [{name}] cannot be executed in its current status of [{state}]"
+            )));
+        }
         if s.operation.is_some() || s.stack.in_progress() && s.stack.status != "REVIEW_IN_PROGRESS"
         {
             let msg = format!("ExecuteChangeSet on {stack} while it is {}", s.stack.status);

@@ -48,6 +48,24 @@ Patches
    all stored ones); AWS answers "No updates are to be performed". We
    compare the given values, so the old scripts' steady-state check and
    stackwarden's no-change detection behave as on AWS.
+11. Faults, switched per test (POST /stackwarden/faults with a JSON body;
+   every key optional, all off by default and after /moto-api/reset):
+   - `latency_ms`: every AWS call answers this much later;
+   - `throttle_rate`: this fraction of calls answers as AWS throttles
+     (HTTP 400 `Throttling` / `ThrottlingException`, "Rate exceeded");
+   - `error_rate`: this fraction answers HTTP 503 (`ServiceUnavailable`);
+   - `drop_before_rate`: this fraction of connections is closed before the
+     action runs (the action does not happen);
+   - `drop_after_rate`: this fraction is closed after the action ran, with
+     no answer (the action happened; the client cannot know);
+   - `actions`: limit the faults to these actions (e.g. `["ExecuteChangeSet"]`);
+   - `seed`: the random choices replay;
+   - `strict`: answer as AWS where moto is laxer: a second ExecuteChangeSet
+     of one change set is refused (`InvalidChangeSetStatus`, its status is
+     EXECUTE_COMPLETE), and CreateChangeSet with the name of an existing
+     change set of the stack is refused (`AlreadyExistsException`).
+   GET /stackwarden/faults answers the settings and counts of what was
+   injected. CloudWatch's CBOR route is never faulted.
 """
 
 import argparse
@@ -417,6 +435,195 @@ def _dispatch(self, environ, start_response):
 
 
 werkzeug_app.DomainDispatcherApplication.__call__ = _dispatch
+
+
+# --- 11. Faults -----------------------------------------------------------------------
+import io  # noqa: E402
+import json  # noqa: E402
+import random  # noqa: E402
+import socket  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import urllib.parse  # noqa: E402
+
+from moto.cloudformation.exceptions import AlreadyExistsException  # noqa: E402
+from moto.cloudformation.exceptions import CloudFormationError  # noqa: E402
+
+_FAULT_KEYS = {
+    "latency_ms": 0,
+    "throttle_rate": 0.0,
+    "error_rate": 0.0,
+    "drop_before_rate": 0.0,
+    "drop_after_rate": 0.0,
+    "actions": [],
+    "seed": 0,
+    "strict": False,
+}
+_faults_lock = threading.Lock()
+_faults = dict(_FAULT_KEYS)
+_fault_counts = {}
+_fault_rng = random.Random(0)
+
+
+class InvalidChangeSetStatus(CloudFormationError):
+    code = "InvalidChangeSetStatus"
+
+
+def _set_faults(settings):
+    global _fault_rng
+    unknown = set(settings) - set(_FAULT_KEYS)
+    if unknown:
+        raise ValueError(f"unknown fault settings: {sorted(unknown)}")
+    with _faults_lock:
+        _faults.clear()
+        _faults.update(_FAULT_KEYS)
+        _faults.update(settings)
+        _fault_counts.clear()
+        _fault_rng = random.Random(_faults["seed"])
+
+
+def _count(kind):
+    _fault_counts[kind] = _fault_counts.get(kind, 0) + 1
+
+
+def _action(environ, body):
+    target = environ.get("HTTP_X_AMZ_TARGET", "")
+    if target:
+        return target.rsplit(".", 1)[-1], "json"
+    form = urllib.parse.parse_qs(body.decode("utf-8", "replace"))
+    return (form.get("Action") or [""])[0], "query"
+
+
+def _error(start_response, protocol, status, code, message):
+    if protocol == "json":
+        payload = json.dumps({"__type": code, "message": message}).encode()
+        ctype = "application/x-amz-json-1.1"
+    else:
+        payload = (
+            "<ErrorResponse><Error><Type>Sender</Type>"
+            f"<Code>{code}</Code><Message>{message}</Message></Error>"
+            "<RequestId>stackwarden-fault</RequestId></ErrorResponse>"
+        ).encode()
+        ctype = "text/xml"
+    start_response(
+        status,
+        [
+            ("Content-Type", ctype),
+            ("Content-Length", str(len(payload))),
+            ("x-amzn-ErrorType", code),
+        ],
+    )
+    return [payload]
+
+
+def _drop(environ):
+    sock = environ.get("werkzeug.socket")
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+    # werkzeug treats a ConnectionError as the client having gone away.
+    raise ConnectionResetError("stackwarden fault: connection dropped")
+
+
+_inner_dispatch = werkzeug_app.DomainDispatcherApplication.__call__
+
+
+def _faulty_dispatch(self, environ, start_response):
+    path = environ.get("PATH_INFO", "")
+    if path == "/stackwarden/faults":
+        if environ.get("REQUEST_METHOD") == "POST":
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            try:
+                _set_faults(json.loads(environ["wsgi.input"].read(length) or b"{}"))
+            except (ValueError, TypeError) as e:
+                start_response("400 Bad Request", [("Content-Type", "text/plain")])
+                return [str(e).encode()]
+        with _faults_lock:
+            body = json.dumps({"settings": _faults, "injected": _fault_counts}).encode()
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [body]
+    if path.startswith("/moto-api/reset"):
+        _set_faults({})
+    if path.startswith("/moto-api") or path.startswith(_CBOR_PREFIX):
+        return _inner_dispatch(self, environ, start_response)
+
+    length = int(environ.get("CONTENT_LENGTH") or 0)
+    body = environ["wsgi.input"].read(length) if length else b""
+    environ["wsgi.input"] = io.BytesIO(body)
+    action, protocol = _action(environ, body)
+    with _faults_lock:
+        f = dict(_faults)
+        applies = not f["actions"] or action in f["actions"]
+        roll = [_fault_rng.random() for _ in range(4)]
+        kind = None
+        if applies:
+            if roll[0] < f["throttle_rate"]:
+                kind = "throttle"
+            elif roll[1] < f["error_rate"]:
+                kind = "error"
+            elif roll[2] < f["drop_before_rate"]:
+                kind = "drop_before"
+            elif roll[3] < f["drop_after_rate"]:
+                kind = "drop_after"
+            if kind:
+                _count(f"{kind}:{action}")
+    if applies and f["latency_ms"]:
+        time.sleep(f["latency_ms"] / 1000.0)
+    if kind == "throttle":
+        code = "ThrottlingException" if protocol == "json" else "Throttling"
+        return _error(start_response, protocol, "400 Bad Request", code, "Rate exceeded")
+    if kind == "error":
+        code = "ServerException" if protocol == "json" else "ServiceUnavailable"
+        return _error(start_response, protocol, "503 Service Unavailable", code, "Service unavailable")
+    if kind == "drop_before":
+        _drop(environ)
+    if kind == "drop_after":
+        # Run the action to its end, then drop the answer.
+        for _ in _inner_dispatch(self, environ, lambda *a, **k: None):
+            pass
+        _drop(environ)
+    return _inner_dispatch(self, environ, start_response)
+
+
+werkzeug_app.DomainDispatcherApplication.__call__ = _faulty_dispatch
+
+
+def _strict():
+    with _faults_lock:
+        return bool(_faults["strict"])
+
+
+_lax_execute = cfn_models.CloudFormationBackend.execute_change_set
+
+
+def _strict_execute_change_set(self, change_set_name, stack_name=None):
+    if _strict():
+        cs = self.describe_change_set(change_set_name)
+        if cs is not None and cs.execution_status == "EXECUTE_COMPLETE":
+            raise InvalidChangeSetStatus(
+                f"ChangeSet [{cs.change_set_id}] cannot be executed in its current "
+                "status of [EXECUTE_COMPLETE]"
+            )
+    return _lax_execute(self, change_set_name, stack_name)
+
+
+cfn_models.CloudFormationBackend.execute_change_set = _strict_execute_change_set
+
+_lax_create_change_set = cfn_models.CloudFormationBackend.create_change_set
+
+
+def _strict_create_change_set(self, stack_name, change_set_name, *args, **kwargs):
+    if _strict():
+        for cs in self.change_sets.values():
+            live = self.stacks.get(cs.stack_id)
+            if cs.change_set_name == change_set_name and live is not None and live.name == stack_name:
+                raise AlreadyExistsException(f"ChangeSet [{change_set_name}] already exists")
+    return _lax_create_change_set(self, stack_name, change_set_name, *args, **kwargs)
+
+
+cfn_models.CloudFormationBackend.create_change_set = _strict_create_change_set
 
 
 def _exit_when_stdin_closes():
