@@ -397,13 +397,23 @@ struct Pass<'a, C> {
 /// this machine and AWS). Older ones are stale and deleted.
 pub const CONCURRENT_RUN_WINDOW: Duration = Duration::from_secs(5 * 60);
 
+/// What a wait on a stack is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Awaiting {
+    /// Any operation to end.
+    Any,
+    /// An executed change set's operation, which may not have begun yet.
+    Execution,
+}
+
 /// What a stack's change sets hold of this revision's own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Existing {
     None,
     /// Ready or being computed: reuse it.
     Reusable,
-    /// Being executed (by a concurrent run, or a retry whose answer was lost).
+    /// Being executed, or executed since shortly before this pass (by a
+    /// concurrent run, or a retry whose answer was lost): follow it.
     Executing,
     /// Another run's change set, made since shortly before this pass.
     OtherRun {
@@ -872,7 +882,10 @@ impl<'a, C: Cloud> Pass<'a, C> {
         deadline: Instant,
     ) -> Step {
         let mut mark = mark;
-        let end = match self.wait_settled(&stack.name, deadline, &mut mark).await {
+        let end = match self
+            .wait_settled(&stack.name, deadline, &mut mark, Awaiting::Execution)
+            .await
+        {
             Ok(end) => end,
             Err(Waited::TimedOut(status)) => {
                 return Step::Done(StackResult::TimedOut { status, ours: true });
@@ -914,19 +927,24 @@ impl<'a, C: Cloud> Pass<'a, C> {
         ours: &str,
     ) -> Result<Existing, CloudError> {
         let sets = retry::call(|| self.cloud.list_change_sets(&stack.name)).await?;
-        let mut existing = Existing::None;
-        if sets.iter().any(|cs| cs.name == ours) {
-            let cs = retry::call(|| self.cloud.describe_change_set(&stack.name, ours)).await?;
-            existing = match cs.status {
-                ChangeSetStatus::Ready | ChangeSetStatus::Pending => Existing::Reusable,
-                ChangeSetStatus::Executing => return Ok(Existing::Executing),
-                _ => Existing::None,
-            };
-        }
         let young_since = self
             .started_at
             .checked_sub(CONCURRENT_RUN_WINDOW)
             .unwrap_or(std::time::UNIX_EPOCH);
+        let mut existing = Existing::None;
+        if let Some(summary) = sets.iter().find(|cs| cs.name == ours) {
+            let cs = retry::call(|| self.cloud.describe_change_set(&stack.name, ours)).await?;
+            let young = summary.created.is_some_and(|c| c >= young_since);
+            existing = match cs.status {
+                ChangeSetStatus::Ready | ChangeSetStatus::Pending => Existing::Reusable,
+                ChangeSetStatus::Executing => return Ok(Existing::Executing),
+                // Executed since this pass looked: a concurrent run of this
+                // revision did the work. (An old executed one is history: a
+                // new change set of the same name corrects later drift.)
+                ChangeSetStatus::Executed if young => return Ok(Existing::Executing),
+                _ => Existing::None,
+            };
+        }
         for cs in &sets {
             if !cs.name.starts_with(CHANGE_SET_PREFIX) || cs.name == ours {
                 continue;
@@ -995,7 +1013,10 @@ impl<'a, C: Cloud> Pass<'a, C> {
         if let Err(e) = retry::call(|| self.cloud.continue_update_rollback(&stack.name)).await {
             return Step::Done(failed(format!("ContinueUpdateRollback: {e}")));
         }
-        match self.wait_settled(&stack.name, deadline, &mut mark).await {
+        match self
+            .wait_settled(&stack.name, deadline, &mut mark, Awaiting::Any)
+            .await
+        {
             Ok(Some(s)) if s.status == "UPDATE_ROLLBACK_COMPLETE" => {
                 Step::Done(StackResult::RollbackContinued)
             }
@@ -1040,7 +1061,10 @@ impl<'a, C: Cloud> Pass<'a, C> {
             return Step::Done(failed(format!("DeleteStack: {e}")));
         }
         let mut mark = None;
-        match self.wait_settled(name, deadline, &mut mark).await {
+        match self
+            .wait_settled(name, deadline, &mut mark, Awaiting::Any)
+            .await
+        {
             Ok(None) => Step::Replan,
             Ok(Some(s)) => Step::Done(failed(format!(
                 "deletion ended in {}: {}",
@@ -1087,7 +1111,8 @@ impl<'a, C: Cloud> Pass<'a, C> {
         deadline: Instant,
     ) -> Result<Option<Stack>, Waited> {
         let mut mark = self.event_mark(&stack.name).await;
-        self.wait_settled(&stack.name, deadline, &mut mark).await
+        self.wait_settled(&stack.name, deadline, &mut mark, Awaiting::Any)
+            .await
     }
 
     /// Polls a stack until it is stable (or gone), streaming its events.
@@ -1097,6 +1122,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
         name: &str,
         deadline: Instant,
         mark: &mut Option<String>,
+        awaiting: Awaiting,
     ) -> Result<Option<Stack>, Waited> {
         self.touch();
         let mut backoff = retry::poll_backoff();
@@ -1107,6 +1133,15 @@ impl<'a, C: Cloud> Pass<'a, C> {
                     self.stream_events(name, mark).await;
                     match s {
                         Some(s) if s.in_progress() => last_status = s.status,
+                        // A change set that is executing (maybe by a
+                        // concurrent run) has not moved the stack out of
+                        // review yet: not an end.
+                        Some(s)
+                            if awaiting == Awaiting::Execution
+                                && s.status == "REVIEW_IN_PROGRESS" =>
+                        {
+                            last_status = s.status
+                        }
                         other => return Ok(other),
                     }
                 }

@@ -185,6 +185,7 @@ fn classify_code(code: &str, message: &str) -> CloudError {
         | "ClusterNotFoundException" => CloudError::NotFound(m),
         "OperationInProgressException"
         | "InvalidChangeSetStatus"
+        | "InvalidChangeSetStatusException"
         | "TokenAlreadyExistsException" => CloudError::Conflict(m),
         "AlreadyExistsException" => CloudError::Conflict(m),
         "InternalFailure"

@@ -107,6 +107,18 @@ impl Emulator {
         );
     }
 
+    /// Switches the shim's faults (tests/emulator/moto_shim.py, patch 11);
+    /// `{}` turns them off. Returns what the shim injected so far.
+    pub fn faults(&self, settings: serde_json::Value) -> serde_json::Value {
+        let answer = http_post_body(self.port, "/stackwarden/faults", &settings.to_string());
+        assert!(
+            answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200"),
+            "faults refused: {answer}"
+        );
+        let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        serde_json::from_str(body).expect("faults JSON")
+    }
+
     /// An SDK configuration pointing at the emulator with test credentials.
     pub async fn sdk_config(&self) -> aws_config::SdkConfig {
         aws_config::defaults(aws_config::BehaviorVersion::latest())
@@ -203,11 +215,16 @@ fn free_port() -> u16 {
 }
 
 fn http_post(port: u16, path: &str) -> String {
+    http_post_body(port, path, "")
+}
+
+fn http_post_body(port: u16, path: &str, body: &str) -> String {
     use std::io::Write;
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to emulator");
     write!(
         s,
-        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     )
     .expect("write");
     let mut out = String::new();

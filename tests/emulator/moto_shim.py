@@ -64,8 +64,11 @@ Patches
      of one change set is refused (`InvalidChangeSetStatus`, its status is
      EXECUTE_COMPLETE), and CreateChangeSet with the name of an existing
      change set of the stack is refused (`AlreadyExistsException`).
-   GET /stackwarden/faults answers the settings and counts of what was
-   injected. CloudWatch's CBOR route is never faulted.
+   The answer holds the settings and the counts of faults injected (by
+   kind and action) under the previous settings (GET: so far, unchanged).
+   In strict mode a CREATE change set for a stack that exists is refused
+   too (`AlreadyExistsException`), as on AWS. CloudWatch's CBOR route is
+   never faulted.
 """
 
 import argparse
@@ -470,6 +473,7 @@ class InvalidChangeSetStatus(CloudFormationError):
 
 
 def _set_faults(settings):
+    """Replaces the settings; returns the counts injected under the old ones."""
     global _fault_rng
     unknown = set(settings) - set(_FAULT_KEYS)
     if unknown:
@@ -478,8 +482,10 @@ def _set_faults(settings):
         _faults.clear()
         _faults.update(_FAULT_KEYS)
         _faults.update(settings)
+        before = dict(_fault_counts)
         _fault_counts.clear()
         _fault_rng = random.Random(_faults["seed"])
+        return before
 
 
 def _count(kind):
@@ -533,16 +539,21 @@ _inner_dispatch = werkzeug_app.DomainDispatcherApplication.__call__
 def _faulty_dispatch(self, environ, start_response):
     path = environ.get("PATH_INFO", "")
     if path == "/stackwarden/faults":
+        with _faults_lock:
+            injected = dict(_fault_counts)
         if environ.get("REQUEST_METHOD") == "POST":
             length = int(environ.get("CONTENT_LENGTH") or 0)
             try:
-                _set_faults(json.loads(environ["wsgi.input"].read(length) or b"{}"))
+                injected = _set_faults(json.loads(environ["wsgi.input"].read(length) or b"{}"))
             except (ValueError, TypeError) as e:
                 start_response("400 Bad Request", [("Content-Type", "text/plain")])
                 return [str(e).encode()]
         with _faults_lock:
-            body = json.dumps({"settings": _faults, "injected": _fault_counts}).encode()
-        start_response("200 OK", [("Content-Type", "application/json")])
+            body = json.dumps({"settings": _faults, "injected": injected}).encode()
+        start_response(
+            "200 OK",
+            [("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
+        )
         return [body]
     if path.startswith("/moto-api/reset"):
         _set_faults({})
@@ -595,18 +606,26 @@ def _strict():
         return bool(_faults["strict"])
 
 
+# moto serves requests on threads and its backend has no locking: two
+# ExecuteChangeSet (or CreateChangeSet) calls at once would both pass the
+# checks below. AWS decides them one after the other; so does strict mode.
+_strict_lock = threading.RLock()
+
+
 _lax_execute = cfn_models.CloudFormationBackend.execute_change_set
 
 
 def _strict_execute_change_set(self, change_set_name, stack_name=None):
-    if _strict():
+    if not _strict():
+        return _lax_execute(self, change_set_name, stack_name)
+    with _strict_lock:
         cs = self.describe_change_set(change_set_name)
         if cs is not None and cs.execution_status == "EXECUTE_COMPLETE":
             raise InvalidChangeSetStatus(
                 f"ChangeSet [{cs.change_set_id}] cannot be executed in its current "
                 "status of [EXECUTE_COMPLETE]"
             )
-    return _lax_execute(self, change_set_name, stack_name)
+        return _lax_execute(self, change_set_name, stack_name)
 
 
 cfn_models.CloudFormationBackend.execute_change_set = _strict_execute_change_set
@@ -615,12 +634,22 @@ _lax_create_change_set = cfn_models.CloudFormationBackend.create_change_set
 
 
 def _strict_create_change_set(self, stack_name, change_set_name, *args, **kwargs):
-    if _strict():
+    if not _strict():
+        return _lax_create_change_set(self, stack_name, change_set_name, *args, **kwargs)
+    with _strict_lock:
+        change_set_type = kwargs.get("change_set_type", args[5] if len(args) > 5 else None)
+        for live in self.stacks.values():
+            if (
+                change_set_type == "CREATE"
+                and live.name == stack_name
+                and live.status not in ("REVIEW_IN_PROGRESS", "DELETE_COMPLETE")
+            ):
+                raise AlreadyExistsException(f"Stack [{stack_name}] already exists")
         for cs in self.change_sets.values():
             live = self.stacks.get(cs.stack_id)
             if cs.change_set_name == change_set_name and live is not None and live.name == stack_name:
                 raise AlreadyExistsException(f"ChangeSet [{change_set_name}] already exists")
-    return _lax_create_change_set(self, stack_name, change_set_name, *args, **kwargs)
+        return _lax_create_change_set(self, stack_name, change_set_name, *args, **kwargs)
 
 
 cfn_models.CloudFormationBackend.create_change_set = _strict_create_change_set
