@@ -260,3 +260,36 @@ async fn plan_without_change_sets_makes_no_write_call() {
         "plan created something"
     );
 }
+
+#[tokio::test]
+async fn plan_change_sets_on_an_empty_account_leaves_no_stack_and_no_change_set() {
+    let emu = Emulator::get();
+    let _guard = emu.lock().await;
+    let out = run(emu.command().args(["plan", "-e", "dev", "--change-sets"]));
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}\n{}", stderr(&out));
+    // The stacks without upstream outputs were previewed as creations.
+    assert!(text.contains("change set for network:"), "{text}");
+    assert!(text.contains("change set for dynamodb:"), "{text}");
+
+    let config = emu.sdk_config().await;
+    let cfn = aws_sdk_cloudformation::Client::new(&config);
+    let live: Vec<String> = cfn
+        .describe_stacks()
+        .send()
+        .await
+        .unwrap()
+        .stacks()
+        .iter()
+        .filter(|s| s.stack_status().map(|st| st.as_str()) != Some("DELETE_COMPLETE"))
+        .map(|s| format!("{} {:?}", s.stack_name().unwrap_or("?"), s.stack_status()))
+        .collect();
+    assert!(live.is_empty(), "the preview left stacks behind: {live:?}");
+    let sets = cfn
+        .list_change_sets()
+        .stack_name("dev-performance-mgmt-network")
+        .send()
+        .await;
+    let left = sets.map(|s| s.summaries().len()).unwrap_or(0);
+    assert_eq!(left, 0, "the preview left change sets behind");
+}

@@ -115,7 +115,7 @@ async fn preview_change_sets<C: Cloud>(
         };
         let request = stack.change_set_request(
             &env.name,
-            format!("stackwarden-preview-{}", &stack.revision[..12]),
+            preview_name(&stack.revision),
             kind,
             parameters,
             format!("stackwarden plan preview of revision {}", stack.revision),
@@ -125,6 +125,17 @@ async fn preview_change_sets<C: Cloud>(
         let _ =
             retry::call(|| cloud.delete_change_set(&request.stack_name, &request.change_set_name))
                 .await;
+        // A CREATE change set made the stack (REVIEW_IN_PROGRESS), and
+        // deleting the change set does not delete it: the preview removes
+        // the placeholder it made, and only that (nothing else on it).
+        if !observed.stacks.contains_key(&stack.name)
+            && let Err(e) = remove_placeholder(cloud, &stack.name).await
+        {
+            eprintln!(
+                "warning: {}: the preview's placeholder stack {} was not removed: {e}",
+                env.name, stack.name
+            );
+        }
         out.push(match result {
             Ok(changes) => Preview {
                 stack: p.key.clone(),
@@ -141,6 +152,35 @@ async fn preview_change_sets<C: Cloud>(
         });
     }
     out
+}
+
+/// Preview change sets are named apart from reconcile's own
+/// (`stackwarden-<rev>`), so a concurrent reconcile never takes one for a
+/// stale change set of its own, and with a nonce, so two previews do not
+/// collide.
+fn preview_name(revision: &str) -> String {
+    use rand::Rng;
+    let nonce: u32 = rand::thread_rng().r#gen();
+    format!("preview-{}-{nonce:08x}", &revision[..12])
+}
+
+/// Deletes `name` if it is a stack in REVIEW_IN_PROGRESS with no change
+/// set left: the placeholder a CREATE preview made.
+async fn remove_placeholder<C: Cloud>(cloud: &C, name: &str) -> Result<(), CloudError> {
+    let Some(live) = retry::call(|| cloud.describe_stack(name)).await? else {
+        return Ok(());
+    };
+    if live.status != "REVIEW_IN_PROGRESS" {
+        return Ok(());
+    }
+    if !retry::call(|| cloud.list_change_sets(name))
+        .await?
+        .is_empty()
+    {
+        // Someone else (a reconcile) has a change set on it now: theirs.
+        return Ok(());
+    }
+    retry::call(|| cloud.delete_stack(name)).await
 }
 
 /// Creates the change set and reads its changes, waiting at most `timeout`
