@@ -271,7 +271,12 @@ pub fn resolve_parameters(
         .collect()
 }
 
+/// Stable statuses of a failed stack. CREATE_FAILED and UPDATE_FAILED are
+/// what an operation with rollback disabled ("preserve successfully
+/// provisioned resources") ends in: not healthy, whatever the tags say.
 const FAILED_STATUSES: &[&str] = &[
+    "CREATE_FAILED",
+    "UPDATE_FAILED",
     "ROLLBACK_COMPLETE",
     "ROLLBACK_FAILED",
     "UPDATE_ROLLBACK_FAILED",
@@ -509,6 +514,24 @@ fn plan_stack(
                     )
                 },
             ),
+            "CREATE_FAILED" | "UPDATE_FAILED" => {
+                let op = if live.status == "CREATE_FAILED" {
+                    "creation"
+                } else {
+                    "update"
+                };
+                (
+                    StackAction::Blocked {
+                        reason: format!("{op} failed with rollback disabled: {why}"),
+                    },
+                    format!(
+                        "{op} failed with rollback disabled (resources that succeeded are kept): {why}; \
+                         roll it back (`aws cloudformation rollback-stack --stack-name {}`) or fix forward \
+                         (correct the cause, then update the stack)",
+                        stack.name
+                    ),
+                )
+            }
             "UPDATE_ROLLBACK_FAILED" if env.policy.continue_rollback && !observe_only => (
                 StackAction::ContinueRollback,
                 format!("rollback failed ({why}); policy.continue_rollback: continue it"),

@@ -786,3 +786,44 @@ async fn another_runs_fresh_change_set_is_left_alone_until_it_is_stale() {
             .contains(&theirs.change_set_name)
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn create_failed_and_update_failed_are_failures_that_stop_dependents() {
+    let env = dev();
+    let cloud = SimCloud::new(config(&env, 23));
+    pass(&cloud, &env).await;
+    for (status, op) in [("UPDATE_FAILED", "update"), ("CREATE_FAILED", "creation")] {
+        // An operation someone ran with rollback disabled ("preserve
+        // successfully provisioned resources") failed; the revision tag
+        // still matches.
+        cloud.force_status(
+            &name(&env, "network"),
+            status,
+            "Resource Vpc failed: rate exceeded",
+        );
+        let writes = cloud.write_calls();
+        let r = pass(&cloud, &env).await;
+        assert!(
+            matches!(result(&r, "network"), StackResult::Blocked { reason } if reason.contains(&format!("{op} failed with rollback disabled"))),
+            "{r:#?}"
+        );
+        assert!(
+            matches!(result(&r, "msk"), StackResult::Skipped { .. }),
+            "{r:#?}"
+        );
+        assert_eq!(r.verdict(), Verdict::Failed);
+        let network = r
+            .final_plan
+            .stacks
+            .iter()
+            .find(|s| s.key == "network")
+            .unwrap();
+        assert_eq!(network.health, Health::Failed);
+        assert!(
+            network.reason.contains("rollback-stack"),
+            "{}",
+            network.reason
+        );
+        assert_eq!(cloud.write_calls(), writes, "nothing is written");
+    }
+}
