@@ -193,6 +193,7 @@ mod tests {
             timeout: Duration::from_secs(60),
             ecs_services: vec![],
             revision: "r1".into(),
+            owner: None,
         }
     }
 

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::cloud::{ChangeSetStatus, Cloud, CloudError};
 use crate::plan::{Observed, resolve};
 use crate::retry;
-use crate::spec::{DesiredEnv, ENVIRONMENT_TAG, REVISION_TAG};
+use crate::spec::{DesiredEnv, ENVIRONMENT_TAG, Mode, REVISION_TAG};
 use crate::template::Template;
 
 /// How thoroughly to compare.
@@ -41,7 +41,7 @@ pub async fn observe<C: Cloud>(
         ..Observed::default()
     };
 
-    let wanted: Vec<&str> = env
+    let mut wanted: Vec<&str> = env
         .stacks
         .values()
         .filter_map(|d| {
@@ -51,6 +51,20 @@ pub async fn observe<C: Cloud>(
             (stable && (depth == Depth::Full || !tagged)).then_some(d.name.as_str())
         })
         .collect();
+    // An orphan the policy may prune is deleted only after its template is
+    // checked for protected resources.
+    if env.policy.prune && env.policy.mode == Mode::Converge {
+        wanted.extend(
+            observed
+                .stacks
+                .iter()
+                .filter(|(name, s)| {
+                    !names.contains(*name)
+                        && crate::plan::claim(env, s) == Some(crate::plan::Claim::Ours)
+                })
+                .map(|(name, _)| name.as_str()),
+        );
+    }
     let bodies = futures::future::join_all(
         wanted
             .iter()

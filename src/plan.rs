@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use crate::cloud::{Service, Stack};
 use crate::diff::{StackDiff, diff_stack};
 use crate::policy;
-use crate::spec::{DesiredEnv, DesiredStack, ENVIRONMENT_TAG, Mode, Value};
+use crate::spec::{DesiredEnv, DesiredStack, ENVIRONMENT_TAG, Mode, OWNER_TAG, Value};
 use crate::template::Template;
 
 /// What AWS says now, for one environment.
@@ -284,6 +284,31 @@ const FAILED_STATUSES: &[&str] = &[
     "IMPORT_ROLLBACK_FAILED",
 ];
 
+/// Whose an undeclared stack tagged for this environment is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// Tagged with this environment and this desired state's owner.
+    Ours,
+    /// Tagged with this environment, without an owner tag: from before
+    /// `owner` was set, or another deployment's; never pruned.
+    Unproven,
+    /// Another owner's.
+    Foreign,
+}
+
+/// The claim this environment has on a live stack it does not declare;
+/// `None` when the stack is not tagged for this environment at all.
+pub fn claim(env: &DesiredEnv, stack: &crate::cloud::Stack) -> Option<Claim> {
+    if stack.tags.get(ENVIRONMENT_TAG) != Some(&env.name) {
+        return None;
+    }
+    Some(match (stack.tags.get(OWNER_TAG), &env.owner) {
+        (Some(theirs), Some(ours)) if theirs == ours => Claim::Ours,
+        (Some(_), _) => Claim::Foreign,
+        (None, _) => Claim::Unproven,
+    })
+}
+
 /// Computes the plan of an environment.
 ///
 /// # Guarantees
@@ -300,13 +325,18 @@ pub fn plan(env: &DesiredEnv, observed: &Observed) -> Plan {
             stacks.push(p);
         }
     }
-    // Orphans: tagged with this environment, not declared.
+    // Orphans: tagged with this environment and owner, not declared.
     let declared: std::collections::BTreeSet<&String> =
         env.stacks.values().map(|s| &s.name).collect();
     for (name, s) in &observed.stacks {
-        if declared.contains(name) || s.tags.get(ENVIRONMENT_TAG) != Some(&env.name) {
+        if declared.contains(name) {
             continue;
         }
+        let claim = match claim(env, s) {
+            // Not this deployment's: not reported, not counted.
+            None | Some(Claim::Foreign) => continue,
+            Some(c) => c,
+        };
         let (action, reason) = if env.policy.mode == Mode::Observe {
             (
                 StackAction::Blocked {
@@ -320,6 +350,15 @@ pub fn plan(env: &DesiredEnv, observed: &Observed) -> Plan {
                 "tagged for this environment but not declared; policy.prune is off, kept"
                     .to_owned(),
             )
+        } else if claim == Claim::Unproven {
+            (
+                StackAction::Blocked {
+                    reason: format!("no {OWNER_TAG} tag of this owner: not proven ours"),
+                },
+                format!(
+                    "tagged for this environment but not with {OWNER_TAG}: may be another deployment's; never pruned (delete it by hand if it is yours)"
+                ),
+            )
         } else if s.termination_protection {
             (
                 StackAction::Blocked {
@@ -328,10 +367,37 @@ pub fn plan(env: &DesiredEnv, observed: &Observed) -> Plan {
                 "orphaned, but termination protection is on: never deleted".to_owned(),
             )
         } else {
-            (
-                StackAction::Prune,
-                "orphaned: not declared any more, policy.prune is on".to_owned(),
-            )
+            match observed.templates.get(name) {
+                None => (
+                    StackAction::Blocked {
+                        reason: "its template could not be read".into(),
+                    },
+                    "orphaned, but its live template could not be read: never pruned unchecked"
+                        .to_owned(),
+                ),
+                Some(t) => {
+                    let protected = policy::protected_resources(t, &env.policy);
+                    if !protected.is_empty() && !env.policy.allow_prune.contains(name) {
+                        (
+                            StackAction::Blocked {
+                                reason: format!(
+                                    "holds protected resources: {}",
+                                    protected.join(", ")
+                                ),
+                            },
+                            format!(
+                                "orphaned, but holds protected resources ({}): never pruned unless policy.allow_prune lists {name}",
+                                protected.join(", ")
+                            ),
+                        )
+                    } else {
+                        (
+                            StackAction::Prune,
+                            "orphaned: not declared any more, policy.prune is on".to_owned(),
+                        )
+                    }
+                }
+            }
         };
         stacks.push(StackPlan {
             key: String::new(),

@@ -187,10 +187,17 @@ pub fn forecast(
 /// Whether a template holds any protected resource: such a stack is never
 /// deleted and recreated automatically.
 pub fn holds_protected(template: &Template, policy: &Policy) -> bool {
+    !protected_resources(template, policy).is_empty()
+}
+
+/// The template's resources of a protected type, as `LogicalId (Type)`.
+pub fn protected_resources(template: &Template, policy: &Policy) -> Vec<String> {
     template
         .resources
-        .values()
-        .any(|r| policy.protect.contains(&r.kind))
+        .iter()
+        .filter(|(_, r)| policy.protect.contains(&r.kind))
+        .map(|(id, r)| format!("{id} ({})", r.kind))
+        .collect()
 }
 
 #[cfg(test)]
@@ -202,6 +209,7 @@ mod tests {
         Policy {
             mode: crate::spec::Mode::Converge,
             prune: false,
+            allow_prune: Default::default(),
             protect: crate::spec::DEFAULT_PROTECTED_TYPES
                 .iter()
                 .map(|s| (*s).to_owned())

@@ -20,6 +20,10 @@ use crate::yaml::{Document, Pos, YamlError};
 pub const REVISION_TAG: &str = "stackwarden:revision";
 /// Tag naming the environment that owns a stack (used to find orphans).
 pub const ENVIRONMENT_TAG: &str = "stackwarden:environment";
+/// Tag naming the deployment that owns a stack (the desired state's
+/// top-level `owner`): environment names repeat across teams and checkouts
+/// in one account, owners must not.
+pub const OWNER_TAG: &str = "stackwarden:owner";
 /// Change sets stackwarden makes are named `stackwarden-<revision>`; any
 /// other of this prefix on a stack is stale and deleted.
 pub const CHANGE_SET_PREFIX: &str = "stackwarden-";
@@ -184,6 +188,8 @@ struct RawEnv {
     #[serde(default)]
     account_id: Option<String>,
     #[serde(default)]
+    owner: Option<String>,
+    #[serde(default)]
     assume_role: Option<AssumeRole>,
     stack_name_prefix: String,
     #[serde(default)]
@@ -231,6 +237,8 @@ struct RawPolicy {
     protect: Option<Vec<String>>,
     #[serde(default)]
     allow_replacement: Vec<String>,
+    #[serde(default)]
+    allow_prune: Vec<String>,
     #[serde(default)]
     recreate_failed: bool,
     #[serde(default)]
@@ -295,6 +303,9 @@ pub struct Policy {
     pub protect: BTreeSet<String>,
     /// `stack.LogicalId` resources that may be replaced or removed anyway.
     pub allow_replacement: BTreeSet<(String, String)>,
+    /// Names of orphaned stacks that may be pruned although their template
+    /// holds protected resources.
+    pub allow_prune: BTreeSet<String>,
     /// Delete and recreate a stack whose creation failed (ROLLBACK_COMPLETE).
     pub recreate_failed: bool,
     /// Continue a rollback stuck in UPDATE_ROLLBACK_FAILED.
@@ -333,6 +344,8 @@ pub struct DesiredStack {
     pub ecs_services: Vec<EcsServiceSpec>,
     /// Content hash of everything that defines this stack.
     pub revision: String,
+    /// The environment's `owner`, tagged on the stack.
+    pub owner: Option<String>,
 }
 
 impl DesiredStack {
@@ -341,6 +354,9 @@ impl DesiredStack {
         let mut tags = self.tags.clone();
         tags.insert(REVISION_TAG.to_owned(), self.revision.clone());
         tags.insert(ENVIRONMENT_TAG.to_owned(), environment.to_owned());
+        if let Some(owner) = &self.owner {
+            tags.insert(OWNER_TAG.to_owned(), owner.clone());
+        }
         tags
     }
 
@@ -388,6 +404,9 @@ pub struct DesiredEnv {
     pub file: PathBuf,
     pub region: String,
     pub account_id: Option<String>,
+    /// Who this deployment is: tagged on every stack as `stackwarden:owner`;
+    /// only stacks carrying it can be this deployment's orphans.
+    pub owner: Option<String>,
     pub assume_role: Option<AssumeRole>,
     pub stack_name_prefix: String,
     pub alerts: Option<Alerts>,
@@ -712,6 +731,7 @@ impl Loader {
                     timeout,
                     ecs_services,
                     revision,
+                    owner: raw.owner.clone(),
                 },
             );
         }
@@ -752,6 +772,7 @@ impl Loader {
             file: self.file,
             region: raw.region,
             account_id: raw.account_id,
+            owner: raw.owner,
             assume_role: raw.assume_role,
             stack_name_prefix: raw.stack_name_prefix,
             alerts: raw.alerts.map(|a| Alerts {
@@ -829,6 +850,27 @@ impl Loader {
                 doc,
                 "assume_role.role_arn",
                 format!("`{}` is not a role ARN", r.role_arn),
+            );
+        }
+        if let Some(o) = &raw.owner {
+            let ok = !o.trim().is_empty()
+                && o.chars().count() <= 256
+                && o.chars()
+                    .all(|c| c.is_alphanumeric() || c == ' ' || "_.:/=+-@".contains(c));
+            if !ok {
+                self.error_at(
+                    doc,
+                    "owner",
+                    format!("`{o}` is not a valid tag value (1 to 256 letters, digits, spaces and _.:/=+-@)"),
+                );
+            }
+        }
+        if raw.policy.prune && raw.owner.is_none() {
+            self.error_at(
+                doc,
+                "policy.prune",
+                "prune needs a top-level `owner:` (a name no other deployment in the account uses): \
+                 the environment tag alone is shared by every checkout with this environment name",
             );
         }
         if let Some(a) = &raw.alerts
@@ -1058,6 +1100,7 @@ impl Loader {
             prune: raw.prune,
             protect,
             allow_replacement: allow,
+            allow_prune: raw.allow_prune.iter().cloned().collect(),
             recreate_failed: raw.recreate_failed,
             continue_rollback: raw.continue_rollback,
         }
@@ -1243,6 +1286,32 @@ stacks:
         let errs = Fixture::new().errors("dev", &text);
         assert!(
             errs[0].contains("stacks.data.timeout: 0s is out of range"),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn prune_needs_an_owner_and_the_owner_is_tagged() {
+        let pruning = GOOD.replace(
+            "tags: {Team: platform}\n",
+            "tags: {Team: platform}\npolicy: {prune: true}\n",
+        );
+        let errs = Fixture::new().errors("dev", &pruning);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].starts_with("desired-state/dev.yaml:6:")
+                && errs[0].contains("policy.prune: prune needs a top-level `owner:`"),
+            "{errs:?}"
+        );
+        let owned = pruning.replace("region:", "owner: team-a/app\nregion:");
+        let env = Fixture::new().load("dev", &owned).unwrap();
+        assert_eq!(env.owner.as_deref(), Some("team-a/app"));
+        let tags = env.stacks["data"].tags_with_ownership(&env.name);
+        assert_eq!(tags[OWNER_TAG], "team-a/app");
+        let bad = owned.replace("owner: team-a/app", "owner: '<team>'");
+        let errs = Fixture::new().errors("dev", &bad);
+        assert!(
+            errs[0].contains("owner: `<team>` is not a valid tag value"),
             "{errs:?}"
         );
     }

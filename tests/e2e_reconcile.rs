@@ -384,3 +384,86 @@ async fn a_tag_change_in_the_desired_state_converges() {
         .args(["plan", "-e", "dev", "--desired-state", &ds]));
     assert_eq!(plan.status.code(), Some(0), "{}", stdout(&plan));
 }
+
+/// Creates a stack directly, as another deployment or an old revision did.
+async fn create_stack_elsewhere(
+    config: &aws_config::SdkConfig,
+    name: &str,
+    body: &str,
+    tags: &[(&str, &str)],
+) {
+    let cfn = aws_sdk_cloudformation::Client::new(config);
+    let mut req = cfn.create_stack().stack_name(name).template_body(body);
+    for (k, v) in tags {
+        req = req.tags(
+            aws_sdk_cloudformation::types::Tag::builder()
+                .key(*k)
+                .value(*v)
+                .build(),
+        );
+    }
+    req.send().await.expect("CreateStack");
+}
+
+#[tokio::test]
+async fn prune_never_deletes_another_owners_stack_nor_an_orphan_holding_a_protected_resource() {
+    const TOPIC: &str = "Resources:\n  T: {Type: AWS::SNS::Topic}\n";
+    const TABLE: &str = "Resources:\n  T:\n    Type: AWS::DynamoDB::Table\n    Properties:\n      TableName: old-orphan-table\n      KeySchema: [{AttributeName: id, KeyType: HASH}]\n      AttributeDefinitions: [{AttributeName: id, AttributeType: S}]\n      BillingMode: PAY_PER_REQUEST\n";
+    let emu = Emulator::get();
+    let _guard = emu.lock().await;
+    let config = emu.sdk_config().await;
+    let owner = dev().owner.expect("the shipped files have an owner");
+    let env = ("stackwarden:environment", "dev");
+    create_stack_elsewhere(
+        &config,
+        "dev-other-team",
+        TOPIC,
+        &[env, ("stackwarden:owner", "another-team")],
+    )
+    .await;
+    create_stack_elsewhere(
+        &config,
+        "dev-old-table",
+        TABLE,
+        &[env, ("stackwarden:owner", &owner)],
+    )
+    .await;
+    create_stack_elsewhere(
+        &config,
+        "dev-old-topic",
+        TOPIC,
+        &[env, ("stackwarden:owner", &owner)],
+    )
+    .await;
+
+    let ws = Workspace::new();
+    ws.edit("desired-state/dev.yaml", "prune: false", "prune: true");
+    let ds = ws.desired_state().display().to_string();
+    let (out, v) = reconcile(emu, &["--desired-state", &ds]);
+    // The blocked orphan is a difference that remains.
+    assert_eq!(out.status.code(), Some(2), "{v}\n{}", stderr(&out));
+    let live = live_stacks(&config).await;
+    let alive = |name: &str| {
+        live.get(name)
+            .is_some_and(|s| s.stack_status().map(|s| s.as_str()) != Some("DELETE_COMPLETE"))
+    };
+    assert!(alive("dev-other-team"), "another owner's stack was deleted");
+    assert!(
+        alive("dev-old-table"),
+        "an orphan holding a table was deleted"
+    );
+    assert!(!alive("dev-old-topic"), "our plain orphan was not pruned");
+    let stacks = v[0]["report"]["stacks"].as_array().unwrap();
+    assert!(!stacks.iter().any(|s| s["name"] == "dev-other-team"), "{v}");
+    let table = stacks
+        .iter()
+        .find(|s| s["name"] == "dev-old-table")
+        .expect("reported");
+    assert_eq!(table["result"]["kind"], "blocked", "{v}");
+    assert!(
+        table["result"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("AWS::DynamoDB::Table")
+    );
+}

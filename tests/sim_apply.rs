@@ -827,3 +827,103 @@ async fn create_failed_and_update_failed_are_failures_that_stop_dependents() {
         assert_eq!(cloud.write_calls(), writes, "nothing is written");
     }
 }
+
+/// Makes a stack outside the desired state, with these tags, as another
+/// deployment (or an older revision of this one) would have.
+async fn foreign_stack(cloud: &SimCloud, name: &str, body: &str, tags: &[(&str, &str)]) {
+    let request = ChangeSetRequest {
+        stack_name: name.into(),
+        change_set_name: "made-elsewhere".into(),
+        kind: ChangeSetKind::Create,
+        template_body: body.into(),
+        parameters: BTreeMap::new(),
+        tags: tags
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        description: String::new(),
+    };
+    cloud.create_change_set(&request).await.unwrap();
+    tokio::time::advance(Duration::from_secs(10)).await;
+    cloud
+        .execute_change_set(name, "made-elsewhere")
+        .await
+        .unwrap();
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    assert!(cloud.stack(name).unwrap().status.ends_with("_COMPLETE"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn prune_deletes_only_proven_orphans_without_protected_resources() {
+    const TOPIC: &str = "Resources:\n  T: {Type: AWS::SNS::Topic}\n";
+    const TABLE: &str = "Resources:\n  T:\n    Type: AWS::DynamoDB::Table\n    Properties:\n      KeySchema: [{AttributeName: id, KeyType: HASH}]\n      AttributeDefinitions: [{AttributeName: id, AttributeType: S}]\n      BillingMode: PAY_PER_REQUEST\n";
+    let mut env = dev();
+    env.policy.prune = true;
+    let owner = env.owner.clone().expect("the shipped files have an owner");
+    let cloud = SimCloud::new(config(&env, 24));
+    pass(&cloud, &env).await;
+    let env_tag = ("stackwarden:environment", "dev");
+    foreign_stack(
+        &cloud,
+        "dev-old-topic",
+        TOPIC,
+        &[env_tag, ("stackwarden:owner", &owner)],
+    )
+    .await;
+    foreign_stack(
+        &cloud,
+        "dev-old-table",
+        TABLE,
+        &[env_tag, ("stackwarden:owner", &owner)],
+    )
+    .await;
+    foreign_stack(
+        &cloud,
+        "dev-other-team",
+        TOPIC,
+        &[env_tag, ("stackwarden:owner", "another-team")],
+    )
+    .await;
+    foreign_stack(&cloud, "dev-legacy", TOPIC, &[env_tag]).await;
+
+    let r = pass(&cloud, &env).await;
+    let orphan = |r: &Report, name: &str| {
+        r.stacks
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| s.result.clone())
+    };
+    assert_eq!(
+        orphan(&r, "dev-old-topic"),
+        Some(StackResult::Pruned),
+        "{r:#?}"
+    );
+    assert!(
+        matches!(orphan(&r, "dev-old-table"), Some(StackResult::Blocked { reason }) if reason.contains("protected") && reason.contains("AWS::DynamoDB::Table")),
+        "{r:#?}"
+    );
+    assert!(
+        matches!(orphan(&r, "dev-legacy"), Some(StackResult::Blocked { reason }) if reason.contains("not proven ours")),
+        "{r:#?}"
+    );
+    // Another owner's stack is not ours to report, count or touch.
+    assert_eq!(orphan(&r, "dev-other-team"), None, "{r:#?}");
+    assert!(
+        !r.final_plan
+            .stacks
+            .iter()
+            .any(|s| s.name == "dev-other-team")
+    );
+    assert_eq!(cloud.deleted(), vec!["dev-old-topic".to_owned()]);
+
+    // Explicitly allowed, the table's stack goes too.
+    env.policy.allow_prune.insert("dev-old-table".into());
+    let r = pass(&cloud, &env).await;
+    assert_eq!(
+        orphan(&r, "dev-old-table"),
+        Some(StackResult::Pruned),
+        "{r:#?}"
+    );
+    assert!(cloud.stack("dev-other-team").is_some());
+    assert!(cloud.stack("dev-legacy").is_some());
+}
