@@ -415,6 +415,9 @@ enum Existing {
     /// Being executed, or executed since shortly before this pass (by a
     /// concurrent run, or a retry whose answer was lost): follow it.
     Executing,
+    /// Executed, but made after the observation the plan rests on: look
+    /// again before deciding anything.
+    Unseen,
     /// Another run's change set, made since shortly before this pass.
     OtherRun {
         change_set: String,
@@ -740,12 +743,16 @@ impl<'a, C: Cloud> Pass<'a, C> {
         };
         let name = stack.change_set_name();
         let reused = if live.is_some() {
-            match self.clean_change_sets(stack, &name).await {
+            match self
+                .clean_change_sets(stack, &name, observed.stacks_read_at)
+                .await
+            {
                 Ok(Existing::Reusable) => true,
                 Ok(Existing::None) => false,
                 // A concurrent run of this revision got there first: its
                 // operation is ours to follow, never to start again.
                 Ok(Existing::Executing) => return self.follow(stack, kind, None, deadline).await,
+                Ok(Existing::Unseen) => return Step::Replan,
                 Ok(Existing::OtherRun { change_set, age }) => {
                     return Step::Done(StackResult::Blocked {
                         reason: format!(
@@ -788,6 +795,9 @@ impl<'a, C: Cloud> Pass<'a, C> {
                     ours: true,
                 });
             }
+            // Refused as existing, yet not there: the stack was made (or the
+            // change set deleted) by someone else since we looked.
+            Err(CloudError::NotFound(_)) => return Step::Replan,
             Err(e) => return Step::Done(failed(format!("change set: {e}"))),
         };
         match &cs.status {
@@ -896,7 +906,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
             return Step::Done(failed("the stack disappeared during the operation".into()));
         };
         match end.status.as_str() {
-            "CREATE_COMPLETE" | "UPDATE_COMPLETE" => {
+            "CREATE_COMPLETE" | "UPDATE_COMPLETE" | "UPDATE_COMPLETE_CLEANUP_IN_PROGRESS" => {
                 if let Err(e) = self.protect_termination(stack, Some(&end)).await {
                     return Step::Done(failed(format!("UpdateTerminationProtection: {e}")));
                 }
@@ -925,6 +935,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
         &self,
         stack: &DesiredStack,
         ours: &str,
+        read_at: Option<std::time::SystemTime>,
     ) -> Result<Existing, CloudError> {
         let sets = retry::call(|| self.cloud.list_change_sets(&stack.name)).await?;
         let young_since = self
@@ -934,14 +945,16 @@ impl<'a, C: Cloud> Pass<'a, C> {
         let mut existing = Existing::None;
         if let Some(summary) = sets.iter().find(|cs| cs.name == ours) {
             let cs = retry::call(|| self.cloud.describe_change_set(&stack.name, ours)).await?;
-            let young = summary.created.is_some_and(|c| c >= young_since);
+            // Made after the observation this decision rests on: a
+            // concurrent run of this revision may have done the work.
+            let unseen = matches!((summary.created, read_at), (Some(c), Some(r)) if c > r);
             existing = match cs.status {
                 ChangeSetStatus::Ready | ChangeSetStatus::Pending => Existing::Reusable,
                 ChangeSetStatus::Executing => return Ok(Existing::Executing),
-                // Executed since this pass looked: a concurrent run of this
-                // revision did the work. (An old executed one is history: a
-                // new change set of the same name corrects later drift.)
-                ChangeSetStatus::Executed if young => return Ok(Existing::Executing),
+                ChangeSetStatus::Executed if unseen => return Ok(Existing::Unseen),
+                // An executed one the observation already reflects is
+                // history: a new change set of the same name corrects
+                // drift since.
                 _ => Existing::None,
             };
         }
@@ -1132,6 +1145,15 @@ impl<'a, C: Cloud> Pass<'a, C> {
                 Ok(s) => {
                     self.stream_events(name, mark).await;
                     match s {
+                        // Our update is done once only the old resources
+                        // are being deleted (and a rollback once it rolled
+                        // back): the cleanup is not ours to time out on.
+                        Some(s)
+                            if awaiting == Awaiting::Execution
+                                && s.status.ends_with("_COMPLETE_CLEANUP_IN_PROGRESS") =>
+                        {
+                            return Ok(Some(s));
+                        }
                         Some(s) if s.in_progress() => last_status = s.status,
                         // A change set that is executing (maybe by a
                         // concurrent run) has not moved the stack out of
@@ -1194,20 +1216,13 @@ impl<'a, C: Cloud> Pass<'a, C> {
             .map_or_else(|| name.to_owned(), |s| s.key.clone())
     }
 
-    /// The first failure reason among a stack's recent events.
+    /// The root cause of the latest operation's failure: its oldest
+    /// failure event with a reason.
     async fn failure_reason(&self, stack: &str) -> Option<String> {
-        let events = retry::call(|| self.cloud.stack_events(stack, None))
+        let events = retry::call(|| self.cloud.operation_events(stack))
             .await
             .ok()?;
-        // The root cause is the oldest failure of the latest operation.
-        let start = events
-            .iter()
-            .rposition(|e| {
-                e.resource_type == "AWS::CloudFormation::Stack"
-                    && (e.status == "UPDATE_IN_PROGRESS" || e.status == "CREATE_IN_PROGRESS")
-            })
-            .unwrap_or(0);
-        events[start..]
+        events
             .iter()
             .find(|e| e.status.ends_with("_FAILED") && e.reason.is_some())
             .map(|e| {

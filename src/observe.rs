@@ -34,10 +34,12 @@ pub async fn observe<C: Cloud>(
     depth: Depth,
 ) -> Result<Observed, CloudError> {
     let names: BTreeSet<String> = env.stacks.values().map(|s| s.name.clone()).collect();
+    let read_at = cloud.now();
     let stacks =
         retry::call(|| cloud.describe_stacks(&names, (ENVIRONMENT_TAG, &env.name))).await?;
     let mut observed = Observed {
         stacks,
+        stacks_read_at: Some(read_at),
         ..Observed::default()
     };
 
@@ -102,8 +104,10 @@ pub async fn refresh_stacks<C: Cloud>(
     observed: &mut Observed,
 ) -> Result<(), CloudError> {
     let names: BTreeSet<String> = env.stacks.values().map(|s| s.name.clone()).collect();
+    let read_at = cloud.now();
     observed.stacks =
         retry::call(|| cloud.describe_stacks(&names, (ENVIRONMENT_TAG, &env.name))).await?;
+    observed.stacks_read_at = Some(read_at);
     observed.failed_revisions = failed_revisions(cloud, env, &observed.stacks).await?;
     Ok(())
 }

@@ -27,6 +27,9 @@ pub struct Observed {
     /// `stackwarden-<revision>`). Read from the cloud, so a restart knows it
     /// too; such a revision is never retried.
     pub failed_revisions: BTreeMap<String, String>,
+    /// When the stacks were read, on the cloud's clock: a change set made
+    /// after it is not known to this observation.
+    pub stacks_read_at: Option<std::time::SystemTime>,
 }
 
 /// Whether an object matches its desired state.
@@ -523,7 +526,11 @@ fn plan_stack(
     };
     p.status = Some(live.status.clone());
 
-    if live.in_progress() {
+    // An update that completed and is only deleting the resources it
+    // replaced: its outputs are final and dependents may go on, but it
+    // takes no new operation until the cleanup ends.
+    let cleaning = live.status == "UPDATE_COMPLETE_CLEANUP_IN_PROGRESS";
+    if live.in_progress() && !cleaning {
         p.health = Health::Progressing;
         p.action = StackAction::Wait {
             status: live.status.clone(),
@@ -661,6 +668,13 @@ fn plan_stack(
     let what = diff.summary();
     let summary = what.join(", ");
     p.diff = Some(diff);
+    if cleaning {
+        p.action = StackAction::Wait {
+            status: live.status.clone(),
+        };
+        p.reason = format!("differs: {summary}; the last update is still cleaning up");
+        return p;
+    }
     (p.action, p.reason) = if observe_only {
         (
             StackAction::Blocked {

@@ -927,3 +927,37 @@ async fn prune_deletes_only_proven_orphans_without_protected_resources() {
     assert!(cloud.stack("dev-other-team").is_some());
     assert!(cloud.stack("dev-legacy").is_some());
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_update_still_cleaning_up_is_a_success_not_an_operation_to_time_out_on() {
+    let env = dev();
+    let cloud = SimCloud::new(SimConfig {
+        // Deleting what the update replaced takes longer than the timeout.
+        cleanup_latency: Duration::from_secs(3 * 3600),
+        ..config(&env, 25)
+    });
+    pass(&cloud, &env).await;
+    let ws = Workspace::new();
+    ws.edit(
+        "desired-state/dev.yaml",
+        "FlowLogRetentionDays: 14",
+        "FlowLogRetentionDays: 30",
+    );
+    let changed = load(&ws);
+    let started = tokio::time::Instant::now();
+    let r = pass(&cloud, &changed).await;
+    assert_eq!(result(&r, "network"), &StackResult::Updated, "{r:#?}");
+    assert!(
+        started.elapsed() < env.stacks["network"].timeout,
+        "waited on the cleanup"
+    );
+    assert_eq!(
+        cloud.stack(&name(&env, "network")).unwrap().status,
+        "UPDATE_COMPLETE_CLEANUP_IN_PROGRESS"
+    );
+    // Its dependents were not held back by the cleanup.
+    for key in ["msk", "elasticache", "ecs-cluster", "alb", "service"] {
+        assert!(result(&r, key).ready(), "{key}: {r:#?}");
+    }
+    assert_ne!(r.verdict(), Verdict::Failed, "{r:#?}");
+}

@@ -209,6 +209,20 @@ fn system_time(t: Option<&aws_smithy_types::DateTime>) -> Option<SystemTime> {
     t.and_then(|t| SystemTime::try_from(*t).ok())
 }
 
+fn map_event(e: &cfn::types::StackEvent) -> StackEvent {
+    StackEvent {
+        id: e.event_id().unwrap_or_default().to_owned(),
+        timestamp: system_time(e.timestamp()).unwrap_or(SystemTime::UNIX_EPOCH),
+        logical_id: e.logical_resource_id().unwrap_or_default().to_owned(),
+        resource_type: e.resource_type().unwrap_or_default().to_owned(),
+        status: e
+            .resource_status()
+            .map(|s| s.as_str().to_owned())
+            .unwrap_or_default(),
+        reason: e.resource_status_reason().map(str::to_owned),
+    }
+}
+
 fn map_stack(s: &cfn::types::Stack) -> Stack {
     Stack {
         name: s.stack_name().unwrap_or_default().to_owned(),
@@ -480,6 +494,40 @@ impl Cloud for AwsCloud {
         Ok(())
     }
 
+    async fn operation_events(&self, stack: &str) -> CloudResult<Vec<StackEvent>> {
+        // Newest first, 100 a page; a bound on pages keeps a pathological
+        // history from costing unbounded calls.
+        const MAX_PAGES: usize = 50;
+        let mut token: Option<String> = None;
+        let mut out = Vec::new();
+        for _ in 0..MAX_PAGES {
+            self.calls.tick();
+            let page = self
+                .cfn
+                .describe_stack_events()
+                .stack_name(stack)
+                .set_next_token(token.take())
+                .send()
+                .await
+                .map_err(|e| self.error(e))?;
+            for e in page.stack_events() {
+                let event = map_event(e);
+                let begins = super::begins_operation(stack, &event);
+                out.push(event);
+                if begins {
+                    out.reverse();
+                    return Ok(out);
+                }
+            }
+            token = page.next_token().map(str::to_owned);
+            if token.is_none() {
+                break;
+            }
+        }
+        out.reverse();
+        Ok(out)
+    }
+
     async fn stack_events(&self, stack: &str, after: Option<&str>) -> CloudResult<Vec<StackEvent>> {
         // Newest first: read pages until the last event already seen. With
         // no mark, the first page (the latest 100 events) is enough.
@@ -500,17 +548,7 @@ impl Cloud for AwsCloud {
                 if Some(id) == after {
                     break 'pages;
                 }
-                out.push(StackEvent {
-                    id: id.to_owned(),
-                    timestamp: system_time(e.timestamp()).unwrap_or(SystemTime::UNIX_EPOCH),
-                    logical_id: e.logical_resource_id().unwrap_or_default().to_owned(),
-                    resource_type: e.resource_type().unwrap_or_default().to_owned(),
-                    status: e
-                        .resource_status()
-                        .map(|s| s.as_str().to_owned())
-                        .unwrap_or_default(),
-                    reason: e.resource_status_reason().map(str::to_owned),
-                });
+                out.push(map_event(e));
             }
             token = page.next_token().map(str::to_owned);
             if token.is_none() || after.is_none() {

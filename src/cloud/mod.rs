@@ -73,6 +73,19 @@ impl Stack {
     }
 }
 
+/// Whether a stack event is the stack-level event that begins an operation.
+pub fn begins_operation(stack: &str, e: &StackEvent) -> bool {
+    e.resource_type == "AWS::CloudFormation::Stack"
+        && e.logical_id == stack
+        && matches!(
+            e.status.as_str(),
+            "CREATE_IN_PROGRESS"
+                | "UPDATE_IN_PROGRESS"
+                | "DELETE_IN_PROGRESS"
+                | "IMPORT_IN_PROGRESS"
+        )
+}
+
 /// Whether a change set creates a stack or updates one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum ChangeSetKind {
@@ -266,6 +279,14 @@ pub trait Cloud: Send + Sync {
         &self,
         stack: &str,
         after: Option<&str>,
+    ) -> impl Future<Output = CloudResult<Vec<StackEvent>>> + Send;
+
+    /// The events of the stack's latest operation, oldest first: read back
+    /// (page after page) to the stack-level event that began it, so the
+    /// root cause of a failure is found however many events followed it.
+    fn operation_events(
+        &self,
+        stack: &str,
     ) -> impl Future<Output = CloudResult<Vec<StackEvent>>> + Send;
 
     fn continue_update_rollback(&self, stack: &str)

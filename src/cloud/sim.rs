@@ -72,6 +72,10 @@ pub struct SimConfig {
     /// Change sets give no replacement information (as the emulator), so
     /// safety must come from policy's own forecast.
     pub hide_replacement: bool,
+    /// After a successful update, the stack spends this long in
+    /// UPDATE_COMPLETE_CLEANUP_IN_PROGRESS (deleting replaced resources)
+    /// before UPDATE_COMPLETE, as on AWS.
+    pub cleanup_latency: Duration,
 }
 
 impl Default for SimConfig {
@@ -84,6 +88,7 @@ impl Default for SimConfig {
             change_set_latency: Duration::from_secs(2),
             throttle_rate: 0.0,
             hide_replacement: false,
+            cleanup_latency: Duration::ZERO,
         }
     }
 }
@@ -138,6 +143,8 @@ struct State {
     throttled: u64,
     /// (stack name, logical id) the test's desired state allows to replace.
     allowed: BTreeSet<(String, String)>,
+    /// See [`SimConfig::cleanup_latency`].
+    cleanup_latency: Duration,
     /// Listing stacks fails from the moment this many stacks exist with
     /// no operation in flight (the network goes away after the work).
     outage_once_stable: Option<usize>,
@@ -162,6 +169,7 @@ impl SimCloud {
             rng: Arc::new(Mutex::new(StdRng::seed_from_u64(config.seed))),
             state: Arc::new(Mutex::new(State {
                 throttle_rate: config.throttle_rate,
+                cleanup_latency: config.cleanup_latency,
                 ..State::default()
             })),
             config: Arc::new(config),
@@ -423,6 +431,8 @@ fn advance(st: &mut State, now: Instant) {
             continue;
         }
         s.operation = None;
+        let cleanup = st.cleanup_latency;
+        let s = st.stacks.get_mut(&name).expect("listed");
         let first_resource = op
             .apply
             .as_ref()
@@ -455,6 +465,7 @@ fn advance(st: &mut State, now: Instant) {
                 Some("Resource handler returned message: simulated failure".to_owned()),
             )
         } else {
+            let applied = op.apply.is_some();
             if let Some(a) = op.apply {
                 // AWS echoes every parameter, defaults included, NoEcho masked.
                 s.stack.parameters = match parsed(&a.template_body) {
@@ -475,7 +486,17 @@ fn advance(st: &mut State, now: Instant) {
                     s.stack.last_updated = Some(SystemTime::now());
                 }
             }
-            (op.target, None)
+            if op.target == "UPDATE_COMPLETE" && applied && !cleanup.is_zero() {
+                // The update is done; old resources are still being deleted.
+                s.operation = Some(Operation {
+                    target: "UPDATE_COMPLETE",
+                    done_at: now + cleanup,
+                    apply: None,
+                });
+                ("UPDATE_COMPLETE_CLEANUP_IN_PROGRESS", None)
+            } else {
+                (op.target, None)
+            }
         };
         s.stack.status = status.to_owned();
         s.stack.status_reason = reason.clone();
@@ -1016,6 +1037,20 @@ impl Cloud for SimCloud {
             .ok_or_else(|| CloudError::NotFound(format!("Stack [{stack}] does not exist")))?;
         let start = after
             .and_then(|a| s.events.iter().position(|e| e.id == a).map(|i| i + 1))
+            .unwrap_or(0);
+        Ok(s.events[start..].to_vec())
+    }
+
+    async fn operation_events(&self, stack: &str) -> CloudResult<Vec<StackEvent>> {
+        let st = self.enter("DescribeStackEvents")?;
+        let s = st
+            .stacks
+            .get(stack)
+            .ok_or_else(|| CloudError::NotFound(format!("Stack [{stack}] does not exist")))?;
+        let start = s
+            .events
+            .iter()
+            .rposition(|e| super::begins_operation(stack, e))
             .unwrap_or(0);
         Ok(s.events[start..].to_vec())
     }
