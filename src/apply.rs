@@ -58,6 +58,20 @@ pub enum ApplyError {
     Observe(CloudError),
 }
 
+impl ApplyError {
+    /// An error no retry cures: the wrong account, or credentials AWS
+    /// refuses. It waits for the desired state or the credentials to
+    /// change, not on the failure backoff.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            ApplyError::AccountMismatch { .. } => true,
+            ApplyError::AccountCheck(e) | ApplyError::Observe(e) => {
+                matches!(e, CloudError::AccessDenied(_))
+            }
+        }
+    }
+}
+
 /// Something worth showing while a pass runs (the terminal progress view
 /// and the logs are fed from it).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -252,6 +266,10 @@ pub struct Report {
     /// from, and the verdict is `Failed` (the end state is unknown).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub final_observation_error: Option<String>,
+    /// An error no retry cures that stopped this pass's writes (the wrong
+    /// account, credentials refused): a controller waits for a change.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub permanent_error: Option<String>,
     pub seconds: f64,
 }
 
@@ -329,6 +347,10 @@ pub async fn reconcile<C: Cloud>(
     };
     let stacks = pass.run_stacks().await?;
     let services = pass.run_services(&stacks).await?;
+    let permanent_error = match pass.account.get() {
+        Some(Err(e)) if e.is_permanent() => Some(e.to_string()),
+        _ => None,
+    };
 
     // Nothing written and nothing waited on: the first observation is
     // still the truth, and a steady-state pass costs one observation.
@@ -369,6 +391,7 @@ pub async fn reconcile<C: Cloud>(
         services,
         final_plan,
         final_observation_error,
+        permanent_error,
         seconds: started.elapsed().as_secs_f64(),
     })
 }

@@ -76,6 +76,11 @@ impl Default for Settings {
     }
 }
 
+/// How often an environment stopped by a permanent error (wrong account,
+/// credentials refused) looks again without a change of its desired state:
+/// credentials can change without a file changing.
+pub const PERMANENT_ERROR_RECHECK: Duration = Duration::from_secs(60 * 60);
+
 /// Makes the cloud of an environment (its region and role).
 pub trait Connect: Send + std::marker::Sync {
     type Cloud: Cloud + 'static;
@@ -105,6 +110,10 @@ pub struct EnvStatus {
     pub error: Option<String>,
     /// The desired-state file does not load; the last good one is enforced.
     pub desired_state_error: Option<String>,
+    /// Set while the environment waits on a change rather than on time: a
+    /// permanent error (wrong account, credentials refused) or a desired
+    /// state that never loaded.
+    pub waiting_for: Option<String>,
     pub objects: Vec<ObjectStatus>,
     pub open_alerts: Vec<Finding>,
 }
@@ -324,10 +333,13 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
             };
             seen = fingerprint(&watched);
             let Some(env) = last_good.clone() else {
+                // Nothing to enforce until the file is fixed: the file
+                // watch (or SIGHUP) brings the next pass, not a timer.
                 self.record_error(load_error.clone(), load_error.clone(), None);
-                next = crate::retry::instant_after(
-                    backoff.next_backoff().unwrap_or(self.settings.backoff_max),
-                );
+                self.set_waiting(Some(
+                    "a change of the desired-state file (it never loaded)".into(),
+                ));
+                next = crate::retry::instant_after(Duration::MAX);
                 continue;
             };
             let episodes = episodes.get_or_insert_with(|| {
@@ -384,6 +396,10 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
             let throttled = c.throttles() - throttles;
             let calls = c.api_calls() - calls;
 
+            let permanent = match &result {
+                Ok(report) => report.permanent_error.is_some(),
+                Err(e) => e.is_permanent(),
+            };
             let ok = match &result {
                 Ok(report) => {
                     let mut findings = crate::notify::findings(report);
@@ -409,7 +425,7 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
                     s.last_pass_at = Some(unix_now());
                     s.last_pass_seconds = Some(report.seconds);
                     s.result = Some(report.verdict());
-                    s.error = None;
+                    s.error = report.permanent_error.clone();
                     s.desired_state_error = load_error.clone();
                     s.objects = objects(report);
                     s.open_alerts = episodes.open().cloned().collect();
@@ -440,11 +456,22 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
             // Success (or a pass of the last good state while the file is
             // broken: the file watch brings the fix) waits the interval;
             // a failure backs off.
-            let wait = if ok {
+            let wait = if permanent {
+                // Retrying cannot help: wait for the desired state (the file
+                // watch) or the credentials (a slow recheck) to change.
+                backoff.reset();
+                self.set_waiting(Some(format!(
+                    "a change of the desired state or of the credentials (rechecked every {})",
+                    humantime::format_duration(PERMANENT_ERROR_RECHECK)
+                )));
+                PERMANENT_ERROR_RECHECK
+            } else if ok {
+                self.set_waiting(None);
                 backoff.reset();
                 let f = 1.0 + self.settings.jitter * rng.gen_range(-1.0..=1.0);
                 self.settings.interval.mul_f64(f.clamp(0.0, 2.0))
             } else {
+                self.set_waiting(None);
                 backoff.next_backoff().unwrap_or(self.settings.backoff_max)
             };
             tracing::debug!(
@@ -457,6 +484,11 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
             message = "Environment loop stopped.",
             environment = self.name
         );
+    }
+
+    fn set_waiting(&self, why: Option<String>) {
+        let mut status = self.shared.status();
+        status.entry(self.name.to_owned()).or_default().waiting_for = why;
     }
 
     fn record_error(

@@ -12,7 +12,7 @@ use common::Workspace;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use stackwarden::spec;
 
-const CASES: u64 = 3000;
+const CASES: u64 = 2000;
 
 /// Far beyond any real load (a few milliseconds): only a hang or a
 /// blow-up (an alias bomb expanded, an unbounded read) gets near it.

@@ -234,9 +234,9 @@ async fn a_broken_reload_keeps_enforcing_the_last_good_state_and_applies_nothing
 #[tokio::test(start_paused = true)]
 async fn failing_passes_back_off_exponentially_instead_of_every_interval() {
     let ws = Workspace::new();
-    // Every pass fails the account guard.
+    // Every pass fails: AWS throttles every call (a transient error).
     let cloud = SimCloud::new(SimConfig {
-        account: "999999999999".into(),
+        throttle_rate: 1.0,
         ..SimConfig::default()
     });
     let rec = Recorder::default();
@@ -249,9 +249,15 @@ async fn failing_passes_back_off_exponentially_instead_of_every_interval() {
     with_controller(ws, cloud, rec, &s, |shared, _| async move {
         tokio::time::sleep(Duration::from_secs(2 * 3600)).await;
         let n = passes(&shared);
-        // Every 10 s would be 720 passes; 30 s doubling to 15 min is ~12.
-        assert!((8..=16).contains(&n), "{n} passes in two hours");
-        assert_eq!(shared.env("dev").unwrap().result, Some(Verdict::Failed));
+        // Every 10 s would be hundreds of passes; each pass spends the
+        // call budget (2 min), then 30 s doubling to 15 min: ~10.
+        assert!((6..=16).contains(&n), "{n} passes in two hours");
+        let status = shared.env("dev").unwrap();
+        assert!(
+            status.error.as_deref().unwrap_or("").contains("throttled"),
+            "{status:?}"
+        );
+        assert_eq!(status.waiting_for, None);
     })
     .await;
     assert_eq!(cloud.write_calls(), 0);
@@ -326,4 +332,59 @@ async fn shutdown_mid_pass_ends_within_the_grace_and_a_restart_continues_without
     );
     assert_eq!(cloud.calls()["ExecuteChangeSet"], 8);
     assert!(cloud.violations().is_empty(), "{:?}", cloud.violations());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_permanent_error_waits_for_a_change_instead_of_backing_off() {
+    let ws = Workspace::new();
+    // The credentials belong to another account than the desired state's.
+    let cloud = SimCloud::new(SimConfig {
+        account: "999999999999".into(),
+        ..SimConfig::default()
+    });
+    let rec = Recorder::default();
+    let (ws, cloud, rec) = (&ws, &cloud, &rec);
+    let s = Settings {
+        backoff_initial: Duration::from_secs(30),
+        backoff_max: Duration::from_secs(15 * 60),
+        ..settings(60)
+    };
+    with_controller(ws, cloud, rec, &s, |shared, _| async move {
+        tokio::time::sleep(Duration::from_secs(2 * 3600 + 60)).await;
+        // The first pass, then one recheck an hour (backoff would be ~12).
+        let n = passes(&shared);
+        assert_eq!(n, 3, "{n} passes in two hours");
+        let status = shared.env("dev").unwrap();
+        assert!(
+            status
+                .error
+                .as_deref()
+                .unwrap_or("")
+                .contains("999999999999")
+        );
+        let waiting = status.waiting_for.clone().unwrap_or_default();
+        assert!(
+            waiting.contains("desired state or of the credentials"),
+            "{status:?}"
+        );
+
+        // The desired state changes: looked at at once, and it converges.
+        ws.edit(
+            "desired-state/dev.yaml",
+            "account_id: \"123456789012\"",
+            "account_id: \"999999999999\"",
+        );
+        until("converged", Duration::from_secs(3600), || in_sync(&shared)).await;
+        assert_eq!(shared.env("dev").unwrap().waiting_for, None);
+    })
+    .await;
+    assert_eq!(
+        rec.alerts()
+            .iter()
+            .filter(|a| a.severity == "critical")
+            .count(),
+        1,
+        "{:#?}",
+        rec.alerts()
+    );
 }
