@@ -420,6 +420,22 @@ struct Pass<'a, C> {
 /// this machine and AWS). Older ones are stale and deleted.
 pub const CONCURRENT_RUN_WINDOW: Duration = Duration::from_secs(5 * 60);
 
+/// Whether a change set was made with exactly the parameters and tags of
+/// `request` (its template is the revision its name carries). A NoEcho
+/// value comes back masked and cannot be compared: such a change set is
+/// never taken as equal.
+fn same_request(
+    cs: &ChangeSet,
+    request: &crate::cloud::ChangeSetRequest,
+    secrets: &std::collections::BTreeSet<String>,
+) -> bool {
+    cs.tags == request.tags
+        && request
+            .parameters
+            .iter()
+            .all(|(k, v)| !secrets.contains(k) && cs.parameters.get(k) == Some(v))
+}
+
 /// What a wait on a stack is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Awaiting {
@@ -789,17 +805,21 @@ impl<'a, C: Cloud> Pass<'a, C> {
         } else {
             false
         };
+        let request = stack.change_set_request(
+            &self.env.name,
+            name.clone(),
+            kind,
+            parameters.clone(),
+            format!("stackwarden revision {}", stack.revision),
+        );
+        // A change set this step did not make itself is checked against
+        // what would be sent now before it is used.
+        let mut made_here = false;
         if !reused {
-            let request = stack.change_set_request(
-                &self.env.name,
-                name.clone(),
-                kind,
-                parameters.clone(),
-                format!("stackwarden revision {}", stack.revision),
-            );
             match retry::call(|| self.cloud.create_change_set(&request)).await {
+                Ok(()) => made_here = true,
                 // Made by a pass that crashed between create and our list.
-                Ok(()) | Err(CloudError::Conflict(_)) => {}
+                Err(CloudError::Conflict(_)) => {}
                 // Some endpoints refuse an empty change set outright.
                 Err(CloudError::NoChanges) => {
                     return Step::Done(match self.protect_termination(stack, None).await {
@@ -835,6 +855,19 @@ impl<'a, C: Cloud> Pass<'a, C> {
                 // Deleted so the next pass (or a new revision) can make a fresh one.
                 let _ = retry::call(|| self.cloud.delete_change_set(&stack.name, &name)).await;
                 return Step::Done(failed(format!("change set {name} failed: {why}")));
+            }
+            ChangeSetStatus::Ready | ChangeSetStatus::Pending
+                if !made_here && !same_request(&cs, &request, &stack.secret_parameters()) =>
+            {
+                // Its name hashes the revision, not the upstream outputs it
+                // resolved nor the tags: made for other values (days ago,
+                // left for review). Never executed; made anew.
+                tracing::info!(message = "Change set made for other values; making it anew.", stack = %stack.key, change_set = %name);
+                return match retry::call(|| self.cloud.delete_change_set(&stack.name, &name)).await
+                {
+                    Ok(()) | Err(CloudError::NotFound(_)) => Step::Replan,
+                    Err(e) => Step::Done(failed(format!("DeleteChangeSet: {e}"))),
+                };
             }
             // Someone executed it already: follow the stack.
             ChangeSetStatus::Executing | ChangeSetStatus::Executed => {

@@ -961,3 +961,48 @@ async fn an_update_still_cleaning_up_is_a_success_not_an_operation_to_time_out_o
     }
     assert_ne!(r.verdict(), Verdict::Failed, "{r:#?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_change_set_made_for_other_values_is_never_executed_but_made_anew() {
+    let env = dev();
+    let cloud = SimCloud::new(config(&env, 26));
+    pass(&cloud, &env).await;
+    let network = name(&env, "network");
+    // Drift to correct, and a change set of this very revision left behind
+    // (a crash, or left for review) with values that are no longer right.
+    cloud.edit_parameter(&network, "FlowLogRetentionDays", "30");
+    let d = &env.stacks["network"];
+    let mut parameters: BTreeMap<String, String> = d
+        .parameters
+        .iter()
+        .map(|(k, v)| (k.clone(), v.to_string()))
+        .collect();
+    parameters.insert("FlowLogRetentionDays".into(), "90".into());
+    // (The creation's executed change set of this revision goes first.)
+    cloud
+        .delete_change_set(&network, &d.change_set_name())
+        .await
+        .unwrap();
+    cloud
+        .create_change_set(&ChangeSetRequest {
+            stack_name: network.clone(),
+            change_set_name: d.change_set_name(),
+            kind: ChangeSetKind::Update,
+            template_body: d.template_body.clone(),
+            parameters,
+            tags: d.tags_with_ownership(&env.name),
+            description: String::new(),
+        })
+        .await
+        .unwrap();
+    tokio::time::advance(Duration::from_secs(3 * 24 * 3600)).await;
+
+    let r = pass(&cloud, &env).await;
+    assert_eq!(result(&r, "network"), &StackResult::Updated, "{r:#?}");
+    assert_eq!(
+        cloud.stack(&network).unwrap().parameters["FlowLogRetentionDays"],
+        "14",
+        "the stale change set was executed"
+    );
+    assert_eq!(r.verdict(), Verdict::InSync, "{r:#?}");
+}

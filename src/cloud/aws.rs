@@ -431,6 +431,21 @@ impl Cloud for AwsCloud {
                     id: out.change_set_id().unwrap_or_default().to_owned(),
                     status,
                     changes,
+                    parameters: out
+                        .parameters()
+                        .iter()
+                        .filter_map(|p| {
+                            Some((
+                                p.parameter_key()?.to_owned(),
+                                p.parameter_value().unwrap_or_default().to_owned(),
+                            ))
+                        })
+                        .collect(),
+                    tags: out
+                        .tags()
+                        .iter()
+                        .filter_map(|t| Some((t.key()?.to_owned(), t.value()?.to_owned())))
+                        .collect(),
                 });
             }
         }

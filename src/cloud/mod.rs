@@ -172,6 +172,10 @@ pub struct ChangeSet {
     pub id: String,
     pub status: ChangeSetStatus,
     pub changes: Vec<ResourceChange>,
+    /// The parameters it was made with, as AWS echoes them (NoEcho `****`).
+    pub parameters: BTreeMap<String, String>,
+    /// The stack tags it was made with.
+    pub tags: BTreeMap<String, String>,
 }
 
 /// One entry of a stack's event log.

@@ -893,11 +893,25 @@ impl Cloud for SimCloud {
                 c.replacement = None;
             }
         }
+        let masked = parsed(&cs.request.template_body);
         Ok(ChangeSet {
             name: name.to_owned(),
             id: format!("{}/{name}", s.stack.id),
             status,
             changes,
+            parameters: cs
+                .request
+                .parameters
+                .iter()
+                .map(|(k, v)| {
+                    let secret = masked
+                        .as_ref()
+                        .and_then(|t| t.parameters.get(k))
+                        .is_some_and(|p| p.no_echo);
+                    (k.clone(), if secret { "****".into() } else { v.clone() })
+                })
+                .collect(),
+            tags: cs.request.tags.clone(),
         })
     }
 
