@@ -39,6 +39,7 @@ fn main() {
     let options = Options {
         depth: Depth::Full,
         progress: None,
+        ..Options::default()
     };
     let limit = Semaphore::new(apply::DEFAULT_MAX_PARALLEL);
     let cpu = cpu_time();

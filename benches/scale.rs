@@ -125,6 +125,7 @@ fn one(n: usize) {
     let options = Options {
         depth: Depth::Fast,
         progress: None,
+        ..Options::default()
     };
     let t = now();
     let (simulated, verdict) = rt.block_on(async {

@@ -58,6 +58,15 @@ pub enum ApplyError {
     Observe(CloudError),
 }
 
+impl Options {
+    fn failed_redeploys(&self) -> std::collections::BTreeSet<(String, String)> {
+        self.failed_redeploys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
 impl ApplyError {
     /// An error no retry cures: the wrong account, or credentials AWS
     /// refuses. It waits for the desired state or the credentials to
@@ -95,13 +104,21 @@ pub enum Progress {
 }
 
 /// Knobs of a pass.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Options {
     /// How thoroughly the first observation compares templates.
     pub depth: Depth,
     /// Where progress goes, if anywhere.
     pub progress: Option<mpsc::UnboundedSender<Progress>>,
+    /// ECS redeploys that rolled back, as (stack revision, task
+    /// definition): not retried until the desired state changes. Share one
+    /// between the passes of an environment (the controller keeps it for
+    /// its lifetime).
+    pub failed_redeploys: FailedRedeploys,
 }
+
+/// (stack revision, task definition) pairs whose redeploy rolled back.
+pub type FailedRedeploys = std::sync::Arc<Mutex<std::collections::BTreeSet<(String, String)>>>;
 
 /// What happened to one stack in a pass.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -329,9 +346,10 @@ pub async fn reconcile<C: Cloud>(
 ) -> Result<Report, ApplyError> {
     let started = Instant::now();
     let started_at = cloud.now();
-    let observed = observe(cloud, env, options.depth)
+    let mut observed = observe(cloud, env, options.depth)
         .await
         .map_err(ApplyError::Observe)?;
+    observed.failed_redeploys = options.failed_redeploys();
     let initial = plan(env, &observed);
     let pass = Pass {
         cloud,
@@ -358,7 +376,8 @@ pub async fn reconcile<C: Cloud>(
     // done: it becomes part of the report.
     let (final_observed, final_plan, final_observation_error) = if pass.touched() {
         match observe(cloud, env, Depth::Fast).await {
-            Ok(o) => {
+            Ok(mut o) => {
+                o.failed_redeploys = options.failed_redeploys();
                 let p = plan(env, &o);
                 (Some(o), p, None)
             }
@@ -615,6 +634,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
             ..Observed::default()
         };
         observe::refresh_stacks(self.cloud, self.env, &mut observed).await?;
+        observed.failed_redeploys = self.options.failed_redeploys();
         let p = plan(self.env, &observed);
         Ok((observed, p))
     }
@@ -1300,7 +1320,10 @@ impl<'a, C: Cloud> Pass<'a, C> {
         let start = Instant::now();
         let p = if self.touched() {
             match observe(self.cloud, self.env, Depth::Fast).await {
-                Ok(o) => plan(self.env, &o),
+                Ok(mut o) => {
+                    o.failed_redeploys = self.options.failed_redeploys();
+                    plan(self.env, &o)
+                }
                 // What the stacks did stays reported; each service says why
                 // it was not converged.
                 Err(e) => {
@@ -1350,6 +1373,19 @@ impl<'a, C: Cloud> Pass<'a, C> {
             });
         }
         Ok(out)
+    }
+
+    /// Remembers that redeploying `task_definition` for the service's stack
+    /// revision failed, so no later pass retries it.
+    fn redeploy_failed(&self, sp: &crate::plan::ServicePlan, task_definition: Option<&str>) {
+        let (Some(td), Some(stack)) = (task_definition, self.env.stacks.get(&sp.stack)) else {
+            return;
+        };
+        self.options
+            .failed_redeploys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((stack.revision.clone(), td.to_owned()));
     }
 
     async fn converge_service(&self, sp: &crate::plan::ServicePlan) -> ServiceResult {
@@ -1422,8 +1458,9 @@ impl<'a, C: Cloud> Pass<'a, C> {
                         };
                     };
                     let primary = s.primary().cloned();
-                    match primary.as_ref().and_then(|d| d.rollout_state.as_deref()) {
+                    let settled = match primary.as_ref().and_then(|d| d.rollout_state.as_deref()) {
                         Some("FAILED") => {
+                            self.redeploy_failed(sp, task_definition);
                             return ServiceResult::Failed {
                                 reason: format!(
                                     "rollout failed: {}",
@@ -1433,11 +1470,30 @@ impl<'a, C: Cloud> Pass<'a, C> {
                                 ),
                             };
                         }
-                        Some("COMPLETED") if s.deployments.len() == 1 => return result,
-                        None if s.deployments.len() <= 1 && s.running == s.desired => {
-                            return result;
-                        }
-                        _ => {}
+                        Some("COMPLETED") => s.deployments.len() == 1,
+                        None => s.deployments.len() <= 1 && s.running == s.desired,
+                        _ => false,
+                    };
+                    if settled {
+                        // Done means the primary deployment runs what was
+                        // asked for: a circuit breaker that rolled back
+                        // also ends COMPLETED, on the old task definition.
+                        let running = primary.map(|d| d.task_definition).unwrap_or_default();
+                        return match task_definition {
+                            Some(td) if running != td => {
+                                self.redeploy_failed(sp, task_definition);
+                                ServiceResult::Failed {
+                                    reason: format!(
+                                        "the deployment of {td} rolled back to {running}{}; not retried until the desired state changes",
+                                        s.events
+                                            .first()
+                                            .map(|e| format!(" ({e})"))
+                                            .unwrap_or_default()
+                                    ),
+                                }
+                            }
+                            _ => result,
+                        };
                     }
                 }
                 Err(e) if e.is_transient() => {}

@@ -286,6 +286,8 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
         let mut next = Instant::now();
         let mut watch = tokio::time::interval(self.settings.watch_every);
         watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Redeploys that rolled back, remembered for the process's life.
+        let failed_redeploys = apply::FailedRedeploys::default();
         // While idle the loop comes round at least every `watch_every`.
         let idle_bound = self.settings.watch_every * 3 + Duration::from_secs(60);
         loop {
@@ -380,6 +382,7 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
             let options = Options {
                 depth: self.settings.depth,
                 progress: None,
+                failed_redeploys: failed_redeploys.clone(),
             };
             let throttles = c.throttles();
             let calls = c.api_calls();

@@ -15,12 +15,13 @@ use crate::spec::{DesiredEnv, ENVIRONMENT_TAG, Mode, REVISION_TAG};
 use crate::template::Template;
 
 /// How thoroughly to compare.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Depth {
     /// Trust a matching revision tag: no GetTemplate for stacks that carry
     /// the desired revision.
     Fast,
     /// Fetch and compare every stable stack's template.
+    #[default]
     Full,
 }
 

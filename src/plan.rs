@@ -30,6 +30,9 @@ pub struct Observed {
     /// When the stacks were read, on the cloud's clock: a change set made
     /// after it is not known to this observation.
     pub stacks_read_at: Option<std::time::SystemTime>,
+    /// (stack revision, task definition) pairs whose ECS redeploy rolled
+    /// back or failed: not retried until the desired state changes.
+    pub failed_redeploys: std::collections::BTreeSet<(String, String)>,
 }
 
 /// Whether an object matches its desired state.
@@ -775,6 +778,47 @@ fn plan_service(
         .and_then(|v| resolve(v, env, observed).ok())
         .filter(|td| !td.is_empty() && *td != live.task_definition);
     let observe_only = env.policy.mode == Mode::Observe;
+    if target.is_none() && expected_td.is_none() {
+        p.sync = Sync::InSync;
+        p.reason = health_reason(live);
+        return p;
+    }
+    // Never a second deployment on top of one in flight (ours, a stack
+    // update's, or someone else's): look again when it has settled.
+    let deploying = live.deployments.len() > 1
+        || live
+            .primary()
+            .and_then(|d| d.rollout_state.as_deref())
+            .is_some_and(|s| s == "IN_PROGRESS");
+    if deploying {
+        p.sync = Sync::OutOfSync;
+        p.action = ServiceAction::Wait {
+            reason: "a deployment is in progress".into(),
+        };
+        p.reason =
+            "differs, but a deployment is in progress; looked at again once it settles".into();
+        return p;
+    }
+    // A redeploy of this task definition for this revision rolled back
+    // (the circuit breaker returned to the last good one): retrying would
+    // loop forever against production.
+    if target.is_none()
+        && let Some(td) = &expected_td
+        && observed
+            .failed_redeploys
+            .contains(&(stack.revision.clone(), td.clone()))
+    {
+        p.sync = Sync::OutOfSync;
+        p.health = Health::Degraded;
+        p.action = ServiceAction::Blocked {
+            reason: format!("the redeploy of {td} rolled back"),
+        };
+        p.reason = format!(
+            "runs {}; the redeploy of {td} for revision {} rolled back; not retried until the desired state changes",
+            live.task_definition, stack.revision
+        );
+        return p;
+    }
     (p.sync, p.action, p.reason) = match (target, expected_td) {
         (None, None) => (Sync::InSync, ServiceAction::None, health_reason(live)),
         (Some(to), _) if observe_only => (

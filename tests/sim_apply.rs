@@ -75,6 +75,7 @@ async fn pass(cloud: &SimCloud, env: &DesiredEnv) -> Report {
         &Options {
             depth: Depth::Full,
             progress: None,
+            ..Options::default()
         },
     )
     .await
@@ -1005,4 +1006,116 @@ async fn a_change_set_made_for_other_values_is_never_executed_but_made_anew() {
         "the stale change set was executed"
     );
     assert_eq!(r.verdict(), Verdict::InSync, "{r:#?}");
+}
+
+async fn pass_with(cloud: &SimCloud, env: &DesiredEnv, options: &Options) -> Report {
+    apply::reconcile(
+        cloud,
+        env,
+        &Semaphore::new(apply::DEFAULT_MAX_PARALLEL),
+        options,
+    )
+    .await
+    .expect("the pass observes")
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_redeploy_the_circuit_breaker_rolled_back_is_not_retried_until_the_desired_state_changes()
+{
+    let env = dev();
+    let cloud = SimCloud::new(config(&env, 27));
+    // One controller's memory, shared by its passes.
+    let options = Options::default();
+    let r = pass_with(&cloud, &env, &options).await;
+    let svc = &r.services[0];
+    let (cluster, service) = (svc.cluster.clone().unwrap(), svc.service.clone().unwrap());
+    let declared = r.final_plan.services[0].clone();
+    assert_eq!(declared.action, apply_none());
+    // Someone deploys another task definition; the stack's own is broken:
+    // its tasks never start, and the circuit breaker rolls back.
+    let stack_td = cloud
+        .stack(&name(&env, "service"))
+        .unwrap()
+        .outputs
+        .values()
+        .find(|v| v.contains(":task-definition/"))
+        .cloned()
+        .expect("the stack's task definition");
+    cloud.deploy_out_of_band(
+        &cluster,
+        &service,
+        "arn:aws:ecs:sim:task-definition/hotfix:9",
+    );
+    cloud.break_task_definition(&stack_td);
+
+    let r = pass_with(&cloud, &env, &options).await;
+    assert!(
+        matches!(&r.services[0].result, ServiceResult::Failed { reason } if reason.contains("rolled back to arn:aws:ecs:sim:task-definition/hotfix:9")),
+        "{:#?}",
+        r.services
+    );
+    assert_eq!(calls(&cloud, "UpdateService"), 1);
+
+    // Every later pass leaves it alone, and says why.
+    for _ in 0..5 {
+        let r = pass_with(&cloud, &env, &options).await;
+        assert!(
+            matches!(&r.services[0].result, ServiceResult::Blocked { reason } if reason.contains("rolled back")),
+            "{:#?}",
+            r.services
+        );
+        assert_eq!(r.final_plan.services[0].health, Health::Degraded);
+    }
+    assert_eq!(
+        calls(&cloud, "UpdateService"),
+        1,
+        "the redeploy was retried"
+    );
+
+    // A new revision is a new decision: no longer held back.
+    let changed = dev_new_revision();
+    let r = pass_with(&cloud, &changed, &options).await;
+    assert!(
+        !matches!(&r.services[0].result, ServiceResult::Blocked { .. }),
+        "{:#?}",
+        r.services
+    );
+}
+
+fn apply_none() -> stackwarden::plan::ServiceAction {
+    stackwarden::plan::ServiceAction::None
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_service_with_a_deployment_in_progress_is_never_acted_on() {
+    let env = dev();
+    let cloud = SimCloud::new(SimConfig {
+        rollout_latency: Duration::from_secs(3 * 3600),
+        ..config(&env, 28)
+    });
+    let r = pass(&cloud, &env).await;
+    let svc = &r.services[0];
+    let (cluster, service) = (svc.cluster.clone().unwrap(), svc.service.clone().unwrap());
+    // Another pipeline starts a deployment that takes hours.
+    cloud
+        .update_service(
+            &cluster,
+            &service,
+            None,
+            Some("arn:aws:ecs:sim:task-definition/other:3"),
+        )
+        .await
+        .unwrap();
+    let before = calls(&cloud, "UpdateService");
+    let r = pass(&cloud, &env).await;
+    assert!(
+        matches!(&r.services[0].result, ServiceResult::Skipped { reason } if reason.contains("deployment is in progress")),
+        "{:#?}",
+        r.services
+    );
+    assert_eq!(
+        calls(&cloud, "UpdateService"),
+        before,
+        "acted during a deployment"
+    );
 }

@@ -36,6 +36,7 @@ pub(super) async fn once(
     let options = Options {
         depth: if full { Depth::Full } else { Depth::Fast },
         progress: (!quiet).then_some(tx),
+        ..Options::default()
     };
 
     // One bound per account (role) and region, shared by its environments.

@@ -72,6 +72,9 @@ pub struct SimConfig {
     /// Change sets give no replacement information (as the emulator), so
     /// safety must come from policy's own forecast.
     pub hide_replacement: bool,
+    /// How long an ECS deployment of a new task definition takes to finish
+    /// (or to trip the circuit breaker and roll back).
+    pub rollout_latency: Duration,
     /// After a successful update, the stack spends this long in
     /// UPDATE_COMPLETE_CLEANUP_IN_PROGRESS (deleting replaced resources)
     /// before UPDATE_COMPLETE, as on AWS.
@@ -89,8 +92,18 @@ impl Default for SimConfig {
             throttle_rate: 0.0,
             hide_replacement: false,
             cleanup_latency: Duration::ZERO,
+            rollout_latency: Duration::from_secs(120),
         }
     }
+}
+
+/// An ECS deployment of a new task definition, until it settles.
+#[derive(Debug, Clone)]
+struct Rollout {
+    task_definition: String,
+    /// What the service ran before: the circuit breaker rolls back to it.
+    previous: String,
+    done_at: Instant,
 }
 
 #[derive(Debug, Clone)]
@@ -145,6 +158,13 @@ struct State {
     allowed: BTreeSet<(String, String)>,
     /// See [`SimConfig::cleanup_latency`].
     cleanup_latency: Duration,
+    /// See [`SimConfig::rollout_latency`].
+    rollout_latency: Duration,
+    /// ECS deployments in flight, by (cluster, service).
+    rollouts: BTreeMap<(String, String), Rollout>,
+    /// Task definitions whose tasks never start: a deployment of one trips
+    /// the circuit breaker.
+    broken_task_definitions: BTreeSet<String>,
     /// Listing stacks fails from the moment this many stacks exist with
     /// no operation in flight (the network goes away after the work).
     outage_once_stable: Option<usize>,
@@ -170,6 +190,7 @@ impl SimCloud {
             state: Arc::new(Mutex::new(State {
                 throttle_rate: config.throttle_rate,
                 cleanup_latency: config.cleanup_latency,
+                rollout_latency: config.rollout_latency,
                 ..State::default()
             })),
             config: Arc::new(config),
@@ -247,6 +268,30 @@ impl SimCloud {
             d.rollout_state = Some("FAILED".into());
             d.rollout_reason = Some(reason.to_owned());
             d.running = 0;
+        }
+    }
+
+    /// Tasks of this task definition never start: a deployment of it trips
+    /// the deployment circuit breaker, which (with `Rollback: true`, as the
+    /// shipped service sets) rolls the service back to the task definition
+    /// it ran before.
+    pub fn break_task_definition(&self, task_definition: &str) {
+        self.lock()
+            .broken_task_definitions
+            .insert(task_definition.to_owned());
+    }
+
+    /// Someone deploys `task_definition` to the service out of band (the
+    /// console, another pipeline); it succeeds at once.
+    pub fn deploy_out_of_band(&self, cluster: &str, service: &str, task_definition: &str) {
+        let mut st = self.lock();
+        let s = st
+            .services
+            .get_mut(&(cluster.to_owned(), service.to_owned()))
+            .expect("unknown service");
+        s.task_definition = task_definition.to_owned();
+        for d in &mut s.deployments {
+            d.task_definition = task_definition.to_owned();
         }
     }
 
@@ -417,8 +462,58 @@ fn push_event(
     }
 }
 
-/// Completes every operation whose time has come.
+/// Completes every operation and ECS deployment whose time has come.
 fn advance(st: &mut State, now: Instant) {
+    advance_stacks(st, now);
+    advance_rollouts(st, now);
+}
+
+/// Settles ECS deployments: the new task definition runs, or its tasks
+/// never start and the circuit breaker rolls the service back.
+fn advance_rollouts(st: &mut State, now: Instant) {
+    let due: Vec<(String, String)> = st
+        .rollouts
+        .iter()
+        .filter(|(_, r)| r.done_at <= now)
+        .map(|(k, _)| k.clone())
+        .collect();
+    for key in due {
+        let r = st.rollouts.remove(&key).expect("listed");
+        let broken = st.broken_task_definitions.contains(&r.task_definition);
+        let Some(s) = st.services.get_mut(&key) else {
+            continue;
+        };
+        let (td, reason) = if broken {
+            s.events.insert(
+                0,
+                format!(
+                    "(service {}) deployment failed: tasks failed to start; rolling back",
+                    key.1
+                ),
+            );
+            (
+                r.previous,
+                "ECS deployment circuit breaker: rolled back to the previous deployment".to_owned(),
+            )
+        } else {
+            (r.task_definition, "ECS deployment completed.".to_owned())
+        };
+        s.task_definition = td.clone();
+        s.running = s.desired;
+        s.deployments = vec![Deployment {
+            status: "PRIMARY".into(),
+            rollout_state: Some("COMPLETED".into()),
+            rollout_reason: Some(reason),
+            task_definition: td,
+            desired: s.desired,
+            running: s.desired,
+            failed_tasks: if broken { s.desired } else { 0 },
+        }];
+    }
+}
+
+/// Completes every stack operation whose time has come.
+fn advance_stacks(st: &mut State, now: Instant) {
     let names: Vec<String> = st.stacks.keys().cloned().collect();
     for name in names {
         let stuck = st.stuck.contains(&name);
@@ -1162,14 +1257,52 @@ impl Cloud for SimCloud {
             s.desired = d;
             s.running = d;
         }
-        if let Some(td) = task_definition {
-            s.task_definition = td.to_owned();
+        let key = (cluster.to_owned(), service.to_owned());
+        match task_definition {
+            // A new task definition is a deployment: the new one becomes
+            // PRIMARY and IN_PROGRESS beside the old ACTIVE one, until it
+            // completes or the circuit breaker rolls it back.
+            Some(td) if td != s.task_definition => {
+                let previous = std::mem::replace(&mut s.task_definition, td.to_owned());
+                let desired = s.desired;
+                s.deployments = vec![
+                    Deployment {
+                        status: "PRIMARY".into(),
+                        rollout_state: Some("IN_PROGRESS".into()),
+                        rollout_reason: Some("ECS deployment in progress.".into()),
+                        task_definition: td.to_owned(),
+                        desired,
+                        running: 0,
+                        failed_tasks: 0,
+                    },
+                    Deployment {
+                        status: "ACTIVE".into(),
+                        rollout_state: Some("COMPLETED".into()),
+                        rollout_reason: None,
+                        task_definition: previous.clone(),
+                        desired,
+                        running: desired,
+                        failed_tasks: 0,
+                    },
+                ];
+                let done_at = Instant::now() + st.rollout_latency;
+                st.rollouts.insert(
+                    key,
+                    Rollout {
+                        task_definition: td.to_owned(),
+                        previous,
+                        done_at,
+                    },
+                );
+            }
+            _ => {
+                for d in &mut s.deployments {
+                    d.desired = s.desired;
+                    d.running = s.running;
+                }
+            }
         }
-        for d in &mut s.deployments {
-            d.desired = s.desired;
-            d.running = s.running;
-            d.task_definition = s.task_definition.clone();
-        }
+        advance(&mut st, Instant::now());
         Ok(())
     }
 
