@@ -722,7 +722,9 @@ impl<'a, C: Cloud> Pass<'a, C> {
                     change_set = Some(stack.change_set_name());
                     self.converge(stack, sp, &observed, deadline).await
                 }
-                StackAction::ContinueRollback => self.continue_rollback(stack, deadline).await,
+                StackAction::ContinueRollback { skip } => {
+                    self.continue_rollback(stack, skip, deadline).await
+                }
                 StackAction::Recreate if recreated => Step::Done(failed(
                     "the recreated stack failed again in this pass".into(),
                 )),
@@ -1094,12 +1096,18 @@ impl<'a, C: Cloud> Pass<'a, C> {
         Ok(())
     }
 
-    async fn continue_rollback(&self, stack: &DesiredStack, deadline: Instant) -> Step {
+    async fn continue_rollback(
+        &self,
+        stack: &DesiredStack,
+        skip: &[String],
+        deadline: Instant,
+    ) -> Step {
         if let Err(e) = self.guard().await {
             return Step::Done(failed(e.to_string()));
         }
         let mut mark = self.event_mark(&stack.name).await;
-        if let Err(e) = retry::call(|| self.cloud.continue_update_rollback(&stack.name)).await {
+        if let Err(e) = retry::call(|| self.cloud.continue_update_rollback(&stack.name, skip)).await
+        {
             return Step::Done(failed(format!("ContinueUpdateRollback: {e}")));
         }
         match self

@@ -89,6 +89,7 @@ pub async fn observe<C: Cloud>(
     }
 
     observed.failed_revisions = failed_revisions(cloud, env, &observed.stacks).await?;
+    observed.rollback_episodes = rollback_episodes(cloud, env, &observed.stacks).await?;
     observe_services(cloud, env, &mut observed).await?;
     Ok(observed)
 }
@@ -110,7 +111,50 @@ pub async fn refresh_stacks<C: Cloud>(
         retry::call(|| cloud.describe_stacks(&names, (ENVIRONMENT_TAG, &env.name))).await?;
     observed.stacks_read_at = Some(read_at);
     observed.failed_revisions = failed_revisions(cloud, env, &observed.stacks).await?;
+    observed.rollback_episodes = rollback_episodes(cloud, env, &observed.stacks).await?;
     Ok(())
+}
+
+/// For each declared stack stuck in UPDATE_ROLLBACK_FAILED, what the
+/// events of its latest operation say: how many times the rollback failed
+/// (a continued rollback that failed again adds one) and which resources
+/// failed last. Costs calls only for such stacks.
+async fn rollback_episodes<C: Cloud>(
+    cloud: &C,
+    env: &DesiredEnv,
+    stacks: &BTreeMap<String, crate::cloud::Stack>,
+) -> Result<BTreeMap<String, crate::plan::RollbackEpisode>, CloudError> {
+    let mut out = BTreeMap::new();
+    for d in env.stacks.values() {
+        if stacks.get(&d.name).map(|s| s.status.as_str()) != Some("UPDATE_ROLLBACK_FAILED") {
+            continue;
+        }
+        let events = retry::call(|| cloud.operation_events(&d.name)).await?;
+        let stack_level = |e: &crate::cloud::StackEvent| {
+            e.logical_id == d.name && e.resource_type == "AWS::CloudFormation::Stack"
+        };
+        let failures = events
+            .iter()
+            .filter(|e| stack_level(e) && e.status == "UPDATE_ROLLBACK_FAILED")
+            .count();
+        // The latest attempt begins at the last UPDATE_ROLLBACK_IN_PROGRESS.
+        let last = events
+            .iter()
+            .rposition(|e| stack_level(e) && e.status == "UPDATE_ROLLBACK_IN_PROGRESS")
+            .unwrap_or(0);
+        let mut failing: Vec<String> = events[last..]
+            .iter()
+            .filter(|e| !stack_level(e) && e.status == "UPDATE_FAILED")
+            .map(|e| e.logical_id.clone())
+            .collect();
+        failing.sort();
+        failing.dedup();
+        out.insert(
+            d.name.clone(),
+            crate::plan::RollbackEpisode { failures, failing },
+        );
+    }
+    Ok(out)
 }
 
 /// The stacks whose operation to the desired revision stackwarden executed

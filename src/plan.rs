@@ -33,6 +33,19 @@ pub struct Observed {
     /// (stack revision, task definition) pairs whose ECS redeploy rolled
     /// back or failed: not retried until the desired state changes.
     pub failed_redeploys: std::collections::BTreeSet<(String, String)>,
+    /// By stack name, for stacks in UPDATE_ROLLBACK_FAILED: what their
+    /// events say of the stuck episode.
+    pub rollback_episodes: BTreeMap<String, RollbackEpisode>,
+}
+
+/// A stack's stuck rollback, as its latest operation's events tell it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RollbackEpisode {
+    /// How many times the rollback failed in this operation: 1 is the
+    /// original failure; more means a ContinueUpdateRollback failed again.
+    pub failures: usize,
+    /// Logical ids of the resources that failed in the latest attempt.
+    pub failing: Vec<String>,
 }
 
 /// Whether an object matches its desired state.
@@ -76,8 +89,11 @@ pub enum StackAction {
     Wait {
         status: String,
     },
-    /// UPDATE_ROLLBACK_FAILED, and the policy allows continuing the rollback.
-    ContinueRollback,
+    /// UPDATE_ROLLBACK_FAILED, and the policy allows continuing the
+    /// rollback: once per stuck episode, skipping the resources listed.
+    ContinueRollback {
+        skip: Vec<String>,
+    },
     /// Failed create, and the policy allows deleting and recreating.
     Recreate,
     /// A change is needed and may not run (policy, failed state).
@@ -99,7 +115,7 @@ impl StackAction {
             self,
             StackAction::Create
                 | StackAction::Update { .. }
-                | StackAction::ContinueRollback
+                | StackAction::ContinueRollback { .. }
                 | StackAction::Recreate
                 | StackAction::Prune
         )
@@ -111,7 +127,7 @@ impl StackAction {
             StackAction::Create => "create",
             StackAction::Update { .. } => "update",
             StackAction::Wait { .. } => "wait",
-            StackAction::ContinueRollback => "continue-rollback",
+            StackAction::ContinueRollback { .. } => "continue-rollback",
             StackAction::Recreate => "recreate",
             StackAction::Blocked { .. } => "blocked",
             StackAction::Skip { .. } => "skip",
@@ -289,6 +305,57 @@ const FAILED_STATUSES: &[&str] = &[
     "DELETE_FAILED",
     "IMPORT_ROLLBACK_FAILED",
 ];
+
+/// Whether and how to continue a stuck rollback: once per episode; again
+/// only when the desired state skips every resource that failed.
+fn continue_rollback(
+    env: &DesiredEnv,
+    stack: &DesiredStack,
+    episode: Option<&RollbackEpisode>,
+    why: &str,
+) -> (StackAction, String) {
+    let episode = episode.cloned().unwrap_or_default();
+    let listed: Vec<String> = env
+        .policy
+        .rollback_skip
+        .iter()
+        .filter(|(k, _)| *k == stack.key)
+        .map(|(_, id)| id.clone())
+        .collect();
+    // AWS takes only resources in UPDATE_FAILED.
+    let skip: Vec<String> = episode
+        .failing
+        .iter()
+        .filter(|id| listed.contains(id))
+        .cloned()
+        .collect();
+    let all_skipped = !episode.failing.is_empty() && skip.len() == episode.failing.len();
+    if episode.failures <= 1 || all_skipped {
+        let also = if skip.is_empty() {
+            String::new()
+        } else {
+            format!(", skipping {}", skip.join(", "))
+        };
+        return (
+            StackAction::ContinueRollback { skip },
+            format!("rollback failed ({why}); policy.continue_rollback: continue it{also}"),
+        );
+    }
+    let failing = if episode.failing.is_empty() {
+        "no resource named".to_owned()
+    } else {
+        episode.failing.join(", ")
+    };
+    (
+        StackAction::Blocked {
+            reason: format!("continuing the rollback failed again on {failing}"),
+        },
+        format!(
+            "rollback failed, and continuing it failed again ({failing}); not retried: list the resources in policy.rollback_skip as {}.<LogicalId> to skip them, or fix them by hand",
+            stack.key
+        ),
+    )
+}
 
 /// Whose an undeclared stack tagged for this environment is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -608,10 +675,14 @@ fn plan_stack(
                     ),
                 )
             }
-            "UPDATE_ROLLBACK_FAILED" if env.policy.continue_rollback && !observe_only => (
-                StackAction::ContinueRollback,
-                format!("rollback failed ({why}); policy.continue_rollback: continue it"),
-            ),
+            "UPDATE_ROLLBACK_FAILED" if env.policy.continue_rollback && !observe_only => {
+                continue_rollback(
+                    env,
+                    stack,
+                    observed.rollback_episodes.get(&stack.name),
+                    &why,
+                )
+            }
             "UPDATE_ROLLBACK_FAILED" => (
                 StackAction::Blocked {
                     reason: format!("rollback failed: {why}"),

@@ -210,6 +210,7 @@ mod tests {
             mode: crate::spec::Mode::Converge,
             prune: false,
             allow_prune: Default::default(),
+            rollback_skip: Default::default(),
             protect: crate::spec::DEFAULT_PROTECTED_TYPES
                 .iter()
                 .map(|s| (*s).to_owned())

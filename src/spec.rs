@@ -240,6 +240,8 @@ struct RawPolicy {
     #[serde(default)]
     allow_prune: Vec<String>,
     #[serde(default)]
+    rollback_skip: Vec<String>,
+    #[serde(default)]
     recreate_failed: bool,
     #[serde(default)]
     continue_rollback: bool,
@@ -306,6 +308,9 @@ pub struct Policy {
     /// Names of orphaned stacks that may be pruned although their template
     /// holds protected resources.
     pub allow_prune: BTreeSet<String>,
+    /// `stack.LogicalId` resources a continued rollback may skip
+    /// (ResourcesToSkip) when they fail to roll back.
+    pub rollback_skip: BTreeSet<(String, String)>,
     /// Delete and recreate a stack whose creation failed (ROLLBACK_COMPLETE).
     pub recreate_failed: bool,
     /// Continue a rollback stuck in UPDATE_ROLLBACK_FAILED.
@@ -1095,12 +1100,30 @@ impl Loader {
             }
             allow.insert((stack.to_owned(), logical.to_owned()));
         }
+        let mut rollback_skip = BTreeSet::new();
+        for (i, entry) in raw.rollback_skip.iter().enumerate() {
+            let path = format!("policy.rollback_skip.{i}");
+            match entry.split_once('.') {
+                Some((stack, logical)) if stacks.contains_key(stack) && !logical.is_empty() => {
+                    rollback_skip.insert((stack.to_owned(), logical.to_owned()));
+                }
+                Some((stack, _)) if !stacks.contains_key(stack) => {
+                    self.error_at(doc, &path, format!("unknown stack `{stack}`"));
+                }
+                _ => self.error_at(
+                    doc,
+                    &path,
+                    format!("`{entry}` must be <stack>.<LogicalResourceId>"),
+                ),
+            }
+        }
         Policy {
             mode: raw.mode,
             prune: raw.prune,
             protect,
             allow_replacement: allow,
             allow_prune: raw.allow_prune.iter().cloned().collect(),
+            rollback_skip,
             recreate_failed: raw.recreate_failed,
             continue_rollback: raw.continue_rollback,
         }
@@ -1312,6 +1335,24 @@ stacks:
         let errs = Fixture::new().errors("dev", &bad);
         assert!(
             errs[0].contains("owner: `<team>` is not a valid tag value"),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn rollback_skip_names_a_declared_stack_and_a_resource() {
+        let text = GOOD.replace(
+            "tags: {Team: platform}\n",
+            "tags: {Team: platform}\npolicy: {rollback_skip: [data.T, nowhere.X, data]}\n",
+        );
+        let errs = Fixture::new().errors("dev", &text);
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(
+            errs[0].contains("policy.rollback_skip.1: unknown stack `nowhere`"),
+            "{errs:?}"
+        );
+        assert!(
+            errs[1].contains("policy.rollback_skip.2: `data` must be <stack>.<LogicalResourceId>"),
             "{errs:?}"
         );
     }

@@ -1119,3 +1119,62 @@ async fn a_service_with_a_deployment_in_progress_is_never_acted_on() {
         "acted during a deployment"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_stuck_rollback_is_continued_once_per_episode_then_only_with_skips() {
+    let mut env = dev();
+    env.policy.continue_rollback = true;
+    let cloud = SimCloud::new(config(&env, 29));
+    pass(&cloud, &env).await;
+    let network = name(&env, "network");
+    cloud.fail_update_rollback(&network, &["FlowLogGroup"]);
+
+    // Continued once; it fails again on the same resource.
+    let r = pass(&cloud, &env).await;
+    assert!(
+        matches!(result(&r, "network"), StackResult::Failed { reason } if reason.contains("UPDATE_ROLLBACK_FAILED")),
+        "{r:#?}"
+    );
+    assert_eq!(calls(&cloud, "ContinueUpdateRollback"), 1);
+
+    // Not again in this episode: blocked, naming the resource and the way out.
+    for _ in 0..3 {
+        let r = pass(&cloud, &env).await;
+        assert!(
+            matches!(result(&r, "network"), StackResult::Blocked { reason } if reason.contains("failed again on FlowLogGroup")),
+            "{r:#?}"
+        );
+        let plan = r
+            .final_plan
+            .stacks
+            .iter()
+            .find(|s| s.key == "network")
+            .unwrap();
+        assert!(
+            plan.reason.contains("policy.rollback_skip"),
+            "{}",
+            plan.reason
+        );
+    }
+    assert_eq!(
+        calls(&cloud, "ContinueUpdateRollback"),
+        1,
+        "retried in a loop"
+    );
+
+    // The desired state skips it: continued, skipping it, and done.
+    env.policy
+        .rollback_skip
+        .insert(("network".into(), "FlowLogGroup".into()));
+    let r = pass(&cloud, &env).await;
+    assert_eq!(
+        result(&r, "network"),
+        &StackResult::RollbackContinued,
+        "{r:#?}"
+    );
+    assert_eq!(calls(&cloud, "ContinueUpdateRollback"), 2);
+    assert_eq!(
+        cloud.stack(&network).unwrap().status,
+        "UPDATE_ROLLBACK_COMPLETE"
+    );
+}

@@ -215,7 +215,10 @@ async fn update_rollback_failed_is_continued_only_when_the_policy_says_so() {
     );
     env.policy.continue_rollback = true;
     let p = plan_now(&cloud, &env).await;
-    assert_eq!(stack(&p, "network").action, StackAction::ContinueRollback);
+    assert_eq!(
+        stack(&p, "network").action,
+        StackAction::ContinueRollback { skip: vec![] }
+    );
 }
 
 #[tokio::test(start_paused = true)]

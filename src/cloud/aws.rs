@@ -574,11 +574,12 @@ impl Cloud for AwsCloud {
         Ok(out)
     }
 
-    async fn continue_update_rollback(&self, stack: &str) -> CloudResult<()> {
+    async fn continue_update_rollback(&self, stack: &str, skip: &[String]) -> CloudResult<()> {
         self.calls.tick();
         self.cfn
             .continue_update_rollback()
             .stack_name(stack)
+            .set_resources_to_skip((!skip.is_empty()).then(|| skip.to_vec()))
             .send()
             .await
             .map_err(|e| self.error(e))?;

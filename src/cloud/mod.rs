@@ -293,8 +293,14 @@ pub trait Cloud: Send + Sync {
         stack: &str,
     ) -> impl Future<Output = CloudResult<Vec<StackEvent>>> + Send;
 
-    fn continue_update_rollback(&self, stack: &str)
-    -> impl Future<Output = CloudResult<()>> + Send;
+    /// ContinueUpdateRollback, skipping `skip` (logical ids of resources
+    /// in UPDATE_FAILED, as AWS requires): they are marked rolled back
+    /// without being touched.
+    fn continue_update_rollback(
+        &self,
+        stack: &str,
+        skip: &[String],
+    ) -> impl Future<Output = CloudResult<()>> + Send;
 
     fn delete_stack(&self, stack: &str) -> impl Future<Output = CloudResult<()>> + Send;
 

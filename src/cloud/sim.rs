@@ -160,6 +160,11 @@ struct State {
     cleanup_latency: Duration,
     /// See [`SimConfig::rollout_latency`].
     rollout_latency: Duration,
+    /// By stack: resources that fail to roll back (see
+    /// [`SimCloud::fail_update_rollback`]).
+    rollback_blockers: BTreeMap<String, Vec<String>>,
+    /// By stack: the resources the rollback in flight will fail on.
+    rollback_failing: BTreeMap<String, Vec<String>>,
     /// ECS deployments in flight, by (cluster, service).
     rollouts: BTreeMap<(String, String), Rollout>,
     /// Task definitions whose tasks never start: a deployment of one trips
@@ -269,6 +274,62 @@ impl SimCloud {
             d.rollout_reason = Some(reason.to_owned());
             d.running = 0;
         }
+    }
+
+    /// An update of `stack` fails and its rollback fails too, on
+    /// `resources` (logical ids) that cannot be rolled back: the stack ends
+    /// UPDATE_ROLLBACK_FAILED with the events AWS writes. A
+    /// ContinueUpdateRollback fails again on them unless they are skipped.
+    pub fn fail_update_rollback(&self, stack: &str, resources: &[&str]) {
+        let mut st = self.lock();
+        let ids: Vec<String> = resources.iter().map(|r| (*r).to_owned()).collect();
+        push_event(
+            &mut st,
+            stack,
+            stack,
+            "AWS::CloudFormation::Stack",
+            "UPDATE_IN_PROGRESS",
+            Some("User Initiated".into()),
+        );
+        push_event(
+            &mut st,
+            stack,
+            &ids[0],
+            "AWS::EC2::Resource",
+            "UPDATE_FAILED",
+            Some("Resource handler returned message: update failed".into()),
+        );
+        push_event(
+            &mut st,
+            stack,
+            stack,
+            "AWS::CloudFormation::Stack",
+            "UPDATE_ROLLBACK_IN_PROGRESS",
+            Some("The following resource(s) failed to update".into()),
+        );
+        for id in &ids {
+            push_event(
+                &mut st,
+                stack,
+                id,
+                "AWS::EC2::Resource",
+                "UPDATE_FAILED",
+                Some("Resource handler returned message: cannot roll back".into()),
+            );
+        }
+        push_event(
+            &mut st,
+            stack,
+            stack,
+            "AWS::CloudFormation::Stack",
+            "UPDATE_ROLLBACK_FAILED",
+            Some("The following resource(s) failed to update".into()),
+        );
+        let s = st.stacks.get_mut(stack).expect("unknown stack");
+        s.stack.status = "UPDATE_ROLLBACK_FAILED".into();
+        s.stack.status_reason = Some("The following resource(s) failed to update".into());
+        s.operation = None;
+        st.rollback_blockers.insert(stack.to_owned(), ids);
     }
 
     /// Tasks of this task definition never start: a deployment of it trips
@@ -604,6 +665,18 @@ fn advance_stacks(st: &mut State, now: Instant) {
                 "UPDATE_FAILED"
             };
             push_event(st, &name, &first.0, &first.1, verb, Some(why.clone()));
+        }
+        if status == "UPDATE_ROLLBACK_FAILED" {
+            for id in st.rollback_failing.remove(&name).unwrap_or_default() {
+                push_event(
+                    st,
+                    &name,
+                    &id,
+                    "AWS::EC2::Resource",
+                    "UPDATE_FAILED",
+                    Some("Resource handler returned message: cannot roll back".into()),
+                );
+            }
         }
         push_event(
             st,
@@ -1164,9 +1237,27 @@ impl Cloud for SimCloud {
         Ok(s.events[start..].to_vec())
     }
 
-    async fn continue_update_rollback(&self, stack: &str) -> CloudResult<()> {
+    async fn continue_update_rollback(&self, stack: &str, skip: &[String]) -> CloudResult<()> {
         let latency = self.latency(stack);
         let mut st = self.enter("ContinueUpdateRollback")?;
+        // Resources that cannot roll back fail it again, unless skipped.
+        let failing: Vec<String> = st
+            .rollback_blockers
+            .get(stack)
+            .map(|b| b.iter().filter(|id| !skip.contains(id)).cloned().collect())
+            .unwrap_or_default();
+        let known = st.rollback_blockers.get(stack).cloned().unwrap_or_default();
+        if let Some(bad) = skip.iter().find(|id| !known.contains(id)) {
+            // As AWS: only resources in UPDATE_FAILED may be skipped.
+            return Err(CloudError::Validation(format!(
+                "ResourcesToSkip: {bad} is not in UPDATE_FAILED"
+            )));
+        }
+        st.rollback_failing
+            .insert(stack.to_owned(), failing.clone());
+        if failing.is_empty() {
+            st.rollback_blockers.remove(stack);
+        }
         let s = st
             .stacks
             .get_mut(stack)
@@ -1179,10 +1270,22 @@ impl Cloud for SimCloud {
         }
         s.stack.status = "UPDATE_ROLLBACK_IN_PROGRESS".into();
         s.operation = Some(Operation {
-            target: "UPDATE_ROLLBACK_COMPLETE",
+            target: if failing.is_empty() {
+                "UPDATE_ROLLBACK_COMPLETE"
+            } else {
+                "UPDATE_ROLLBACK_FAILED"
+            },
             done_at: Instant::now() + latency / 2,
             apply: None,
         });
+        push_event(
+            &mut st,
+            stack,
+            stack,
+            "AWS::CloudFormation::Stack",
+            "UPDATE_ROLLBACK_IN_PROGRESS",
+            Some("User Initiated".into()),
+        );
         Ok(())
     }
 
