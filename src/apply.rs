@@ -455,6 +455,11 @@ fn same_request(
             .all(|(k, v)| !secrets.contains(k) && cs.parameters.get(k) == Some(v))
 }
 
+/// How long an executed CREATE change set's stack may still read
+/// REVIEW_IN_PROGRESS (AWS is eventually consistent) before that is taken
+/// as the answer: the execution did not start.
+const REVIEW_GRACE: Duration = Duration::from_secs(60);
+
 /// What a wait on a stack is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Awaiting {
@@ -1224,6 +1229,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
         self.touch();
         let mut backoff = retry::poll_backoff();
         let mut last_status = String::from("unknown");
+        let mut in_review: Option<Instant> = None;
         loop {
             match self.cloud.describe_stack(name).await {
                 Ok(s) => {
@@ -1244,7 +1250,9 @@ impl<'a, C: Cloud> Pass<'a, C> {
                         // review yet: not an end.
                         Some(s)
                             if awaiting == Awaiting::Execution
-                                && s.status == "REVIEW_IN_PROGRESS" =>
+                                && s.status == "REVIEW_IN_PROGRESS"
+                                && in_review.get_or_insert_with(Instant::now).elapsed()
+                                    < REVIEW_GRACE =>
                         {
                             last_status = s.status
                         }

@@ -693,6 +693,27 @@ impl Loader {
                         format!("min {} is greater than max {}", a.min, a.max),
                     );
                 }
+                // The declared range is what Application Auto Scaling is
+                // told: it must equal the stack's scalable target, or
+                // stackwarden would fight the scaling the stack set up.
+                if let Some(a) = svc.autoscaling {
+                    for (field, declared, property) in
+                        [("min", a.min, "MinCapacity"), ("max", a.max, "MaxCapacity")]
+                    {
+                        if let Some((actual, from)) =
+                            scalable_capacity(&template, &s.parameters, property)
+                            && actual != f64::from(declared)
+                        {
+                            self.error_at(
+                                &doc,
+                                &format!("{base}.autoscaling"),
+                                format!(
+                                    "{field} {declared} differs from the stack's scalable target: {property} is {actual}{from}"
+                                ),
+                            );
+                        }
+                    }
+                }
             }
             // The stack itself owns its services: a reference to its own
             // outputs is not a dependency edge.
@@ -1127,6 +1148,37 @@ impl Loader {
             recreate_failed: raw.recreate_failed,
             continue_rollback: raw.continue_rollback,
         }
+    }
+}
+
+/// The value of `property` (MinCapacity, MaxCapacity) of the template's
+/// ECS scalable target, when it is known at load time: a literal, or a
+/// parameter given as a literal or defaulted. Also says where it came from.
+fn scalable_capacity(
+    template: &Template,
+    given: &BTreeMap<String, Value>,
+    property: &str,
+) -> Option<(f64, String)> {
+    use serde_json::Value as Json;
+    let target = template.resources.values().find(|r| {
+        r.kind == "AWS::ApplicationAutoScaling::ScalableTarget"
+            && r.properties.get("ScalableDimension").and_then(Json::as_str)
+                == Some("ecs:service:DesiredCount")
+    })?;
+    let number = |v: &str| v.trim().parse::<f64>().ok();
+    match target.properties.get(property)? {
+        Json::Number(n) => Some((n.as_f64()?, String::new())),
+        Json::String(v) => Some((number(v)?, String::new())),
+        Json::Object(m) => {
+            let p = m.get("Ref")?.as_str()?;
+            let value = match given.get(p) {
+                Some(Value::Literal(v)) => v.clone(),
+                Some(Value::Output { .. }) => return None,
+                None => template.parameters.get(p)?.default.clone()?,
+            };
+            Some((number(&value)?, format!(" (parameter {p})")))
+        }
+        _ => None,
     }
 }
 

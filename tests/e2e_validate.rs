@@ -272,3 +272,22 @@ fn fifos_devices_and_paths_outside_the_repository_are_refused_without_hanging() 
         stderr(&out)
     );
 }
+
+#[test]
+fn an_autoscaling_range_other_than_the_scalable_targets_is_refused() {
+    let ws = Workspace::new();
+    ws.edit(
+        "desired-state/dev.yaml",
+        "autoscaling: {min: 1, max: 2}",
+        "autoscaling: {min: 1, max: 3}",
+    );
+    let out = run(stackwarden()
+        .args(["validate", "-e", "dev", "--desired-state"])
+        .arg(ws.desired_state()));
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("stacks.service.ecs_services.0.autoscaling: max 3 differs from the stack's scalable target: MaxCapacity is 2 (parameter MaxCapacity)"),
+        "{err}"
+    );
+}

@@ -1178,3 +1178,23 @@ async fn a_stuck_rollback_is_continued_once_per_episode_then_only_with_skips() {
         "UPDATE_ROLLBACK_COMPLETE"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_new_revision_does_not_reset_a_service_autoscaling_scaled() {
+    let env = dev();
+    let cloud = SimCloud::new(config(&env, 30));
+    let r = pass(&cloud, &env).await;
+    let svc = &r.services[0];
+    let (cluster, service) = (svc.cluster.clone().unwrap(), svc.service.clone().unwrap());
+    // Autoscaling scaled out, within the declared range.
+    cloud.edit_desired_count(&cluster, &service, 2);
+    // Every stack gets a new revision (a tags-only update for most).
+    let r = pass(&cloud, &dev_new_revision()).await;
+    assert_eq!(result(&r, "service"), &StackResult::Updated, "{r:#?}");
+    assert_eq!(r.services[0].result, ServiceResult::InSync, "{r:#?}");
+    assert_eq!(
+        r.final_plan.services[0].desired,
+        Some(2),
+        "the update reset the count"
+    );
+}

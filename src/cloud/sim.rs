@@ -795,15 +795,26 @@ fn sync_services(st: &mut State, stack: &str) {
                 .and_then(|p| params.get(p).cloned())
         };
         let cluster = by_ref("Cluster").unwrap_or_else(|| "default".into());
-        let desired: i32 = by_ref("DesiredCount")
-            .and_then(|d| d.parse().ok())
-            .unwrap_or(1);
+        let name = service_name(stack, logical);
+        // As AWS::ECS::Service documents: a DesiredCount in the template is
+        // applied on every update (resetting a scaled service); without
+        // one, a new service starts with 1 and an existing one keeps its
+        // count.
+        let existing = st
+            .services
+            .get(&(cluster.clone(), name.clone()))
+            .map(|s| s.desired);
+        let desired: i32 = match r.properties.get("DesiredCount") {
+            Some(_) => by_ref("DesiredCount")
+                .and_then(|d| d.parse().ok())
+                .unwrap_or(1),
+            None => existing.unwrap_or(1),
+        };
         let task_definition = outputs
             .values()
             .find(|v| v.contains(":task-definition/"))
             .cloned()
             .unwrap_or_default();
-        let name = service_name(stack, logical);
         let svc = Service {
             cluster: cluster.clone(),
             name: name.clone(),

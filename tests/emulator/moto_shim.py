@@ -48,6 +48,16 @@ Patches
    all stored ones); AWS answers "No updates are to be performed". We
    compare the given values, so the old scripts' steady-state check and
    stackwarden's no-change detection behave as on AWS.
+13. DescribeChangeSet answers Tags as an empty list (moto keeps them as a
+   dict it does not serialize); AWS answers the change set's tags, which
+   stackwarden compares before it reuses a change set.
+14. A CREATE change set for a stack name whose REVIEW_IN_PROGRESS placeholder
+   holds no change set any more makes moto keep the placeholder beside a
+   new stack object of the same name, and DescribeStacks answers with the
+   stale one; AWS has one stack. The empty placeholder is dropped first.
+12. A service created without DesiredCount starts with 1 task, as AWS
+   documents (moto: 0). The shipped service template leaves the count to
+   autoscaling.
 11. Faults, switched per test (POST /stackwarden/faults with a JSON body;
    every key optional, all off by default and after /moto-api/reset):
    - `latency_ms`: every AWS call answers this much later;
@@ -264,6 +274,27 @@ def _service_init(self, *args, **kwargs):
 ecs_models.Service.__init__ = _service_init
 
 
+# --- 12. A service created without DesiredCount ---------------------------------------
+# AWS::ECS::Service: "For new services, if a desired count is not specified, a
+# default value of 1 is used" (0 is not the default; DAEMON services need none);
+# moto creates it with 0. The shipped service template leaves DesiredCount to
+# autoscaling, so the emulator must start it as AWS does.
+_original_service_cfn_create = ecs_models.Service.create_from_cloudformation_json.__func__
+
+
+@classmethod
+def _service_cfn_create(cls, resource_name, cloudformation_json, account_id, region_name, **kwargs):
+    props = cloudformation_json.setdefault("Properties", {})
+    if props.get("DesiredCount") is None and props.get("SchedulingStrategy", "REPLICA") != "DAEMON":
+        props["DesiredCount"] = 1
+    return _original_service_cfn_create(
+        cls, resource_name, cloudformation_json, account_id, region_name, **kwargs
+    )
+
+
+ecs_models.Service.create_from_cloudformation_json = _service_cfn_create
+
+
 # --- 5. Fn::Cidr ---------------------------------------------------------------------
 _original_clean_json = cfn_parsing.clean_json
 
@@ -351,6 +382,16 @@ _original_create_change_set = cfn_models.CloudFormationBackend.create_change_set
 
 
 def _create_change_set(self, *args, **kwargs):
+    if kwargs.get("change_set_type") == "CREATE":
+        # Patch 14: AWS adds a CREATE change set to the REVIEW_IN_PROGRESS
+        # stack of that name; moto makes a second stack object, and
+        # DescribeStacks then answers with the stale placeholder. Drop
+        # placeholders that hold no change set before moto makes its own.
+        name = kwargs.get("stack_name")
+        held = {cs.stack_id for cs in self.change_sets.values()}
+        for sid, st in list(self.stacks.items()):
+            if st.name == name and st.status == "REVIEW_IN_PROGRESS" and sid not in held:
+                del self.stacks[sid]
     change_set_id, stack_id = _original_create_change_set(self, *args, **kwargs)
     change_set = self.change_sets[change_set_id]
     tags = change_set.tags or {}
@@ -384,6 +425,14 @@ def _validate_different_update(self, incoming_params, stack_body, old_stack):
 cfn_responses.CloudFormationResponse._validate_different_update = (
     _validate_different_update
 )
+
+
+# --- 13. DescribeChangeSet Tags -------------------------------------------------------
+# AWS answers DescribeChangeSet with the Tags the change set was made with;
+# moto keeps them as a dict and serializes them as an empty list.
+cfn_responses.CloudFormationResponse.RESPONSE_KEY_PATH_TO_TRANSFORMER[
+    "DescribeChangeSetOutput.Tags"
+] = lambda tags: cfn_responses.transform_dict(tags or {})
 
 
 # --- 9. CloudWatch over Smithy RPC v2 CBOR ------------------------------------------
