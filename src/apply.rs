@@ -727,8 +727,8 @@ impl<'a, C: Cloud> Pass<'a, C> {
                     change_set = Some(stack.change_set_name());
                     self.converge(stack, sp, &observed, deadline).await
                 }
-                StackAction::ContinueRollback { skip } => {
-                    self.continue_rollback(stack, skip, deadline).await
+                StackAction::ContinueRollback { skip, token } => {
+                    self.continue_rollback(stack, skip, token, deadline).await
                 }
                 StackAction::Recreate if recreated => Step::Done(failed(
                     "the recreated stack failed again in this pass".into(),
@@ -940,7 +940,13 @@ impl<'a, C: Cloud> Pass<'a, C> {
         }
 
         let mark = self.event_mark(&stack.name).await;
-        match retry::call(|| self.cloud.execute_change_set(&stack.name, &name)).await {
+        let token = crate::cloud::client_token(&["execute", &cs.id]);
+        match retry::call(|| {
+            self.cloud
+                .execute_change_set(&stack.name, &name, Some(&token))
+        })
+        .await
+        {
             Ok(()) => {}
             // Refused: either this very change set is already executing (a
             // retry of ours whose first answer was lost, or a concurrent run
@@ -1105,13 +1111,18 @@ impl<'a, C: Cloud> Pass<'a, C> {
         &self,
         stack: &DesiredStack,
         skip: &[String],
+        token: &str,
         deadline: Instant,
     ) -> Step {
         if let Err(e) = self.guard().await {
             return Step::Done(failed(e.to_string()));
         }
         let mut mark = self.event_mark(&stack.name).await;
-        if let Err(e) = retry::call(|| self.cloud.continue_update_rollback(&stack.name, skip)).await
+        if let Err(e) = retry::call(|| {
+            self.cloud
+                .continue_update_rollback(&stack.name, skip, Some(token))
+        })
+        .await
         {
             return Step::Done(failed(format!("ContinueUpdateRollback: {e}")));
         }

@@ -149,9 +149,14 @@ async fn rollback_episodes<C: Cloud>(
             .collect();
         failing.sort();
         failing.dedup();
+        let began_with = events.first().map(|e| e.id.clone()).unwrap_or_default();
         out.insert(
             d.name.clone(),
-            crate::plan::RollbackEpisode { failures, failing },
+            crate::plan::RollbackEpisode {
+                failures,
+                failing,
+                began_with,
+            },
         );
     }
     Ok(out)

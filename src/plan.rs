@@ -46,6 +46,8 @@ pub struct RollbackEpisode {
     pub failures: usize,
     /// Logical ids of the resources that failed in the latest attempt.
     pub failing: Vec<String>,
+    /// The id of the event that began the operation: names the episode.
+    pub began_with: String,
 }
 
 /// Whether an object matches its desired state.
@@ -93,6 +95,9 @@ pub enum StackAction {
     /// rollback: once per stuck episode, skipping the resources listed.
     ContinueRollback {
         skip: Vec<String>,
+        /// ClientRequestToken of this attempt: the same for a retry of the
+        /// call, new for the next episode or attempt.
+        token: String,
     },
     /// Failed create, and the policy allows deleting and recreating.
     Recreate,
@@ -336,8 +341,15 @@ fn continue_rollback(
         } else {
             format!(", skipping {}", skip.join(", "))
         };
+        let attempt = episode.failures.to_string();
+        let token = crate::cloud::client_token(&[
+            "continue-rollback",
+            &stack.name,
+            &episode.began_with,
+            &attempt,
+        ]);
         return (
-            StackAction::ContinueRollback { skip },
+            StackAction::ContinueRollback { skip, token },
             format!("rollback failed ({why}); policy.continue_rollback: continue it{also}"),
         );
     }

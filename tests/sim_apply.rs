@@ -847,7 +847,7 @@ async fn foreign_stack(cloud: &SimCloud, name: &str, body: &str, tags: &[(&str, 
     cloud.create_change_set(&request).await.unwrap();
     tokio::time::advance(Duration::from_secs(10)).await;
     cloud
-        .execute_change_set(name, "made-elsewhere")
+        .execute_change_set(name, "made-elsewhere", None)
         .await
         .unwrap();
     tokio::time::advance(Duration::from_secs(3600)).await;
@@ -1197,4 +1197,27 @@ async fn a_new_revision_does_not_reset_a_service_autoscaling_scaled() {
         Some(2),
         "the update reset the count"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_execution_whose_answer_was_lost_is_retried_as_the_same_request() {
+    let env = dev();
+    let cloud = SimCloud::new(config(&env, 31));
+    // AWS carries out the first ExecuteChangeSet, but its answer is lost.
+    cloud.lose_next_answer("ExecuteChangeSet");
+    let r = pass(&cloud, &env).await;
+    assert_eq!(r.verdict(), Verdict::InSync, "{r:#?}");
+    for key in ALL {
+        assert_eq!(result(&r, key), &StackResult::Created, "{key}");
+        let n = cloud
+            .executed()
+            .iter()
+            .filter(|(s, _)| *s == name(&env, key))
+            .count();
+        assert_eq!(n, 1, "{key} executed {n} times");
+    }
+    // The retry carried the same ClientRequestToken: AWS answered it as
+    // the request it had already done, not as a second execution.
+    assert_eq!(calls(&cloud, "ExecuteChangeSet"), ALL.len() as u64 + 1);
+    assert!(cloud.violations().is_empty(), "{:?}", cloud.violations());
 }

@@ -220,7 +220,9 @@ async fn a_broken_reload_keeps_enforcing_the_last_good_state_and_applies_nothing
             "FlowLogRetentionDays: 30\n      colour: blue",
             "FlowLogRetentionDays: 14",
         );
-        until("the fix", Duration::from_secs(10), || {
+        // The drift pass may still be polling its update (polls grow to
+        // 30 s); the fix is looked at right after it.
+        until("the fix", Duration::from_secs(60), || {
             shared
                 .env("dev")
                 .is_some_and(|s| s.desired_state_error.is_none())

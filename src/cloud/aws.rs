@@ -485,12 +485,18 @@ impl Cloud for AwsCloud {
         }
     }
 
-    async fn execute_change_set(&self, stack: &str, name: &str) -> CloudResult<()> {
+    async fn execute_change_set(
+        &self,
+        stack: &str,
+        name: &str,
+        token: Option<&str>,
+    ) -> CloudResult<()> {
         self.calls.tick();
         self.cfn
             .execute_change_set()
             .stack_name(stack)
             .change_set_name(name)
+            .set_client_request_token(token.map(str::to_owned))
             .send()
             .await
             .map_err(|e| self.error(e))?;
@@ -574,11 +580,17 @@ impl Cloud for AwsCloud {
         Ok(out)
     }
 
-    async fn continue_update_rollback(&self, stack: &str, skip: &[String]) -> CloudResult<()> {
+    async fn continue_update_rollback(
+        &self,
+        stack: &str,
+        skip: &[String],
+        token: Option<&str>,
+    ) -> CloudResult<()> {
         self.calls.tick();
         self.cfn
             .continue_update_rollback()
             .stack_name(stack)
+            .set_client_request_token(token.map(str::to_owned))
             .set_resources_to_skip((!skip.is_empty()).then(|| skip.to_vec()))
             .send()
             .await

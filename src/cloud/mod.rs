@@ -73,6 +73,16 @@ impl Stack {
     }
 }
 
+/// A ClientRequestToken derived from what identifies one logical request
+/// (a change set's id; a stuck stack's episode and attempt): a retry sends
+/// the same token, a new request a new one. AWS allows letters, digits and
+/// hyphens, up to 128.
+pub fn client_token(parts: &[&str]) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(parts.join("\0").as_bytes());
+    format!("stackwarden-{}", &hex::encode(digest)[..40])
+}
+
 /// Whether a stack event is the stack-level event that begins an operation.
 pub fn begins_operation(stack: &str, e: &StackEvent) -> bool {
     e.resource_type == "AWS::CloudFormation::Stack"
@@ -266,10 +276,13 @@ pub trait Cloud: Send + Sync {
         stack: &str,
     ) -> impl Future<Output = CloudResult<Vec<ChangeSetSummary>>> + Send;
 
+    /// ExecuteChangeSet. `token` (ClientRequestToken) makes a retry of a
+    /// call whose answer was lost recognisable to AWS as the same request.
     fn execute_change_set(
         &self,
         stack: &str,
         name: &str,
+        token: Option<&str>,
     ) -> impl Future<Output = CloudResult<()>> + Send;
 
     fn delete_change_set(
@@ -300,6 +313,7 @@ pub trait Cloud: Send + Sync {
         &self,
         stack: &str,
         skip: &[String],
+        token: Option<&str>,
     ) -> impl Future<Output = CloudResult<()>> + Send;
 
     fn delete_stack(&self, stack: &str) -> impl Future<Output = CloudResult<()>> + Send;
@@ -344,5 +358,35 @@ pub trait Cloud: Send + Sync {
     /// clock for the simulation.
     fn now(&self) -> SystemTime {
         SystemTime::now()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_tokens_are_stable_per_request_and_valid_for_aws() {
+        let a = client_token(&[
+            "execute",
+            "arn:aws:cloudformation:us-east-1:1:changeSet/x/1",
+        ]);
+        assert_eq!(
+            a,
+            client_token(&[
+                "execute",
+                "arn:aws:cloudformation:us-east-1:1:changeSet/x/1"
+            ])
+        );
+        assert_ne!(
+            a,
+            client_token(&[
+                "execute",
+                "arn:aws:cloudformation:us-east-1:1:changeSet/x/2"
+            ])
+        );
+        // [a-zA-Z0-9][-a-zA-Z0-9]*, at most 128 characters.
+        assert!(a.len() <= 128 && a.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+        assert!(a.chars().next().is_some_and(|c| c.is_ascii_alphanumeric()));
     }
 }

@@ -139,6 +139,9 @@ struct SimChangeSet {
     executed: bool,
     /// On the simulation's clock ([`SimCloud::now`]).
     created: SystemTime,
+    /// Unique per creation, as AWS's change-set ARNs are: a change set made
+    /// anew under the same name is another change set.
+    id: String,
 }
 
 #[derive(Debug, Default)]
@@ -160,6 +163,10 @@ struct State {
     cleanup_latency: Duration,
     /// See [`SimConfig::rollout_latency`].
     rollout_latency: Duration,
+    /// ExecuteChangeSet tokens seen, with the change set they executed.
+    execute_tokens: BTreeMap<String, (String, String)>,
+    /// Operations whose next call acts and then loses its answer.
+    lost_answers: BTreeSet<&'static str>,
     /// By stack: resources that fail to roll back (see
     /// [`SimCloud::fail_update_rollback`]).
     rollback_blockers: BTreeMap<String, Vec<String>>,
@@ -274,6 +281,13 @@ impl SimCloud {
             d.rollout_reason = Some(reason.to_owned());
             d.running = 0;
         }
+    }
+
+    /// The next call of `op` (only ExecuteChangeSet is modelled) acts, and
+    /// its answer is lost on the way back: the caller sees a transport
+    /// error for a request AWS carried out.
+    pub fn lose_next_answer(&self, op: &'static str) {
+        self.lock().lost_answers.insert(op);
     }
 
     /// An update of `stack` fails and its rollback fails too, on
@@ -1015,6 +1029,7 @@ impl Cloud for SimCloud {
             },
             executed: false,
             created: self.now(),
+            id: String::new(),
         };
         let entry = st
             .stacks
@@ -1036,6 +1051,8 @@ impl Cloud for SimCloud {
                 events: vec![],
                 change_sets: BTreeMap::new(),
             });
+        let mut cs = cs;
+        cs.id = format!("{}:changeSet/{}/{}", entry.stack.id, r.change_set_name, id);
         entry.change_sets.insert(r.change_set_name.clone(), cs);
         Ok(())
     }
@@ -1075,7 +1092,7 @@ impl Cloud for SimCloud {
         let masked = parsed(&cs.request.template_body);
         Ok(ChangeSet {
             name: name.to_owned(),
-            id: format!("{}/{name}", s.stack.id),
+            id: cs.id.clone(),
             status,
             changes,
             parameters: cs
@@ -1116,9 +1133,21 @@ impl Cloud for SimCloud {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600) + self.epoch.elapsed()
     }
 
-    async fn execute_change_set(&self, stack: &str, name: &str) -> CloudResult<()> {
+    async fn execute_change_set(
+        &self,
+        stack: &str,
+        name: &str,
+        token: Option<&str>,
+    ) -> CloudResult<()> {
         let latency = self.latency(stack);
         let mut st = self.enter("ExecuteChangeSet")?;
+        // As AWS: a request with a token already seen for this change set
+        // is the same request, retried; it succeeds without acting again.
+        if let Some(t) = token
+            && st.execute_tokens.get(t) == Some(&(stack.to_owned(), name.to_owned()))
+        {
+            return Ok(());
+        }
         let s = st
             .stacks
             .get(stack)
@@ -1193,6 +1222,10 @@ impl Cloud for SimCloud {
         s.change_sets.retain(|k, _| k == name);
         s.change_sets.get_mut(name).expect("kept").executed = true;
         st.executed.push((stack.to_owned(), cs.changes));
+        if let Some(t) = token {
+            st.execute_tokens
+                .insert(t.to_owned(), (stack.to_owned(), name.to_owned()));
+        }
         let status = st.stacks[stack].stack.status.clone();
         push_event(
             &mut st,
@@ -1202,6 +1235,11 @@ impl Cloud for SimCloud {
             &status,
             Some("User Initiated".into()),
         );
+        if st.lost_answers.remove("ExecuteChangeSet") {
+            return Err(CloudError::Transport(
+                "connection reset after the request was sent".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -1248,7 +1286,12 @@ impl Cloud for SimCloud {
         Ok(s.events[start..].to_vec())
     }
 
-    async fn continue_update_rollback(&self, stack: &str, skip: &[String]) -> CloudResult<()> {
+    async fn continue_update_rollback(
+        &self,
+        stack: &str,
+        skip: &[String],
+        _token: Option<&str>,
+    ) -> CloudResult<()> {
         let latency = self.latency(stack);
         let mut st = self.enter("ContinueUpdateRollback")?;
         // Resources that cannot roll back fail it again, unless skipped.
