@@ -209,6 +209,25 @@ fn system_time(t: Option<&aws_smithy_types::DateTime>) -> Option<SystemTime> {
     t.and_then(|t| SystemTime::try_from(*t).ok())
 }
 
+/// Parameters as AWS echoes them (NoEcho values `****`), by key.
+fn parameter_map(params: &[cfn::types::Parameter]) -> BTreeMap<String, String> {
+    params
+        .iter()
+        .filter_map(|p| {
+            Some((
+                p.parameter_key()?.to_owned(),
+                p.parameter_value().unwrap_or_default().to_owned(),
+            ))
+        })
+        .collect()
+}
+
+fn tag_map(tags: &[cfn::types::Tag]) -> BTreeMap<String, String> {
+    tags.iter()
+        .filter_map(|t| Some((t.key()?.to_owned(), t.value()?.to_owned())))
+        .collect()
+}
+
 fn map_event(e: &cfn::types::StackEvent) -> StackEvent {
     StackEvent {
         id: e.event_id().unwrap_or_default().to_owned(),
@@ -232,21 +251,8 @@ fn map_stack(s: &cfn::types::Stack) -> Stack {
             .map(|x| x.as_str().to_owned())
             .unwrap_or_default(),
         status_reason: s.stack_status_reason().map(str::to_owned),
-        parameters: s
-            .parameters()
-            .iter()
-            .filter_map(|p| {
-                Some((
-                    p.parameter_key()?.to_owned(),
-                    p.parameter_value().unwrap_or_default().to_owned(),
-                ))
-            })
-            .collect(),
-        tags: s
-            .tags()
-            .iter()
-            .filter_map(|t| Some((t.key()?.to_owned(), t.value()?.to_owned())))
-            .collect(),
+        parameters: parameter_map(s.parameters()),
+        tags: tag_map(s.tags()),
         outputs: s
             .outputs()
             .iter()
@@ -431,21 +437,8 @@ impl Cloud for AwsCloud {
                     id: out.change_set_id().unwrap_or_default().to_owned(),
                     status,
                     changes,
-                    parameters: out
-                        .parameters()
-                        .iter()
-                        .filter_map(|p| {
-                            Some((
-                                p.parameter_key()?.to_owned(),
-                                p.parameter_value().unwrap_or_default().to_owned(),
-                            ))
-                        })
-                        .collect(),
-                    tags: out
-                        .tags()
-                        .iter()
-                        .filter_map(|t| Some((t.key()?.to_owned(), t.value()?.to_owned())))
-                        .collect(),
+                    parameters: parameter_map(out.parameters()),
+                    tags: tag_map(out.tags()),
                 });
             }
         }
