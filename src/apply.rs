@@ -26,7 +26,8 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::cloud::{
-    ChangeSet, ChangeSetKind, ChangeSetStatus, Cloud, CloudError, Stack, StackEvent,
+    ChangeAction, ChangeSet, ChangeSetKind, ChangeSetStatus, Cloud, CloudError, ResourceChange,
+    Stack, StackEvent,
 };
 use crate::diff::TemplateDiff;
 use crate::observe::{self, Depth, observe};
@@ -907,7 +908,26 @@ impl<'a, C: Cloud> Pass<'a, C> {
             ChangeSetStatus::Ready | ChangeSetStatus::Pending => {}
         }
 
+        // What changes inside nested stacks is gated like the parent's own
+        // changes; a parent whose nested changes cannot be read is not
+        // executed.
+        let nested = match self.nested_changes(&stack.name, &cs, deadline).await {
+            Ok(n) => n,
+            Err(why) => {
+                return Step::Done(StackResult::Blocked {
+                    reason: format!(
+                        "nested stacks: {why}; change set {name} left unexecuted until they can be inspected"
+                    ),
+                });
+            }
+        };
         let mut violations = policy::check_changes(&stack.key, &cs.changes, &self.env.policy);
+        violations.extend(policy::check_changes(&stack.key, &nested, &self.env.policy));
+        violations.extend(policy::nested_stack_removals(
+            &stack.key,
+            &cs.changes,
+            &self.env.policy,
+        ));
         if exists && let Some(live) = live {
             let live_template = self.lock_templates().get(&stack.name).cloned();
             let live_template = live_template.as_ref().unwrap_or(&stack.template);
@@ -1398,6 +1418,75 @@ impl<'a, C: Cloud> Pass<'a, C> {
                 result,
                 seconds: start.elapsed().as_secs_f64(),
             });
+        }
+        Ok(out)
+    }
+
+    /// Every change inside the nested stacks of a change set, recursively,
+    /// named `Nested.LogicalId` (`Outer.Inner.LogicalId` deeper down).
+    ///
+    /// # Errors
+    /// Why a nested change set could not be inspected: AWS gave none for a
+    /// changed nested stack, or it failed, or it is still being computed
+    /// at the deadline, or it cannot be described.
+    async fn nested_changes(
+        &self,
+        stack: &str,
+        cs: &ChangeSet,
+        deadline: Instant,
+    ) -> Result<Vec<ResourceChange>, String> {
+        /// Nesting deeper than this is refused rather than followed.
+        const MAX_DEPTH: usize = 5;
+        let mut out = Vec::new();
+        let mut frontier: Vec<(String, ResourceChange)> = cs
+            .changes
+            .iter()
+            .map(|c| (String::new(), c.clone()))
+            .collect();
+        let mut depth = 0;
+        while !frontier.is_empty() {
+            let mut next = Vec::new();
+            for (prefix, c) in frontier {
+                let nested_type =
+                    crate::cloud::NESTED_STACK_TYPES.contains(&c.resource_type.as_str());
+                if !nested_type || matches!(c.action, ChangeAction::Add | ChangeAction::Remove) {
+                    // A new nested stack replaces nothing; a removed one is
+                    // judged whole (policy::nested_stack_removals).
+                    continue;
+                }
+                let path = format!("{prefix}{}", c.logical_id);
+                let Some(id) = &c.nested_change_set else {
+                    return Err(format!(
+                        "no nested change set for {path}: what changes inside it cannot be inspected"
+                    ));
+                };
+                if depth >= MAX_DEPTH {
+                    return Err(format!("{path} is nested deeper than {MAX_DEPTH} levels"));
+                }
+                let inner = match computed_change_set(self.cloud, stack, id, deadline).await {
+                    Ok(Some(inner)) => inner,
+                    Ok(None) => {
+                        return Err(format!("the change set of {path} is still being computed"));
+                    }
+                    Err(e) => return Err(format!("the change set of {path} cannot be read: {e}")),
+                };
+                match inner.status {
+                    ChangeSetStatus::Ready | ChangeSetStatus::NoChanges => {}
+                    other => {
+                        return Err(format!("the change set of {path} is {other:?}"));
+                    }
+                }
+                for n in inner.changes {
+                    let named = ResourceChange {
+                        logical_id: format!("{path}.{}", n.logical_id),
+                        ..n.clone()
+                    };
+                    out.push(named);
+                    next.push((format!("{path}."), n));
+                }
+            }
+            frontier = next;
+            depth += 1;
         }
         Ok(out)
     }

@@ -104,6 +104,31 @@ pub fn check_changes(
         .collect()
 }
 
+/// Nested stacks a change set removes, with everything in them: a
+/// violation unless `policy.allow_replacement` names the nested stack
+/// (`stack.LogicalId`), since what they hold cannot be seen from here.
+pub fn nested_stack_removals(
+    stack_key: &str,
+    changes: &[ResourceChange],
+    policy: &Policy,
+) -> Vec<Violation> {
+    changes
+        .iter()
+        .filter(|c| {
+            c.action == ChangeAction::Remove
+                && crate::cloud::NESTED_STACK_TYPES.contains(&c.resource_type.as_str())
+                && !policy
+                    .allow_replacement
+                    .contains(&(stack_key.to_owned(), c.logical_id.clone()))
+        })
+        .map(|c| Violation {
+            logical_id: c.logical_id.clone(),
+            resource_type: c.resource_type.clone(),
+            why: "would be removed with every resource in it".into(),
+        })
+        .collect()
+}
+
 /// One side of a forecast: a template and the parameter values it is
 /// (or would be) deployed with.
 #[derive(Debug, Clone, Copy)]
@@ -236,6 +261,7 @@ mod tests {
             resource_type: ty.into(),
             replacement,
             scope: vec![],
+            nested_change_set: None,
         }
     }
 

@@ -1112,6 +1112,12 @@ impl Loader {
                 self.error_at(doc, &path, format!("unknown stack `{stack}`"));
             } else if let Some((_, _, t)) = templates.get(stack)
                 && !t.resources.contains_key(logical)
+                // `Nested.LogicalId` names a resource inside a nested stack.
+                && !logical.split_once('.').is_some_and(|(outer, _)| {
+                    t.resources.get(outer).is_some_and(|r| {
+                        crate::cloud::NESTED_STACK_TYPES.contains(&r.kind.as_str())
+                    })
+                })
             {
                 self.error_at(
                     doc,

@@ -1221,3 +1221,62 @@ async fn an_execution_whose_answer_was_lost_is_retried_as_the_same_request() {
     assert_eq!(calls(&cloud, "ExecuteChangeSet"), ALL.len() as u64 + 1);
     assert!(cloud.violations().is_empty(), "{:?}", cloud.violations());
 }
+
+fn table_replacement(logical_id: &str) -> stackwarden::cloud::ResourceChange {
+    stackwarden::cloud::ResourceChange {
+        action: stackwarden::cloud::ChangeAction::Modify,
+        logical_id: logical_id.into(),
+        resource_type: "AWS::DynamoDB::Table".into(),
+        replacement: Some(stackwarden::cloud::Replacement::True),
+        scope: vec!["Properties".into()],
+        nested_change_set: None,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_protected_resource_replaced_inside_a_nested_stack_is_blocked() {
+    let env = dev();
+    let cloud = SimCloud::new(config(&env, 32));
+    pass(&cloud, &env).await;
+    let dynamodb = name(&env, "dynamodb");
+    // The stack's nested stack `Inner` would replace its table.
+    cloud.nest(&dynamodb, "Inner", Some(vec![table_replacement("Archive")]));
+    let mut changed = dev_new_revision();
+    let r = pass(&cloud, &changed).await;
+    assert!(
+        matches!(result(&r, "dynamodb"), StackResult::Blocked { reason } if reason.contains("Inner.Archive") && reason.contains("AWS::DynamoDB::Table")),
+        "{r:#?}"
+    );
+    assert!(cloud.violations().is_empty(), "{:?}", cloud.violations());
+
+    // Explicitly allowed (`stack.Nested.LogicalId`), it runs.
+    cloud.allow_replacement(&dynamodb, "Inner.Archive");
+    changed
+        .policy
+        .allow_replacement
+        .insert(("dynamodb".into(), "Inner.Archive".into()));
+    let r = pass(&cloud, &changed).await;
+    assert_eq!(result(&r, "dynamodb"), &StackResult::Updated, "{r:#?}");
+    assert!(cloud.violations().is_empty(), "{:?}", cloud.violations());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_parent_whose_nested_change_set_cannot_be_read_is_not_executed() {
+    let env = dev();
+    let cloud = SimCloud::new(config(&env, 33));
+    pass(&cloud, &env).await;
+    let dynamodb = name(&env, "dynamodb");
+    cloud.nest(&dynamodb, "Inner", None);
+    let executed = cloud.executed().len();
+    let r = pass(&cloud, &dev_new_revision()).await;
+    assert!(
+        matches!(result(&r, "dynamodb"), StackResult::Blocked { reason } if reason.contains("nested stacks") && reason.contains("Inner")),
+        "{r:#?}"
+    );
+    assert!(
+        !cloud.executed()[executed..]
+            .iter()
+            .any(|(s, _)| *s == dynamodb),
+        "the parent was executed"
+    );
+}

@@ -357,6 +357,7 @@ impl Cloud for AwsCloud {
             .capabilities(cfn::types::Capability::CapabilityNamedIam)
             .capabilities(cfn::types::Capability::CapabilityAutoExpand)
             .description(&r.description)
+            .set_include_nested_stacks(r.has_nested_stacks().then_some(true))
             .send()
             .await
             .map_err(|e| self.error(e))?;
@@ -371,7 +372,8 @@ impl Cloud for AwsCloud {
             let out = self
                 .cfn
                 .describe_change_set()
-                .stack_name(stack)
+                // A nested change set is named by its ARN alone.
+                .set_stack_name((!name.starts_with("arn:")).then(|| stack.to_owned()))
                 .change_set_name(name)
                 .set_next_token(token.take())
                 .send()
@@ -400,6 +402,7 @@ impl Cloud for AwsCloud {
                         _ => None,
                     },
                     scope: rc.scope().iter().map(|s| s.as_str().to_owned()).collect(),
+                    nested_change_set: rc.change_set_id().map(str::to_owned),
                 });
             }
             let reason = out.status_reason().unwrap_or_default().to_owned();

@@ -115,6 +115,19 @@ pub struct ChangeSetRequest {
     pub description: String,
 }
 
+impl ChangeSetRequest {
+    /// Whether the template has nested stacks: then the change set is made
+    /// with IncludeNestedStacks, so what changes inside them can be
+    /// inspected (and gated) before anything is executed.
+    pub fn has_nested_stacks(&self) -> bool {
+        crate::template::Template::parse(&self.template_body).is_ok_and(|t| {
+            t.resources
+                .values()
+                .any(|r| NESTED_STACK_TYPES.contains(&r.kind.as_str()))
+        })
+    }
+}
+
 /// Lifecycle of a change set.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub enum ChangeSetStatus {
@@ -173,7 +186,17 @@ pub struct ResourceChange {
     pub replacement: Option<Replacement>,
     /// Which parts change (Properties, Tags, ...).
     pub scope: Vec<String>,
+    /// For a nested stack (`AWS::CloudFormation::Stack`), the id (ARN) of
+    /// its own change set, made when the parent was created with nested
+    /// change sets included.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nested_change_set: Option<String>,
 }
+
+/// Resource types that are stacks of their own: a change to one is a
+/// change set of its own, to be inspected like the parent's.
+pub const NESTED_STACK_TYPES: &[&str] =
+    &["AWS::CloudFormation::Stack", "AWS::Serverless::Application"];
 
 /// A described change set.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]

@@ -163,6 +163,12 @@ struct State {
     cleanup_latency: Duration,
     /// See [`SimConfig::rollout_latency`].
     rollout_latency: Duration,
+    /// By (stack, nested stack's logical id): what changes inside that
+    /// nested stack in every change set of the stack (`None`: its nested
+    /// change set cannot be described).
+    nested_plans: BTreeMap<(String, String), Option<Vec<ResourceChange>>>,
+    /// Nested change sets by id, with their changes.
+    nested_sets: BTreeMap<String, Vec<ResourceChange>>,
     /// ExecuteChangeSet tokens seen, with the change set they executed.
     execute_tokens: BTreeMap<String, (String, String)>,
     /// Operations whose next call acts and then loses its answer.
@@ -281,6 +287,16 @@ impl SimCloud {
             d.rollout_reason = Some(reason.to_owned());
             d.running = 0;
         }
+    }
+
+    /// From now on, every change set of `stack` changes its nested stack
+    /// `logical_id` (an `AWS::CloudFormation::Stack`), and the nested
+    /// change set AWS makes for it (IncludeNestedStacks) holds `changes`;
+    /// with `None`, the nested change set cannot be described.
+    pub fn nest(&self, stack: &str, logical_id: &str, changes: Option<Vec<ResourceChange>>) {
+        self.lock()
+            .nested_plans
+            .insert((stack.to_owned(), logical_id.to_owned()), changes);
     }
 
     /// The next call of `op` (only ExecuteChangeSet is modelled) acts, and
@@ -873,6 +889,7 @@ fn diff_templates(
                 resource_type: r.kind.clone(),
                 replacement: None,
                 scope: vec![],
+                nested_change_set: None,
             }),
             Some(b) => {
                 let old_params = old.as_ref().map(|(_, p)| *p).expect("old exists");
@@ -905,6 +922,7 @@ fn diff_templates(
                             Replacement::False
                         }),
                         scope: vec!["Properties".into()],
+                        nested_change_set: None,
                     });
                 }
             }
@@ -919,6 +937,7 @@ fn diff_templates(
                     resource_type: r.kind.clone(),
                     replacement: None,
                     scope: vec![],
+                    nested_change_set: None,
                 });
             }
         }
@@ -1018,6 +1037,31 @@ impl Cloud for SimCloud {
             &r.parameters,
         );
         let tags_changed = old.as_ref().is_some_and(|(_, _, t)| t != &r.tags);
+        let mut changes = changes;
+        let nested: Vec<(String, Option<Vec<ResourceChange>>)> = st
+            .nested_plans
+            .iter()
+            .filter(|((s, _), _)| *s == r.stack_name)
+            .map(|((_, l), c)| (l.clone(), c.clone()))
+            .collect();
+        for (logical, inner) in nested {
+            st.next_id += 1;
+            let nested_id = format!(
+                "arn:aws:cloudformation:sim:changeSet/{}-{logical}-nested/{}",
+                r.stack_name, st.next_id
+            );
+            if let Some(inner) = inner {
+                st.nested_sets.insert(nested_id.clone(), inner);
+            }
+            changes.push(ResourceChange {
+                action: ChangeAction::Modify,
+                logical_id: logical,
+                resource_type: "AWS::CloudFormation::Stack".into(),
+                replacement: Some(Replacement::False),
+                scope: vec!["Properties".into()],
+                nested_change_set: Some(nested_id),
+            });
+        }
         let cs = SimChangeSet {
             request: r.clone(),
             ready_at,
@@ -1059,6 +1103,19 @@ impl Cloud for SimCloud {
 
     async fn describe_change_set(&self, stack: &str, name: &str) -> CloudResult<ChangeSet> {
         let st = self.enter("DescribeChangeSet")?;
+        if name.starts_with("arn:") && name.contains("-nested/") {
+            let changes = st.nested_sets.get(name).cloned().ok_or_else(|| {
+                CloudError::NotFound(format!("ChangeSet [{name}] does not exist"))
+            })?;
+            return Ok(ChangeSet {
+                name: name.to_owned(),
+                id: name.to_owned(),
+                status: ChangeSetStatus::Ready,
+                changes,
+                parameters: BTreeMap::new(),
+                tags: BTreeMap::new(),
+            });
+        }
         let s = st
             .stacks
             .get(stack)
@@ -1180,7 +1237,22 @@ impl Cloud for SimCloud {
                 "ChangeSet [{name}] is not ready"
             )));
         }
+        // The watcher sees inside nested stacks too: their changes count as
+        // the parent's, named `Nested.LogicalId`.
+        let mut all: Vec<ResourceChange> = cs.changes.clone();
         for c in &cs.changes {
+            if let Some(inner) = c
+                .nested_change_set
+                .as_ref()
+                .and_then(|id| st.nested_sets.get(id))
+            {
+                all.extend(inner.iter().map(|n| ResourceChange {
+                    logical_id: format!("{}.{}", c.logical_id, n.logical_id),
+                    ..n.clone()
+                }));
+            }
+        }
+        for c in &all {
             let destructive =
                 c.action == ChangeAction::Remove || c.replacement == Some(Replacement::True);
             let allowed = st
