@@ -111,6 +111,9 @@ pub struct Options {
     pub depth: Depth,
     /// Where progress goes, if anywhere.
     pub progress: Option<mpsc::UnboundedSender<Progress>>,
+    /// Seeds the retry and poll jitter of the pass (simulations replay
+    /// exactly); `None` draws from the thread's random numbers.
+    pub jitter_seed: Option<u64>,
     /// ECS redeploys that rolled back, as (stack revision, task
     /// definition): not retried until the desired state changes. Share one
     /// between the passes of an environment (the controller keeps it for
@@ -340,6 +343,19 @@ impl Report {
 /// The environment cannot be observed, or the account check fails. Errors
 /// of single stacks are reported in the [`Report`], not here.
 pub async fn reconcile<C: Cloud>(
+    cloud: &C,
+    env: &DesiredEnv,
+    limit: &Semaphore,
+    options: &Options,
+) -> Result<Report, ApplyError> {
+    retry::with_jitter_seed(
+        options.jitter_seed,
+        reconcile_pass(cloud, env, limit, options),
+    )
+    .await
+}
+
+async fn reconcile_pass<C: Cloud>(
     cloud: &C,
     env: &DesiredEnv,
     limit: &Semaphore,
@@ -1665,10 +1681,11 @@ async fn pause(backoff: &mut backoff::ExponentialBackoff, deadline: Instant) -> 
     if now >= deadline {
         return Err(());
     }
-    let wait = backoff
-        .next_backoff()
-        .unwrap_or(retry::POLL_MAX)
-        .min(deadline - now);
+    let wait = retry::jittered(
+        backoff.next_backoff().unwrap_or(retry::POLL_MAX),
+        retry::POLL_JITTER,
+    )
+    .min(deadline - now);
     tokio::time::sleep(wait).await;
     Ok(())
 }

@@ -383,6 +383,8 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
                 depth: self.settings.depth,
                 progress: None,
                 failed_redeploys: failed_redeploys.clone(),
+                // From the loop's seeded generator: a test replays exactly.
+                jitter_seed: Some(rng.r#gen()),
             };
             let throttles = c.throttles();
             let calls = c.api_calls();

@@ -36,12 +36,45 @@ pub fn instant_after(d: Duration) -> tokio::time::Instant {
 /// A point further away than any real wait (about 30 years).
 const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
 
-/// Backoff for polling an operation: 200 ms growing x1.5 with 30% jitter to 30 s, no end.
+tokio::task_local! {
+    /// The jitter source of the task (a pass): seeded, a simulated history
+    /// replays exactly; without one, the thread's random numbers.
+    static JITTER: std::cell::RefCell<rand::rngs::StdRng>;
+}
+
+/// Runs `f` with its retry and poll jitter drawn from `seed` (when given),
+/// so a run on the simulated cloud with the same seeds replays exactly.
+pub async fn with_jitter_seed<F: Future>(seed: Option<u64>, f: F) -> F::Output {
+    use rand::SeedableRng;
+    match seed {
+        Some(s) => {
+            let rng = std::cell::RefCell::new(rand::rngs::StdRng::seed_from_u64(s));
+            JITTER.scope(rng, f).await
+        }
+        None => f.await,
+    }
+}
+
+/// `d` spread by up to ±`factor`, from the task's jitter source.
+pub fn jittered(d: Duration, factor: f64) -> Duration {
+    use rand::Rng;
+    let r: f64 = JITTER
+        .try_with(|j| j.borrow_mut().gen_range(-1.0..=1.0))
+        .unwrap_or_else(|_| rand::thread_rng().gen_range(-1.0..=1.0));
+    d.mul_f64((1.0 + factor * r).clamp(0.0, 2.0))
+}
+
+/// How far poll waits are spread around their backoff.
+pub const POLL_JITTER: f64 = 0.3;
+
+/// Backoff for polling an operation: 200 ms growing x1.5 to 30 s, no end.
+/// Its waits are spread by [`POLL_JITTER`] with [`jittered`] (the backoff
+/// crate's own randomness cannot be seeded).
 pub fn poll_backoff() -> ExponentialBackoff {
     ExponentialBackoff {
         current_interval: POLL_INITIAL,
         initial_interval: POLL_INITIAL,
-        randomization_factor: 0.3,
+        randomization_factor: 0.0,
         multiplier: 1.5,
         max_interval: POLL_MAX,
         // The caller owns the deadline (the operation timeout, on tokio's clock).
@@ -67,6 +100,7 @@ where
         initial_interval: Duration::from_millis(500),
         max_interval: CALL_PAUSE_MAX,
         max_elapsed_time: None,
+        randomization_factor: 0.0,
         ..ExponentialBackoff::default()
     };
     let started = tokio::time::Instant::now();
@@ -80,7 +114,8 @@ where
                     tracing::warn!(message = "Giving up on a call after retrying.", error = %e, attempts = attempt, seconds = spent.as_secs());
                     return Err(e);
                 }
-                let wait = backoff.next_backoff().unwrap_or(CALL_PAUSE_MAX).min(left);
+                let wait =
+                    jittered(backoff.next_backoff().unwrap_or(CALL_PAUSE_MAX), 0.5).min(left);
                 tracing::warn!(message = "AWS call failed transiently; retrying.", error = %e, attempt, retry_in_ms = wait.as_millis() as u64);
                 tokio::time::sleep(wait).await;
                 attempt += 1;

@@ -75,6 +75,8 @@ async fn pass(cloud: &SimCloud, env: &DesiredEnv) -> Report {
         &Options {
             depth: Depth::Full,
             progress: None,
+            // Seeded jitter: a history replays exactly.
+            jitter_seed: Some(0),
             ..Options::default()
         },
     )
@@ -1279,4 +1281,28 @@ async fn a_parent_whose_nested_change_set_cannot_be_read_is_not_executed() {
             .any(|(s, _)| *s == dynamodb),
         "the parent was executed"
     );
+}
+
+#[test]
+fn a_seeded_history_replays_exactly_retry_jitter_included() {
+    let run = || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let env = dev();
+            // Throttling makes every pass wait on retry backoff and polls.
+            let cloud = SimCloud::new(SimConfig {
+                throttle_rate: 0.3,
+                ..config(&env, 34)
+            });
+            let started = tokio::time::Instant::now();
+            let r = pass(&cloud, &env).await;
+            (cloud.calls(), started.elapsed(), r.verdict())
+        })
+    };
+    let (a, b) = (run(), run());
+    assert_eq!(a, b, "the same seeds gave two histories");
 }
