@@ -90,7 +90,13 @@ pub fn read_bytes(path: &Path, limit: u64) -> Result<Vec<u8>, FileError> {
 /// # Errors
 /// The folder cannot be resolved.
 pub fn repository_root(desired_state_dir: &Path) -> std::io::Result<PathBuf> {
-    let dir = std::fs::canonicalize(desired_state_dir)?;
+    // `dev.yaml`'s parent is the empty path: the current folder.
+    let dir = if desired_state_dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        desired_state_dir
+    };
+    let dir = std::fs::canonicalize(dir)?;
     let mut cur = Some(dir.as_path());
     while let Some(d) = cur {
         if d.join(".git").exists() {
@@ -146,6 +152,12 @@ mod tests {
         std::fs::metadata("/proc/self/maps").unwrap();
         let e = read_bytes(Path::new("/proc/self/maps"), 8).unwrap_err();
         assert!(matches!(e, FileError::TooLarge { limit: 8 }), "{e}");
+    }
+
+    #[test]
+    fn a_bare_file_name_is_in_the_current_folder() {
+        let here = std::fs::canonicalize(".").unwrap();
+        assert!(here.starts_with(repository_root(Path::new("")).unwrap()));
     }
 
     #[test]
