@@ -835,7 +835,10 @@ impl<'a, C: Cloud> Pass<'a, C> {
                 // A concurrent run of this revision got there first: its
                 // operation is ours to follow, never to start again.
                 Ok(Existing::Executing) => return self.follow(stack, kind, None, deadline).await,
-                Ok(Existing::Unseen) => return Step::Replan,
+                Ok(Existing::Unseen) => {
+                    settle_pause(deadline).await;
+                    return Step::Replan;
+                }
                 Ok(Existing::OtherRun { change_set, age }) => {
                     return Step::Done(StackResult::Blocked {
                         reason: format!(
@@ -920,7 +923,10 @@ impl<'a, C: Cloud> Pass<'a, C> {
             // The stack got busy, or the change set was deleted under us:
             // look again (a busy stack is waited for, a gone change set
             // made anew).
-            ChangeSetStatus::Unavailable | ChangeSetStatus::Deleted => return Step::Replan,
+            ChangeSetStatus::Unavailable | ChangeSetStatus::Deleted => {
+                settle_pause(deadline).await;
+                return Step::Replan;
+            }
             ChangeSetStatus::Ready | ChangeSetStatus::Pending => {}
         }
 
@@ -929,6 +935,15 @@ impl<'a, C: Cloud> Pass<'a, C> {
         // executed.
         let nested = match self.nested_changes(&stack.name, &cs, deadline).await {
             Ok(n) => n,
+            // One we did not make here may predate IncludeNestedStacks:
+            // made anew once before judging.
+            Err(_) if !made_here => {
+                return match retry::call(|| self.cloud.delete_change_set(&stack.name, &name)).await
+                {
+                    Ok(()) | Err(CloudError::NotFound(_)) => Step::Replan,
+                    Err(e) => Step::Done(failed(format!("DeleteChangeSet: {e}"))),
+                };
+            }
             Err(why) => {
                 return Step::Done(StackResult::Blocked {
                     reason: format!(
@@ -1577,6 +1592,10 @@ impl<'a, C: Cloud> Pass<'a, C> {
             .map_or(crate::spec::DEFAULT_OPERATION_TIMEOUT, |s| s.timeout);
         let deadline = retry::instant_after(timeout);
         let mut backoff = retry::poll_backoff();
+        // ECS is eventually consistent: the first reads after UpdateService
+        // may still show the old deployment, settled. A rollback is only
+        // concluded after the requested deployment was seen.
+        let mut seen_ours = task_definition.is_none();
         loop {
             match self
                 .cloud
@@ -1590,6 +1609,8 @@ impl<'a, C: Cloud> Pass<'a, C> {
                         };
                     };
                     let primary = s.primary().cloned();
+                    seen_ours |= task_definition
+                        .is_some_and(|td| s.deployments.iter().any(|d| d.task_definition == td));
                     let settled = match primary.as_ref().and_then(|d| d.rollout_state.as_deref()) {
                         Some("FAILED") => {
                             self.redeploy_failed(sp, task_definition);
@@ -1612,6 +1633,13 @@ impl<'a, C: Cloud> Pass<'a, C> {
                         // also ends COMPLETED, on the old task definition.
                         let running = primary.map(|d| d.task_definition).unwrap_or_default();
                         return match task_definition {
+                            // Not seen yet: a stale read; look again.
+                            Some(td) if running != td && !seen_ours => {
+                                if pause(&mut backoff, deadline).await.is_err() {
+                                    return ServiceResult::TimedOut;
+                                }
+                                continue;
+                            }
                             Some(td) if running != td => {
                                 self.redeploy_failed(sp, task_definition);
                                 ServiceResult::Failed {
@@ -1688,6 +1716,14 @@ async fn pause(backoff: &mut backoff::ExponentialBackoff, deadline: Instant) -> 
     .min(deadline - now);
     tokio::time::sleep(wait).await;
     Ok(())
+}
+
+/// A pause before looking again at something that is settling (a busy
+/// stack, a change set just executed elsewhere), so a re-plan does not
+/// churn; never past the deadline.
+async fn settle_pause(deadline: Instant) {
+    let wait = retry::jittered(Duration::from_secs(15), retry::POLL_JITTER);
+    tokio::time::sleep(wait.min(deadline.saturating_duration_since(Instant::now()))).await;
 }
 
 fn failed(reason: String) -> StackResult {

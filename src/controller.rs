@@ -352,21 +352,33 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
                 )
             });
 
-            // A pass (and the wait for its turn behind other environments)
-            // is bounded by its stacks' timeouts, run one after another.
+            // Waiting for its turn behind other environments is not this
+            // loop stalling (theirs are watched); the pass itself is
+            // bounded by every wait it may do one after another: each
+            // stack's and each service's timeout, and orphan prunes (an
+            // hour each; up to eight are allowed for).
+            self.shared
+                .expect_progress_by(self.name, crate::retry::instant_after(Duration::MAX));
+            let permit = tokio::select! {
+                p = self.envs_limit.acquire() => p.expect("never closed"),
+                _ = shutdown.changed() => break,
+            };
+            let services = env
+                .stacks
+                .values()
+                .flat_map(|s| s.ecs_services.iter().map(move |_| s.timeout));
+            let orphans = std::iter::repeat_n(spec::DEFAULT_OPERATION_TIMEOUT, 8);
             let pass_bound = env
                 .stacks
                 .values()
                 .map(|s| s.timeout)
+                .chain(services)
+                .chain(orphans)
                 .fold(Duration::from_secs(600), Duration::saturating_add);
             self.shared.expect_progress_by(
                 self.name,
                 crate::retry::instant_after(pass_bound.saturating_mul(2)),
             );
-            let permit = tokio::select! {
-                p = self.envs_limit.acquire() => p.expect("never closed"),
-                _ = shutdown.changed() => break,
-            };
             let key = env.account_region();
             if cloud.as_ref().is_none_or(|(k, _)| *k != key) {
                 cloud = Some((key.clone(), self.connect.connect(&env).await));

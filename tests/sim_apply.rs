@@ -1306,3 +1306,27 @@ fn a_seeded_history_replays_exactly_retry_jitter_included() {
     let (a, b) = (run(), run());
     assert_eq!(a, b, "the same seeds gave two histories");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_stale_read_after_a_redeploy_is_not_taken_for_a_rollback() {
+    let env = dev();
+    let cloud = SimCloud::new(config(&env, 35));
+    let options = Options::default();
+    let r = pass_with(&cloud, &env, &options).await;
+    let svc = &r.services[0];
+    let (cluster, service) = (svc.cluster.clone().unwrap(), svc.service.clone().unwrap());
+    cloud.deploy_out_of_band(
+        &cluster,
+        &service,
+        "arn:aws:ecs:sim:task-definition/hotfix:9",
+    );
+    // The first reads after UpdateService still show the hotfix, settled.
+    cloud.stale_reads_after_update(2);
+    let r = pass_with(&cloud, &env, &options).await;
+    assert!(
+        matches!(&r.services[0].result, ServiceResult::Redeployed { .. }),
+        "{:#?}",
+        r.services
+    );
+    assert!(options.failed_redeploys.lock().unwrap().is_empty());
+}

@@ -176,8 +176,11 @@ fn classify_code(code: &str, message: &str) -> CloudError {
         | "ThrottlingException"
         | "TooManyRequestsException"
         | "RequestLimitExceeded" => CloudError::Throttled(m),
-        "AccessDenied" | "AccessDeniedException" | "UnauthorizedOperation" | "ExpiredToken" => {
+        "AccessDenied" | "AccessDeniedException" | "UnauthorizedOperation" => {
             CloudError::AccessDenied(m)
+        }
+        "ExpiredToken" | "ExpiredTokenException" | "RequestExpired" => {
+            CloudError::ExpiredCredentials(m)
         }
         "ChangeSetNotFound"
         | "StackNotFoundException"
@@ -746,6 +749,13 @@ mod tests {
             classify_code("InternalFailure", "oops"),
             CloudError::Server(_)
         ));
+        // An expired session is refreshed and retried, never permanent.
+        let expired = classify_code(
+            "ExpiredToken",
+            "The security token included in the request is expired",
+        );
+        assert!(expired.is_transient());
+        assert!(!crate::apply::ApplyError::Observe(expired).is_permanent());
     }
 
     #[test]

@@ -27,6 +27,10 @@ pub enum CloudError {
     Conflict(String),
     #[error("access denied: {0}")]
     AccessDenied(String),
+    /// The session's credentials expired: the provider refreshes them, so
+    /// a retry is worth it (unlike access denied).
+    #[error("credentials expired: {0}")]
+    ExpiredCredentials(String),
     #[error("invalid request: {0}")]
     Validation(String),
     #[error("transport: {0}")]
@@ -42,7 +46,10 @@ impl CloudError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            CloudError::Throttled(_) | CloudError::Transport(_) | CloudError::Server(_)
+            CloudError::Throttled(_)
+                | CloudError::Transport(_)
+                | CloudError::Server(_)
+                | CloudError::ExpiredCredentials(_)
         )
     }
 }

@@ -169,6 +169,10 @@ struct State {
     nested_plans: BTreeMap<(String, String), Option<Vec<ResourceChange>>>,
     /// Nested change sets by id, with their changes.
     nested_sets: BTreeMap<String, Vec<ResourceChange>>,
+    /// After an UpdateService, this many DescribeServices still answer with
+    /// the service as it was (see [`SimCloud::stale_reads_after_update`]).
+    stale_reads: usize,
+    stale_services: BTreeMap<(String, String), (usize, Service)>,
     /// ExecuteChangeSet tokens seen, with the change set they executed.
     execute_tokens: BTreeMap<String, (String, String)>,
     /// Operations whose next call acts and then loses its answer.
@@ -297,6 +301,12 @@ impl SimCloud {
         self.lock()
             .nested_plans
             .insert((stack.to_owned(), logical_id.to_owned()), changes);
+    }
+
+    /// ECS is eventually consistent: after each UpdateService, the next `n`
+    /// DescribeServices of that service still show it as it was.
+    pub fn stale_reads_after_update(&self, n: usize) {
+        self.lock().stale_reads = n;
     }
 
     /// The next call of `op` (only ExecuteChangeSet is modelled) acts, and
@@ -1460,12 +1470,19 @@ impl Cloud for SimCloud {
     ) -> CloudResult<Vec<Service>> {
         let mut out = Vec::new();
         for batch in names.chunks(10) {
-            let st = self.enter("DescribeServices")?;
-            out.extend(
-                batch
-                    .iter()
-                    .filter_map(|n| st.services.get(&(cluster.to_owned(), n.clone())).cloned()),
-            );
+            let mut st = self.enter("DescribeServices")?;
+            for n in batch {
+                let key = (cluster.to_owned(), n.clone());
+                // Eventual consistency: the view from before the update.
+                if let Some((left, old)) = st.stale_services.get_mut(&key)
+                    && *left > 0
+                {
+                    *left -= 1;
+                    out.push(old.clone());
+                    continue;
+                }
+                out.extend(st.services.get(&key).cloned());
+            }
         }
         Ok(out)
     }
@@ -1478,6 +1495,13 @@ impl Cloud for SimCloud {
         task_definition: Option<&str>,
     ) -> CloudResult<()> {
         let mut st = self.enter("UpdateService")?;
+        let key = (cluster.to_owned(), service.to_owned());
+        if st.stale_reads > 0
+            && let Some(before) = st.services.get(&key).cloned()
+        {
+            let n = st.stale_reads;
+            st.stale_services.insert(key, (n, before));
+        }
         let s = st
             .services
             .get_mut(&(cluster.to_owned(), service.to_owned()))
