@@ -954,11 +954,6 @@ impl<'a, C: Cloud> Pass<'a, C> {
         };
         let mut violations = policy::check_changes(&stack.key, &cs.changes, &self.env.policy);
         violations.extend(policy::check_changes(&stack.key, &nested, &self.env.policy));
-        violations.extend(policy::nested_stack_removals(
-            &stack.key,
-            &cs.changes,
-            &self.env.policy,
-        ));
         if exists && let Some(live) = live {
             let live_template = self.lock_templates().get(&stack.name).cloned();
             let live_template = live_template.as_ref().unwrap_or(&stack.template);
@@ -1482,7 +1477,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
                     crate::cloud::NESTED_STACK_TYPES.contains(&c.resource_type.as_str());
                 if !nested_type || matches!(c.action, ChangeAction::Add | ChangeAction::Remove) {
                     // A new nested stack replaces nothing; a removed one is
-                    // judged whole (policy::nested_stack_removals).
+                    // judged whole (policy::check_changes).
                     continue;
                 }
                 let path = format!("{prefix}{}", c.logical_id);

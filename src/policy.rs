@@ -75,7 +75,19 @@ fn protected(policy: &Policy, stack_key: &str, logical_id: &str, resource_type: 
             .contains(&(stack_key.to_owned(), logical_id.to_owned()))
 }
 
-/// The changes of a change set that the policy forbids.
+/// A nested stack removed with everything in it: what it holds cannot be
+/// seen from here, so it counts as protected unless `allow_replacement`
+/// names it (`stack.LogicalId`).
+fn removes_nested_stack(policy: &Policy, stack_key: &str, c: &ResourceChange) -> bool {
+    c.action == ChangeAction::Remove
+        && crate::cloud::NESTED_STACK_TYPES.contains(&c.resource_type.as_str())
+        && !policy
+            .allow_replacement
+            .contains(&(stack_key.to_owned(), c.logical_id.clone()))
+}
+
+/// The changes of a change set that the policy forbids (a nested stack's
+/// removal among them, at any depth).
 pub fn check_changes(
     stack_key: &str,
     changes: &[ResourceChange],
@@ -83,10 +95,16 @@ pub fn check_changes(
 ) -> Vec<Violation> {
     changes
         .iter()
-        .filter(|c| protected(policy, stack_key, &c.logical_id, &c.resource_type))
+        .filter(|c| {
+            protected(policy, stack_key, &c.logical_id, &c.resource_type)
+                || removes_nested_stack(policy, stack_key, c)
+        })
         .filter_map(|c| {
             let why = match (c.action, c.replacement) {
                 (ChangeAction::Add | ChangeAction::Import, _) => return None,
+                (ChangeAction::Remove, _) if removes_nested_stack(policy, stack_key, c) => {
+                    "would be removed with every resource in it".to_owned()
+                }
                 (ChangeAction::Remove, _) => "would be removed".to_owned(),
                 (_, Some(Replacement::False)) => return None,
                 (_, Some(Replacement::True)) => "would be replaced (Replacement: True)".to_owned(),
@@ -100,31 +118,6 @@ pub fn check_changes(
                 resource_type: c.resource_type.clone(),
                 why,
             })
-        })
-        .collect()
-}
-
-/// Nested stacks a change set removes, with everything in them: a
-/// violation unless `policy.allow_replacement` names the nested stack
-/// (`stack.LogicalId`), since what they hold cannot be seen from here.
-pub fn nested_stack_removals(
-    stack_key: &str,
-    changes: &[ResourceChange],
-    policy: &Policy,
-) -> Vec<Violation> {
-    changes
-        .iter()
-        .filter(|c| {
-            c.action == ChangeAction::Remove
-                && crate::cloud::NESTED_STACK_TYPES.contains(&c.resource_type.as_str())
-                && !policy
-                    .allow_replacement
-                    .contains(&(stack_key.to_owned(), c.logical_id.clone()))
-        })
-        .map(|c| Violation {
-            logical_id: c.logical_id.clone(),
-            resource_type: c.resource_type.clone(),
-            why: "would be removed with every resource in it".into(),
         })
         .collect()
 }
@@ -266,6 +259,24 @@ mod tests {
     }
 
     const TABLE: &str = "AWS::DynamoDB::Table";
+
+    #[test]
+    fn removing_a_nested_stack_is_blocked_at_any_depth_unless_allowed() {
+        const NESTED: &str = "AWS::CloudFormation::Stack";
+        let removed = change(ChangeAction::Remove, "Inner", NESTED, None);
+        let deeper = change(ChangeAction::Remove, "Inner.Deeper", NESTED, None);
+        let modified = change(
+            ChangeAction::Modify,
+            "Inner",
+            NESTED,
+            Some(Replacement::False),
+        );
+        let v = check_changes("data", &[removed.clone(), deeper, modified], &policy(&[]));
+        let ids: Vec<&str> = v.iter().map(|v| v.logical_id.as_str()).collect();
+        assert_eq!(ids, ["Inner", "Inner.Deeper"]);
+        assert!(v[0].why.contains("every resource in it"), "{}", v[0].why);
+        assert!(check_changes("data", &[removed], &policy(&[("data", "Inner")])).is_empty());
+    }
 
     #[test]
     fn replacing_or_removing_a_protected_resource_is_blocked() {
