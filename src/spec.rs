@@ -388,6 +388,11 @@ impl DesiredStack {
             parameters,
             tags: self.tags_with_ownership(environment),
             description,
+            include_nested_stacks: self
+                .template
+                .resources
+                .values()
+                .any(|r| crate::cloud::NESTED_STACK_TYPES.contains(&r.kind.as_str())),
         }
     }
 
@@ -1413,6 +1418,26 @@ stacks:
             errs[1].contains("policy.rollback_skip.2: `data` must be <stack>.<LogicalResourceId>"),
             "{errs:?}"
         );
+    }
+
+    #[test]
+    fn change_sets_of_templates_with_nested_stacks_include_them() {
+        let f = Fixture::new();
+        let nested = "Resources:\n  Inner:\n    Type: AWS::CloudFormation::Stack\n    Properties: {TemplateURL: https://example.com/t.yaml}\n";
+        std::fs::write(f.dir.path().join("templates/n.yaml"), nested).unwrap();
+        let text = "environment: dev\nregion: us-east-1\nstack_name_prefix: dev\nstacks:\n  outer: {template: ../templates/n.yaml}\n  plain: {template: ../templates/b.yaml, parameters: {Table: t}}\n";
+        let env = f.load("dev", text).unwrap();
+        let request = |key: &str| {
+            env.stacks[key].change_set_request(
+                "dev",
+                "cs".into(),
+                crate::cloud::ChangeSetKind::Create,
+                BTreeMap::new(),
+                String::new(),
+            )
+        };
+        assert!(request("outer").include_nested_stacks);
+        assert!(!request("plain").include_nested_stacks);
     }
 
     #[test]

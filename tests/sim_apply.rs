@@ -378,6 +378,7 @@ async fn a_pass_that_crashed_before_executing_reuses_its_change_set_and_cleans_s
         parameters: BTreeMap::new(),
         tags: BTreeMap::new(),
         description: String::new(),
+        include_nested_stacks: false,
     };
     cloud.create_change_set(&stale).await.unwrap();
     // Made well before this pass: no concurrent run can be using it.
@@ -758,6 +759,7 @@ async fn another_runs_fresh_change_set_is_left_alone_until_it_is_stale() {
         parameters: BTreeMap::new(),
         tags: BTreeMap::new(),
         description: String::new(),
+        include_nested_stacks: false,
     };
     cloud.create_change_set(&theirs).await.unwrap();
     let ws = Workspace::new();
@@ -845,6 +847,7 @@ async fn foreign_stack(cloud: &SimCloud, name: &str, body: &str, tags: &[(&str, 
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect(),
         description: String::new(),
+        include_nested_stacks: false,
     };
     cloud.create_change_set(&request).await.unwrap();
     tokio::time::advance(Duration::from_secs(10)).await;
@@ -995,6 +998,7 @@ async fn a_change_set_made_for_other_values_is_never_executed_but_made_anew() {
             parameters,
             tags: d.tags_with_ownership(&env.name),
             description: String::new(),
+            include_nested_stacks: false,
         })
         .await
         .unwrap();

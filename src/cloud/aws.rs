@@ -132,6 +132,58 @@ fn sdk_timeouts() -> aws_config::timeout::TimeoutConfig {
         .build()
 }
 
+/// Where a newest-first read of stack events ends.
+enum EventsEnd {
+    NotYet,
+    /// Before this event (it is not returned).
+    Before,
+    /// With this event (it is returned).
+    Including,
+}
+
+impl AwsCloud {
+    /// Reads a stack's events newest first, page after page (at most
+    /// `max_pages`), until `end` says where to stop; returns them oldest
+    /// first.
+    async fn read_events(
+        &self,
+        stack: &str,
+        max_pages: usize,
+        end: impl Fn(&StackEvent) -> EventsEnd,
+    ) -> CloudResult<Vec<StackEvent>> {
+        let mut token: Option<String> = None;
+        let mut out = Vec::new();
+        'pages: for _ in 0..max_pages {
+            self.calls.tick();
+            let page = self
+                .cfn
+                .describe_stack_events()
+                .stack_name(stack)
+                .set_next_token(token.take())
+                .send()
+                .await
+                .map_err(|e| self.error(e))?;
+            for e in page.stack_events() {
+                let event = map_event(e);
+                match end(&event) {
+                    EventsEnd::NotYet => out.push(event),
+                    EventsEnd::Before => break 'pages,
+                    EventsEnd::Including => {
+                        out.push(event);
+                        break 'pages;
+                    }
+                }
+            }
+            token = page.next_token().map(str::to_owned);
+            if token.is_none() {
+                break;
+            }
+        }
+        out.reverse();
+        Ok(out)
+    }
+}
+
 /// Maps an SDK error to a [`CloudError`] by its code and message.
 pub(crate) fn classify<E, R>(err: SdkError<E, R>) -> CloudError
 where
@@ -360,7 +412,7 @@ impl Cloud for AwsCloud {
             .capabilities(cfn::types::Capability::CapabilityNamedIam)
             .capabilities(cfn::types::Capability::CapabilityAutoExpand)
             .description(&r.description)
-            .set_include_nested_stacks(r.has_nested_stacks().then_some(true))
+            .set_include_nested_stacks(r.include_nested_stacks.then_some(true))
             .send()
             .await
             .map_err(|e| self.error(e))?;
@@ -515,68 +567,31 @@ impl Cloud for AwsCloud {
     }
 
     async fn operation_events(&self, stack: &str) -> CloudResult<Vec<StackEvent>> {
-        // Newest first, 100 a page; a bound on pages keeps a pathological
-        // history from costing unbounded calls.
+        // A bound on pages keeps a pathological history from costing
+        // unbounded calls.
         const MAX_PAGES: usize = 50;
-        let mut token: Option<String> = None;
-        let mut out = Vec::new();
-        for _ in 0..MAX_PAGES {
-            self.calls.tick();
-            let page = self
-                .cfn
-                .describe_stack_events()
-                .stack_name(stack)
-                .set_next_token(token.take())
-                .send()
-                .await
-                .map_err(|e| self.error(e))?;
-            for e in page.stack_events() {
-                let event = map_event(e);
-                let begins = super::begins_operation(stack, &event);
-                out.push(event);
-                if begins {
-                    out.reverse();
-                    return Ok(out);
-                }
+        self.read_events(stack, MAX_PAGES, |e| {
+            if super::begins_operation(stack, e) {
+                EventsEnd::Including
+            } else {
+                EventsEnd::NotYet
             }
-            token = page.next_token().map(str::to_owned);
-            if token.is_none() {
-                break;
-            }
-        }
-        out.reverse();
-        Ok(out)
+        })
+        .await
     }
 
     async fn stack_events(&self, stack: &str, after: Option<&str>) -> CloudResult<Vec<StackEvent>> {
-        // Newest first: read pages until the last event already seen. With
-        // no mark, the first page (the latest 100 events) is enough.
-        let mut token: Option<String> = None;
-        let mut out = Vec::new();
-        'pages: loop {
-            self.calls.tick();
-            let page = self
-                .cfn
-                .describe_stack_events()
-                .stack_name(stack)
-                .set_next_token(token.take())
-                .send()
-                .await
-                .map_err(|e| self.error(e))?;
-            for e in page.stack_events() {
-                let id = e.event_id().unwrap_or_default();
-                if Some(id) == after {
-                    break 'pages;
-                }
-                out.push(map_event(e));
+        // Up to the last event already seen; with no mark, the first page
+        // (the latest 100 events) is enough.
+        let pages = if after.is_some() { usize::MAX } else { 1 };
+        self.read_events(stack, pages, |e| {
+            if Some(e.id.as_str()) == after {
+                EventsEnd::Before
+            } else {
+                EventsEnd::NotYet
             }
-            token = page.next_token().map(str::to_owned);
-            if token.is_none() || after.is_none() {
-                break;
-            }
-        }
-        out.reverse();
-        Ok(out)
+        })
+        .await
     }
 
     async fn continue_update_rollback(

@@ -120,19 +120,10 @@ pub struct ChangeSetRequest {
     pub parameters: BTreeMap<String, String>,
     pub tags: BTreeMap<String, String>,
     pub description: String,
-}
-
-impl ChangeSetRequest {
-    /// Whether the template has nested stacks: then the change set is made
-    /// with IncludeNestedStacks, so what changes inside them can be
-    /// inspected (and gated) before anything is executed.
-    pub fn has_nested_stacks(&self) -> bool {
-        crate::template::Template::parse(&self.template_body).is_ok_and(|t| {
-            t.resources
-                .values()
-                .any(|r| NESTED_STACK_TYPES.contains(&r.kind.as_str()))
-        })
-    }
+    /// The template has nested stacks: the change set is made with
+    /// IncludeNestedStacks, so what changes inside them can be inspected
+    /// (and gated) before anything is executed.
+    pub include_nested_stacks: bool,
 }
 
 /// Lifecycle of a change set.
