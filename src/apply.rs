@@ -952,24 +952,32 @@ impl<'a, C: Cloud> Pass<'a, C> {
                 });
             }
         };
-        let mut violations = policy::check_changes(&stack.key, &cs.changes, &self.env.policy);
-        violations.extend(policy::check_changes(&stack.key, &nested, &self.env.policy));
-        if exists && let Some(live) = live {
-            let live_template = self.lock_templates().get(&stack.name).cloned();
-            let live_template = live_template.as_ref().unwrap_or(&stack.template);
-            let desired_params = stack.template.effective_parameters(&parameters);
-            for v in policy::forecast(
-                &stack.key,
-                Deployed {
-                    template: live_template,
-                    parameters: &live.parameters,
-                },
-                Deployed {
-                    template: &stack.template,
-                    parameters: &desired_params,
-                },
-                &self.env.policy,
-            ) {
+        // The live side of a forecast: the live template as read (only then
+        // can an in-place update be proven), else the desired one.
+        let live_template = self.lock_templates().get(&stack.name).cloned();
+        let desired_params = stack.template.effective_parameters(&parameters);
+        let live_side = live.filter(|_| exists).map(|l| Deployed {
+            template: live_template.as_ref().unwrap_or(&stack.template),
+            parameters: &l.parameters,
+        });
+        let desired_side = Deployed {
+            template: &stack.template,
+            parameters: &desired_params,
+        };
+        let in_place = match (live_side, &live_template) {
+            (Some(l), Some(_)) => policy::proven_in_place(l, desired_side),
+            _ => Default::default(),
+        };
+        let mut violations =
+            policy::check_changes(&stack.key, &cs.changes, &self.env.policy, &in_place);
+        violations.extend(policy::check_changes(
+            &stack.key,
+            &nested,
+            &self.env.policy,
+            &Default::default(),
+        ));
+        if let Some(l) = live_side {
+            for v in policy::forecast(&stack.key, l, desired_side, &self.env.policy) {
                 if !violations.iter().any(|x| x.logical_id == v.logical_id) {
                     violations.push(v);
                 }

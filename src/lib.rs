@@ -16,6 +16,7 @@ pub mod notify;
 pub mod observe;
 pub mod plan;
 pub mod policy;
+pub mod resource_types;
 pub mod retry;
 pub mod spec;
 pub mod template;

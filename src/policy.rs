@@ -8,47 +8,10 @@
 
 use crate::cloud::{ChangeAction, Replacement, ResourceChange};
 use crate::spec::Policy;
-use std::collections::BTreeMap;
+use serde_json::Value as Json;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::template::{Template, references_parameter};
-
-/// Properties whose change replaces a resource (create-only properties), for
-/// the protected types. Used to forecast replacements from the templates
-/// alone, and by the simulated cloud to produce realistic change sets.
-pub fn replacing_properties(resource_type: &str) -> &'static [&'static str] {
-    match resource_type {
-        "AWS::DynamoDB::Table" => &["TableName", "KeySchema", "LocalSecondaryIndexes"],
-        "AWS::ElastiCache::ReplicationGroup" => &[
-            "ReplicationGroupId",
-            "CacheSubnetGroupName",
-            "AtRestEncryptionEnabled",
-            "KmsKeyId",
-            "Port",
-            "NumNodeGroups",
-        ],
-        "AWS::ElastiCache::CacheCluster" => {
-            &["ClusterName", "Engine", "Port", "CacheSubnetGroupName"]
-        }
-        "AWS::MSK::Cluster" => &["ClusterName", "EncryptionInfo", "BrokerNodeGroupInfo"],
-        "AWS::KMS::Key" => &["KeySpec", "KeyUsage", "MultiRegion"],
-        "AWS::S3::Bucket" => &["BucketName"],
-        "AWS::SecretsManager::Secret" => &["Name"],
-        "AWS::Backup::BackupVault" => &["BackupVaultName", "EncryptionKeyArn"],
-        "AWS::RDS::DBInstance" => &[
-            "DBInstanceIdentifier",
-            "Engine",
-            "StorageEncrypted",
-            "KmsKeyId",
-        ],
-        "AWS::RDS::DBCluster" => &[
-            "DBClusterIdentifier",
-            "Engine",
-            "StorageEncrypted",
-            "KmsKeyId",
-        ],
-        _ => &[],
-    }
-}
 
 /// A change the policy forbids.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -87,11 +50,14 @@ fn removes_nested_stack(policy: &Policy, stack_key: &str, c: &ResourceChange) ->
 }
 
 /// The changes of a change set that the policy forbids (a nested stack's
-/// removal among them, at any depth).
+/// removal among them, at any depth). A modification the change set is
+/// silent about counts as a possible replacement unless its logical id is
+/// in `in_place` (see [`proven_in_place`]).
 pub fn check_changes(
     stack_key: &str,
     changes: &[ResourceChange],
     policy: &Policy,
+    in_place: &BTreeSet<String>,
 ) -> Vec<Violation> {
     changes
         .iter()
@@ -111,6 +77,7 @@ pub fn check_changes(
                 (_, Some(Replacement::Conditional)) => {
                     "may be replaced (Replacement: Conditional)".to_owned()
                 }
+                (_, None) if in_place.contains(&c.logical_id) => return None,
                 (_, None) => "may be replaced (the change set does not say)".to_owned(),
             };
             Some(Violation {
@@ -171,15 +138,16 @@ pub fn forecast(
             }),
             Some(new) => {
                 let mut why: Vec<String> = Vec::new();
-                for prop in replacing_properties(&old.kind) {
-                    let (before, after) = (old.properties.get(*prop), new.properties.get(*prop));
+                for prop in crate::resource_types::create_only_properties(&old.kind) {
+                    let (before, after) =
+                        (prop.project(&old.properties), prop.project(&new.properties));
                     if before != after {
                         why.push(format!("create-only {prop} changes"));
-                    } else if let Some(v) = after {
+                    } else if !after.is_null() {
                         let via: Vec<&str> = changed_params
                             .iter()
                             .copied()
-                            .filter(|p| references_parameter(v, p))
+                            .filter(|p| references_parameter(&after, p))
                             .collect();
                         if !via.is_empty() {
                             why.push(format!(
@@ -200,6 +168,88 @@ pub fn forecast(
         }
     }
     out
+}
+
+/// The resources whose update is proven to happen in place from the
+/// templates and AWS's published create-only properties alone: the type
+/// has a published schema, and no create-only property changes its text,
+/// refers to a parameter whose value changes (or is hidden by NoEcho), or
+/// holds what the templates cannot know (an import, a dynamic reference,
+/// another resource's name or attribute, a transform). Used only where a
+/// change set does not say whether it replaces (the emulator never does);
+/// AWS's `True` or `Conditional` is never overruled.
+pub fn proven_in_place(live: Deployed<'_>, desired: Deployed<'_>) -> BTreeSet<String> {
+    let unknown_or_changed = |p: &str| match (live.parameters.get(p), desired.parameters.get(p)) {
+        (Some(old), Some(new)) => old != new || old == "****",
+        (None, None) => false,
+        _ => true,
+    };
+    live.template
+        .resources
+        .iter()
+        .filter(|(id, old)| {
+            let Some(new) = desired.template.resources.get(*id) else {
+                return false;
+            };
+            new.kind == old.kind
+                && crate::resource_types::has_schema(&new.kind)
+                && crate::resource_types::create_only_properties(&new.kind)
+                    .iter()
+                    .all(|path| {
+                        let (before, after) =
+                            (path.project(&old.properties), path.project(&new.properties));
+                        before == after
+                            && knowable(&after, live.template)
+                            && knowable(&after, desired.template)
+                            && !desired
+                                .template
+                                .parameters
+                                .keys()
+                                .any(|p| unknown_or_changed(p) && references_parameter(&after, p))
+                    })
+        })
+        .map(|(id, _)| id.clone())
+        .collect()
+}
+
+/// Whether a property value is known from the template and its parameters
+/// alone: literals, parameters, pseudo parameters and functions of them.
+fn knowable(v: &Json, template: &Template) -> bool {
+    let known_name =
+        |name: &str| name.starts_with("AWS::") || template.parameters.contains_key(name);
+    match v {
+        Json::String(s) => !s.contains("{{resolve:"),
+        Json::Array(items) => items.iter().all(|i| knowable(i, template)),
+        Json::Object(m) => m.iter().all(|(k, inner)| match k.as_str() {
+            "Ref" => inner.as_str().is_some_and(known_name),
+            "Fn::GetAtt" | "Fn::ImportValue" | "Fn::Transform" => false,
+            "Fn::Sub" => {
+                let (text, vars) = match inner {
+                    Json::String(t) => (t.as_str(), None),
+                    Json::Array(a) => match (a.first().and_then(Json::as_str), a.get(1)) {
+                        (Some(t), vars) => (t, vars.and_then(Json::as_object)),
+                        _ => return false,
+                    },
+                    _ => return false,
+                };
+                !text.contains("{{resolve:")
+                    && sub_names(text)
+                        .all(|n| vars.is_some_and(|vs| vs.contains_key(n)) || known_name(n))
+                    && vars.is_none_or(|vs| vs.values().all(|x| knowable(x, template)))
+            }
+            _ => knowable(inner, template),
+        }),
+        _ => true,
+    }
+}
+
+/// The names a `Fn::Sub` string substitutes (`${Name}`, `${Res.Attr}`;
+/// `${!Literal}` is not one).
+fn sub_names(text: &str) -> impl Iterator<Item = &str> {
+    text.split("${")
+        .skip(1)
+        .filter_map(|rest| rest.split_once('}').map(|(name, _)| name))
+        .filter(|name| !name.starts_with('!'))
 }
 
 /// Whether a template holds any protected resource: such a stack is never
@@ -229,9 +279,8 @@ mod tests {
             prune: false,
             allow_prune: Default::default(),
             rollback_skip: Default::default(),
-            protect: crate::spec::DEFAULT_PROTECTED_TYPES
-                .iter()
-                .map(|s| (*s).to_owned())
+            protect: crate::resource_types::default_protected_types()
+                .map(str::to_owned)
                 .collect(),
             allow_replacement: allow
                 .iter()
@@ -271,11 +320,24 @@ mod tests {
             NESTED,
             Some(Replacement::False),
         );
-        let v = check_changes("data", &[removed.clone(), deeper, modified], &policy(&[]));
+        let v = check_changes(
+            "data",
+            &[removed.clone(), deeper, modified],
+            &policy(&[]),
+            &BTreeSet::new(),
+        );
         let ids: Vec<&str> = v.iter().map(|v| v.logical_id.as_str()).collect();
         assert_eq!(ids, ["Inner", "Inner.Deeper"]);
         assert!(v[0].why.contains("every resource in it"), "{}", v[0].why);
-        assert!(check_changes("data", &[removed], &policy(&[("data", "Inner")])).is_empty());
+        assert!(
+            check_changes(
+                "data",
+                &[removed],
+                &policy(&[("data", "Inner")]),
+                &BTreeSet::new()
+            )
+            .is_empty()
+        );
     }
 
     #[test]
@@ -306,18 +368,18 @@ mod tests {
                 change(
                     ChangeAction::Modify,
                     "Q",
-                    "AWS::SQS::Queue",
+                    "AWS::SNS::Topic",
                     Some(Replacement::True),
                 ),
                 false,
             ),
             (
-                change(ChangeAction::Remove, "Q", "AWS::SQS::Queue", None),
+                change(ChangeAction::Remove, "Q", "AWS::SNS::Topic", None),
                 false,
             ),
         ] {
             assert_eq!(
-                !check_changes("data", std::slice::from_ref(&c), &p).is_empty(),
+                !check_changes("data", std::slice::from_ref(&c), &p, &BTreeSet::new()).is_empty(),
                 blocked,
                 "{c:?}"
             );
@@ -328,9 +390,9 @@ mod tests {
     fn an_allowed_logical_resource_may_be_replaced() {
         let p = policy(&[("data", "T")]);
         let c = change(ChangeAction::Modify, "T", TABLE, Some(Replacement::True));
-        assert!(check_changes("data", std::slice::from_ref(&c), &p).is_empty());
+        assert!(check_changes("data", std::slice::from_ref(&c), &p, &BTreeSet::new()).is_empty());
         // Allowed in its own stack only.
-        assert!(!check_changes("other", &[c], &p).is_empty());
+        assert!(!check_changes("other", &[c], &p, &BTreeSet::new()).is_empty());
     }
 
     #[test]
@@ -338,7 +400,7 @@ mod tests {
         let live = Template::parse("Resources:\n  T: {Type: 'AWS::DynamoDB::Table', Properties: {KeySchema: [{AttributeName: id, KeyType: HASH}], BillingMode: PAY_PER_REQUEST}}\n").unwrap();
         let new_key = Template::parse("Resources:\n  T: {Type: 'AWS::DynamoDB::Table', Properties: {KeySchema: [{AttributeName: pk, KeyType: HASH}], BillingMode: PAY_PER_REQUEST}}\n").unwrap();
         let new_billing = Template::parse("Resources:\n  T: {Type: 'AWS::DynamoDB::Table', Properties: {KeySchema: [{AttributeName: id, KeyType: HASH}], BillingMode: PROVISIONED}}\n").unwrap();
-        let removed = Template::parse("Resources:\n  Q: {Type: 'AWS::SQS::Queue'}\n").unwrap();
+        let removed = Template::parse("Resources:\n  Q: {Type: 'AWS::SNS::Topic'}\n").unwrap();
         let p = policy(&[]);
         let none = BTreeMap::new();
         let d = |t| Deployed {
@@ -354,6 +416,91 @@ mod tests {
                 .why
                 .contains("removed")
         );
+    }
+
+    /// The forecast reads AWS's published create-only properties for every
+    /// type, nested paths included, not a hand-picked list.
+    #[test]
+    fn forecast_covers_nested_create_only_paths_and_every_stateful_type() {
+        let msk = |subnets: &str, size: u32| {
+            Template::parse(&format!("Resources:\n  K: {{Type: 'AWS::MSK::Cluster', Properties: {{BrokerNodeGroupInfo: {{ClientSubnets: [{subnets}], InstanceType: kafka.m5.large}}, NumberOfBrokerNodes: {size}}}}}\n")).unwrap()
+        };
+        let logs = |name: &str| {
+            Template::parse(&format!("Resources:\n  L: {{Type: 'AWS::Logs::LogGroup', Properties: {{LogGroupName: {name}, RetentionInDays: 7}}}}\n")).unwrap()
+        };
+        let none = BTreeMap::new();
+        let d = |t| Deployed {
+            template: t,
+            parameters: &none,
+        };
+        let p = policy(&[]);
+        let (live, moved, grown) = (msk("a, b", 2), msk("a, c", 2), msk("a, b", 4));
+        let v = forecast("data", d(&live), d(&moved), &p);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(
+            v[0].why
+                .contains("create-only BrokerNodeGroupInfo.ClientSubnets changes"),
+            "{v:?}"
+        );
+        assert!(forecast("data", d(&live), d(&grown), &p).is_empty());
+        let v = forecast("logs", d(&logs("/a")), d(&logs("/b")), &p);
+        assert!(v[0].why.contains("LogGroupName"), "{v:?}");
+    }
+
+    #[test]
+    fn an_in_place_update_is_proven_only_from_what_the_templates_show() {
+        let t = Template::parse(concat!(
+            "Parameters:\n  Env: {Type: String}\n  Days: {Type: Number}\n  Secret: {Type: String, NoEcho: true}\n",
+            "Resources:\n",
+            "  Logs: {Type: 'AWS::Logs::LogGroup', Properties: {LogGroupName: !Sub '/x/${Env}', RetentionInDays: !Ref Days}}\n",
+            "  Named: {Type: 'AWS::Logs::LogGroup', Properties: {LogGroupName: !Sub '${Logs}-copy', RetentionInDays: !Ref Days}}\n",
+            "  Attr: {Type: 'AWS::SQS::Queue', Properties: {QueueName: !GetAtt Logs.Arn, DelaySeconds: !Ref Days}}\n",
+            "  Resolved: {Type: 'AWS::SQS::Queue', Properties: {QueueName: '{{resolve:ssm:/q}}', DelaySeconds: !Ref Days}}\n",
+            "  Hidden: {Type: 'AWS::SQS::Queue', Properties: {QueueName: !Ref Secret, DelaySeconds: !Ref Days}}\n",
+            "  Custom: {Type: 'Custom::Store', Properties: {Size: !Ref Days}}\n",
+        ))
+        .unwrap();
+        let params = |env: &str, days: &str| {
+            BTreeMap::from([
+                ("Env".to_owned(), env.to_owned()),
+                ("Days".to_owned(), days.to_owned()),
+                ("Secret".to_owned(), "****".to_owned()),
+            ])
+        };
+        let (live, longer, renamed) = (params("dev", "7"), params("dev", "30"), params("qa", "7"));
+        let d = |parameters| Deployed {
+            template: &t,
+            parameters,
+        };
+        let proven = proven_in_place(d(&live), d(&longer));
+        assert_eq!(
+            proven.iter().map(String::as_str).collect::<Vec<_>>(),
+            ["Logs"],
+            "a retention change of a log group named from parameters only"
+        );
+        // A parameter of a create-only property changes: no proof.
+        assert!(!proven_in_place(d(&live), d(&renamed)).contains("Logs"));
+        // A changed create-only text is no proof either.
+        let other = Template::parse("Parameters:\n  Env: {Type: String}\n  Days: {Type: Number}\nResources:\n  Logs: {Type: 'AWS::Logs::LogGroup', Properties: {LogGroupName: /y, RetentionInDays: !Ref Days}}\n").unwrap();
+        assert!(
+            proven_in_place(
+                d(&live),
+                Deployed {
+                    template: &other,
+                    parameters: &live
+                }
+            )
+            .is_empty()
+        );
+        // Proof lets a silent modification through; `Conditional` never.
+        let p = policy(&[]);
+        let silent = change(ChangeAction::Modify, "Logs", "AWS::Logs::LogGroup", None);
+        assert!(check_changes("s", std::slice::from_ref(&silent), &p, &proven).is_empty());
+        let conditional = ResourceChange {
+            replacement: Some(Replacement::Conditional),
+            ..silent
+        };
+        assert!(!check_changes("s", &[conditional], &p, &proven).is_empty());
     }
 
     #[test]

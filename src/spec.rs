@@ -28,21 +28,6 @@ pub const OWNER_TAG: &str = "stackwarden:owner";
 /// other of this prefix on a stack is stale and deleted.
 pub const CHANGE_SET_PREFIX: &str = "stackwarden-";
 
-/// Resource types whose replacement or removal loses data, protected unless
-/// the desired state allows the logical resource explicitly.
-pub const DEFAULT_PROTECTED_TYPES: &[&str] = &[
-    "AWS::DynamoDB::Table",
-    "AWS::ElastiCache::ReplicationGroup",
-    "AWS::ElastiCache::CacheCluster",
-    "AWS::MSK::Cluster",
-    "AWS::KMS::Key",
-    "AWS::S3::Bucket",
-    "AWS::SecretsManager::Secret",
-    "AWS::Backup::BackupVault",
-    "AWS::RDS::DBInstance",
-    "AWS::RDS::DBCluster",
-];
-
 /// How long one stack operation may take unless the desired state says.
 pub const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 /// Bounds of `operation_timeout` and a stack's `timeout`. The longest
@@ -1086,9 +1071,8 @@ impl Loader {
     ) -> Policy {
         let protect: BTreeSet<String> = match &raw.protect {
             Some(list) => list.clone().into_iter().collect(),
-            None => DEFAULT_PROTECTED_TYPES
-                .iter()
-                .map(|s| (*s).to_owned())
+            None => crate::resource_types::default_protected_types()
+                .map(str::to_owned)
                 .collect(),
         };
         if let Some(list) = &raw.protect {

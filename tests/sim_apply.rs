@@ -251,21 +251,22 @@ async fn a_failed_create_stops_its_dependents_names_the_cause_and_is_not_retried
 async fn a_failed_create_is_recreated_only_when_allowed_and_for_a_new_revision() {
     let env = dev();
     let cloud = SimCloud::new(config(&env, 6));
-    cloud.fail_next_operation(&name(&env, "network"));
+    // iam holds no stateful resource (network holds a log group).
+    cloud.fail_next_operation(&name(&env, "iam"));
     pass(&cloud, &env).await;
 
     let mut fixed = dev_new_revision();
     let r = pass(&cloud, &fixed).await;
     assert!(
-        matches!(result(&r, "network"), StackResult::Blocked { reason } if reason.contains("recreate_failed")),
+        matches!(result(&r, "iam"), StackResult::Blocked { reason } if reason.contains("recreate_failed")),
         "{r:#?}"
     );
     assert!(cloud.deleted().is_empty());
 
     fixed.policy.recreate_failed = true;
     let r = pass(&cloud, &fixed).await;
-    assert_eq!(result(&r, "network"), &StackResult::Created, "{r:#?}");
-    assert_eq!(cloud.deleted(), vec![name(&env, "network")]);
+    assert_eq!(result(&r, "iam"), &StackResult::Created, "{r:#?}");
+    assert_eq!(cloud.deleted(), vec![name(&env, "iam")]);
     assert_eq!(r.verdict(), Verdict::InSync, "{r:#?}");
     assert!(cloud.violations().is_empty(), "{:?}", cloud.violations());
 }
@@ -463,6 +464,41 @@ async fn a_change_set_silent_about_replacement_is_treated_as_one() {
         "{r:#?}"
     );
     assert!(cloud.violations().is_empty(), "{:?}", cloud.violations());
+}
+
+/// The simulated cloud knows replacements from AWS's resource schemas, not
+/// from the policy's tables: renaming a log group (a stateful type) and
+/// narrowing the MSK brokers' client subnets (a nested create-only path)
+/// are replacements, blocked whether the change set says so or is silent.
+#[tokio::test(start_paused = true)]
+async fn replacements_the_resource_schemas_publish_are_blocked() {
+    for hide_replacement in [false, true] {
+        let env = dev();
+        let cloud = SimCloud::new(SimConfig {
+            hide_replacement,
+            ..config(&env, 13)
+        });
+        pass(&cloud, &env).await;
+        let ws = Workspace::new();
+        ws.edit(
+            "templates/ecs-cluster.yaml",
+            "/ecs/${Environment}-performance-mgmt",
+            "/ecs/${Environment}-pms",
+        );
+        ws.edit(
+            "templates/msk.yaml",
+            "ClientSubnets: !Ref MskSubnetIds",
+            "ClientSubnets: [!Select [0, !Ref MskSubnetIds]]",
+        );
+        let r = pass(&cloud, &load(&ws)).await;
+        for (key, id) in [("ecs-cluster", "TaskLogGroup"), ("msk", "KafkaCluster")] {
+            let StackResult::Blocked { reason, .. } = result(&r, key) else {
+                panic!("{key} (hidden: {hide_replacement}): {r:#?}");
+            };
+            assert!(reason.contains(id), "{key}: {reason}");
+        }
+        assert!(cloud.violations().is_empty(), "{:?}", cloud.violations());
+    }
 }
 
 #[tokio::test(start_paused = true)]

@@ -169,6 +169,9 @@ async fn recreate_is_planned_only_when_allowed_and_never_for_a_stack_holding_pro
     let mut env = dev();
     env.policy.recreate_failed = true;
     let cloud = SimCloud::new(config(&env, 4, 0.0));
+    // A policy that leaves log groups unprotected: network then holds no
+    // protected resource.
+    env.policy.protect.remove("AWS::Logs::LogGroup");
     cloud.fail_next_operation(&env.stacks["network"].name);
     create_all(&cloud, &env, &["network"]).await;
     cloud.fail_next_operation(&env.stacks["dynamodb"].name);

@@ -11,6 +11,7 @@ use std::time::SystemTime;
 
 pub mod aws;
 pub mod sim;
+mod sim_truth;
 
 /// An error from the cloud, classified.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

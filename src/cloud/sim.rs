@@ -25,7 +25,6 @@ use super::{
     Cloud, CloudError, CloudResult, Deployment, Replacement, ResourceChange, Service, Stack,
     StackEvent,
 };
-use crate::policy;
 use crate::template::{Template, references_parameter};
 
 /// Realistic operation times of the service's stacks, in minutes (creating
@@ -914,13 +913,8 @@ fn diff_templates(
                     .any(|p| references_parameter(&r.properties, p));
                 if props_changed || uses_changed {
                     let replaces = b.kind != r.kind
-                        || policy::replacing_properties(&r.kind).iter().any(|prop| {
-                            r.properties.get(*prop) != b.properties.get(*prop)
-                                || changed_params.iter().any(|p| {
-                                    r.properties
-                                        .get(*prop)
-                                        .is_some_and(|v| references_parameter(v, p))
-                                })
+                        || super::sim_truth::replaces(&r.kind, &b.properties, &r.properties, |v| {
+                            changed_params.iter().any(|p| references_parameter(v, p))
                         });
                     changes.push(ResourceChange {
                         action: ChangeAction::Modify,
@@ -1268,10 +1262,7 @@ impl Cloud for SimCloud {
             let allowed = st
                 .allowed
                 .contains(&(stack.to_owned(), c.logical_id.clone()));
-            if destructive
-                && !allowed
-                && crate::spec::DEFAULT_PROTECTED_TYPES.contains(&c.resource_type.as_str())
-            {
+            if destructive && !allowed && super::sim_truth::is_stateful(&c.resource_type) {
                 st.violations.push(format!(
                     "executed change set {name} on {stack} that replaces or removes protected {} {}",
                     c.resource_type, c.logical_id
