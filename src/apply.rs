@@ -27,12 +27,13 @@ use tracing::Instrument;
 
 use crate::cloud::{
     ChangeAction, ChangeSet, ChangeSetKind, ChangeSetStatus, Cloud, CloudError, ResourceChange,
-    Stack, StackEvent,
+    Stack, StackEvent, StackStatus,
 };
 use crate::diff::TemplateDiff;
 use crate::observe::{self, Depth, observe};
 use crate::plan::{
-    Observed, Plan, ServiceAction, StackAction, StackPlan, Verdict, plan, resolve_parameters,
+    BlockedBy, Observed, Plan, ServiceAction, StackAction, StackPlan, Verdict, plan,
+    resolve_parameters,
 };
 use crate::policy::{self, Deployed};
 use crate::retry;
@@ -99,7 +100,7 @@ pub enum Progress {
     Finished {
         environment: String,
         stack: String,
-        result: String,
+        result: StackResult,
         elapsed: Duration,
     },
 }
@@ -138,9 +139,9 @@ pub enum StackResult {
     RollbackContinued,
     /// Orphan deleted (policy.prune).
     Pruned,
-    /// A change is needed and may not run (policy, failed revision,
-    /// observe mode).
+    /// A change is needed and may not run.
     Blocked {
+        by: BlockedBy,
         reason: String,
     },
     /// An upstream stack is not ready.
@@ -151,13 +152,22 @@ pub enum StackResult {
     /// whether the operation was stackwarden's (a failure) or someone
     /// else's (a difference that remains).
     TimedOut {
-        status: String,
+        status: StackStatus,
         ours: bool,
     },
     /// An operation failed or rolled back, or AWS refused a call.
     Failed {
         reason: String,
     },
+}
+
+impl std::fmt::Display for StackResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.detail() {
+            Some(d) => write!(f, "{}: {d}", self.label()),
+            None => f.write_str(self.label()),
+        }
+    }
 }
 
 impl StackResult {
@@ -198,7 +208,7 @@ impl StackResult {
     /// The reason, for results that have one.
     pub fn detail(&self) -> Option<String> {
         match self {
-            StackResult::Blocked { reason } | StackResult::Failed { reason } => {
+            StackResult::Blocked { reason, .. } | StackResult::Failed { reason } => {
                 Some(reason.clone())
             }
             StackResult::Skipped { upstream } => Some(format!("upstream {upstream} is not ready")),
@@ -218,7 +228,8 @@ impl StackResult {
 /// One stack's part of a pass.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct StackReport {
-    pub key: String,
+    /// The stack's key; `None` for an orphan.
+    pub key: Option<String>,
     pub name: String,
     /// The action planned at the start of the pass.
     pub planned: String,
@@ -227,7 +238,19 @@ pub struct StackReport {
     pub change_set: Option<String>,
     pub seconds: f64,
     /// Status after the pass (None: does not exist).
-    pub final_status: Option<String>,
+    pub final_status: Option<StackStatus>,
+}
+
+impl StackReport {
+    /// How to name the stack to people: its key, or an orphan's name.
+    pub fn id(&self) -> &str {
+        self.key.as_deref().unwrap_or(&self.name)
+    }
+
+    /// Whether this is the report of the declared stack `key`.
+    pub fn is(&self, key: &str) -> bool {
+        self.key.as_deref() == Some(key)
+    }
 }
 
 /// What happened to one ECS service.
@@ -247,6 +270,7 @@ pub enum ServiceResult {
         reason: String,
     },
     Blocked {
+        by: BlockedBy,
         reason: String,
     },
     /// The rollout did not settle within the stack's timeout.
@@ -542,7 +566,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
             let planned = initial
                 .stacks
                 .iter()
-                .find(|p| p.key == stack.key)
+                .find(|p| p.is(&stack.key))
                 .map(|p| p.action.label().to_owned())
                 .unwrap_or_default();
             let f = async move {
@@ -560,7 +584,14 @@ impl<'a, C: Cloud> Pass<'a, C> {
                     Some(upstream) => (StackResult::Skipped { upstream }, None),
                     None => self.run_stack(stack, upstream_changed).await,
                 };
-                self.finish(&stack.key, &stack.name, planned, result, change_set, start)
+                self.finish(
+                    Some(&stack.key),
+                    &stack.name,
+                    planned,
+                    result,
+                    change_set,
+                    start,
+                )
             }
             .instrument(tracing::info_span!("stack", stack = %stack.key))
             .boxed()
@@ -569,7 +600,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
             order.push(stack.key.clone());
         }
         let mut reports = futures::future::join_all(order.iter().map(|k| futures[k].clone())).await;
-        for orphan in initial.stacks.iter().filter(|p| p.key.is_empty()) {
+        for orphan in initial.stacks.iter().filter(|p| p.key.is_none()) {
             reports.push(self.run_orphan(orphan).await);
         }
         Ok(reports)
@@ -577,7 +608,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
 
     fn finish(
         &self,
-        key: &str,
+        key: Option<&str>,
         name: &str,
         planned: String,
         result: StackResult,
@@ -585,32 +616,30 @@ impl<'a, C: Cloud> Pass<'a, C> {
         start: Instant,
     ) -> StackReport {
         let elapsed = start.elapsed();
+        let id = key.unwrap_or(name);
         if result.ready() && result != StackResult::InSync {
             // Its live template is now the desired one.
             self.lock_templates().remove(name);
         }
         match &result {
             StackResult::Failed { reason } => {
-                tracing::error!(message = "Stack failed.", environment = %self.env.name, stack = key, %reason)
+                tracing::error!(message = "Stack failed.", environment = %self.env.name, stack = id, %reason)
             }
-            StackResult::Blocked { reason } => {
-                tracing::warn!(message = "Stack blocked.", environment = %self.env.name, stack = key, %reason)
+            StackResult::Blocked { by, reason } => {
+                tracing::warn!(message = "Stack blocked.", environment = %self.env.name, stack = id, ?by, %reason)
             }
             other => {
-                tracing::info!(message = "Stack done.", environment = %self.env.name, stack = key, result = other.label(), seconds = elapsed.as_secs_f64())
+                tracing::info!(message = "Stack done.", environment = %self.env.name, stack = id, result = other.label(), seconds = elapsed.as_secs_f64())
             }
         }
         self.emit(Progress::Finished {
             environment: self.env.name.clone(),
-            stack: key.to_owned(),
-            result: match result.detail() {
-                Some(d) => format!("{}: {d}", result.label()),
-                None => result.label().to_owned(),
-            },
+            stack: id.to_owned(),
+            result: result.clone(),
             elapsed,
         });
         StackReport {
-            key: key.to_owned(),
+            key: key.map(str::to_owned),
             name: name.to_owned(),
             planned,
             result,
@@ -679,7 +708,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
             .initial
             .stacks
             .iter()
-            .find(|s| s.key == stack.key)
+            .find(|s| s.is(&stack.key))
             .expect("every declared stack is planned");
         if !upstream_changed
             && matches!(
@@ -707,7 +736,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
             let sp = p
                 .stacks
                 .iter()
-                .find(|s| s.key == stack.key)
+                .find(|s| s.is(&stack.key))
                 .expect("every declared stack is planned");
             let acts = sp.action.mutates() || matches!(sp.action, StackAction::Wait { .. });
             // Concurrency is bounded for everything that operates or waits.
@@ -763,6 +792,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
                 Step::Replan => {
                     return (
                         StackResult::Blocked {
+                            by: BlockedBy::Unsettled,
                             reason: format!(
                                 "still changing after {MAX_STEPS} steps; the next pass continues"
                             ),
@@ -777,7 +807,8 @@ impl<'a, C: Cloud> Pass<'a, C> {
     /// The result of a plan that asks nothing of this pass.
     fn settled(&self, sp: &StackPlan) -> StackResult {
         match &sp.action {
-            StackAction::Blocked { reason } => StackResult::Blocked {
+            StackAction::Blocked { by, reason } => StackResult::Blocked {
+                by: *by,
                 reason: blocked_reason(sp, reason),
             },
             StackAction::Skip { upstream } => StackResult::Skipped {
@@ -818,7 +849,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
             }
         };
         let live = observed.stacks.get(&stack.name);
-        let exists = live.is_some_and(|s| s.status != "REVIEW_IN_PROGRESS");
+        let exists = live.is_some_and(|s| s.status != StackStatus::ReviewInProgress);
         let kind = if exists {
             ChangeSetKind::Update
         } else {
@@ -841,6 +872,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
                 }
                 Ok(Existing::OtherRun { change_set, age }) => {
                     return Step::Done(StackResult::Blocked {
+                        by: BlockedBy::AnotherRun,
                         reason: format!(
                             "another run is acting on this stack (its change set {change_set} is {} old); left to it, the next pass continues",
                             humantime::format_duration(Duration::from_secs(age.as_secs()))
@@ -946,6 +978,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
             }
             Err(why) => {
                 return Step::Done(StackResult::Blocked {
+                    by: BlockedBy::Uninspectable,
                     reason: format!(
                         "nested stacks: {why}; change set {name} left unexecuted until they can be inspected"
                     ),
@@ -986,6 +1019,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
         if !violations.is_empty() {
             let list: Vec<String> = violations.iter().map(ToString::to_string).collect();
             return Step::Done(StackResult::Blocked {
+                by: BlockedBy::Policy,
                 reason: format!(
                     "policy: {}; change set {name} left for review (allow with policy.allow_replacement)",
                     list.join("; ")
@@ -1184,7 +1218,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
             .wait_settled(&stack.name, deadline, &mut mark, Awaiting::Any)
             .await
         {
-            Ok(Some(s)) if s.status == "UPDATE_ROLLBACK_COMPLETE" => {
+            Ok(Some(s)) if s.status == StackStatus::UpdateRollbackComplete => {
                 Step::Done(StackResult::RollbackContinued)
             }
             Ok(Some(s)) => Step::Done(failed(format!(
@@ -1213,6 +1247,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
         };
         if live.termination_protection || live.in_progress() {
             return Step::Done(StackResult::Blocked {
+                by: BlockedBy::DeletionRefused,
                 reason: format!(
                     "not deleted: {}",
                     if live.termination_protection {
@@ -1256,13 +1291,14 @@ impl<'a, C: Cloud> Pass<'a, C> {
                     Step::Done(r) => r,
                 }
             }
-            StackAction::Blocked { reason } => StackResult::Blocked {
+            StackAction::Blocked { by, reason } => StackResult::Blocked {
+                by: *by,
                 reason: reason.clone(),
             },
             _ => StackResult::InSync,
         };
         self.finish(
-            &sp.name,
+            None,
             &sp.name,
             sp.action.label().to_owned(),
             result,
@@ -1293,7 +1329,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
     ) -> Result<Option<Stack>, Waited> {
         self.touch();
         let mut backoff = retry::poll_backoff();
-        let mut last_status = String::from("unknown");
+        let mut last_status = StackStatus::Other("unknown".into());
         let mut in_review: Option<Instant> = None;
         loop {
             match self.cloud.describe_stack(name).await {
@@ -1305,7 +1341,11 @@ impl<'a, C: Cloud> Pass<'a, C> {
                         // back): the cleanup is not ours to time out on.
                         Some(s)
                             if awaiting == Awaiting::Execution
-                                && s.status.ends_with("_COMPLETE_CLEANUP_IN_PROGRESS") =>
+                                && matches!(
+                                    s.status,
+                                    StackStatus::UpdateCompleteCleanupInProgress
+                                        | StackStatus::UpdateRollbackCompleteCleanupInProgress
+                                ) =>
                         {
                             return Ok(Some(s));
                         }
@@ -1315,7 +1355,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
                         // review yet: not an end.
                         Some(s)
                             if awaiting == Awaiting::Execution
-                                && s.status == "REVIEW_IN_PROGRESS"
+                                && s.status == StackStatus::ReviewInProgress
                                 && in_review.get_or_insert_with(Instant::now).elapsed()
                                     < REVIEW_GRACE =>
                         {
@@ -1433,7 +1473,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
         for sp in &p.services {
             let ready = stacks
                 .iter()
-                .find(|s| s.key == sp.stack)
+                .find(|s| s.is(&sp.stack))
                 .is_some_and(|s| s.result.ready());
             let result = if !ready {
                 ServiceResult::Skipped {
@@ -1551,8 +1591,9 @@ impl<'a, C: Cloud> Pass<'a, C> {
                     reason: reason.clone(),
                 };
             }
-            ServiceAction::Blocked { reason } => {
+            ServiceAction::Blocked { by, reason } => {
                 return ServiceResult::Blocked {
+                    by: *by,
                     reason: reason.clone(),
                 };
             }
@@ -1675,7 +1716,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
 
 /// Why a wait ended early.
 enum Waited {
-    TimedOut(String),
+    TimedOut(StackStatus),
     Error(CloudError),
 }
 

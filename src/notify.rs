@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use crate::apply::{Report, ServiceResult, StackResult};
 use crate::cloud::CloudError;
-use crate::plan::{Health, Sync};
+use crate::plan::{BlockedBy, Health, Sync};
 
 /// What kind of trouble a finding is, most severe first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
@@ -87,12 +87,13 @@ pub fn findings(report: &Report) -> Vec<Finding> {
     let mut out: Vec<Finding> = Vec::new();
     let mut told = std::collections::BTreeSet::new();
     for s in &report.stacks {
-        let object = format!("stack:{}", if s.key.is_empty() { &s.name } else { &s.key });
+        let object = format!("stack:{}", s.id());
         let finding = match &s.result {
             r if r.failed() => Some((Kind::Failed, r.detail().unwrap_or_default())),
-            StackResult::Blocked { reason } if reason.starts_with("policy:") => {
-                Some((Kind::Blocked, reason.clone()))
-            }
+            StackResult::Blocked {
+                by: BlockedBy::Policy,
+                reason,
+            } => Some((Kind::Blocked, reason.clone())),
             _ => None,
         };
         if let Some((kind, difference)) = finding {
@@ -122,12 +123,19 @@ pub fn findings(report: &Report) -> Vec<Finding> {
             difference: s.reason.clone(),
         });
     }
-    for (i, s) in report.final_plan.services.iter().enumerate() {
+    for s in &report.final_plan.services {
         let object = format!("ecs:{}", s.service.as_deref().unwrap_or(&s.stack));
-        let failed = report.services.get(i).and_then(|r| match &r.result {
-            ServiceResult::Failed { reason } => Some(reason.clone()),
-            _ => None,
-        });
+        // This service's result in the pass: the same stack and names
+        // (matched by identity: the final plan may list other services
+        // than the pass did, when names resolved in between).
+        let failed = report
+            .services
+            .iter()
+            .find(|r| r.stack == s.stack && r.cluster == s.cluster && r.service == s.service)
+            .and_then(|r| match &r.result {
+                ServiceResult::Failed { reason } => Some(reason.clone()),
+                _ => None,
+            });
         let (kind, difference) = match (failed, s.health, s.sync) {
             (Some(reason), _, _) => (Kind::Failed, reason),
             (None, Health::Degraded, _) => (Kind::Degraded, s.reason.clone()),

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::cloud::{ChangeSetStatus, Cloud, CloudError};
+use crate::cloud::{ChangeSetStatus, Cloud, CloudError, StackStatus};
 use crate::plan::{Observed, resolve};
 use crate::retry;
 use crate::spec::{DesiredEnv, ENVIRONMENT_TAG, Mode, REVISION_TAG};
@@ -49,7 +49,7 @@ pub async fn observe<C: Cloud>(
         .values()
         .filter_map(|d| {
             let live = observed.stacks.get(&d.name)?;
-            let stable = !live.in_progress() && live.status != "REVIEW_IN_PROGRESS";
+            let stable = !live.in_progress() && live.status != StackStatus::ReviewInProgress;
             let tagged = live.tags.get(REVISION_TAG) == Some(&d.revision);
             (stable && (depth == Depth::Full || !tagged)).then_some(d.name.as_str())
         })

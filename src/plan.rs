@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::cloud::{Service, Stack};
+use crate::cloud::{Service, Stack, StackStatus};
 use crate::diff::{StackDiff, diff_stack};
 use crate::policy;
 use crate::spec::{DesiredEnv, DesiredStack, ENVIRONMENT_TAG, Mode, OWNER_TAG, Value};
@@ -77,6 +77,35 @@ pub enum Health {
     Absent,
 }
 
+/// Why a needed change may not run: what a person has to do differs by
+/// kind, and alerts, metrics and exit codes read the kind, never the text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BlockedBy {
+    /// `policy.mode: observe`: nothing is written.
+    ObserveMode,
+    /// The change replaces or removes a protected resource.
+    Policy,
+    /// The stack stopped in a failed state that needs a decision.
+    FailedState,
+    /// This revision's own operation (or redeploy) already failed: only a
+    /// new desired state retries.
+    FailedRevision,
+    /// Continuing a stuck rollback failed again.
+    RollbackFailedAgain,
+    /// A stack that may not be deleted (an orphan not proven ours, holding
+    /// protected resources, termination protection, ...).
+    DeletionRefused,
+    /// Another run's change set is acting on the stack.
+    AnotherRun,
+    /// Nested change sets cannot be inspected (yet).
+    Uninspectable,
+    /// The stack kept changing under the pass.
+    Unsettled,
+    /// The ECS service is not in its cluster.
+    ServiceMissing,
+}
+
 /// What to do about one stack.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -89,7 +118,7 @@ pub enum StackAction {
     },
     /// Someone else's operation is in flight: wait, never start a second one.
     Wait {
-        status: String,
+        status: StackStatus,
     },
     /// UPDATE_ROLLBACK_FAILED, and the policy allows continuing the
     /// rollback: once per stuck episode, skipping the resources listed.
@@ -101,8 +130,9 @@ pub enum StackAction {
     },
     /// Failed create, and the policy allows deleting and recreating.
     Recreate,
-    /// A change is needed and may not run (policy, failed state).
+    /// A change is needed and may not run.
     Blocked {
+        by: BlockedBy,
         reason: String,
     },
     /// A change may be needed, but an upstream stack is not ready.
@@ -144,11 +174,13 @@ impl StackAction {
 /// The plan for one stack.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct StackPlan {
-    pub key: String,
+    /// The stack's key in the desired state; `None` for an orphan (live,
+    /// tagged for the environment, declared nowhere).
+    pub key: Option<String>,
     pub name: String,
     /// 1-based wave of the dependency graph (0 for orphans).
     pub wave: usize,
-    pub status: Option<String>,
+    pub status: Option<StackStatus>,
     pub sync: Sync,
     pub health: Health,
     pub action: StackAction,
@@ -162,11 +194,12 @@ impl StackPlan {
     /// How to name the stack to people: its key, or its name for an orphan
     /// (which has no key).
     pub fn id(&self) -> &str {
-        if self.key.is_empty() {
-            &self.name
-        } else {
-            &self.key
-        }
+        self.key.as_deref().unwrap_or(&self.name)
+    }
+
+    /// Whether this is the plan of the declared stack `key`.
+    pub fn is(&self, key: &str) -> bool {
+        self.key.as_deref() == Some(key)
     }
 }
 
@@ -187,11 +220,20 @@ pub enum ServiceAction {
         reason: String,
     },
     Blocked {
+        by: BlockedBy,
         reason: String,
     },
 }
 
 impl ServiceAction {
+    /// Whether this action writes to AWS.
+    pub fn mutates(&self) -> bool {
+        matches!(
+            self,
+            ServiceAction::Scale { .. } | ServiceAction::Redeploy { .. }
+        )
+    }
+
     pub fn label(&self) -> &'static str {
         match self {
             ServiceAction::None => "none",
@@ -298,19 +340,6 @@ pub fn resolve_parameters(
         .collect()
 }
 
-/// Stable statuses of a failed stack. CREATE_FAILED and UPDATE_FAILED are
-/// what an operation with rollback disabled ("preserve successfully
-/// provisioned resources") ends in: not healthy, whatever the tags say.
-const FAILED_STATUSES: &[&str] = &[
-    "CREATE_FAILED",
-    "UPDATE_FAILED",
-    "ROLLBACK_COMPLETE",
-    "ROLLBACK_FAILED",
-    "UPDATE_ROLLBACK_FAILED",
-    "DELETE_FAILED",
-    "IMPORT_ROLLBACK_FAILED",
-];
-
 /// Whether and how to continue a stuck rollback: once per episode; again
 /// only when the desired state skips every resource that failed.
 fn continue_rollback(
@@ -360,6 +389,7 @@ fn continue_rollback(
     };
     (
         StackAction::Blocked {
+            by: BlockedBy::RollbackFailedAgain,
             reason: format!("continuing the rollback failed again on {failing}"),
         },
         format!(
@@ -422,54 +452,45 @@ pub fn plan(env: &DesiredEnv, observed: &Observed) -> Plan {
             None | Some(Claim::Foreign) => continue,
             Some(c) => c,
         };
-        let (action, reason) = if env.policy.mode == Mode::Observe {
+        let refused = |reason: String, why: String| {
             (
                 StackAction::Blocked {
-                    reason: "observe mode".into(),
+                    by: BlockedBy::DeletionRefused,
+                    reason,
                 },
-                "tagged for this environment but not declared; observe mode".to_owned(),
+                why,
             )
-        } else if !env.policy.prune {
+        };
+        let (action, reason) = if !env.policy.prune {
             (
                 StackAction::None,
                 "tagged for this environment but not declared; policy.prune is off, kept"
                     .to_owned(),
             )
         } else if claim == Claim::Unproven {
-            (
-                StackAction::Blocked {
-                    reason: format!("no {OWNER_TAG} tag of this owner: not proven ours"),
-                },
+            refused(
+                format!("no {OWNER_TAG} tag of this owner: not proven ours"),
                 format!(
                     "tagged for this environment but not with {OWNER_TAG}: may be another deployment's; never pruned (delete it by hand if it is yours)"
                 ),
             )
         } else if s.termination_protection {
-            (
-                StackAction::Blocked {
-                    reason: "termination protection is on".into(),
-                },
+            refused(
+                "termination protection is on".into(),
                 "orphaned, but termination protection is on: never deleted".to_owned(),
             )
         } else {
             match observed.templates.get(name) {
-                None => (
-                    StackAction::Blocked {
-                        reason: "its template could not be read".into(),
-                    },
+                None => refused(
+                    "its template could not be read".into(),
                     "orphaned, but its live template could not be read: never pruned unchecked"
                         .to_owned(),
                 ),
                 Some(t) => {
                     let protected = policy::protected_resources(t, &env.policy);
                     if !protected.is_empty() && !env.policy.allow_prune.contains(name) {
-                        (
-                            StackAction::Blocked {
-                                reason: format!(
-                                    "holds protected resources: {}",
-                                    protected.join(", ")
-                                ),
-                            },
+                        refused(
+                            format!("holds protected resources: {}", protected.join(", ")),
                             format!(
                                 "orphaned, but holds protected resources ({}): never pruned unless policy.allow_prune lists {name}",
                                 protected.join(", ")
@@ -485,7 +506,7 @@ pub fn plan(env: &DesiredEnv, observed: &Observed) -> Plan {
             }
         };
         stacks.push(StackPlan {
-            key: String::new(),
+            key: None,
             name: name.clone(),
             wave: 0,
             status: Some(s.status.clone()),
@@ -501,13 +522,37 @@ pub fn plan(env: &DesiredEnv, observed: &Observed) -> Plan {
         .flat_map(|s| s.ecs_services.iter().map(move |svc| (s, svc)))
         .map(|(s, svc)| plan_service(env, s, svc, observed, &by_key[&s.key]))
         .collect();
-    Plan {
+    let plan = Plan {
         environment: env.name.clone(),
         revision: env.revision.clone(),
         mode: env.policy.mode,
         stacks,
         services,
+    };
+    match env.policy.mode {
+        Mode::Converge => plan,
+        Mode::Observe => observe_only(plan),
     }
+}
+
+/// Observe mode, applied once to the plan converge mode would make: every
+/// action that writes becomes blocked, its reason kept.
+fn observe_only(mut plan: Plan) -> Plan {
+    for s in plan.stacks.iter_mut().filter(|s| s.action.mutates()) {
+        s.reason = format!("{}; observe mode", s.reason);
+        s.action = StackAction::Blocked {
+            by: BlockedBy::ObserveMode,
+            reason: "observe mode".into(),
+        };
+    }
+    for s in plan.services.iter_mut().filter(|s| s.action.mutates()) {
+        s.reason = format!("{}; observe mode", s.reason);
+        s.action = ServiceAction::Blocked {
+            by: BlockedBy::ObserveMode,
+            reason: "observe mode".into(),
+        };
+    }
+    plan
 }
 
 /// The upstream stacks that are not ready for their dependents, and why.
@@ -530,13 +575,79 @@ fn upstream_not_ready(
                 StackAction::Wait { status } => format!("waiting on {dep}: {status}"),
                 StackAction::None => format!(
                     "{dep} is not ready ({})",
-                    p.status.clone().unwrap_or_default()
+                    p.status
+                        .as_ref()
+                        .map(StackStatus::as_str)
+                        .unwrap_or("missing")
                 ),
                 other => format!("{dep} is {} ({})", other.label(), p.reason),
             };
             Some((dep.clone(), why))
         })
         .collect()
+}
+
+/// A live stack, classified once from its status: the one place that
+/// knows what each CloudFormation status means for a decision.
+#[derive(Debug, Clone, Copy)]
+enum Live<'a> {
+    /// No stack (or a deleted one), or a REVIEW_IN_PROGRESS placeholder
+    /// that only holds an unexecuted CREATE change set.
+    Missing(Option<&'a Stack>),
+    /// Someone's operation is in flight.
+    InFlight(&'a Stack),
+    /// Stopped in a failed state.
+    Failed(&'a Stack, Failure),
+    /// Stable: its outputs are final. `cleaning`: an update completed and
+    /// is deleting what it replaced. `rolled_back`: the last update (or
+    /// import) rolled back to the previous state.
+    Stable {
+        stack: &'a Stack,
+        cleaning: bool,
+        rolled_back: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// ROLLBACK_COMPLETE: the creation failed and was rolled back.
+    CreateRolledBack,
+    /// ROLLBACK_FAILED: the creation failed and so did its rollback.
+    CreateRollbackFailed,
+    /// CREATE_FAILED or UPDATE_FAILED: an operation with rollback disabled
+    /// ("preserve successfully provisioned resources") failed.
+    NoRollback { creation: bool },
+    /// UPDATE_ROLLBACK_FAILED.
+    UpdateRollbackFailed,
+    /// DELETE_FAILED, IMPORT_ROLLBACK_FAILED, or a status AWS added after
+    /// this was written: a person looks at it, it is never called healthy.
+    Other,
+}
+
+fn classify(live: Option<&Stack>) -> Live<'_> {
+    use StackStatus as S;
+    let Some(s) = live else {
+        return Live::Missing(None);
+    };
+    let stable = |cleaning, rolled_back| Live::Stable {
+        stack: s,
+        cleaning,
+        rolled_back,
+    };
+    match &s.status {
+        S::DeleteComplete => Live::Missing(None),
+        S::ReviewInProgress => Live::Missing(Some(s)),
+        S::UpdateCompleteCleanupInProgress => stable(true, false),
+        status if status.in_progress() => Live::InFlight(s),
+        S::CreateComplete | S::UpdateComplete | S::ImportComplete => stable(false, false),
+        S::UpdateRollbackComplete | S::ImportRollbackComplete => stable(false, true),
+        S::RollbackComplete => Live::Failed(s, Failure::CreateRolledBack),
+        S::RollbackFailed => Live::Failed(s, Failure::CreateRollbackFailed),
+        S::CreateFailed => Live::Failed(s, Failure::NoRollback { creation: true }),
+        S::UpdateFailed => Live::Failed(s, Failure::NoRollback { creation: false }),
+        S::UpdateRollbackFailed => Live::Failed(s, Failure::UpdateRollbackFailed),
+        _ => Live::Failed(s, Failure::Other),
+    }
 }
 
 fn plan_stack(
@@ -547,7 +658,7 @@ fn plan_stack(
     done: &BTreeMap<String, StackPlan>,
 ) -> StackPlan {
     let mut p = StackPlan {
-        key: stack.key.clone(),
+        key: Some(stack.key.clone()),
         name: stack.name.clone(),
         wave,
         status: None,
@@ -557,7 +668,6 @@ fn plan_stack(
         reason: String::new(),
         diff: None,
     };
-    let observe_only = env.policy.mode == Mode::Observe;
     let not_ready = upstream_not_ready(stack, done);
     // An upstream that will not change in this pass (failed, blocked, in
     // someone else's hands) stops this stack; one that is about to be
@@ -569,160 +679,64 @@ fn plan_stack(
         )
     });
     let upstream = not_ready.first();
+    let failed_here = observed.failed_revisions.get(&stack.name) == Some(&stack.revision);
 
-    let live = observed
-        .stacks
-        .get(&stack.name)
-        .filter(|s| s.status != "DELETE_COMPLETE");
-    let Some(live) = live.filter(|s| s.status != "REVIEW_IN_PROGRESS") else {
-        // Missing (or only an unexecuted CREATE change set exists).
-        p.sync = Sync::Missing;
-        p.status = live.map(|s| s.status.clone());
-        (p.action, p.reason) = if observe_only {
-            (
-                StackAction::Blocked {
-                    reason: "observe mode".into(),
-                },
-                "does not exist; observe mode".into(),
-            )
-        } else if let Some((dep, why)) = blocked_upstream {
-            (
-                StackAction::Skip {
-                    upstream: dep.clone(),
-                },
-                format!("does not exist; {why}"),
-            )
-        } else if upstream.is_some() {
-            let pending: Vec<&str> = not_ready.iter().map(|(d, _)| d.as_str()).collect();
-            (
-                StackAction::Create,
-                format!(
-                    "does not exist; created once {} complete",
-                    pending.join(", ")
-                ),
-            )
-        } else {
-            (StackAction::Create, "does not exist".into())
-        };
-        return p;
+    let (live, cleaning, rolled_back) = match classify(observed.stacks.get(&stack.name)) {
+        Live::Missing(placeholder) => {
+            p.sync = Sync::Missing;
+            p.status = placeholder.map(|s| s.status.clone());
+            (p.action, p.reason) = if let Some((dep, why)) = blocked_upstream {
+                (
+                    StackAction::Skip {
+                        upstream: dep.clone(),
+                    },
+                    format!("does not exist; {why}"),
+                )
+            } else if upstream.is_some() {
+                let pending: Vec<&str> = not_ready.iter().map(|(d, _)| d.as_str()).collect();
+                (
+                    StackAction::Create,
+                    format!(
+                        "does not exist; created once {} complete",
+                        pending.join(", ")
+                    ),
+                )
+            } else {
+                (StackAction::Create, "does not exist".into())
+            };
+            return p;
+        }
+        Live::InFlight(live) => {
+            p.status = Some(live.status.clone());
+            p.health = Health::Progressing;
+            p.action = StackAction::Wait {
+                status: live.status.clone(),
+            };
+            p.reason = format!("{} in flight; never start a second operation", live.status);
+            return p;
+        }
+        Live::Failed(live, failure) => {
+            p.status = Some(live.status.clone());
+            p.health = Health::Failed;
+            p.sync = Sync::OutOfSync;
+            (p.action, p.reason) = plan_failed(env, stack, live, failure, failed_here, observed);
+            return p;
+        }
+        Live::Stable {
+            stack: live,
+            cleaning,
+            rolled_back,
+        } => (live, cleaning, rolled_back),
     };
     p.status = Some(live.status.clone());
 
-    // An update that completed and is only deleting the resources it
-    // replaced: its outputs are final and dependents may go on, but it
-    // takes no new operation until the cleanup ends.
-    let cleaning = live.status == "UPDATE_COMPLETE_CLEANUP_IN_PROGRESS";
-    if live.in_progress() && !cleaning {
-        p.health = Health::Progressing;
-        p.action = StackAction::Wait {
-            status: live.status.clone(),
-        };
-        p.reason = format!("{} in flight; never start a second operation", live.status);
-        return p;
-    }
-
-    if FAILED_STATUSES.contains(&live.status.as_str()) {
-        p.health = Health::Failed;
-        p.sync = Sync::OutOfSync;
-        let why = live
-            .status_reason
-            .clone()
-            .unwrap_or_else(|| "no reason given".into());
-        let protected = policy::holds_protected(&stack.template, &env.policy);
-        let failed_here = observed.failed_revisions.get(&stack.name) == Some(&stack.revision);
-        (p.action, p.reason) = match live.status.as_str() {
-            "ROLLBACK_COMPLETE" | "ROLLBACK_FAILED" if observe_only => (
-                StackAction::Blocked {
-                    reason: "observe mode".into(),
-                },
-                format!("creation failed: {why}"),
-            ),
-            "ROLLBACK_COMPLETE" if failed_here && !observe_only => (
-                StackAction::Blocked {
-                    reason: format!("creation of revision {} failed: {why}", stack.revision),
-                },
-                format!(
-                    "creation of this revision failed: {why}; not retried: push a new revision (with policy.recreate_failed) or delete the stack"
-                ),
-            ),
-            "ROLLBACK_COMPLETE"
-                if env.policy.recreate_failed && !protected && !live.termination_protection =>
-            {
-                (
-                    StackAction::Recreate,
-                    format!(
-                        "creation failed ({why}); policy.recreate_failed: delete and create again"
-                    ),
-                )
-            }
-            "ROLLBACK_COMPLETE" | "ROLLBACK_FAILED" => (
-                StackAction::Blocked {
-                    reason: format!("creation failed: {why}"),
-                },
-                if protected {
-                    format!(
-                        "creation failed: {why}; holds protected resources, never recreated automatically"
-                    )
-                } else {
-                    format!(
-                        "creation failed: {why}; set policy.recreate_failed or delete the stack"
-                    )
-                },
-            ),
-            "CREATE_FAILED" | "UPDATE_FAILED" => {
-                let op = if live.status == "CREATE_FAILED" {
-                    "creation"
-                } else {
-                    "update"
-                };
-                (
-                    StackAction::Blocked {
-                        reason: format!("{op} failed with rollback disabled: {why}"),
-                    },
-                    format!(
-                        "{op} failed with rollback disabled (resources that succeeded are kept): {why}; \
-                         roll it back (`aws cloudformation rollback-stack --stack-name {}`) or fix forward \
-                         (correct the cause, then update the stack)",
-                        stack.name
-                    ),
-                )
-            }
-            "UPDATE_ROLLBACK_FAILED" if env.policy.continue_rollback && !observe_only => {
-                continue_rollback(
-                    env,
-                    stack,
-                    observed.rollback_episodes.get(&stack.name),
-                    &why,
-                )
-            }
-            "UPDATE_ROLLBACK_FAILED" => (
-                StackAction::Blocked {
-                    reason: format!("rollback failed: {why}"),
-                },
-                format!(
-                    "rollback failed: {why}; set policy.continue_rollback or run `stackwarden rollback`"
-                ),
-            ),
-            other => (
-                StackAction::Blocked {
-                    reason: format!("{other}: {why}"),
-                },
-                format!("{other}: {why}"),
-            ),
-        };
-        return p;
-    }
-
-    // Stable. Degraded when the last update rolled back; failed when it was
+    // Degraded when the last update rolled back; failed when it was
     // stackwarden's update to this very revision (it needs a decision: a new
     // revision, and its dependents wait for it).
-    let failed_here = observed.failed_revisions.get(&stack.name) == Some(&stack.revision);
-    p.health = if live.status != "UPDATE_ROLLBACK_COMPLETE" {
-        Health::Healthy
-    } else if failed_here {
-        Health::Failed
-    } else {
-        Health::Degraded
+    p.health = match (rolled_back, failed_here) {
+        (false, _) => Health::Healthy,
+        (true, true) => Health::Failed,
+        (true, false) => Health::Degraded,
     };
     let parameters = match resolve_parameters(stack, env, observed) {
         Ok(r) => r,
@@ -754,28 +768,23 @@ fn plan_stack(
     let what = diff.summary();
     let summary = what.join(", ");
     p.diff = Some(diff);
-    if cleaning {
-        p.action = StackAction::Wait {
-            status: live.status.clone(),
-        };
-        p.reason = format!("differs: {summary}; the last update is still cleaning up");
-        return p;
-    }
-    (p.action, p.reason) = if observe_only {
+    (p.action, p.reason) = if cleaning {
+        // Its outputs are final and dependents may go on, but it takes no
+        // new operation until the cleanup ends.
         (
-            StackAction::Blocked {
-                reason: "observe mode".into(),
+            StackAction::Wait {
+                status: live.status.clone(),
             },
-            format!("differs: {summary}; observe mode"),
+            format!("differs: {summary}; the last update is still cleaning up"),
         )
-    } else if let Some(failed) = observed
-        .failed_revisions
-        .get(&stack.name)
-        .filter(|r| **r == stack.revision)
-    {
+    } else if rolled_back && failed_here {
         (
             StackAction::Blocked {
-                reason: format!("update to revision {failed} failed and rolled back"),
+                by: BlockedBy::FailedRevision,
+                reason: format!(
+                    "update to revision {} failed and rolled back",
+                    stack.revision
+                ),
             },
             format!(
                 "differs: {summary}; the update to this revision rolled back: change the desired state to retry"
@@ -792,6 +801,84 @@ fn plan_stack(
         (StackAction::Update { what }, format!("differs: {summary}"))
     };
     p
+}
+
+/// What to do about a stack stopped in a failed state, and why.
+fn plan_failed(
+    env: &DesiredEnv,
+    stack: &DesiredStack,
+    live: &Stack,
+    failure: Failure,
+    failed_here: bool,
+    observed: &Observed,
+) -> (StackAction, String) {
+    let why = live
+        .status_reason
+        .clone()
+        .unwrap_or_else(|| "no reason given".into());
+    let blocked =
+        |by, reason: String, explained: String| (StackAction::Blocked { by, reason }, explained);
+    let protected = policy::holds_protected(&stack.template, &env.policy);
+    match failure {
+        Failure::CreateRolledBack if failed_here => blocked(
+            BlockedBy::FailedRevision,
+            format!("creation of revision {} failed: {why}", stack.revision),
+            format!(
+                "creation of this revision failed: {why}; not retried: push a new revision (with policy.recreate_failed) or delete the stack"
+            ),
+        ),
+        Failure::CreateRolledBack
+            if env.policy.recreate_failed && !protected && !live.termination_protection =>
+        {
+            (
+                StackAction::Recreate,
+                format!("creation failed ({why}); policy.recreate_failed: delete and create again"),
+            )
+        }
+        Failure::CreateRolledBack | Failure::CreateRollbackFailed => blocked(
+            BlockedBy::FailedState,
+            format!("creation failed: {why}"),
+            if protected {
+                format!(
+                    "creation failed: {why}; holds protected resources, never recreated automatically"
+                )
+            } else {
+                format!("creation failed: {why}; set policy.recreate_failed or delete the stack")
+            },
+        ),
+        Failure::NoRollback { creation } => {
+            let op = if creation { "creation" } else { "update" };
+            blocked(
+                BlockedBy::FailedState,
+                format!("{op} failed with rollback disabled: {why}"),
+                format!(
+                    "{op} failed with rollback disabled (resources that succeeded are kept): {why}; \
+                     roll it back (`aws cloudformation rollback-stack --stack-name {}`) or fix forward \
+                     (correct the cause, then update the stack)",
+                    stack.name
+                ),
+            )
+        }
+        Failure::UpdateRollbackFailed if env.policy.continue_rollback => continue_rollback(
+            env,
+            stack,
+            observed.rollback_episodes.get(&stack.name),
+            &why,
+        ),
+        Failure::UpdateRollbackFailed => blocked(
+            BlockedBy::FailedState,
+            format!("rollback failed: {why}"),
+            format!(
+                "rollback failed: {why}; set policy.continue_rollback or run `aws cloudformation continue-update-rollback --stack-name {}`",
+                stack.name
+            ),
+        ),
+        Failure::Other => blocked(
+            BlockedBy::FailedState,
+            format!("{}: {why}", live.status),
+            format!("{}: {why}; needs a person", live.status),
+        ),
+    }
 }
 
 fn plan_service(
@@ -840,6 +927,7 @@ fn plan_service(
         p.health = Health::Absent;
         p.reason = "service not found in its cluster".into();
         p.action = ServiceAction::Blocked {
+            by: BlockedBy::ServiceMissing,
             reason: "service not found; its stack should own it".into(),
         };
         return p;
@@ -860,7 +948,6 @@ fn plan_service(
         .as_ref()
         .and_then(|v| resolve(v, env, observed).ok())
         .filter(|td| !td.is_empty() && *td != live.task_definition);
-    let observe_only = env.policy.mode == Mode::Observe;
     if target.is_none() && expected_td.is_none() {
         p.sync = Sync::InSync;
         p.reason = health_reason(live);
@@ -894,6 +981,7 @@ fn plan_service(
         p.sync = Sync::OutOfSync;
         p.health = Health::Degraded;
         p.action = ServiceAction::Blocked {
+            by: BlockedBy::FailedRevision,
             reason: format!("the redeploy of {td} rolled back"),
         };
         p.reason = format!(
@@ -904,23 +992,6 @@ fn plan_service(
     }
     (p.sync, p.action, p.reason) = match (target, expected_td) {
         (None, None) => (Sync::InSync, ServiceAction::None, health_reason(live)),
-        (Some(to), _) if observe_only => (
-            Sync::OutOfSync,
-            ServiceAction::Blocked {
-                reason: "observe mode".into(),
-            },
-            format!("desired count {} -> {to}; observe mode", live.desired),
-        ),
-        (_, Some(td)) if observe_only => (
-            Sync::OutOfSync,
-            ServiceAction::Blocked {
-                reason: "observe mode".into(),
-            },
-            format!(
-                "task definition {} -> {td}; observe mode",
-                live.task_definition
-            ),
-        ),
         (Some(to), _) => (
             Sync::OutOfSync,
             ServiceAction::Scale {

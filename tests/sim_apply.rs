@@ -4,6 +4,7 @@
 
 mod common;
 
+use stackwarden::cloud::StackStatus;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use stackwarden::apply::{self, Options, Report, ServiceResult, StackResult};
 use stackwarden::cloud::sim::{self, SERVICE_MINUTES, SimCloud, SimConfig};
 use stackwarden::cloud::{ChangeSetKind, ChangeSetRequest, Cloud};
 use stackwarden::observe::Depth;
-use stackwarden::plan::{Health, Verdict};
+use stackwarden::plan::{BlockedBy, Health, Verdict};
 use stackwarden::spec::{self, DesiredEnv, Mode};
 use tokio::sync::Semaphore;
 
@@ -87,7 +88,7 @@ async fn pass(cloud: &SimCloud, env: &DesiredEnv) -> Report {
 fn result<'r>(r: &'r Report, key: &str) -> &'r StackResult {
     &r.stacks
         .iter()
-        .find(|s| s.key == key)
+        .find(|s| s.is(key))
         .unwrap_or_else(|| panic!("{key} reported"))
         .result
 }
@@ -238,7 +239,11 @@ async fn a_failed_create_stops_its_dependents_names_the_cause_and_is_not_retried
     // Same revision: blocked, no retry loop against production.
     let executed = calls(&cloud, "ExecuteChangeSet");
     let again = pass(&cloud, &env).await;
-    let StackResult::Blocked { reason } = result(&again, "network") else {
+    let StackResult::Blocked {
+        by: BlockedBy::FailedRevision,
+        reason,
+    } = result(&again, "network")
+    else {
         panic!("{again:#?}");
     };
     assert!(reason.contains("creation"), "{reason}");
@@ -258,7 +263,7 @@ async fn a_failed_create_is_recreated_only_when_allowed_and_for_a_new_revision()
     let mut fixed = dev_new_revision();
     let r = pass(&cloud, &fixed).await;
     assert!(
-        matches!(result(&r, "iam"), StackResult::Blocked { reason } if reason.contains("recreate_failed")),
+        matches!(result(&r, "iam"), StackResult::Blocked { by: BlockedBy::FailedState, reason } if reason.contains("recreate_failed")),
         "{r:#?}"
     );
     assert!(cloud.deleted().is_empty());
@@ -281,7 +286,7 @@ async fn a_failed_create_of_a_stack_holding_protected_resources_is_never_recreat
     fixed.policy.recreate_failed = true;
     let r = pass(&cloud, &fixed).await;
     assert!(
-        matches!(result(&r, "dynamodb"), StackResult::Blocked { reason } if reason.contains("protected")),
+        matches!(result(&r, "dynamodb"), StackResult::Blocked { by: BlockedBy::FailedState, reason } if reason.contains("protected")),
         "{r:#?}"
     );
     assert!(cloud.deleted().is_empty());
@@ -301,7 +306,7 @@ async fn update_rollback_failed_is_continued_only_when_the_policy_says() {
     );
     let r = pass(&cloud, &env).await;
     assert!(
-        matches!(result(&r, "network"), StackResult::Blocked { reason } if reason.contains("rollback failed")),
+        matches!(result(&r, "network"), StackResult::Blocked { by: BlockedBy::FailedState, reason } if reason.contains("rollback failed")),
         "{r:#?}"
     );
     assert_eq!(calls(&cloud, "ContinueUpdateRollback"), 0);
@@ -313,7 +318,7 @@ async fn update_rollback_failed_is_continued_only_when_the_policy_says() {
     assert_eq!(result(&r, "network"), &StackResult::RollbackContinued);
     assert_eq!(calls(&cloud, "ContinueUpdateRollback"), 1);
     assert_eq!(
-        cloud.stack(&network).unwrap().status,
+        cloud.stack(&network).unwrap().status.as_str(),
         "UPDATE_ROLLBACK_COMPLETE"
     );
     assert!(cloud.violations().is_empty(), "{:?}", cloud.violations());
@@ -342,14 +347,14 @@ async fn a_rolled_back_update_is_not_retried_until_the_revision_changes() {
     let executed = calls(&cloud, "ExecuteChangeSet");
     let again = pass(&cloud, &changed).await;
     assert!(
-        matches!(result(&again, "network"), StackResult::Blocked { reason } if reason.contains("rolled back")),
+        matches!(result(&again, "network"), StackResult::Blocked { by: BlockedBy::FailedRevision, reason } if reason.contains("rolled back")),
         "{again:#?}"
     );
     let network = again
         .final_plan
         .stacks
         .iter()
-        .find(|s| s.key == "network")
+        .find(|s| s.is("network"))
         .unwrap();
     assert_eq!(network.health, Health::Failed);
     assert_eq!(calls(&cloud, "ExecuteChangeSet"), executed, "no retry loop");
@@ -387,7 +392,10 @@ async fn a_pass_that_crashed_before_executing_reuses_its_change_set_and_cleans_s
     // The crash: the pass is dropped while its change sets are computed.
     let crashed = tokio::time::timeout(Duration::from_secs(1), pass(&cloud, &env)).await;
     assert!(crashed.is_err(), "the pass was cut short");
-    assert_eq!(cloud.stack(&network).unwrap().status, "REVIEW_IN_PROGRESS");
+    assert_eq!(
+        cloud.stack(&network).unwrap().status.as_str(),
+        "REVIEW_IN_PROGRESS"
+    );
     let created = calls(&cloud, "CreateChangeSet");
 
     let r = pass(&cloud, &env).await;
@@ -409,7 +417,11 @@ async fn a_change_that_replaces_a_protected_table_is_blocked_and_left_for_review
     pass(&cloud, &env).await;
     let replacing = dev_replacing_the_table();
     let r = pass(&cloud, &replacing).await;
-    let StackResult::Blocked { reason } = result(&r, "dynamodb") else {
+    let StackResult::Blocked {
+        by: BlockedBy::Policy,
+        reason,
+    } = result(&r, "dynamodb")
+    else {
         panic!("{r:#?}");
     };
     assert!(
@@ -460,7 +472,7 @@ async fn a_change_set_silent_about_replacement_is_treated_as_one() {
     pass(&cloud, &env).await;
     let r = pass(&cloud, &dev_replacing_the_table()).await;
     assert!(
-        matches!(result(&r, "dynamodb"), StackResult::Blocked { reason } if reason.contains("ReviewCyclesTable")),
+        matches!(result(&r, "dynamodb"), StackResult::Blocked { by: BlockedBy::Policy, reason } if reason.contains("ReviewCyclesTable")),
         "{r:#?}"
     );
     assert!(cloud.violations().is_empty(), "{:?}", cloud.violations());
@@ -492,7 +504,11 @@ async fn replacements_the_resource_schemas_publish_are_blocked() {
         );
         let r = pass(&cloud, &load(&ws)).await;
         for (key, id) in [("ecs-cluster", "TaskLogGroup"), ("msk", "KafkaCluster")] {
-            let StackResult::Blocked { reason, .. } = result(&r, key) else {
+            let StackResult::Blocked {
+                by: BlockedBy::Policy,
+                reason,
+            } = result(&r, key)
+            else {
                 panic!("{key} (hidden: {hide_replacement}): {r:#?}");
             };
             assert!(reason.contains(id), "{key}: {reason}");
@@ -605,13 +621,15 @@ async fn random_history(seed: u64) -> Result<(), String> {
             return Err(format!("{phase}: violations {v:?}"));
         }
         for s in &r.stacks {
-            if !s.result.ready() {
-                for d in env.dependents_of(&s.key) {
-                    let dr = &r.stacks.iter().find(|x| x.key == d).unwrap().result;
+            if !s.result.ready()
+                && let Some(key) = &s.key
+            {
+                for d in env.dependents_of(key) {
+                    let dr = &r.stacks.iter().find(|x| x.is(&d)).unwrap().result;
                     if !matches!(dr, StackResult::Skipped { .. }) {
                         return Err(format!(
-                            "{phase}: {d} was {dr:?} although upstream {} was {:?}",
-                            s.key, s.result
+                            "{phase}: {d} was {dr:?} although upstream {key} was {:?}",
+                            s.result
                         ));
                     }
                 }
@@ -657,9 +675,9 @@ async fn random_history(seed: u64) -> Result<(), String> {
     }
     // A dangerous desired-state change, on a table that exists (one that a
     // pass would create from scratch has nothing to replace).
-    let table_exists = cloud
-        .stack(&name(&env, "dynamodb"))
-        .is_some_and(|s| s.status != "ROLLBACK_COMPLETE" && s.status != "REVIEW_IN_PROGRESS");
+    let table_exists = cloud.stack(&name(&env, "dynamodb")).is_some_and(|s| {
+        s.status != StackStatus::RollbackComplete && s.status != StackStatus::ReviewInProgress
+    });
     let second = if table_exists && rng.gen_bool(0.2) {
         replacing.clone()
     } else {
@@ -678,7 +696,7 @@ async fn random_history(seed: u64) -> Result<(), String> {
         let n = name(&env, key);
         if cloud
             .stack(&n)
-            .is_some_and(|s| s.status == "ROLLBACK_COMPLETE")
+            .is_some_and(|s| s.status == StackStatus::RollbackComplete)
             && (!env.policy.recreate_failed
                 || stackwarden::policy::holds_protected(&env.stacks[key].template, &env.policy))
         {
@@ -807,7 +825,7 @@ async fn another_runs_fresh_change_set_is_left_alone_until_it_is_stale() {
     let changed = load(&ws);
     let r = pass(&cloud, &changed).await;
     assert!(
-        matches!(result(&r, "network"), StackResult::Blocked { reason } if reason.contains("another run") && reason.contains("stackwarden-0123456789ab")),
+        matches!(result(&r, "network"), StackResult::Blocked { by: BlockedBy::AnotherRun, reason } if reason.contains("another run") && reason.contains("stackwarden-0123456789ab")),
         "{r:#?}"
     );
     assert_eq!(r.verdict(), Verdict::Differences);
@@ -845,7 +863,7 @@ async fn create_failed_and_update_failed_are_failures_that_stop_dependents() {
         let writes = cloud.write_calls();
         let r = pass(&cloud, &env).await;
         assert!(
-            matches!(result(&r, "network"), StackResult::Blocked { reason } if reason.contains(&format!("{op} failed with rollback disabled"))),
+            matches!(result(&r, "network"), StackResult::Blocked { by: BlockedBy::FailedState, reason } if reason.contains(&format!("{op} failed with rollback disabled"))),
             "{r:#?}"
         );
         assert!(
@@ -857,7 +875,7 @@ async fn create_failed_and_update_failed_are_failures_that_stop_dependents() {
             .final_plan
             .stacks
             .iter()
-            .find(|s| s.key == "network")
+            .find(|s| s.is("network"))
             .unwrap();
         assert_eq!(network.health, Health::Failed);
         assert!(
@@ -892,7 +910,14 @@ async fn foreign_stack(cloud: &SimCloud, name: &str, body: &str, tags: &[(&str, 
         .await
         .unwrap();
     tokio::time::advance(Duration::from_secs(3600)).await;
-    assert!(cloud.stack(name).unwrap().status.ends_with("_COMPLETE"));
+    assert!(
+        cloud
+            .stack(name)
+            .unwrap()
+            .status
+            .as_str()
+            .ends_with("_COMPLETE")
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -941,11 +966,11 @@ async fn prune_deletes_only_proven_orphans_without_protected_resources() {
         "{r:#?}"
     );
     assert!(
-        matches!(orphan(&r, "dev-old-table"), Some(StackResult::Blocked { reason }) if reason.contains("protected") && reason.contains("AWS::DynamoDB::Table")),
+        matches!(orphan(&r, "dev-old-table"), Some(StackResult::Blocked { by: BlockedBy::DeletionRefused, reason }) if reason.contains("protected") && reason.contains("AWS::DynamoDB::Table")),
         "{r:#?}"
     );
     assert!(
-        matches!(orphan(&r, "dev-legacy"), Some(StackResult::Blocked { reason }) if reason.contains("not proven ours")),
+        matches!(orphan(&r, "dev-legacy"), Some(StackResult::Blocked { by: BlockedBy::DeletionRefused, reason }) if reason.contains("not proven ours")),
         "{r:#?}"
     );
     // Another owner's stack is not ours to report, count or touch.
@@ -994,7 +1019,7 @@ async fn an_update_still_cleaning_up_is_a_success_not_an_operation_to_time_out_o
         "waited on the cleanup"
     );
     assert_eq!(
-        cloud.stack(&name(&env, "network")).unwrap().status,
+        cloud.stack(&name(&env, "network")).unwrap().status.as_str(),
         "UPDATE_COMPLETE_CLEANUP_IN_PROGRESS"
     );
     // Its dependents were not held back by the cleanup.
@@ -1102,7 +1127,7 @@ async fn a_redeploy_the_circuit_breaker_rolled_back_is_not_retried_until_the_des
     for _ in 0..5 {
         let r = pass_with(&cloud, &env, &options).await;
         assert!(
-            matches!(&r.services[0].result, ServiceResult::Blocked { reason } if reason.contains("rolled back")),
+            matches!(&r.services[0].result, ServiceResult::Blocked { by: BlockedBy::FailedRevision, reason } if reason.contains("rolled back")),
             "{:#?}",
             r.services
         );
@@ -1183,14 +1208,14 @@ async fn a_stuck_rollback_is_continued_once_per_episode_then_only_with_skips() {
     for _ in 0..3 {
         let r = pass(&cloud, &env).await;
         assert!(
-            matches!(result(&r, "network"), StackResult::Blocked { reason } if reason.contains("failed again on FlowLogGroup")),
+            matches!(result(&r, "network"), StackResult::Blocked { by: BlockedBy::RollbackFailedAgain, reason } if reason.contains("failed again on FlowLogGroup")),
             "{r:#?}"
         );
         let plan = r
             .final_plan
             .stacks
             .iter()
-            .find(|s| s.key == "network")
+            .find(|s| s.is("network"))
             .unwrap();
         assert!(
             plan.reason.contains("policy.rollback_skip"),
@@ -1216,7 +1241,7 @@ async fn a_stuck_rollback_is_continued_once_per_episode_then_only_with_skips() {
     );
     assert_eq!(calls(&cloud, "ContinueUpdateRollback"), 2);
     assert_eq!(
-        cloud.stack(&network).unwrap().status,
+        cloud.stack(&network).unwrap().status.as_str(),
         "UPDATE_ROLLBACK_COMPLETE"
     );
 }
@@ -1286,7 +1311,7 @@ async fn a_protected_resource_replaced_inside_a_nested_stack_is_blocked() {
     let mut changed = dev_new_revision();
     let r = pass(&cloud, &changed).await;
     assert!(
-        matches!(result(&r, "dynamodb"), StackResult::Blocked { reason } if reason.contains("Inner.Archive") && reason.contains("AWS::DynamoDB::Table")),
+        matches!(result(&r, "dynamodb"), StackResult::Blocked { by: BlockedBy::Policy, reason } if reason.contains("Inner.Archive") && reason.contains("AWS::DynamoDB::Table")),
         "{r:#?}"
     );
     assert!(cloud.violations().is_empty(), "{:?}", cloud.violations());
@@ -1312,7 +1337,7 @@ async fn a_parent_whose_nested_change_set_cannot_be_read_is_not_executed() {
     let executed = cloud.executed().len();
     let r = pass(&cloud, &dev_new_revision()).await;
     assert!(
-        matches!(result(&r, "dynamodb"), StackResult::Blocked { reason } if reason.contains("nested stacks") && reason.contains("Inner")),
+        matches!(result(&r, "dynamodb"), StackResult::Blocked { by: BlockedBy::Uninspectable, reason } if reason.contains("nested stacks") && reason.contains("Inner")),
         "{r:#?}"
     );
     assert!(

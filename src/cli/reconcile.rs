@@ -9,7 +9,8 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
 
 use super::{Format, Outcome, Select, load_selected};
-use crate::apply::{self, Options, Progress, Report, ServiceResult};
+use crate::apply::{self, Options, Progress, Report, ServiceResult, StackResult};
+use crate::cloud::StackStatus;
 use crate::cloud::aws::AwsCloud;
 use crate::observe::Depth;
 use crate::spec::DesiredEnv;
@@ -160,7 +161,7 @@ async fn print_progress(mut rx: mpsc::UnboundedReceiver<Progress>) {
                     }
                     Progress::Finished { environment, stack, result, elapsed } => {
                         if running.remove(&(environment.clone(), stack.clone())).is_some()
-                            || !result.starts_with("in-sync")
+                            || result != StackResult::InSync
                         {
                             eprintln!(
                                 "{} {environment}/{stack}: {result} ({})",
@@ -202,7 +203,7 @@ fn print_report(env: &DesiredEnv, report: &Report) {
     let w = report
         .stacks
         .iter()
-        .map(|s| s.key.len())
+        .map(|s| s.id().len())
         .max()
         .unwrap_or(5)
         .max(5);
@@ -213,11 +214,11 @@ fn print_report(env: &DesiredEnv, report: &Report) {
     for s in &report.stacks {
         println!(
             "  {:<w$}  {:<17} {:<18} {:>7.1}s  {:<26} {}",
-            s.key,
+            s.id(),
             s.planned,
             s.result.label(),
             s.seconds,
-            s.final_status.as_deref().unwrap_or("-"),
+            s.final_status.as_ref().map_or("-", StackStatus::as_str),
             s.result.detail().unwrap_or_default()
         );
     }
@@ -229,7 +230,7 @@ fn print_report(env: &DesiredEnv, report: &Report) {
                 format!("redeployed {task_definition}")
             }
             ServiceResult::Skipped { reason } => format!("skipped: {reason}"),
-            ServiceResult::Blocked { reason } => format!("blocked: {reason}"),
+            ServiceResult::Blocked { reason, .. } => format!("blocked: {reason}"),
             ServiceResult::TimedOut => "timed out waiting for the rollout".to_owned(),
             ServiceResult::Failed { reason } => format!("failed: {reason}"),
         };

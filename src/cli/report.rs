@@ -6,6 +6,7 @@ use super::{Format, Outcome, Select, Show, load_selected};
 use crate::cloud::aws::AwsCloud;
 use crate::cloud::{
     ChangeSetKind, ChangeSetRequest, ChangeSetStatus, Cloud, CloudError, ResourceChange,
+    StackStatus,
 };
 use crate::observe::{Depth, observe};
 use crate::plan::{Plan, StackAction, plan, resolve_parameters};
@@ -100,12 +101,13 @@ async fn preview_change_sets<C: Cloud>(
             StackAction::Update { .. } => ChangeSetKind::Update,
             _ => continue,
         };
-        let stack = &env.stacks[&p.key];
+        let Some(key) = &p.key else { continue };
+        let stack = &env.stacks[key];
         let parameters = match resolve_parameters(stack, env, observed) {
             Ok(p) => p,
             Err((_, why)) => {
                 out.push(Preview {
-                    stack: p.key.clone(),
+                    stack: key.clone(),
                     changes: vec![],
                     error: None,
                     skipped: Some(format!("not previewed: {why}")),
@@ -138,13 +140,13 @@ async fn preview_change_sets<C: Cloud>(
         }
         out.push(match result {
             Ok(changes) => Preview {
-                stack: p.key.clone(),
+                stack: key.clone(),
                 changes,
                 error: None,
                 skipped: None,
             },
             Err(e) => Preview {
-                stack: p.key.clone(),
+                stack: key.clone(),
                 changes: vec![],
                 error: Some(e.to_string()),
                 skipped: None,
@@ -170,7 +172,7 @@ async fn remove_placeholder<C: Cloud>(cloud: &C, name: &str) -> Result<(), Cloud
     let Some(live) = retry::call(|| cloud.describe_stack(name)).await? else {
         return Ok(());
     };
-    if live.status != "REVIEW_IN_PROGRESS" {
+    if live.status != StackStatus::ReviewInProgress {
         return Ok(());
     }
     if !retry::call(|| cloud.list_change_sets(name))

@@ -22,7 +22,7 @@ use aws_smithy_types::error::display::DisplayErrorContext;
 use super::{
     ChangeAction, ChangeSet, ChangeSetKind, ChangeSetRequest, ChangeSetStatus, ChangeSetSummary,
     Cloud, CloudError, CloudResult, Deployment, Replacement, ResourceChange, Service, Stack,
-    StackEvent,
+    StackEvent, StackStatus,
 };
 use crate::spec::AssumeRole;
 
@@ -303,8 +303,7 @@ fn map_stack(s: &cfn::types::Stack) -> Stack {
         id: s.stack_id().unwrap_or_default().to_owned(),
         status: s
             .stack_status()
-            .map(|x| x.as_str().to_owned())
-            .unwrap_or_default(),
+            .map_or(StackStatus::Other(String::new()), |x| x.as_str().into()),
         status_reason: s.stack_status_reason().map(str::to_owned),
         parameters: parameter_map(s.parameters()),
         tags: tag_map(s.tags()),
@@ -344,7 +343,9 @@ impl Cloud for AwsCloud {
             for s in page.stacks() {
                 let stack = map_stack(s);
                 let owned = stack.tags.get(owner.0).is_some_and(|v| v == owner.1);
-                if stack.status != "DELETE_COMPLETE" && (names.contains(&stack.name) || owned) {
+                if stack.status != StackStatus::DeleteComplete
+                    && (names.contains(&stack.name) || owned)
+                {
                     out.insert(stack.name.clone(), stack);
                 }
             }
@@ -359,7 +360,7 @@ impl Cloud for AwsCloud {
                 .stacks()
                 .iter()
                 .map(map_stack)
-                .find(|s| s.status != "DELETE_COMPLETE")),
+                .find(|s| s.status != StackStatus::DeleteComplete)),
             Err(e) => match self.error(e) {
                 CloudError::NotFound(_) => Ok(None),
                 other => Err(other),

@@ -57,12 +57,127 @@ impl CloudError {
 
 pub type CloudResult<T> = Result<T, CloudError>;
 
+/// CloudFormation's `StackStatus`, every value the API reference lists,
+/// typed once here at the boundary. A value AWS adds later is kept as
+/// [`StackStatus::Other`]: an `*_IN_PROGRESS` one is waited on, any other
+/// is treated as a failure needing a person (never as healthy).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum StackStatus {
+    CreateInProgress,
+    CreateFailed,
+    CreateComplete,
+    RollbackInProgress,
+    RollbackFailed,
+    RollbackComplete,
+    DeleteInProgress,
+    DeleteFailed,
+    DeleteComplete,
+    UpdateInProgress,
+    UpdateCompleteCleanupInProgress,
+    UpdateComplete,
+    UpdateFailed,
+    UpdateRollbackInProgress,
+    UpdateRollbackFailed,
+    UpdateRollbackCompleteCleanupInProgress,
+    UpdateRollbackComplete,
+    ReviewInProgress,
+    ImportInProgress,
+    ImportComplete,
+    ImportRollbackInProgress,
+    ImportRollbackFailed,
+    ImportRollbackComplete,
+    Other(String),
+}
+
+const STACK_STATUSES: &[(StackStatus, &str)] = &[
+    (StackStatus::CreateInProgress, "CREATE_IN_PROGRESS"),
+    (StackStatus::CreateFailed, "CREATE_FAILED"),
+    (StackStatus::CreateComplete, "CREATE_COMPLETE"),
+    (StackStatus::RollbackInProgress, "ROLLBACK_IN_PROGRESS"),
+    (StackStatus::RollbackFailed, "ROLLBACK_FAILED"),
+    (StackStatus::RollbackComplete, "ROLLBACK_COMPLETE"),
+    (StackStatus::DeleteInProgress, "DELETE_IN_PROGRESS"),
+    (StackStatus::DeleteFailed, "DELETE_FAILED"),
+    (StackStatus::DeleteComplete, "DELETE_COMPLETE"),
+    (StackStatus::UpdateInProgress, "UPDATE_IN_PROGRESS"),
+    (
+        StackStatus::UpdateCompleteCleanupInProgress,
+        "UPDATE_COMPLETE_CLEANUP_IN_PROGRESS",
+    ),
+    (StackStatus::UpdateComplete, "UPDATE_COMPLETE"),
+    (StackStatus::UpdateFailed, "UPDATE_FAILED"),
+    (
+        StackStatus::UpdateRollbackInProgress,
+        "UPDATE_ROLLBACK_IN_PROGRESS",
+    ),
+    (StackStatus::UpdateRollbackFailed, "UPDATE_ROLLBACK_FAILED"),
+    (
+        StackStatus::UpdateRollbackCompleteCleanupInProgress,
+        "UPDATE_ROLLBACK_COMPLETE_CLEANUP_IN_PROGRESS",
+    ),
+    (
+        StackStatus::UpdateRollbackComplete,
+        "UPDATE_ROLLBACK_COMPLETE",
+    ),
+    (StackStatus::ReviewInProgress, "REVIEW_IN_PROGRESS"),
+    (StackStatus::ImportInProgress, "IMPORT_IN_PROGRESS"),
+    (StackStatus::ImportComplete, "IMPORT_COMPLETE"),
+    (
+        StackStatus::ImportRollbackInProgress,
+        "IMPORT_ROLLBACK_IN_PROGRESS",
+    ),
+    (StackStatus::ImportRollbackFailed, "IMPORT_ROLLBACK_FAILED"),
+    (
+        StackStatus::ImportRollbackComplete,
+        "IMPORT_ROLLBACK_COMPLETE",
+    ),
+];
+
+impl StackStatus {
+    pub fn as_str(&self) -> &str {
+        match self {
+            StackStatus::Other(s) => s,
+            known => STACK_STATUSES
+                .iter()
+                .find(|(k, _)| k == known)
+                .map_or("", |(_, s)| s),
+        }
+    }
+
+    /// An operation is in flight (REVIEW_IN_PROGRESS is not one: it is a
+    /// stack that only has an unexecuted CREATE change set).
+    pub fn in_progress(&self) -> bool {
+        self.as_str().ends_with("_IN_PROGRESS") && *self != StackStatus::ReviewInProgress
+    }
+}
+
+impl From<&str> for StackStatus {
+    fn from(s: &str) -> StackStatus {
+        STACK_STATUSES
+            .iter()
+            .find(|(_, text)| *text == s)
+            .map_or_else(|| StackStatus::Other(s.to_owned()), |(k, _)| k.clone())
+    }
+}
+
+impl std::fmt::Display for StackStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl serde::Serialize for StackStatus {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
 /// A stack as DescribeStacks reports it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Stack {
     pub name: String,
     pub id: String,
-    pub status: String,
+    pub status: StackStatus,
     pub status_reason: Option<String>,
     /// As AWS echoes them: NoEcho values are `****`.
     pub parameters: BTreeMap<String, String>,
@@ -74,10 +189,9 @@ pub struct Stack {
 }
 
 impl Stack {
-    /// An operation is in flight (REVIEW_IN_PROGRESS is not one: it is a
-    /// stack that only has an unexecuted CREATE change set).
+    /// An operation is in flight (see [`StackStatus::in_progress`]).
     pub fn in_progress(&self) -> bool {
-        self.status.ends_with("_IN_PROGRESS") && self.status != "REVIEW_IN_PROGRESS"
+        self.status.in_progress()
     }
 }
 

@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use super::{
     ChangeAction, ChangeSet, ChangeSetKind, ChangeSetRequest, ChangeSetStatus, ChangeSetSummary,
     Cloud, CloudError, CloudResult, Deployment, Replacement, ResourceChange, Service, Stack,
-    StackEvent,
+    StackEvent, StackStatus,
 };
 use crate::template::{Template, references_parameter};
 
@@ -262,7 +262,7 @@ impl SimCloud {
         if s.operation.is_some() || !updatable {
             return;
         }
-        s.stack.status = "UPDATE_IN_PROGRESS".into();
+        s.stack.status = StackStatus::UpdateInProgress;
         s.operation = Some(Operation {
             target: "UPDATE_COMPLETE",
             done_at: now + takes,
@@ -365,7 +365,7 @@ impl SimCloud {
             Some("The following resource(s) failed to update".into()),
         );
         let s = st.stacks.get_mut(stack).expect("unknown stack");
-        s.stack.status = "UPDATE_ROLLBACK_FAILED".into();
+        s.stack.status = StackStatus::UpdateRollbackFailed;
         s.stack.status_reason = Some("The following resource(s) failed to update".into());
         s.operation = None;
         st.rollback_blockers.insert(stack.to_owned(), ids);
@@ -441,7 +441,7 @@ impl SimCloud {
     pub fn force_status(&self, stack: &str, status: &str, reason: &str) {
         let mut st = self.lock();
         let s = st.stacks.get_mut(stack).expect("unknown stack");
-        s.stack.status = status.to_owned();
+        s.stack.status = status.into();
         s.stack.status_reason = Some(reason.to_owned());
         s.operation = None;
     }
@@ -693,7 +693,7 @@ fn advance_stacks(st: &mut State, now: Instant) {
                 (op.target, None)
             }
         };
-        s.stack.status = status.to_owned();
+        s.stack.status = status.into();
         s.stack.status_reason = reason.clone();
         if let Some(why) = &reason {
             // The root cause is a resource's failure, before the rollback.
@@ -973,7 +973,9 @@ impl Cloud for SimCloud {
         Ok(st
             .stacks
             .values()
-            .filter(|s| s.stack.status != "REVIEW_IN_PROGRESS" || names.contains(&s.stack.name))
+            .filter(|s| {
+                s.stack.status != StackStatus::ReviewInProgress || names.contains(&s.stack.name)
+            })
             .filter(|s| {
                 names.contains(&s.stack.name)
                     || s.stack.tags.get(owner.0).is_some_and(|v| v == owner.1)
@@ -988,7 +990,7 @@ impl Cloud for SimCloud {
             .stacks
             .get(name)
             .map(|s| s.stack.clone())
-            .filter(|s| s.status != "DELETE_COMPLETE"))
+            .filter(|s| s.status != StackStatus::DeleteComplete))
     }
 
     async fn get_template(&self, stack: &str) -> CloudResult<String> {
@@ -1006,7 +1008,7 @@ impl Cloud for SimCloud {
         let id = st.next_id;
         let existing = st.stacks.get(&r.stack_name);
         match (r.kind, existing) {
-            (ChangeSetKind::Create, Some(s)) if s.stack.status != "REVIEW_IN_PROGRESS" => {
+            (ChangeSetKind::Create, Some(s)) if s.stack.status != StackStatus::ReviewInProgress => {
                 return Err(CloudError::Conflict(format!(
                     "Stack [{}] already exists",
                     r.stack_name
@@ -1027,7 +1029,7 @@ impl Cloud for SimCloud {
             _ => {}
         }
         let old = existing
-            .filter(|s| s.stack.status != "REVIEW_IN_PROGRESS")
+            .filter(|s| s.stack.status != StackStatus::ReviewInProgress)
             .map(|s| {
                 (
                     s.template_body.clone(),
@@ -1226,7 +1228,8 @@ impl Cloud for SimCloud {
                 "ChangeSet [{name}] cannot be executed in its current status of [{state}]"
             )));
         }
-        if s.operation.is_some() || s.stack.in_progress() && s.stack.status != "REVIEW_IN_PROGRESS"
+        if s.operation.is_some()
+            || s.stack.in_progress() && s.stack.status != StackStatus::ReviewInProgress
         {
             let msg = format!("ExecuteChangeSet on {stack} while it is {}", s.stack.status);
             st.violations.push(msg.clone());
@@ -1305,7 +1308,7 @@ impl Cloud for SimCloud {
             stack,
             stack,
             "AWS::CloudFormation::Stack",
-            &status,
+            status.as_str(),
             Some("User Initiated".into()),
         );
         if st.lost_answers.remove("ExecuteChangeSet") {
@@ -1327,7 +1330,7 @@ impl Cloud for SimCloud {
             .map(|_| ())
             .ok_or_else(|| CloudError::NotFound(format!("ChangeSet [{name}] does not exist")))?;
         // Deleting the only change set of a never-executed stack removes it, as AWS does.
-        if s.stack.status == "REVIEW_IN_PROGRESS" && s.change_sets.is_empty() {
+        if s.stack.status == StackStatus::ReviewInProgress && s.change_sets.is_empty() {
             st.stacks.remove(stack);
         }
         Ok(())
@@ -1389,13 +1392,13 @@ impl Cloud for SimCloud {
             .stacks
             .get_mut(stack)
             .ok_or_else(|| CloudError::NotFound(format!("Stack [{stack}] does not exist")))?;
-        if s.stack.status != "UPDATE_ROLLBACK_FAILED" {
+        if s.stack.status != StackStatus::UpdateRollbackFailed {
             return Err(CloudError::Validation(format!(
                 "{stack} is {}, not UPDATE_ROLLBACK_FAILED",
                 s.stack.status
             )));
         }
-        s.stack.status = "UPDATE_ROLLBACK_IN_PROGRESS".into();
+        s.stack.status = StackStatus::UpdateRollbackInProgress;
         s.operation = Some(Operation {
             target: if failing.is_empty() {
                 "UPDATE_ROLLBACK_COMPLETE"
@@ -1435,7 +1438,7 @@ impl Cloud for SimCloud {
             return Err(CloudError::Conflict(msg));
         }
         let s = st.stacks.get_mut(stack).expect("checked");
-        s.stack.status = "DELETE_IN_PROGRESS".into();
+        s.stack.status = StackStatus::DeleteInProgress;
         s.operation = Some(Operation {
             target: "DELETE_COMPLETE",
             done_at: Instant::now() + latency / 2,
