@@ -87,15 +87,6 @@ pub trait Connect: Send + std::marker::Sync {
     fn connect(&self, env: &DesiredEnv) -> impl Future<Output = Self::Cloud> + Send;
 }
 
-/// One object's state, for `/status`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct ObjectStatus {
-    pub object: String,
-    pub sync: crate::plan::Sync,
-    pub health: crate::plan::Health,
-    pub reason: String,
-}
-
 /// One environment's state, for `/status`.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct EnvStatus {
@@ -114,7 +105,8 @@ pub struct EnvStatus {
     /// permanent error (wrong account, credentials refused) or a desired
     /// state that never loaded.
     pub waiting_for: Option<String>,
-    pub objects: Vec<ObjectStatus>,
+    /// Every object's outcome of the last pass.
+    pub objects: Vec<crate::outcome::Outcome>,
     pub open_alerts: Vec<Finding>,
 }
 
@@ -444,7 +436,7 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
                     s.result = Some(report.verdict());
                     s.error = report.permanent_error.clone();
                     s.desired_state_error = load_error.clone();
-                    s.objects = objects(report);
+                    s.objects = crate::outcome::outcomes(report);
                     s.open_alerts = episodes.open().cloned().collect();
                     tracing::info!(message = "Pass done.", environment = self.name, verdict = ?report.verdict(), seconds = report.seconds, operations = report.changed());
                     report.verdict() != Verdict::Failed
@@ -591,25 +583,6 @@ fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-fn objects(report: &apply::Report) -> Vec<ObjectStatus> {
-    let p = &report.final_plan;
-    p.stacks
-        .iter()
-        .map(|s| ObjectStatus {
-            object: format!("stack:{}", s.id()),
-            sync: s.sync,
-            health: s.health,
-            reason: s.reason.clone(),
-        })
-        .chain(p.services.iter().map(|s| ObjectStatus {
-            object: format!("ecs:{}", s.service.as_deref().unwrap_or(&s.stack)),
-            sync: s.sync,
-            health: s.health,
-            reason: s.reason.clone(),
-        }))
-        .collect()
 }
 
 #[cfg(test)]

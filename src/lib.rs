@@ -14,6 +14,7 @@ pub mod files;
 pub mod metrics;
 pub mod notify;
 pub mod observe;
+pub mod outcome;
 pub mod plan;
 pub mod policy;
 pub mod resource_types;

@@ -5,9 +5,10 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::future::Future;
 
-use crate::apply::{Report, StackResult};
+use crate::apply::Report;
 use crate::cloud::CloudError;
-use crate::plan::{Health, ServiceAction, StackAction, Sync, Verdict};
+use crate::outcome::{Condition, ObjectKind, outcomes};
+use crate::plan::{Health, Verdict};
 
 /// What one pass over one environment measured.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
@@ -41,29 +42,23 @@ impl PassMetrics {
             throttles,
             ..PassMetrics::default()
         };
-        for s in &report.final_plan.stacks {
-            let result = report.stacks.iter().find(|r| r.name == s.name);
-            let failed = s.health == Health::Failed || result.is_some_and(|r| r.result.failed());
-            let blocked = matches!(s.action, StackAction::Blocked { .. })
-                || result.is_some_and(|r| matches!(r.result, StackResult::Blocked { .. }));
-            let clean = s.sync == Sync::InSync && s.health == Health::Healthy;
-            if failed {
-                m.stacks_failed += 1;
-            } else if blocked {
-                m.stacks_blocked += 1;
-            } else if clean {
-                m.stacks_in_sync += 1;
-            } else {
-                m.stacks_drifted += 1;
-            }
-            m.stack_in_sync
-                .insert(s.id().to_owned(), u64::from(clean && !failed));
-        }
-        for s in &report.final_plan.services {
-            if s.health == Health::Healthy && s.action == ServiceAction::None {
-                m.services_healthy += 1;
-            } else if s.health == Health::Degraded {
-                m.services_degraded += 1;
+        for o in outcomes(report) {
+            let clean = o.condition == Condition::Clean;
+            match o.kind {
+                ObjectKind::Stack => {
+                    match o.condition {
+                        Condition::Failed => m.stacks_failed += 1,
+                        Condition::Blocked(_) => m.stacks_blocked += 1,
+                        Condition::Clean => m.stacks_in_sync += 1,
+                        Condition::Degraded | Condition::Drift => m.stacks_drifted += 1,
+                    }
+                    m.stack_in_sync.insert(o.id, u64::from(clean));
+                }
+                ObjectKind::Service if clean => m.services_healthy += 1,
+                ObjectKind::Service if o.health == Health::Degraded => {
+                    m.services_degraded += 1;
+                }
+                ObjectKind::Service => {}
             }
         }
         m

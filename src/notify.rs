@@ -15,8 +15,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::apply::{Report, ServiceResult, StackResult};
+use crate::apply::Report;
 use crate::cloud::CloudError;
+use crate::outcome::{Condition, outcomes};
 use crate::plan::{BlockedBy, Health, Sync};
 
 /// What kind of trouble a finding is, most severe first.
@@ -82,72 +83,28 @@ impl Finding {
     }
 }
 
-/// The findings of a pass: failed, blocked, degraded and drifted objects.
+/// The findings of a pass: failed, blocked (by policy), degraded and
+/// drifted objects, from the pass's outcomes.
 pub fn findings(report: &Report) -> Vec<Finding> {
-    let mut out: Vec<Finding> = Vec::new();
-    let mut told = std::collections::BTreeSet::new();
-    for s in &report.stacks {
-        let object = format!("stack:{}", s.id());
-        let finding = match &s.result {
-            r if r.failed() => Some((Kind::Failed, r.detail().unwrap_or_default())),
-            StackResult::Blocked {
-                by: BlockedBy::Policy,
-                reason,
-            } => Some((Kind::Blocked, reason.clone())),
-            _ => None,
-        };
-        if let Some((kind, difference)) = finding {
-            told.insert(object.clone());
-            out.push(Finding {
-                object,
+    let mut out: Vec<Finding> = outcomes(report)
+        .into_iter()
+        .filter_map(|o| {
+            let kind = match o.condition {
+                Condition::Failed => Kind::Failed,
+                Condition::Blocked(BlockedBy::Policy) => Kind::Blocked,
+                _ if o.health == Health::Degraded => Kind::Degraded,
+                _ if matches!(o.sync, Sync::OutOfSync | Sync::Missing | Sync::Orphaned) => {
+                    Kind::Drift
+                }
+                _ => return None,
+            };
+            Some(Finding {
+                object: o.object,
                 kind,
-                difference,
-            });
-        }
-    }
-    for s in &report.final_plan.stacks {
-        let object = format!("stack:{}", s.id());
-        if told.contains(&object) {
-            continue;
-        }
-        let kind = match (s.health, s.sync) {
-            (Health::Failed, _) => Kind::Failed,
-            (Health::Degraded, _) => Kind::Degraded,
-            (_, Sync::OutOfSync | Sync::Missing | Sync::Orphaned) => Kind::Drift,
-            _ => continue,
-        };
-        told.insert(object.clone());
-        out.push(Finding {
-            object,
-            kind,
-            difference: s.reason.clone(),
-        });
-    }
-    for s in &report.final_plan.services {
-        let object = format!("ecs:{}", s.service.as_deref().unwrap_or(&s.stack));
-        // This service's result in the pass: the same stack and names
-        // (matched by identity: the final plan may list other services
-        // than the pass did, when names resolved in between).
-        let failed = report
-            .services
-            .iter()
-            .find(|r| r.stack == s.stack && r.cluster == s.cluster && r.service == s.service)
-            .and_then(|r| match &r.result {
-                ServiceResult::Failed { reason } => Some(reason.clone()),
-                _ => None,
-            });
-        let (kind, difference) = match (failed, s.health, s.sync) {
-            (Some(reason), _, _) => (Kind::Failed, reason),
-            (None, Health::Degraded, _) => (Kind::Degraded, s.reason.clone()),
-            (None, _, Sync::OutOfSync | Sync::Missing) => (Kind::Drift, s.reason.clone()),
-            _ => continue,
-        };
-        out.push(Finding {
-            object,
-            kind,
-            difference,
-        });
-    }
+                difference: o.reason,
+            })
+        })
+        .collect();
     out.sort();
     out
 }

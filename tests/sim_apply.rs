@@ -14,6 +14,7 @@ use stackwarden::apply::{self, Options, Report, ServiceResult, StackResult};
 use stackwarden::cloud::sim::{self, SERVICE_MINUTES, SimCloud, SimConfig};
 use stackwarden::cloud::{ChangeSetKind, ChangeSetRequest, Cloud};
 use stackwarden::observe::Depth;
+use stackwarden::outcome::Condition;
 use stackwarden::plan::{BlockedBy, Health, Verdict};
 use stackwarden::spec::{self, DesiredEnv, Mode};
 use tokio::sync::Semaphore;
@@ -427,6 +428,33 @@ async fn a_change_that_replaces_a_protected_table_is_blocked_and_left_for_review
     assert!(
         reason.contains("ReviewCyclesTable") && reason.contains("replaced"),
         "{reason}"
+    );
+    // One outcome per object, read alike by alerts, metrics and /status.
+    let outcomes = stackwarden::outcome::outcomes(&r);
+    let of = |object: &str| {
+        outcomes
+            .iter()
+            .find(|o| o.object == object)
+            .unwrap_or_else(|| panic!("{object}: {outcomes:#?}"))
+    };
+    assert_eq!(
+        of("stack:dynamodb").condition,
+        Condition::Blocked(BlockedBy::Policy)
+    );
+    let blocked = outcomes
+        .iter()
+        .filter(|o| matches!(o.condition, Condition::Blocked(_)))
+        .count() as u64;
+    assert_eq!(
+        stackwarden::metrics::PassMetrics::from_report(&r, 0).stacks_blocked,
+        blocked
+    );
+    let findings = stackwarden::notify::findings(&r);
+    assert!(
+        findings
+            .iter()
+            .any(|f| f.object == "stack:dynamodb" && f.kind == stackwarden::notify::Kind::Blocked),
+        "{findings:#?}"
     );
     // Its dependents wait; unrelated stacks are untouched.
     assert!(matches!(result(&r, "iam"), StackResult::Skipped { .. }));
