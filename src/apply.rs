@@ -25,9 +25,9 @@ use tokio::sync::{OnceCell, Semaphore, mpsc};
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use crate::changeset::{self, LiveSide};
 use crate::cloud::{
-    ChangeAction, ChangeSet, ChangeSetKind, ChangeSetStatus, Cloud, CloudError, ResourceChange,
-    Stack, StackEvent, StackStatus,
+    ChangeSet, ChangeSetKind, ChangeSetStatus, Cloud, CloudError, Stack, StackEvent, StackStatus,
 };
 use crate::diff::TemplateDiff;
 use crate::observe::{self, Depth, observe};
@@ -35,7 +35,6 @@ use crate::plan::{
     BlockedBy, Observed, Plan, ServiceAction, StackAction, StackPlan, Verdict, plan,
     resolve_parameters,
 };
-use crate::policy::{self, Deployed};
 use crate::retry;
 use crate::spec::{CHANGE_SET_PREFIX, DesiredEnv, DesiredStack};
 use crate::template::Template;
@@ -909,7 +908,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
                 Err(e) => return Step::Done(failed(format!("CreateChangeSet: {e}"))),
             }
         }
-        let cs = match computed_change_set(self.cloud, &stack.name, &name, deadline).await {
+        let cs = match changeset::computed(self.cloud, &stack.name, &name, deadline).await {
             Ok(Some(cs)) => cs,
             Ok(None) => {
                 return Step::Done(StackResult::TimedOut {
@@ -965,7 +964,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
         // What changes inside nested stacks is gated like the parent's own
         // changes; a parent whose nested changes cannot be read is not
         // executed.
-        let nested = match self.nested_changes(&stack.name, &cs, deadline).await {
+        let nested = match changeset::nested_changes(self.cloud, &stack.name, &cs, deadline).await {
             Ok(n) => n,
             // One we did not make here may predate IncludeNestedStacks:
             // made anew once before judging.
@@ -985,37 +984,18 @@ impl<'a, C: Cloud> Pass<'a, C> {
                 });
             }
         };
-        // The live side of a forecast: the live template as read (only then
-        // can an in-place update be proven), else the desired one.
         let live_template = self.lock_templates().get(&stack.name).cloned();
-        let desired_params = stack.template.effective_parameters(&parameters);
-        let live_side = live.filter(|_| exists).map(|l| Deployed {
-            template: live_template.as_ref().unwrap_or(&stack.template),
-            parameters: &l.parameters,
-        });
-        let desired_side = Deployed {
-            template: &stack.template,
-            parameters: &desired_params,
-        };
-        let in_place = match (live_side, &live_template) {
-            (Some(l), Some(_)) => policy::proven_in_place(l, desired_side),
-            _ => Default::default(),
-        };
-        let mut violations =
-            policy::check_changes(&stack.key, &cs.changes, &self.env.policy, &in_place);
-        violations.extend(policy::check_changes(
-            &stack.key,
-            &nested,
+        let violations = changeset::gate(
+            stack,
             &self.env.policy,
-            &Default::default(),
-        ));
-        if let Some(l) = live_side {
-            for v in policy::forecast(&stack.key, l, desired_side, &self.env.policy) {
-                if !violations.iter().any(|x| x.logical_id == v.logical_id) {
-                    violations.push(v);
-                }
-            }
-        }
+            &cs.changes,
+            &nested,
+            live.filter(|_| exists).map(|l| LiveSide {
+                template: live_template.as_ref(),
+                parameters: &l.parameters,
+            }),
+            &parameters,
+        );
         if !violations.is_empty() {
             let list: Vec<String> = violations.iter().map(ToString::to_string).collect();
             return Step::Done(StackResult::Blocked {
@@ -1367,7 +1347,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
                 Err(e) if e.is_transient() => {}
                 Err(e) => return Err(Waited::Error(e)),
             }
-            pause(&mut backoff, deadline)
+            retry::pause(&mut backoff, deadline)
                 .await
                 .map_err(|()| Waited::TimedOut(last_status.clone()))?;
         }
@@ -1496,75 +1476,6 @@ impl<'a, C: Cloud> Pass<'a, C> {
         Ok(out)
     }
 
-    /// Every change inside the nested stacks of a change set, recursively,
-    /// named `Nested.LogicalId` (`Outer.Inner.LogicalId` deeper down).
-    ///
-    /// # Errors
-    /// Why a nested change set could not be inspected: AWS gave none for a
-    /// changed nested stack, or it failed, or it is still being computed
-    /// at the deadline, or it cannot be described.
-    async fn nested_changes(
-        &self,
-        stack: &str,
-        cs: &ChangeSet,
-        deadline: Instant,
-    ) -> Result<Vec<ResourceChange>, String> {
-        /// Nesting deeper than this is refused rather than followed.
-        const MAX_DEPTH: usize = 5;
-        let mut out = Vec::new();
-        let mut frontier: Vec<(String, ResourceChange)> = cs
-            .changes
-            .iter()
-            .map(|c| (String::new(), c.clone()))
-            .collect();
-        let mut depth = 0;
-        while !frontier.is_empty() {
-            let mut next = Vec::new();
-            for (prefix, c) in frontier {
-                let nested_type =
-                    crate::cloud::NESTED_STACK_TYPES.contains(&c.resource_type.as_str());
-                if !nested_type || matches!(c.action, ChangeAction::Add | ChangeAction::Remove) {
-                    // A new nested stack replaces nothing; a removed one is
-                    // judged whole (policy::check_changes).
-                    continue;
-                }
-                let path = format!("{prefix}{}", c.logical_id);
-                let Some(id) = &c.nested_change_set else {
-                    return Err(format!(
-                        "no nested change set for {path}: what changes inside it cannot be inspected"
-                    ));
-                };
-                if depth >= MAX_DEPTH {
-                    return Err(format!("{path} is nested deeper than {MAX_DEPTH} levels"));
-                }
-                let inner = match computed_change_set(self.cloud, stack, id, deadline).await {
-                    Ok(Some(inner)) => inner,
-                    Ok(None) => {
-                        return Err(format!("the change set of {path} is still being computed"));
-                    }
-                    Err(e) => return Err(format!("the change set of {path} cannot be read: {e}")),
-                };
-                match inner.status {
-                    ChangeSetStatus::Ready | ChangeSetStatus::NoChanges => {}
-                    other => {
-                        return Err(format!("the change set of {path} is {other:?}"));
-                    }
-                }
-                for n in inner.changes {
-                    let named = ResourceChange {
-                        logical_id: format!("{path}.{}", n.logical_id),
-                        ..n.clone()
-                    };
-                    out.push(named);
-                    next.push((format!("{path}."), n));
-                }
-            }
-            frontier = next;
-            depth += 1;
-        }
-        Ok(out)
-    }
-
     /// Remembers that redeploying `task_definition` for the service's stack
     /// revision failed, so no later pass retries it.
     fn redeploy_failed(&self, sp: &crate::plan::ServicePlan, task_definition: Option<&str>) {
@@ -1679,7 +1590,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
                         return match task_definition {
                             // Not seen yet: a stale read; look again.
                             Some(td) if running != td && !seen_ours => {
-                                if pause(&mut backoff, deadline).await.is_err() {
+                                if retry::pause(&mut backoff, deadline).await.is_err() {
                                     return ServiceResult::TimedOut;
                                 }
                                 continue;
@@ -1707,7 +1618,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
                     };
                 }
             }
-            if pause(&mut backoff, deadline).await.is_err() {
+            if retry::pause(&mut backoff, deadline).await.is_err() {
                 return ServiceResult::TimedOut;
             }
         }
@@ -1718,48 +1629,6 @@ impl<'a, C: Cloud> Pass<'a, C> {
 enum Waited {
     TimedOut(StackStatus),
     Error(CloudError),
-}
-
-/// Polls a change set until it is computed (any status but pending), with
-/// the poll backoff; throttled polls just poll later.
-///
-/// # Errors
-/// A cloud error other than throttling. `Ok(None)`: still pending at
-/// `deadline`.
-pub async fn computed_change_set<C: Cloud>(
-    cloud: &C,
-    stack: &str,
-    name: &str,
-    deadline: Instant,
-) -> Result<Option<ChangeSet>, CloudError> {
-    let mut backoff = retry::poll_backoff();
-    loop {
-        match cloud.describe_change_set(stack, name).await {
-            Ok(cs) if cs.status != ChangeSetStatus::Pending => return Ok(Some(cs)),
-            Ok(_) => {}
-            Err(e) if e.is_transient() => {}
-            Err(e) => return Err(e),
-        }
-        if pause(&mut backoff, deadline).await.is_err() {
-            return Ok(None);
-        }
-    }
-}
-
-/// Sleeps for the next poll interval, or fails when the deadline is reached.
-async fn pause(backoff: &mut backoff::ExponentialBackoff, deadline: Instant) -> Result<(), ()> {
-    use backoff::backoff::Backoff;
-    let now = Instant::now();
-    if now >= deadline {
-        return Err(());
-    }
-    let wait = retry::jittered(
-        backoff.next_backoff().unwrap_or(retry::POLL_MAX),
-        retry::POLL_JITTER,
-    )
-    .min(deadline - now);
-    tokio::time::sleep(wait).await;
-    Ok(())
 }
 
 /// A pause before looking again at something that is settling (a busy

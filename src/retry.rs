@@ -131,6 +131,21 @@ pub fn is_transient(e: &CloudError) -> bool {
     e.is_transient()
 }
 
+/// Sleeps for the next poll interval, or fails when the deadline is reached.
+pub async fn pause(
+    backoff: &mut ExponentialBackoff,
+    deadline: tokio::time::Instant,
+) -> Result<(), ()> {
+    let now = tokio::time::Instant::now();
+    if now >= deadline {
+        return Err(());
+    }
+    let wait =
+        jittered(backoff.next_backoff().unwrap_or(POLL_MAX), POLL_JITTER).min(deadline - now);
+    tokio::time::sleep(wait).await;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

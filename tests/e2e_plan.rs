@@ -225,6 +225,17 @@ async fn plan_change_sets_shows_resource_changes_and_leaves_nothing_behind() {
             && l.contains("Modify")),
         "{text}"
     );
+    // The preview is judged as a pass would judge it: reconcile would
+    // refuse this change set.
+    let verdict = text
+        .split("reconcile would not execute it")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no policy verdict: {text}"));
+    assert!(
+        verdict.contains("ReviewCyclesTable (AWS::DynamoDB::Table)")
+            && verdict.contains("replaced"),
+        "{text}"
+    );
 
     let cfn = aws_sdk_cloudformation::Client::new(&config);
     for stack in env.stacks.values() {

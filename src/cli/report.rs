@@ -3,6 +3,7 @@
 use std::io::IsTerminal;
 
 use super::{Format, Outcome, Select, Show, load_selected};
+use crate::changeset::{self, LiveSide};
 use crate::cloud::aws::AwsCloud;
 use crate::cloud::{
     ChangeSetKind, ChangeSetRequest, ChangeSetStatus, Cloud, CloudError, ResourceChange,
@@ -10,6 +11,7 @@ use crate::cloud::{
 };
 use crate::observe::{Depth, observe};
 use crate::plan::{Plan, StackAction, plan, resolve_parameters};
+use crate::policy::Violation;
 use crate::retry;
 use crate::spec::DesiredEnv;
 
@@ -17,7 +19,13 @@ use crate::spec::DesiredEnv;
 #[derive(Debug, serde::Serialize)]
 struct Preview {
     stack: String,
+    /// The change set's changes, then those inside its nested stacks
+    /// (named `Nested.LogicalId`).
     changes: Vec<ResourceChange>,
+    /// What `reconcile` would refuse to execute: the policy's verdict on
+    /// this very change set, as a pass would judge it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    blocked_by_policy: Vec<Violation>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
     /// Why no change set was made.
@@ -109,6 +117,7 @@ async fn preview_change_sets<C: Cloud>(
                 out.push(Preview {
                     stack: key.clone(),
                     changes: vec![],
+                    blocked_by_policy: vec![],
                     error: None,
                     skipped: Some(format!("not previewed: {why}")),
                 });
@@ -122,7 +131,23 @@ async fn preview_change_sets<C: Cloud>(
             parameters,
             format!("stackwarden plan preview of revision {}", stack.revision),
         );
-        let result = preview_one(cloud, &request, stack.timeout).await;
+        let live = observed.stacks.get(&stack.name).map(|l| LiveSide {
+            template: observed.templates.get(&stack.name),
+            parameters: &l.parameters,
+        });
+        let result = preview_one(cloud, &request, stack.timeout)
+            .await
+            .map(|changes| {
+                let verdict = changeset::gate(
+                    stack,
+                    &env.policy,
+                    &changes.0,
+                    &changes.1,
+                    live,
+                    &request.parameters,
+                );
+                (changes, verdict)
+            });
         // Always clean up, whatever happened.
         let _ =
             retry::call(|| cloud.delete_change_set(&request.stack_name, &request.change_set_name))
@@ -139,15 +164,20 @@ async fn preview_change_sets<C: Cloud>(
             );
         }
         out.push(match result {
-            Ok(changes) => Preview {
+            Ok(((mut changes, nested), blocked_by_policy)) => Preview {
                 stack: key.clone(),
-                changes,
+                changes: {
+                    changes.extend(nested);
+                    changes
+                },
+                blocked_by_policy,
                 error: None,
                 skipped: None,
             },
             Err(e) => Preview {
                 stack: key.clone(),
                 changes: vec![],
+                blocked_by_policy: vec![],
                 error: Some(e.to_string()),
                 skipped: None,
             },
@@ -185,32 +215,49 @@ async fn remove_placeholder<C: Cloud>(cloud: &C, name: &str) -> Result<(), Cloud
     retry::call(|| cloud.delete_stack(name)).await
 }
 
-/// Creates the change set and reads its changes, waiting at most `timeout`
-/// (the stack's operation timeout) for AWS to compute it.
+/// Creates the change set and reads its changes and those inside its
+/// nested stacks, waiting at most `timeout` (the stack's operation
+/// timeout) for AWS to compute them.
 async fn preview_one<C: Cloud>(
     cloud: &C,
     request: &ChangeSetRequest,
     timeout: std::time::Duration,
-) -> Result<Vec<ResourceChange>, CloudError> {
+) -> Result<(Vec<ResourceChange>, Vec<ResourceChange>), CloudError> {
     retry::call(|| cloud.create_change_set(request)).await?;
     let deadline = crate::retry::instant_after(timeout);
-    let computed = crate::apply::computed_change_set(
+    let still_computing = || {
+        CloudError::Transport(format!(
+            "change set still being computed after {}",
+            humantime::format_duration(timeout)
+        ))
+    };
+    let cs = changeset::computed(
         cloud,
         &request.stack_name,
         &request.change_set_name,
         deadline,
     )
-    .await?;
-    let Some(cs) = computed else {
-        return Err(CloudError::Transport(format!(
-            "change set still being computed after {}",
-            humantime::format_duration(timeout)
-        )));
-    };
+    .await?
+    .ok_or_else(still_computing)?;
     match cs.status {
-        ChangeSetStatus::NoChanges => Ok(vec![]),
+        ChangeSetStatus::NoChanges => Ok((vec![], vec![])),
         ChangeSetStatus::Failed(why) => Err(CloudError::Validation(why)),
-        _ => Ok(cs.changes),
+        // Computed, but the stack got busy or someone deleted it: what it
+        // said may already be stale, so no preview rather than a wrong one.
+        ChangeSetStatus::Unavailable
+        | ChangeSetStatus::Deleted
+        | ChangeSetStatus::Executing
+        | ChangeSetStatus::Executed => Err(CloudError::Conflict(format!(
+            "the preview change set became {:?} before it was read (another operation on the stack?)",
+            cs.status
+        ))),
+        ChangeSetStatus::Pending => Err(still_computing()),
+        ChangeSetStatus::Ready => {
+            let nested = changeset::nested_changes(cloud, &request.stack_name, &cs, deadline)
+                .await
+                .map_err(CloudError::Validation)?;
+            Ok((cs.changes, nested))
+        }
     }
 }
 
@@ -342,6 +389,12 @@ fn print_text(env: &DesiredEnv, plan: &Plan, previews: &[Preview], show: Show) {
                     c.resource_type,
                     format!("{:?}", c.action)
                 );
+            }
+        }
+        if !p.blocked_by_policy.is_empty() {
+            println!("    reconcile would not execute it (allow with policy.allow_replacement):");
+            for v in &p.blocked_by_policy {
+                println!("      {}", paint(&v.to_string(), "31"));
             }
         }
     }
