@@ -389,7 +389,7 @@ async fn reconcile_pass<C: Cloud>(
     let mut observed = observe(cloud, env, options.depth)
         .await
         .map_err(ApplyError::Observe)?;
-    observed.failed_redeploys = options.failed_redeploys();
+    observed.failed_redeploys.extend(options.failed_redeploys());
     let initial = plan(env, &observed);
     let pass = Pass {
         cloud,
@@ -417,7 +417,7 @@ async fn reconcile_pass<C: Cloud>(
     let (final_observed, final_plan, final_observation_error) = if pass.touched() {
         match observe(cloud, env, Depth::Fast).await {
             Ok(mut o) => {
-                o.failed_redeploys = options.failed_redeploys();
+                o.failed_redeploys.extend(options.failed_redeploys());
                 let p = plan(env, &o);
                 (Some(o), p, None)
             }
@@ -684,7 +684,9 @@ impl<'a, C: Cloud> Pass<'a, C> {
             ..Observed::default()
         };
         observe::refresh_stacks(self.cloud, self.env, &mut observed).await?;
-        observed.failed_redeploys = self.options.failed_redeploys();
+        observed
+            .failed_redeploys
+            .extend(self.options.failed_redeploys());
         let p = plan(self.env, &observed);
         Ok((observed, p))
     }
@@ -1422,7 +1424,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
         let p = if self.touched() {
             match observe(self.cloud, self.env, Depth::Fast).await {
                 Ok(mut o) => {
-                    o.failed_redeploys = self.options.failed_redeploys();
+                    o.failed_redeploys.extend(self.options.failed_redeploys());
                     plan(self.env, &o)
                 }
                 // What the stacks did stays reported; each service says why

@@ -239,5 +239,65 @@ pub async fn observe_services<C: Cloud>(
             Err(e) => return Err(e),
         }
     }
+    observed.failed_redeploys = failed_redeploys(cloud, env, observed).await;
     Ok(())
+}
+
+/// The (stack revision, task definition) pairs whose ECS redeploy ended
+/// without that task definition running, from ECS's own deployment
+/// history, so a restarted controller remembers them as it remembers failed
+/// stack revisions. Asked only for a settled service that runs another task
+/// definition than its stack declares (a redeploy is about to be planned),
+/// and only about deployments made since the stack's last update (its
+/// revision). History that cannot be read (the API is denied, or the
+/// emulator lacks it) is logged and read as none: the pass still works,
+/// with only this process's memory against a redeploy loop.
+async fn failed_redeploys<C: Cloud>(
+    cloud: &C,
+    env: &DesiredEnv,
+    observed: &Observed,
+) -> BTreeSet<(String, String)> {
+    let mut out = BTreeSet::new();
+    for stack in env.stacks.values() {
+        let Some(live_stack) = observed.stacks.get(&stack.name) else {
+            continue;
+        };
+        for svc in &stack.ecs_services {
+            let (Ok(cluster), Ok(service)) = (
+                resolve(&svc.cluster, env, observed),
+                resolve(&svc.service, env, observed),
+            ) else {
+                continue;
+            };
+            let Some(live) = observed.services.get(&(cluster.clone(), service.clone())) else {
+                continue;
+            };
+            let Some(expected) = svc
+                .task_definition
+                .as_ref()
+                .and_then(|v| resolve(v, env, observed).ok())
+                .filter(|td| !td.is_empty() && *td != live.task_definition)
+            else {
+                continue;
+            };
+            if live.deployments.len() > 1 {
+                continue;
+            }
+            let since = live_stack
+                .last_updated
+                .unwrap_or(std::time::SystemTime::UNIX_EPOCH);
+            match retry::call(|| cloud.failed_deployments(&cluster, &service, since)).await {
+                Ok(failed) => {
+                    if let Some(f) = failed.iter().find(|f| f.task_definition == expected) {
+                        tracing::info!(message = "A redeploy of this revision ended without running it.", environment = %env.name, service, task_definition = %expected, status = %f.status, reason = f.reason.as_deref().unwrap_or(""));
+                        out.insert((stack.revision.clone(), expected));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(message = "Cannot read the ECS deployment history; only this process remembers failed redeploys.", environment = %env.name, service, error = %e);
+                }
+            }
+        }
+    }
+    out
 }

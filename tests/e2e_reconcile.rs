@@ -467,3 +467,65 @@ async fn prune_never_deletes_another_owners_stack_nor_an_orphan_holding_a_protec
             .contains("AWS::DynamoDB::Table")
     );
 }
+
+/// Someone deploys another task definition by hand: the pass redeploys the
+/// stack's own, asking ECS's deployment history first (the emulator's holds
+/// no rolled-back deployment), and the next pass is in sync.
+#[tokio::test]
+async fn an_out_of_band_task_definition_is_redeployed_back() {
+    let emu = Emulator::get();
+    let _guard = emu.lock().await;
+    let config = emu.sdk_config().await;
+    let (out, v) = reconcile(emu, &[]);
+    assert_eq!(out.status.code(), Some(0), "{v}");
+    let service = v[0]["report"]["services"][0]["service"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let ecs = aws_sdk_ecs::Client::new(&config);
+    let described = ecs
+        .describe_services()
+        .cluster(SERVICE_CLUSTER)
+        .services(&service)
+        .send()
+        .await
+        .expect("DescribeServices");
+    let declared = described.services()[0]
+        .task_definition()
+        .expect("a task definition")
+        .to_owned();
+    let hotfix = ecs
+        .register_task_definition()
+        .family("hotfix")
+        .container_definitions(
+            aws_sdk_ecs::types::ContainerDefinition::builder()
+                .name("app")
+                .image("public.ecr.aws/docker/library/busybox:latest")
+                .memory(128)
+                .build(),
+        )
+        .send()
+        .await
+        .expect("RegisterTaskDefinition")
+        .task_definition()
+        .and_then(|t| t.task_definition_arn())
+        .expect("an ARN")
+        .to_owned();
+    ecs.update_service()
+        .cluster(SERVICE_CLUSTER)
+        .service(&service)
+        .task_definition(&hotfix)
+        .send()
+        .await
+        .expect("UpdateService");
+
+    let (out, v) = reconcile(emu, &[]);
+    assert_eq!(out.status.code(), Some(0), "{v}\n{}", stderr(&out));
+    assert_eq!(
+        v[0]["report"]["services"][0]["result"],
+        serde_json::json!({"kind": "redeployed", "task_definition": declared})
+    );
+    let (out, v) = reconcile(emu, &[]);
+    assert_eq!(out.status.code(), Some(0), "{v}\n{}", stderr(&out));
+    assert_eq!(v[0]["report"]["services"][0]["result"]["kind"], "in_sync");
+}

@@ -21,8 +21,8 @@ use aws_smithy_types::error::display::DisplayErrorContext;
 
 use super::{
     ChangeAction, ChangeSet, ChangeSetKind, ChangeSetRequest, ChangeSetStatus, ChangeSetSummary,
-    Cloud, CloudError, CloudResult, Deployment, Replacement, ResourceChange, Service, Stack,
-    StackEvent, StackStatus,
+    Cloud, CloudError, CloudResult, Deployment, FAILED_DEPLOYMENT_STATUSES, FailedDeployment,
+    Replacement, ResourceChange, Service, Stack, StackEvent, StackStatus,
 };
 use crate::spec::AssumeRole;
 
@@ -685,6 +685,77 @@ impl Cloud for AwsCloud {
             }
         }
         Ok(out)
+    }
+
+    async fn failed_deployments(
+        &self,
+        cluster: &str,
+        service: &str,
+        since: SystemTime,
+    ) -> CloudResult<Vec<FailedDeployment>> {
+        use aws_sdk_ecs::types::{CreatedAt, ServiceDeploymentStatus};
+        let mut briefs = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            self.calls.tick();
+            let resp = self
+                .ecs
+                .list_service_deployments()
+                .cluster(cluster)
+                .service(service)
+                .set_status(Some(
+                    FAILED_DEPLOYMENT_STATUSES
+                        .iter()
+                        .map(|s| ServiceDeploymentStatus::from(*s))
+                        .collect(),
+                ))
+                .created_at(
+                    CreatedAt::builder()
+                        .after(aws_smithy_types::DateTime::from(since))
+                        .build(),
+                )
+                .set_next_token(token.take())
+                .send()
+                .await
+                .map_err(|e| self.error(e))?;
+            briefs.extend(resp.service_deployments().iter().cloned());
+            token = resp.next_token().map(str::to_owned);
+            if token.is_none() {
+                break;
+            }
+        }
+        let arns: Vec<String> = briefs
+            .iter()
+            .filter_map(|b| b.target_service_revision_arn().map(str::to_owned))
+            .collect();
+        let mut task_definitions = BTreeMap::new();
+        for batch in arns.chunks(20) {
+            self.calls.tick();
+            let resp = self
+                .ecs
+                .describe_service_revisions()
+                .set_service_revision_arns(Some(batch.to_vec()))
+                .send()
+                .await
+                .map_err(|e| self.error(e))?;
+            for r in resp.service_revisions() {
+                if let (Some(arn), Some(td)) = (r.service_revision_arn(), r.task_definition()) {
+                    task_definitions.insert(arn.to_owned(), td.to_owned());
+                }
+            }
+        }
+        Ok(briefs
+            .iter()
+            .filter_map(|b| {
+                Some(FailedDeployment {
+                    status: b.status()?.as_str().to_owned(),
+                    reason: b.status_reason().map(str::to_owned),
+                    task_definition: task_definitions
+                        .get(b.target_service_revision_arn()?)?
+                        .clone(),
+                })
+            })
+            .collect())
     }
 
     async fn update_service(

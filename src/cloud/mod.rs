@@ -263,6 +263,22 @@ pub enum ChangeSetStatus {
     Deleted,
 }
 
+/// A finished ECS service deployment whose target is not what runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedDeployment {
+    /// `ROLLBACK_SUCCESSFUL`, `ROLLBACK_FAILED` or `STOPPED`.
+    pub status: String,
+    pub reason: Option<String>,
+    /// The task definition the deployment was to run.
+    pub task_definition: String,
+}
+
+/// The service deployment statuses of a deployment that ended without its
+/// target running: rolled back (the circuit breaker's rollback, or a
+/// failed one) or stopped.
+pub const FAILED_DEPLOYMENT_STATUSES: &[&str] =
+    &["ROLLBACK_SUCCESSFUL", "ROLLBACK_FAILED", "STOPPED"];
+
 /// A change set as ListChangeSets summarizes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChangeSetSummary {
@@ -475,6 +491,18 @@ pub trait Cloud: Send + Sync {
         desired: Option<i32>,
         task_definition: Option<&str>,
     ) -> impl Future<Output = CloudResult<()>> + Send;
+
+    /// The service's deployments created after `since` that finished
+    /// without leaving their target running (ECS's own deployment history:
+    /// ListServiceDeployments, then DescribeServiceRevisions for the task
+    /// definitions they targeted). What tells a restarted controller that
+    /// its last redeploy rolled back.
+    fn failed_deployments(
+        &self,
+        cluster: &str,
+        service: &str,
+        since: SystemTime,
+    ) -> impl Future<Output = CloudResult<Vec<FailedDeployment>>> + Send;
 
     /// Throttling errors seen so far (after the SDK's own retries).
     fn throttles(&self) -> u64 {

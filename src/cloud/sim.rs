@@ -22,8 +22,8 @@ use tokio::time::Instant;
 
 use super::{
     ChangeAction, ChangeSet, ChangeSetKind, ChangeSetRequest, ChangeSetStatus, ChangeSetSummary,
-    Cloud, CloudError, CloudResult, Deployment, Replacement, ResourceChange, Service, Stack,
-    StackEvent, StackStatus,
+    Cloud, CloudError, CloudResult, Deployment, FailedDeployment, Replacement, ResourceChange,
+    Service, Stack, StackEvent, StackStatus,
 };
 use crate::template::{Template, references_parameter};
 
@@ -103,6 +103,8 @@ struct Rollout {
     /// What the service ran before: the circuit breaker rolls back to it.
     previous: String,
     done_at: Instant,
+    /// When the deployment was created, on the simulated wall clock.
+    created: SystemTime,
 }
 
 #[derive(Debug, Clone)]
@@ -189,15 +191,28 @@ struct State {
     /// Listing stacks fails from the moment this many stacks exist with
     /// no operation in flight (the network goes away after the work).
     outage_once_stable: Option<usize>,
+    /// When the simulation began (see [`SimCloud::now`]); set at creation.
+    epoch: Option<Instant>,
+    /// ECS's service deployment history, by (cluster, service).
+    deployment_history: BTreeMap<(String, String), Vec<PastDeployment>>,
+}
+
+/// A finished ECS service deployment: when it was created, how it ended
+/// (`SUCCESSFUL`, `ROLLBACK_SUCCESSFUL`), the task definition it was to run.
+type PastDeployment = (SystemTime, &'static str, String);
+
+/// The simulated wall clock: 2026-01-01T00:00:00Z at the simulation's
+/// start, then tokio's pace, so paused-clock tests age things.
+fn wall_clock(st: &State, now: Instant) -> SystemTime {
+    let start = st.epoch.unwrap_or(now);
+    SystemTime::UNIX_EPOCH
+        + Duration::from_secs(1_767_225_600)
+        + now.saturating_duration_since(start)
 }
 
 /// The simulated cloud. Cheap to clone; clones share state.
 #[derive(Clone)]
 pub struct SimCloud {
-    /// When the simulation began, on tokio's clock: its wall clock runs
-    /// from a fixed date at tokio's pace, so paused-clock tests can age
-    /// things.
-    epoch: Instant,
     config: Arc<SimConfig>,
     state: Arc<Mutex<State>>,
     rng: Arc<Mutex<StdRng>>,
@@ -206,12 +221,12 @@ pub struct SimCloud {
 impl SimCloud {
     pub fn new(config: SimConfig) -> SimCloud {
         SimCloud {
-            epoch: Instant::now(),
             rng: Arc::new(Mutex::new(StdRng::seed_from_u64(config.seed))),
             state: Arc::new(Mutex::new(State {
                 throttle_rate: config.throttle_rate,
                 cleanup_latency: config.cleanup_latency,
                 rollout_latency: config.rollout_latency,
+                epoch: Some(Instant::now()),
                 ..State::default()
             })),
             config: Arc::new(config),
@@ -550,10 +565,11 @@ fn push_event(
 ) {
     st.next_id += 1;
     let id = format!("ev-{}", st.next_id);
+    let timestamp = wall_clock(st, Instant::now());
     if let Some(s) = st.stacks.get_mut(stack) {
         s.events.push(StackEvent {
             id,
-            timestamp: SystemTime::now(),
+            timestamp,
             logical_id: logical_id.to_owned(),
             resource_type: kind.to_owned(),
             status: status.to_owned(),
@@ -580,6 +596,16 @@ fn advance_rollouts(st: &mut State, now: Instant) {
     for key in due {
         let r = st.rollouts.remove(&key).expect("listed");
         let broken = st.broken_task_definitions.contains(&r.task_definition);
+        let status = if broken {
+            "ROLLBACK_SUCCESSFUL"
+        } else {
+            "SUCCESSFUL"
+        };
+        st.deployment_history.entry(key.clone()).or_default().push((
+            r.created,
+            status,
+            r.task_definition.clone(),
+        ));
         let Some(s) = st.services.get_mut(&key) else {
             continue;
         };
@@ -614,6 +640,7 @@ fn advance_rollouts(st: &mut State, now: Instant) {
 
 /// Completes every stack operation whose time has come.
 fn advance_stacks(st: &mut State, now: Instant) {
+    let wall = wall_clock(st, now);
     let names: Vec<String> = st.stacks.keys().cloned().collect();
     for name in names {
         let stuck = st.stuck.contains(&name);
@@ -678,7 +705,7 @@ fn advance_stacks(st: &mut State, now: Instant) {
                 s.stack.tags = a.tags;
                 s.stack.outputs = outputs_of(&name, &s.template_body, &s.stack.parameters);
                 if op.target == "UPDATE_COMPLETE" {
-                    s.stack.last_updated = Some(SystemTime::now());
+                    s.stack.last_updated = Some(wall);
                 }
             }
             if op.target == "UPDATE_COMPLETE" && applied && !cleanup.is_zero() {
@@ -1078,7 +1105,7 @@ impl Cloud for SimCloud {
                 changes
             },
             executed: false,
-            created: self.now(),
+            created: wall_clock(&st, Instant::now()),
             id: String::new(),
         };
         let entry = st
@@ -1192,8 +1219,7 @@ impl Cloud for SimCloud {
     }
 
     fn now(&self) -> SystemTime {
-        // 2026-01-01T00:00:00Z, then tokio's pace.
-        SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600) + self.epoch.elapsed()
+        wall_clock(&self.lock(), Instant::now())
     }
 
     async fn execute_change_set(
@@ -1533,12 +1559,14 @@ impl Cloud for SimCloud {
                     },
                 ];
                 let done_at = Instant::now() + st.rollout_latency;
+                let created = wall_clock(&st, Instant::now());
                 st.rollouts.insert(
                     key,
                     Rollout {
                         task_definition: td.to_owned(),
                         previous,
                         done_at,
+                        created,
                     },
                 );
             }
@@ -1551,6 +1579,29 @@ impl Cloud for SimCloud {
         }
         advance(&mut st, Instant::now());
         Ok(())
+    }
+
+    async fn failed_deployments(
+        &self,
+        cluster: &str,
+        service: &str,
+        since: SystemTime,
+    ) -> CloudResult<Vec<FailedDeployment>> {
+        let st = self.enter("ListServiceDeployments")?;
+        Ok(st
+            .deployment_history
+            .get(&(cluster.to_owned(), service.to_owned()))
+            .into_iter()
+            .flatten()
+            .filter(|(created, status, _)| {
+                *created > since && crate::cloud::FAILED_DEPLOYMENT_STATUSES.contains(status)
+            })
+            .map(|(_, status, td)| FailedDeployment {
+                status: (*status).to_owned(),
+                reason: Some("ECS deployment circuit breaker: tasks failed to start".into()),
+                task_definition: td.clone(),
+            })
+            .collect())
     }
 
     async fn caller_account(&self) -> CloudResult<String> {

@@ -58,6 +58,12 @@ Patches
 12. A service created without DesiredCount starts with 1 task, as AWS
    documents (moto: 0). The shipped service template leaves the count to
    autoscaling.
+15. ListServiceDeployments and DescribeServiceRevisions (ECS's deployment
+   history, which stackwarden reads to remember a redeploy that rolled
+   back) are not implemented. moto completes every deployment at once and
+   never rolls one back, so its history holds no deployment that ended
+   rolled back or stopped: we answer the filtered list AWS would, an empty
+   one, and no revisions.
 11. Faults, switched per test (POST /stackwarden/faults with a JSON body;
    every key optional, all off by default and after /moto-api/reset):
    - `latency_ms`: every AWS call answers this much later;
@@ -702,6 +708,31 @@ def _strict_create_change_set(self, stack_name, change_set_name, *args, **kwargs
 
 
 cfn_models.CloudFormationBackend.create_change_set = _strict_create_change_set
+
+
+from moto.ecs import responses as ecs_responses  # noqa: E402
+
+
+def _list_service_deployments(self):
+    return ActionResult({"serviceDeployments": []})
+
+
+def _describe_service_revisions(self):
+    arns = self._get_param("serviceRevisionArns", [])
+    return ActionResult(
+        {
+            "serviceRevisions": [],
+            "failures": [{"arn": a, "reason": "MISSING"} for a in arns],
+        }
+    )
+
+
+ecs_responses.EC2ContainerServiceResponse.list_service_deployments = (
+    _list_service_deployments
+)
+ecs_responses.EC2ContainerServiceResponse.describe_service_revisions = (
+    _describe_service_revisions
+)
 
 
 def _exit_when_stdin_closes():
