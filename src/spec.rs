@@ -710,14 +710,50 @@ impl Loader {
             depends_on.remove(&key);
             let mut tags = raw.tags.clone();
             tags.extend(s.tags.clone());
-            for t in tags.keys() {
+            for (t, v) in &tags {
+                let field = if s.tags.contains_key(t) {
+                    format!("stacks.{key}.tags.{t}")
+                } else {
+                    format!("tags.{t}")
+                };
                 if t.starts_with("stackwarden:") || t.starts_with("aws:") {
                     self.error_at(
                         &doc,
                         &format!("stacks.{key}.tags"),
                         format!("tag `{t}` is reserved"),
                     );
+                } else if t.is_empty() || t.chars().count() > limits::TAG_KEY_CHARS {
+                    self.error_at(
+                        &doc,
+                        &field,
+                        format!(
+                            "tag key `{t}` must be 1 to {} characters (CloudFormation's limit)",
+                            limits::TAG_KEY_CHARS
+                        ),
+                    );
+                } else if v.chars().count() > limits::TAG_VALUE_CHARS {
+                    self.error_at(
+                        &doc,
+                        &field,
+                        format!(
+                            "the value of tag `{t}` is over {} characters (CloudFormation's limit)",
+                            limits::TAG_VALUE_CHARS
+                        ),
+                    );
                 }
+            }
+            // stackwarden's own tags count against AWS's limit too.
+            let own = 2 + usize::from(raw.owner.is_some());
+            if tags.len() + own > limits::STACK_TAGS {
+                self.error_at(
+                    &doc,
+                    &format!("stacks.{key}"),
+                    format!(
+                        "{} tags plus stackwarden's {own} exceed CloudFormation's limit of {} tags per stack",
+                        tags.len(),
+                        limits::STACK_TAGS
+                    ),
+                );
             }
             let timeout = s.timeout.map_or(env_timeout, |d| d.0);
             let ecs_services = s
@@ -940,7 +976,10 @@ impl Loader {
             }
         };
         match Template::parse(&body) {
-            Ok(t) => Some((path, body, t)),
+            Ok(t) => {
+                self.check_template_limits(doc, &field, &path, &body, &t);
+                Some((path, body, t))
+            }
             Err(e) => {
                 self.errors.push(SpecError {
                     file: path,
@@ -953,6 +992,45 @@ impl Loader {
                     message: format!("template of stack `{key}`: {}", e.message),
                 });
                 None
+            }
+        }
+    }
+
+    /// What CloudFormation refuses of a template, refused here first, with
+    /// the limit named: otherwise every pass would fail at CreateChangeSet.
+    fn check_template_limits(
+        &mut self,
+        doc: &Document,
+        field: &str,
+        path: &Path,
+        body: &str,
+        t: &Template,
+    ) {
+        let shown = path.display().to_string();
+        if body.len() > limits::TEMPLATE_BODY_BYTES {
+            self.error_at(
+                doc,
+                field,
+                format!(
+                    "template {shown} is {} bytes; CloudFormation takes at most {} bytes in a request (TemplateBody), and stackwarden uploads no template to S3 (TemplateURL) yet: shrink it or split it into nested stacks",
+                    body.len(),
+                    limits::TEMPLATE_BODY_BYTES
+                ),
+            );
+        }
+        for (what, count, limit) in [
+            ("resources", t.resources.len(), limits::RESOURCES),
+            ("parameters", t.parameters.len(), limits::PARAMETERS),
+            ("outputs", t.outputs.len(), limits::OUTPUTS),
+        ] {
+            if count > limit {
+                self.error_at(
+                    doc,
+                    field,
+                    format!(
+                        "template {shown} declares {count} {what}; CloudFormation allows at most {limit}"
+                    ),
+                );
             }
         }
     }
@@ -1194,6 +1272,26 @@ fn normalize(path: &Path) -> PathBuf {
         }
     }
     out
+}
+
+/// CloudFormation's quotas that a desired state can exceed, as its
+/// documentation states them ("CloudFormation quotas" in the User Guide;
+/// the Tag data type of the API reference).
+pub mod limits {
+    /// A template passed in the request (TemplateBody), in bytes.
+    pub const TEMPLATE_BODY_BYTES: usize = 51_200;
+    /// Resources declared in one template.
+    pub const RESOURCES: usize = 500;
+    /// Parameters declared in one template.
+    pub const PARAMETERS: usize = 200;
+    /// Outputs declared in one template.
+    pub const OUTPUTS: usize = 200;
+    /// Tags on one stack.
+    pub const STACK_TAGS: usize = 50;
+    /// A tag key, in characters.
+    pub const TAG_KEY_CHARS: usize = 128;
+    /// A tag value, in characters.
+    pub const TAG_VALUE_CHARS: usize = 256;
 }
 
 fn valid_stack_name(name: &str) -> bool {
@@ -1487,6 +1585,76 @@ stacks:
             errs[0].contains("larger than the limit of 1048576 bytes"),
             "{errs:?}"
         );
+    }
+
+    #[test]
+    fn what_cloudformation_would_refuse_is_refused_with_the_limit_named() {
+        let f = Fixture::new();
+        // Over 51,200 bytes: every CreateChangeSet would be refused.
+        let padded = format!(
+            "{TEMPLATE_A}# {}\n",
+            "x".repeat(limits::TEMPLATE_BODY_BYTES)
+        );
+        std::fs::write(f.dir.path().join("templates/padded.yaml"), padded).unwrap();
+        let errs = f.errors(
+            "dev",
+            &GOOD.replace("templates/a.yaml", "templates/padded.yaml"),
+        );
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("stacks.data.template") && e.contains("at most 51200 bytes")),
+            "{errs:?}"
+        );
+        // 501 resources, 201 parameters, 201 outputs.
+        let mut t = String::from("Parameters:\n  Env: {Type: String}\n");
+        for i in 0..200 {
+            t.push_str(&format!("  P{i}: {{Type: String, Default: x}}\n"));
+        }
+        t.push_str("Resources:\n");
+        for i in 0..501 {
+            t.push_str(&format!("  T{i}: {{Type: 'AWS::SNS::Topic'}}\n"));
+        }
+        t.push_str("Outputs:\n  TableName: {Value: x}\n");
+        for i in 0..200 {
+            t.push_str(&format!("  O{i}: {{Value: x}}\n"));
+        }
+        std::fs::write(f.dir.path().join("templates/many.yaml"), t).unwrap();
+        let errs = f
+            .errors(
+                "dev",
+                &GOOD.replace("templates/a.yaml", "templates/many.yaml"),
+            )
+            .join("\n");
+        for want in [
+            "declares 501 resources; CloudFormation allows at most 500",
+            "declares 201 parameters; CloudFormation allows at most 200",
+            "declares 201 outputs; CloudFormation allows at most 200",
+        ] {
+            assert!(errs.contains(want), "{want}: {errs}");
+        }
+        // Tags: 49 declared plus stackwarden's own (revision, environment).
+        let tags: Vec<String> = (0..49).map(|i| format!("T{i}: v")).collect();
+        let errs = f
+            .errors(
+                "dev",
+                &GOOD.replace(
+                    "tags: {Team: platform}",
+                    &format!("tags: {{{}}}", tags.join(", ")),
+                ),
+            )
+            .join("\n");
+        assert!(
+            errs.contains("49 tags plus stackwarden's 2 exceed CloudFormation's limit of 50 tags"),
+            "{errs}"
+        );
+        let long = "k".repeat(129);
+        let errs = f
+            .errors(
+                "dev",
+                &GOOD.replace("tags: {Team: platform}", &format!("tags: {{{long}: v}}")),
+            )
+            .join("\n");
+        assert!(errs.contains("must be 1 to 128 characters"), "{errs}");
     }
 
     #[test]
