@@ -314,6 +314,38 @@ pub fn parse_template(text: &str) -> Result<Json, YamlError> {
     })
 }
 
+/// CloudFormation's short-form function tags (the template reference's
+/// intrinsic and condition functions, the rule functions, and those of the
+/// `AWS::LanguageExtensions` transform).
+const SHORT_FORMS: &[&str] = &[
+    "Ref",
+    "Condition",
+    "GetAtt",
+    "Base64",
+    "Cidr",
+    "FindInMap",
+    "GetAZs",
+    "ImportValue",
+    "Join",
+    "Select",
+    "Split",
+    "Sub",
+    "Transform",
+    "And",
+    "Equals",
+    "If",
+    "Not",
+    "Or",
+    "Contains",
+    "EachMemberEquals",
+    "EachMemberIn",
+    "RefAll",
+    "ValueOf",
+    "ValueOfAll",
+    "Length",
+    "ToJsonString",
+];
+
 fn to_json(value: serde_yaml::Value) -> Result<Json, String> {
     use serde_yaml::Value as Y;
     Ok(match value {
@@ -340,7 +372,19 @@ fn to_json(value: serde_yaml::Value) -> Result<Json, String> {
         Y::Tagged(tagged) => {
             let tag = tagged.tag.to_string();
             let name = tag.trim_start_matches('!');
-            let inner = to_json(tagged.value)?;
+            if !SHORT_FORMS.contains(&name) {
+                return Err(format!(
+                    "unknown tag !{name}: CloudFormation's short forms are !{}",
+                    SHORT_FORMS.join(", !")
+                ));
+            }
+            // A tag with nothing after it is an empty string, as
+            // CloudFormation reads it: a bare `!GetAZs` is `!GetAZs ''`
+            // (the current region), the same as `{"Fn::GetAZs": ""}`.
+            let inner = match to_json(tagged.value)? {
+                Json::Null => Json::String(String::new()),
+                other => other,
+            };
             let (key, arg) = match name {
                 "Ref" => ("Ref".to_owned(), inner),
                 "Condition" => ("Condition".to_owned(), inner),
@@ -406,6 +450,21 @@ mod tests {
     fn syntax_errors_carry_a_position() {
         let err = Document::parse("a: b\n  c: [\n").err().unwrap();
         assert!(err.pos.line >= 2, "{err:?}");
+    }
+
+    #[test]
+    fn a_bare_tag_is_an_empty_string_and_an_unknown_tag_is_refused() {
+        // The same template in four spellings reads the same.
+        let forms = [
+            "A: !GetAZs\nB:\n  - !GetAZs\n",
+            "A: !GetAZs ''\nB: [!GetAZs '']\n",
+            "A: {Fn::GetAZs: ''}\nB: [{Fn::GetAZs: ''}]\n",
+            r#"{"A": {"Fn::GetAZs": ""}, "B": [{"Fn::GetAZs": ""}]}"#,
+        ];
+        let read: Vec<Json> = forms.iter().map(|f| parse_template(f).unwrap()).collect();
+        assert!(read.windows(2).all(|w| w[0] == w[1]), "{read:?}");
+        let err = parse_template("A: !Module Foo\n").unwrap_err();
+        assert!(err.message.contains("unknown tag !Module"), "{err:?}");
     }
 
     #[test]

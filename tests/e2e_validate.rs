@@ -74,6 +74,52 @@ fn a_broken_environment_is_refused_with_file_and_line_for_each_error() {
     assert_eq!(err.lines().count(), 3, "one line per error: {err}");
 }
 
+/// `-o json` lists every environment: the valid ones with their summary,
+/// the failed ones with each error's file, line, column, path and message.
+#[test]
+fn validate_json_lists_failed_environments_with_their_errors() {
+    let ws = Workspace::new();
+    ws.edit(
+        "desired-state/staging.yaml",
+        "    timeout: 90m\n",
+        "    timeout: 90m\n    retries: 3\n",
+    );
+    let out = run(stackwarden()
+        .args(["validate", "-o", "json", "--desired-state"])
+        .arg(ws.desired_state()));
+    assert_eq!(out.status.code(), Some(1), "stderr: {}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("JSON");
+    let envs: Vec<(&str, bool)> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["environment"].as_str().unwrap(),
+                e["valid"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(envs, [("dev", true), ("prod", true), ("staging", false)]);
+    let err = &v[2]["errors"][0];
+    assert_eq!(err["path"], "stacks.msk.retries");
+    assert!(err["line"].as_u64().unwrap() > 1, "{err}");
+    assert!(err["column"].as_u64().unwrap() >= 1, "{err}");
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field `retries`"),
+        "{err}"
+    );
+    assert!(
+        err["file"]
+            .as_str()
+            .unwrap()
+            .ends_with("desired-state/staging.yaml")
+    );
+}
+
 #[test]
 fn a_cycle_and_a_missing_template_are_refused() {
     let ws = Workspace::new();

@@ -411,31 +411,58 @@ fn load_selected(select: &Select) -> anyhow::Result<(Vec<DesiredEnv>, bool)> {
 }
 
 fn validate(select: &Select) -> Outcome {
-    let (envs, failed) = match load_selected(select) {
-        Ok(r) => r,
+    let files = match selected_files(select) {
+        Ok(f) => f,
         Err(e) => {
             eprintln!("error: {e:#}");
             return Outcome::Failed;
         }
     };
+    let mut envs = Vec::new();
+    let mut failures = Vec::new();
+    for (name, path) in &files {
+        match spec::load(path) {
+            Ok(env) => envs.push(env),
+            Err(errors) => {
+                for e in &errors.0 {
+                    eprintln!("error: {e}");
+                }
+                failures.push((name, path, errors));
+            }
+        }
+    }
+    let failed = !failures.is_empty();
     match select.output {
+        // Every selected environment, valid or not: a JSON consumer sees
+        // what failed and where.
         Format::Json => {
-            let report: Vec<_> = envs
-                .iter()
-                .map(|env| {
-                    serde_json::json!({
-                        "environment": env.name,
-                        "file": env.file,
-                        "revision": env.revision,
-                        "region": env.region,
-                        "waves": env.waves,
-                        "stacks": env.stacks.values().map(|s| serde_json::json!({
-                            "key": s.key, "name": s.name, "revision": s.revision,
-                            "template": s.template_path, "depends_on": s.depends_on,
-                        })).collect::<Vec<_>>(),
-                    })
+            let valid = envs.iter().map(|env| {
+                serde_json::json!({
+                    "environment": env.name,
+                    "file": env.file,
+                    "valid": true,
+                    "revision": env.revision,
+                    "region": env.region,
+                    "waves": env.waves,
+                    "stacks": env.stacks.values().map(|s| serde_json::json!({
+                        "key": s.key, "name": s.name, "revision": s.revision,
+                        "template": s.template_path, "depends_on": s.depends_on,
+                    })).collect::<Vec<_>>(),
                 })
-                .collect();
+            });
+            let invalid = failures.iter().map(|(name, path, errors)| {
+                serde_json::json!({
+                    "environment": name,
+                    "file": path,
+                    "valid": false,
+                    "errors": errors.0.iter().map(|e| serde_json::json!({
+                        "file": e.file, "line": e.pos.line, "column": e.pos.column,
+                        "path": e.path, "message": e.message,
+                    })).collect::<Vec<_>>(),
+                })
+            });
+            let mut report: Vec<serde_json::Value> = valid.chain(invalid).collect();
+            report.sort_by(|a, b| a["environment"].as_str().cmp(&b["environment"].as_str()));
             println!("{}", serde_json::to_string_pretty(&report).expect("JSON"));
         }
         Format::Text => {
