@@ -986,7 +986,20 @@ impl<'a, C: Cloud> Pass<'a, C> {
                 });
             }
         };
-        let live_template = self.lock_templates().get(&stack.name).cloned();
+        // The live template was read with the first observation: it is the
+        // live one only if the stack was not updated since (by someone
+        // else, mid-pass). Otherwise nothing is proven from it.
+        let unchanged_since_read = live.is_some_and(|l| {
+            self.first
+                .stacks
+                .get(&stack.name)
+                .is_some_and(|f| f.last_updated == l.last_updated && f.status == l.status)
+        });
+        let live_template = self
+            .lock_templates()
+            .get(&stack.name)
+            .cloned()
+            .filter(|_| unchanged_since_read);
         let violations = changeset::gate(
             stack,
             &self.env.policy,

@@ -175,14 +175,31 @@ pub fn forecast(
 /// has a published schema, and no create-only property changes its text,
 /// refers to a parameter whose value changes (or is hidden by NoEcho), or
 /// holds what the templates cannot know (an import, a dynamic reference,
-/// another resource's name or attribute, a transform). Used only where a
+/// another resource's name or attribute, a condition, a mapping, an SSM
+/// parameter type); a template with a `Transform` proves nothing. Used only where a
 /// change set does not say whether it replaces (the emulator never does);
 /// AWS's `True` or `Conditional` is never overruled.
 pub fn proven_in_place(live: Deployed<'_>, desired: Deployed<'_>) -> BTreeSet<String> {
-    let unknown_or_changed = |p: &str| match (live.parameters.get(p), desired.parameters.get(p)) {
-        (Some(old), Some(new)) => old != new || old == "****",
-        (None, None) => false,
-        _ => true,
+    // A transform (a macro, the language extensions) rewrites the template
+    // where this cannot see: nothing is proven.
+    let transformed = |t: &Template| t.canonical.get("Transform").is_some();
+    if transformed(live.template) || transformed(desired.template) {
+        return BTreeSet::new();
+    }
+    // A value that is hidden (NoEcho) or only names where the value lives
+    // (an SSM parameter type) is unknown, as is one that changes.
+    let unknown_or_changed = |p: &str| {
+        let opaque = desired
+            .template
+            .parameters
+            .get(p)
+            .is_some_and(|d| d.no_echo || d.kind.starts_with("AWS::SSM::Parameter::Value"));
+        opaque
+            || match (live.parameters.get(p), desired.parameters.get(p)) {
+                (Some(old), Some(new)) => old != new || old == "****",
+                (None, None) => false,
+                _ => true,
+            }
     };
     live.template
         .resources
@@ -222,7 +239,11 @@ fn knowable(v: &Json, template: &Template) -> bool {
         Json::Array(items) => items.iter().all(|i| knowable(i, template)),
         Json::Object(m) => m.iter().all(|(k, inner)| match k.as_str() {
             "Ref" => inner.as_str().is_some_and(known_name),
-            "Fn::GetAtt" | "Fn::ImportValue" | "Fn::Transform" => false,
+            // Another resource's attribute, an import, a transform; and
+            // what depends on the Conditions or Mappings sections, whose
+            // changes this does not follow.
+            "Fn::GetAtt" | "Fn::ImportValue" | "Fn::Transform" | "Fn::If" | "Fn::FindInMap"
+            | "Condition" => false,
             "Fn::Sub" => {
                 let (text, vars) = match inner {
                     Json::String(t) => (t.as_str(), None),
@@ -491,6 +512,38 @@ mod tests {
                 }
             )
             .is_empty()
+        );
+        // A condition, a mapping, an SSM parameter type or a transform
+        // proves nothing.
+        for (name, extra) in [
+            (
+                "!If [Prod, a, b]",
+                "Conditions:\n  Prod: !Equals [!Ref Env, prod]\n",
+            ),
+            (
+                "!FindInMap [M, dev, Name]",
+                "Mappings:\n  M: {dev: {Name: x}}\n",
+            ),
+            ("!Ref Ssm", "Transform: AWS::LanguageExtensions\n"),
+        ] {
+            let t = Template::parse(&format!(
+                "{extra}Parameters:\n  Env: {{Type: String}}\n  Days: {{Type: Number}}\n  Ssm: {{Type: 'AWS::SSM::Parameter::Value<String>'}}\nResources:\n  L: {{Type: 'AWS::Logs::LogGroup', Properties: {{LogGroupName: {name}, RetentionInDays: !Ref Days}}}}\n"
+            ))
+            .unwrap();
+            let d = |parameters| Deployed {
+                template: &t,
+                parameters,
+            };
+            assert!(proven_in_place(d(&live), d(&longer)).is_empty(), "{name}");
+        }
+        let t = Template::parse("Parameters:\n  Days: {Type: Number}\n  Ssm: {Type: 'AWS::SSM::Parameter::Value<String>'}\nResources:\n  L: {Type: 'AWS::Logs::LogGroup', Properties: {LogGroupName: !Ref Ssm, RetentionInDays: !Ref Days}}\n").unwrap();
+        let d = |parameters| Deployed {
+            template: &t,
+            parameters,
+        };
+        assert!(
+            proven_in_place(d(&live), d(&longer)).is_empty(),
+            "an SSM parameter type"
         );
         // Proof lets a silent modification through; `Conditional` never.
         let p = policy(&[]);

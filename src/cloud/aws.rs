@@ -727,6 +727,8 @@ impl Cloud for AwsCloud {
         let arns: Vec<String> = briefs
             .iter()
             .filter_map(|b| b.target_service_revision_arn().map(str::to_owned))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
             .collect();
         let mut task_definitions = BTreeMap::new();
         for batch in arns.chunks(20) {
@@ -742,6 +744,14 @@ impl Cloud for AwsCloud {
                 if let (Some(arn), Some(td)) = (r.service_revision_arn(), r.task_definition()) {
                     task_definitions.insert(arn.to_owned(), td.to_owned());
                 }
+            }
+            for f in resp.failures() {
+                tracing::warn!(
+                    message = "A service revision of a failed deployment cannot be described; that deployment is not counted.",
+                    arn = f.arn().unwrap_or(""),
+                    reason = f.reason().unwrap_or(""),
+                    detail = f.detail().unwrap_or("")
+                );
             }
         }
         Ok(briefs

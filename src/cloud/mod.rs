@@ -266,18 +266,18 @@ pub enum ChangeSetStatus {
 /// A finished ECS service deployment whose target is not what runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FailedDeployment {
-    /// `ROLLBACK_SUCCESSFUL`, `ROLLBACK_FAILED` or `STOPPED`.
+    /// `ROLLBACK_SUCCESSFUL` or `ROLLBACK_FAILED`.
     pub status: String,
     pub reason: Option<String>,
     /// The task definition the deployment was to run.
     pub task_definition: String,
 }
 
-/// The service deployment statuses of a deployment that ended without its
-/// target running: rolled back (the circuit breaker's rollback, or a
-/// failed one) or stopped.
-pub const FAILED_DEPLOYMENT_STATUSES: &[&str] =
-    &["ROLLBACK_SUCCESSFUL", "ROLLBACK_FAILED", "STOPPED"];
+/// The service deployment statuses of a deployment that failed: it was
+/// rolled back (the circuit breaker's or the alarms' rollback, or a failed
+/// one). `STOPPED` is not one: a deployment stopped by hand or superseded
+/// by a newer one says nothing against its task definition.
+pub const FAILED_DEPLOYMENT_STATUSES: &[&str] = &["ROLLBACK_SUCCESSFUL", "ROLLBACK_FAILED"];
 
 /// A change set as ListChangeSets summarizes it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1594,7 +1594,7 @@ impl Cloud for SimCloud {
             .into_iter()
             .flatten()
             .filter(|(created, status, _)| {
-                *created > since && crate::cloud::FAILED_DEPLOYMENT_STATUSES.contains(status)
+                *created >= since && crate::cloud::FAILED_DEPLOYMENT_STATUSES.contains(status)
             })
             .map(|(_, status, td)| FailedDeployment {
                 status: (*status).to_owned(),
