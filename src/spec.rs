@@ -988,7 +988,7 @@ impl Loader {
                     } else {
                         e.pos
                     },
-                    path: String::new(),
+                    path: e.path,
                     message: format!("template of stack `{key}`: {}", e.message),
                 });
                 None
@@ -1655,6 +1655,41 @@ stacks:
             )
             .join("\n");
         assert!(errs.contains("must be 1 to 128 characters"), "{errs}");
+    }
+
+    #[test]
+    fn template_errors_name_their_line_column_and_node() {
+        let f = Fixture::new();
+        let cases = [
+            (
+                "Resources:\n  Q:\n    Type: {Ref: X}\n",
+                "3:5: Resources.Q.Type: template of stack `data`: the Type of resource `Q` must be a string such as AWS::SQS::Queue, not the function Ref",
+            ),
+            (
+                "Resources:\n  Q:\n    Properties: {}\n",
+                "2:3: Resources.Q: template of stack `data`: resource `Q` has no Type",
+            ),
+            (
+                "Parameters:\n  Env: {Default: x}\nResources:\n  Q: {Type: 'AWS::SQS::Queue'}\n",
+                "2:3: Parameters.Env: template of stack `data`: parameter `Env` has no Type",
+            ),
+            (
+                "Resources:\n  Q:\n    Type: AWS::SQS::Queue\n    Properties:\n      QueueName: !Module x\n",
+                "5:7: Resources.Q.Properties.QueueName: template of stack `data`: unknown tag !Module",
+            ),
+        ];
+        for (template, want) in cases {
+            std::fs::write(f.dir.path().join("templates/bad.yaml"), template).unwrap();
+            let errs = f.errors(
+                "dev",
+                &GOOD.replace("templates/a.yaml", "templates/bad.yaml"),
+            );
+            assert!(
+                errs.iter()
+                    .any(|e| e.starts_with(&format!("templates/bad.yaml:{want}"))),
+                "{want}\n{errs:#?}"
+            );
+        }
     }
 
     #[test]

@@ -194,6 +194,21 @@ pub struct Template {
     pub canonical: Json,
 }
 
+/// A JSON value's kind, for error messages (an intrinsic by its name).
+fn describe(v: &Json) -> String {
+    match v {
+        Json::Object(m) if m.len() == 1 => {
+            format!("the function {}", m.keys().next().expect("one key"))
+        }
+        Json::Object(_) => "a mapping".into(),
+        Json::Array(_) => "a list".into(),
+        Json::Null => "nothing".into(),
+        Json::Bool(_) => "a boolean".into(),
+        Json::Number(_) => "a number".into(),
+        Json::String(_) => "a string".into(),
+    }
+}
+
 /// Whether a template value references parameter `p`, by `Ref` or as
 /// `${p}` in an `Fn::Sub`: a change of `p` changes this value.
 pub fn references_parameter(v: &Json, p: &str) -> bool {
@@ -223,22 +238,45 @@ impl Template {
     /// mapping, a parameter without `Type`).
     pub fn parse(body: &str) -> Result<Template, YamlError> {
         let canonical = yaml::parse_template(body)?;
-        let invalid = |message: String| YamlError {
-            pos: Default::default(),
-            path: String::new(),
-            message,
+        // Errors name the node at fault; its line and column are found in
+        // the text only when there is an error.
+        let invalid = |path: String, message: String| {
+            yaml::locate(
+                body,
+                YamlError {
+                    pos: Default::default(),
+                    path,
+                    message,
+                },
+            )
+        };
+        let type_of = |section: &str, what: &str, id: &str, node: &Json| match node.get("Type") {
+            Some(Json::String(t)) => Ok(t.clone()),
+            None => Err(invalid(
+                format!("{section}.{id}"),
+                format!("{what} `{id}` has no Type"),
+            )),
+            Some(other) => Err(invalid(
+                format!("{section}.{id}.Type"),
+                format!(
+                    "the Type of {what} `{id}` must be a string such as {}, not {}",
+                    if what == "resource" {
+                        "AWS::SQS::Queue"
+                    } else {
+                        "String"
+                    },
+                    describe(other)
+                ),
+            )),
         };
         let root = canonical
             .as_object()
-            .ok_or_else(|| invalid("a template must be a mapping".into()))?;
+            .ok_or_else(|| invalid(String::new(), "a template must be a mapping".into()))?;
         let resources = match root.get("Resources") {
             Some(Json::Object(map)) if !map.is_empty() => map
                 .iter()
                 .map(|(id, r)| {
-                    let kind = r
-                        .get("Type")
-                        .and_then(Json::as_str)
-                        .ok_or_else(|| invalid(format!("resource {id} has no Type")))?;
+                    let kind = type_of("Resources", "resource", id, r)?;
                     Ok((
                         id.clone(),
                         Resource {
@@ -250,6 +288,7 @@ impl Template {
                 .collect::<Result<BTreeMap<_, _>, YamlError>>()?,
             _ => {
                 return Err(invalid(
+                    "Resources".into(),
                     "a template needs a non-empty Resources mapping".into(),
                 ));
             }
@@ -257,14 +296,11 @@ impl Template {
         let mut parameters = BTreeMap::new();
         if let Some(Json::Object(params)) = root.get("Parameters") {
             for (name, p) in params {
-                let kind = p
-                    .get("Type")
-                    .and_then(Json::as_str)
-                    .ok_or_else(|| invalid(format!("parameter {name} has no Type")))?;
+                let kind = type_of("Parameters", "parameter", name, p)?;
                 parameters.insert(
                     name.clone(),
                     TemplateParameter {
-                        kind: kind.to_owned(),
+                        kind,
                         default: p.get("Default").map(render_scalar),
                         no_echo: p.get("NoEcho").is_some_and(|v| {
                             v.as_bool() == Some(true) || v.as_str() == Some("true")

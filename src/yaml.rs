@@ -307,11 +307,31 @@ pub fn parse_template(text: &str) -> Result<Json, YamlError> {
         let _ = Parser::new_from_str(text).load(&mut recorder, true);
         recorder.place(syntax_error(e))
     })?;
-    to_json(value).map_err(|message| YamlError {
-        pos: Pos::default(),
-        path: String::new(),
-        message,
+    let mut path = Vec::new();
+    to_json(value, &mut path).map_err(|message| {
+        locate(
+            text,
+            YamlError {
+                pos: Pos::default(),
+                path: path.join("."),
+                message,
+            },
+        )
     })
+}
+
+/// Gives an error found in a parsed template (which keeps no positions)
+/// the position of its path in `text`. Costs a second parse, on errors only.
+pub fn locate(text: &str, mut e: YamlError) -> YamlError {
+    if e.pos == Pos::default() {
+        let mut recorder = PositionRecorder::default();
+        let _ = Parser::new_from_str(strip_bom(text)).load(&mut recorder, true);
+        e.pos = Positions {
+            nodes: recorder.nodes,
+        }
+        .find_dotted(&e.path);
+    }
+    e
 }
 
 /// CloudFormation's short-form function tags (the template reference's
@@ -346,7 +366,9 @@ const SHORT_FORMS: &[&str] = &[
     "ToJsonString",
 ];
 
-fn to_json(value: serde_yaml::Value) -> Result<Json, String> {
+/// The long-form JSON of a template node. On error, `path` is left at the
+/// offending node.
+fn to_json(value: serde_yaml::Value, path: &mut Vec<String>) -> Result<Json, String> {
     use serde_yaml::Value as Y;
     Ok(match value {
         Y::Null => Json::Null,
@@ -354,7 +376,13 @@ fn to_json(value: serde_yaml::Value) -> Result<Json, String> {
         Y::Number(n) => serde_json::to_value(&n).map_err(|e| e.to_string())?,
         Y::String(s) => Json::String(s),
         Y::Sequence(items) => {
-            Json::Array(items.into_iter().map(to_json).collect::<Result<_, _>>()?)
+            let mut out = Vec::with_capacity(items.len());
+            for (i, item) in items.into_iter().enumerate() {
+                path.push(i.to_string());
+                out.push(to_json(item, path)?);
+                path.pop();
+            }
+            Json::Array(out)
         }
         Y::Mapping(map) => {
             let mut out = serde_json::Map::new();
@@ -365,7 +393,10 @@ fn to_json(value: serde_yaml::Value) -> Result<Json, String> {
                     Y::Bool(b) => b.to_string(),
                     other => return Err(format!("unsupported mapping key {other:?}")),
                 };
-                out.insert(key, to_json(v)?);
+                path.push(key.clone());
+                let v = to_json(v, path)?;
+                path.pop();
+                out.insert(key, v);
             }
             Json::Object(out)
         }
@@ -381,7 +412,7 @@ fn to_json(value: serde_yaml::Value) -> Result<Json, String> {
             // A tag with nothing after it is an empty string, as
             // CloudFormation reads it: a bare `!GetAZs` is `!GetAZs ''`
             // (the current region), the same as `{"Fn::GetAZs": ""}`.
-            let inner = match to_json(tagged.value)? {
+            let inner = match to_json(tagged.value, path)? {
                 Json::Null => Json::String(String::new()),
                 other => other,
             };
