@@ -272,15 +272,12 @@ async fn failed_redeploys<C: Cloud>(
             let Some(live) = observed.services.get(&(cluster.clone(), service.clone())) else {
                 continue;
             };
-            let Some(expected) = svc
-                .task_definition
-                .as_ref()
-                .and_then(|v| resolve(v, env, observed).ok())
-                .filter(|td| !td.is_empty() && *td != live.task_definition)
-            else {
+            // Only where the plan would redeploy: a settled service that
+            // runs another task definition than its stack declares.
+            let Some(expected) = crate::plan::redeploy_target(svc, env, observed, live) else {
                 continue;
             };
-            if live.deployments.len() > 1 {
+            if live.deploying() {
                 continue;
             }
             let since = live_stack

@@ -943,11 +943,7 @@ fn plan_service(
         (None, Some(d)) => (live.desired != d as i32).then_some(d as i32),
         (None, None) => None,
     };
-    let expected_td = spec
-        .task_definition
-        .as_ref()
-        .and_then(|v| resolve(v, env, observed).ok())
-        .filter(|td| !td.is_empty() && *td != live.task_definition);
+    let expected_td = redeploy_target(spec, env, observed, live);
     if target.is_none() && expected_td.is_none() {
         p.sync = Sync::InSync;
         p.reason = health_reason(live);
@@ -955,12 +951,7 @@ fn plan_service(
     }
     // Never a second deployment on top of one in flight (ours, a stack
     // update's, or someone else's): look again when it has settled.
-    let deploying = live.deployments.len() > 1
-        || live
-            .primary()
-            .and_then(|d| d.rollout_state.as_deref())
-            .is_some_and(|s| s == "IN_PROGRESS");
-    if deploying {
+    if live.deploying() {
         p.sync = Sync::OutOfSync;
         p.action = ServiceAction::Wait {
             reason: "a deployment is in progress".into(),
@@ -1015,6 +1006,20 @@ fn plan_service(
         ),
     };
     p
+}
+
+/// The task definition the service's stack declares, when the service
+/// runs another one: what a redeploy would deploy.
+pub fn redeploy_target(
+    spec: &crate::spec::EcsServiceSpec,
+    env: &DesiredEnv,
+    observed: &Observed,
+    live: &Service,
+) -> Option<String> {
+    spec.task_definition
+        .as_ref()
+        .and_then(|v| resolve(v, env, observed).ok())
+        .filter(|td| !td.is_empty() && *td != live.task_definition)
 }
 
 fn service_health(s: &Service) -> Health {

@@ -1,22 +1,13 @@
 //! The generated resource-type tables (`src/resource_types/`) against the
 //! data they come from: the CloudFormation resource provider schemas and
 //! the stateful-type list shipped in the pinned cfn-lint (`.venv`, made by
-//! `scripts/setup-venv`), read here without the generator.
+//! `scripts/setup-venv`), read here without the generator or its tables.
 
 use serde_json::Value as Json;
+use stackwarden::cloud::sim::cfnlint_data_dir;
 use stackwarden::resource_types::{create_only_properties, stateful_types};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-
-fn cfnlint_data() -> PathBuf {
-    let lib = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/lib");
-    std::fs::read_dir(&lib)
-        .unwrap_or_else(|e| panic!("{}: {e}: run scripts/setup-venv", lib.display()))
-        .flatten()
-        .map(|e| e.path().join("site-packages/cfnlint/data"))
-        .find(|p| p.is_dir())
-        .expect("cfn-lint in .venv: run scripts/setup-venv")
-}
 
 fn read(path: PathBuf) -> Json {
     serde_json::from_str(&std::fs::read_to_string(&path).expect("readable")).expect("json")
@@ -24,7 +15,7 @@ fn read(path: PathBuf) -> Json {
 
 #[test]
 fn every_create_only_property_of_every_schema_is_in_the_table() {
-    let data = cfnlint_data();
+    let data = cfnlint_data_dir();
     let providers = read(data.join("schemas/providers/us-east-1.json"));
     let documented = include_str!("../src/resource_types/documented_replacements.tsv");
     let mut types = 0;
@@ -58,7 +49,7 @@ fn every_create_only_property_of_every_schema_is_in_the_table() {
 
 #[test]
 fn the_stateful_types_are_cfn_lints() {
-    let list = read(cfnlint_data().join("AdditionalSpecs/StatefulResources.json"));
+    let list = read(cfnlint_data_dir().join("AdditionalSpecs/StatefulResources.json"));
     let want: BTreeSet<&str> = list["ResourceTypes"]
         .as_object()
         .expect("map")

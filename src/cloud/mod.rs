@@ -385,6 +385,16 @@ impl Service {
     pub fn primary(&self) -> Option<&Deployment> {
         self.deployments.iter().find(|d| d.status == "PRIMARY")
     }
+
+    /// A deployment is in flight: more than one deployment, or the primary
+    /// still `IN_PROGRESS`. Nothing acts on such a service.
+    pub fn deploying(&self) -> bool {
+        self.deployments.len() > 1
+            || self
+                .primary()
+                .and_then(|d| d.rollout_state.as_deref())
+                .is_some_and(|s| s == "IN_PROGRESS")
+    }
 }
 
 /// The operations stackwarden needs from AWS, per account and region.

@@ -27,6 +27,8 @@ use super::{
 };
 use crate::template::{Template, references_parameter};
 
+pub use super::sim_truth::cfnlint_data_dir;
+
 /// Realistic operation times of the service's stacks, in minutes (creating
 /// an MSK cluster takes 25): for simulations that should feel like AWS.
 pub const SERVICE_MINUTES: [(&str, u64); 8] = [

@@ -25,7 +25,10 @@ struct Truth {
 
 /// cfn-lint's data folder: `$STACKWARDEN_CFNLINT_DATA`, else the one in
 /// this checkout's `.venv`.
-fn data_dir() -> PathBuf {
+///
+/// # Panics
+/// Neither exists: the venv is made by `scripts/setup-venv`.
+pub fn cfnlint_data_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("STACKWARDEN_CFNLINT_DATA") {
         return PathBuf::from(dir);
     }
@@ -54,7 +57,7 @@ fn read_json(path: &Path) -> Json {
 fn truth() -> &'static Truth {
     static TRUTH: OnceLock<Truth> = OnceLock::new();
     TRUTH.get_or_init(|| {
-        let data = data_dir();
+        let data = cfnlint_data_dir();
         let providers = read_json(&data.join("schemas/providers/us-east-1.json"));
         let providers = providers
             .as_object()
