@@ -5,6 +5,16 @@ mod common;
 
 use common::{Workspace, run, stackwarden, stderr, stdout};
 
+/// Runs `validate -e dev` on the workspace's desired state, expects it
+/// refused (exit 1), and returns its stderr.
+fn refused_dev(ws: &Workspace) -> String {
+    let out = run(stackwarden()
+        .args(["validate", "-e", "dev", "--desired-state"])
+        .arg(ws.desired_state()));
+    assert_eq!(out.status.code(), Some(1), "stdout: {}", stdout(&out));
+    stderr(&out)
+}
+
 #[test]
 fn shipped_environments_are_valid() {
     let out = run(stackwarden().arg("validate"));
@@ -49,11 +59,7 @@ fn a_broken_environment_is_refused_with_file_and_line_for_each_error() {
         "    timeout: 90m\n",
         "    timeout: 90m\n    retries: 3\n",
     );
-    let out = run(stackwarden()
-        .args(["validate", "-e", "dev", "--desired-state"])
-        .arg(ws.desired_state()));
-    assert_eq!(out.status.code(), Some(1), "stdout: {}", stdout(&out));
-    let err = stderr(&out);
+    let err = refused_dev(&ws);
     let file = ws.path("desired-state/dev.yaml").display().to_string();
     assert!(
         err.contains(&format!(
@@ -133,11 +139,7 @@ fn a_cycle_and_a_missing_template_are_refused() {
         "../templates/dynamodb.yaml",
         "../templates/missing.yaml",
     );
-    let out = run(stackwarden()
-        .args(["validate", "-e", "dev", "--desired-state"])
-        .arg(ws.desired_state()));
-    assert_eq!(out.status.code(), Some(1));
-    let err = stderr(&out);
+    let err = refused_dev(&ws);
     assert!(
         err.contains("stacks.dynamodb.template: cannot read template"),
         "{err}"
@@ -327,11 +329,7 @@ fn an_autoscaling_range_other_than_the_scalable_targets_is_refused() {
         "autoscaling: {min: 1, max: 2}",
         "autoscaling: {min: 1, max: 3}",
     );
-    let out = run(stackwarden()
-        .args(["validate", "-e", "dev", "--desired-state"])
-        .arg(ws.desired_state()));
-    assert_eq!(out.status.code(), Some(1));
-    let err = stderr(&out);
+    let err = refused_dev(&ws);
     assert!(
         err.contains("stacks.service.ecs_services.0.autoscaling: max 3 differs from the stack's scalable target: MaxCapacity is 2 (parameter MaxCapacity)"),
         "{err}"
