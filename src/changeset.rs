@@ -129,14 +129,20 @@ pub fn gate(
     desired_parameters: &BTreeMap<String, String>,
 ) -> Vec<Violation> {
     let desired_params = stack.template.effective_parameters(desired_parameters);
+    // A loop over a parameter given as another stack's output expands only
+    // now that its value is known.
+    let rebound = (!stack.template.fully_known())
+        .then(|| Template::parse_with(&stack.template_body, desired_parameters).ok())
+        .flatten();
+    let template = rebound.as_ref().unwrap_or(&stack.template);
     let desired = Deployed {
-        template: &stack.template,
+        template,
         parameters: &desired_params,
     };
     // Without the live template nothing can be proven in place, and the
     // forecast compares the desired template with itself (parameters only).
     let live_side = live.map(|l| Deployed {
-        template: l.template.unwrap_or(&stack.template),
+        template: l.template.unwrap_or(template),
         parameters: l.parameters,
     });
     let in_place = match (live_side, live.and_then(|l| l.template)) {

@@ -12,6 +12,7 @@ pub mod controller;
 pub mod diff;
 pub mod endpoints;
 pub mod files;
+pub mod language_extensions;
 pub mod metrics;
 pub mod notify;
 pub mod observe;

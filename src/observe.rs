@@ -78,7 +78,20 @@ pub async fn observe<C: Cloud>(
         // A live template that does not parse compares as changed: keep it
         // out of `templates` only if it cannot be read at all.
         let body = body?;
-        match Template::parse(&body) {
+        // Loops over parameters expand with the values the stack was
+        // deployed with (a masked NoEcho value is unknown).
+        let deployed: BTreeMap<String, String> = observed
+            .stacks
+            .get(name)
+            .map(|s| {
+                s.parameters
+                    .iter()
+                    .filter(|(_, v)| v.as_str() != "****")
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        match Template::parse_with(&body, &deployed) {
             Ok(t) => {
                 observed.templates.insert(name.to_owned(), t);
             }

@@ -414,6 +414,9 @@ pub struct DesiredEnv {
     pub revision: String,
     /// Every file this environment was loaded from (itself and its templates).
     pub sources: Vec<PathBuf>,
+    /// What could not be checked before deploy time (see
+    /// [`Template::unchecked`]), one sentence each, naming the stack.
+    pub warnings: Vec<String>,
 }
 
 impl DesiredEnv {
@@ -578,7 +581,16 @@ impl Loader {
 
         let mut templates = BTreeMap::new();
         for (key, s) in &raw_stacks {
-            if let Some(t) = self.load_template(&doc, key, &s.template) {
+            // Values known before deploy time expand loops over parameters.
+            let literals: BTreeMap<String, String> = s
+                .parameters
+                .iter()
+                .filter_map(|(k, v)| match v {
+                    Value::Literal(l) => Some((k.clone(), l.clone())),
+                    Value::Output { .. } => None,
+                })
+                .collect();
+            if let Some(t) = self.load_template(&doc, key, &s.template, &literals) {
                 templates.insert(key.clone(), t);
             }
         }
@@ -819,6 +831,18 @@ impl Loader {
         sources.extend(stacks.values().map(|s| s.template_path.clone()));
         sources.sort();
         sources.dedup();
+        let warnings = stacks
+            .values()
+            .flat_map(|s| {
+                s.template.unchecked.iter().map(move |u| {
+                    format!(
+                        "stack `{}` (template {}): {u}",
+                        s.key,
+                        s.template_path.display()
+                    )
+                })
+            })
+            .collect();
         Ok(DesiredEnv {
             name: raw.environment,
             file: self.file,
@@ -836,6 +860,7 @@ impl Loader {
             waves,
             revision,
             sources,
+            warnings,
         })
     }
 
@@ -941,6 +966,7 @@ impl Loader {
         doc: &Document,
         key: &str,
         rel: &str,
+        literals: &BTreeMap<String, String>,
     ) -> Option<(PathBuf, String, Template)> {
         let path = normalize(&self.dir.join(rel));
         let field = format!("stacks.{key}.template");
@@ -975,7 +1001,7 @@ impl Loader {
                 return None;
             }
         };
-        match Template::parse(&body) {
+        match Template::parse_with(&body, literals) {
             Ok(t) => {
                 self.check_template_limits(doc, &field, &path, &body, &t);
                 Some((path, body, t))
@@ -1119,7 +1145,9 @@ impl Loader {
                 path,
                 format!("output reference names unknown stack `{stack}`"),
             ),
-            Some((tpath, _, t)) if !t.outputs.contains(output) => self.error_at(
+            // Outputs a transform generates are known to CloudFormation
+            // only: the template's notes say the check was skipped.
+            Some((tpath, _, t)) if !t.outputs.contains(output) && t.fully_known() => self.error_at(
                 doc,
                 path,
                 format!(
@@ -1178,6 +1206,7 @@ impl Loader {
             if !stacks.contains_key(stack) {
                 self.error_at(doc, &path, format!("unknown stack `{stack}`"));
             } else if let Some((_, _, t)) = templates.get(stack)
+                && t.fully_known()
                 && !t.resources.contains_key(logical)
                 // `Nested.LogicalId` names a resource inside a nested stack.
                 && !logical.split_once('.').is_some_and(|(outer, _)| {

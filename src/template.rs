@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value as Json;
 
+use crate::language_extensions;
 use crate::yaml::{self, YamlError};
 
 /// A declared template parameter.
@@ -192,6 +193,13 @@ pub struct Template {
     /// The whole template as long-form JSON: the unit of semantic comparison
     /// (comments, key order, quoting and short/long tag forms do not count).
     pub canonical: Json,
+    /// The transforms the template declares, in order.
+    pub transforms: Vec<String>,
+    /// What stackwarden could not see before CloudFormation processes the
+    /// template (a transform it does not expand, a loop over a value known
+    /// only at deploy time), one sentence each: `resources` and `outputs`
+    /// may then be incomplete, and the checks that read them are skipped.
+    pub unchecked: Vec<String>,
 }
 
 /// A JSON value's kind, for error messages (an intrinsic by its name).
@@ -231,12 +239,23 @@ pub fn references_parameter(v: &Json, p: &str) -> bool {
 }
 
 impl Template {
-    /// Parses a template body (YAML or JSON).
+    /// Parses a template body (YAML or JSON), with parameter defaults as the
+    /// only values known.
     ///
     /// # Errors
     /// A syntax error, or a document that is not a template (no `Resources`
-    /// mapping, a parameter without `Type`).
+    /// mapping, a parameter without `Type`, a malformed loop).
     pub fn parse(body: &str) -> Result<Template, YamlError> {
+        Template::parse_with(body, &BTreeMap::new())
+    }
+
+    /// Parses a template body with the parameter values known before deploy
+    /// time (`given` over defaults): `AWS::LanguageExtensions` loops over a
+    /// parameter expand with its value, as CloudFormation expands them.
+    ///
+    /// # Errors
+    /// As [`Template::parse`].
+    pub fn parse_with(body: &str, given: &BTreeMap<String, String>) -> Result<Template, YamlError> {
         let canonical = yaml::parse_template(body)?;
         // Errors name the node at fault; its line and column are found in
         // the text only when there is an error.
@@ -272,27 +291,12 @@ impl Template {
         let root = canonical
             .as_object()
             .ok_or_else(|| invalid(String::new(), "a template must be a mapping".into()))?;
-        let resources = match root.get("Resources") {
-            Some(Json::Object(map)) if !map.is_empty() => map
-                .iter()
-                .map(|(id, r)| {
-                    let kind = type_of("Resources", "resource", id, r)?;
-                    Ok((
-                        id.clone(),
-                        Resource {
-                            kind: kind.to_owned(),
-                            properties: r.get("Properties").cloned().unwrap_or(Json::Null),
-                        },
-                    ))
-                })
-                .collect::<Result<BTreeMap<_, _>, YamlError>>()?,
-            _ => {
-                return Err(invalid(
-                    "Resources".into(),
-                    "a template needs a non-empty Resources mapping".into(),
-                ));
-            }
-        };
+        if !matches!(root.get("Resources"), Some(Json::Object(map)) if !map.is_empty()) {
+            return Err(invalid(
+                "Resources".into(),
+                "a template needs a non-empty Resources mapping".into(),
+            ));
+        }
         let mut parameters = BTreeMap::new();
         if let Some(Json::Object(params)) = root.get("Parameters") {
             for (name, p) in params {
@@ -310,16 +314,109 @@ impl Template {
                 );
             }
         }
-        let outputs = match root.get("Outputs") {
-            Some(Json::Object(outs)) => outs.keys().cloned().collect(),
-            _ => BTreeSet::new(),
+
+        let transforms = language_extensions::transforms(&canonical);
+        let mut unchecked = Vec::new();
+        let processed =
+            if transforms
+                .iter()
+                .any(|t| t == language_extensions::TRANSFORM)
+            {
+                let mut values: BTreeMap<String, String> = parameters
+                    .iter()
+                    .filter_map(|(k, p)| Some((k.clone(), p.default.clone()?)))
+                    .collect();
+                values.extend(given.iter().map(|(k, v)| (k.clone(), v.clone())));
+                let ex = language_extensions::expand(&canonical, &values)
+                    .map_err(|e| invalid(e.path, e.message))?;
+                unchecked.extend(ex.unresolved.into_iter().map(|u| {
+                    format!("loop {u}: what it generates is checked by CloudFormation only")
+                }));
+                ex.template
+            } else {
+                canonical.clone()
+            };
+        for t in transforms
+            .iter()
+            .filter(|t| *t != language_extensions::TRANSFORM)
+        {
+            unchecked.push(format!(
+                "transform {t} is processed by CloudFormation, not expanded here: the resources and outputs it generates are not checked before the change set (output references, protected resources, the replacement forecast)"
+            ));
+        }
+        let section = |name: &str| match processed.get(name) {
+            Some(Json::Object(m)) => m.clone(),
+            _ => Default::default(),
         };
+        let mut resources = BTreeMap::new();
+        for (id, r) in &section("Resources") {
+            if let Some(e) = Self::opaque_key("Resources", id, &transforms, &mut unchecked) {
+                return Err(invalid(e.0, e.1));
+            }
+            if id == "Fn::Transform" {
+                continue;
+            }
+            let kind = type_of("Resources", "resource", id, r)?;
+            resources.insert(
+                id.clone(),
+                Resource {
+                    kind,
+                    properties: r.get("Properties").cloned().unwrap_or(Json::Null),
+                },
+            );
+        }
+        let mut outputs = BTreeSet::new();
+        for id in section("Outputs").keys() {
+            if let Some(e) = Self::opaque_key("Outputs", id, &transforms, &mut unchecked) {
+                return Err(invalid(e.0, e.1));
+            }
+            if id != "Fn::Transform" {
+                outputs.insert(id.clone());
+            }
+        }
         Ok(Template {
             parameters,
             outputs,
             resources,
             canonical,
+            transforms,
+            unchecked,
         })
+    }
+
+    /// A section key that is not a logical id: `Fn::Transform` (an include
+    /// or a macro CloudFormation runs; noted as unchecked) or a loop left
+    /// by a template without the transform (an error: path and message).
+    fn opaque_key(
+        section: &str,
+        id: &str,
+        transforms: &[String],
+        unchecked: &mut Vec<String>,
+    ) -> Option<(String, String)> {
+        if id == "Fn::Transform" {
+            unchecked.push(format!(
+                "{section}.Fn::Transform is processed by CloudFormation, not expanded here: what it includes is not checked before the change set"
+            ));
+        } else if id.starts_with("Fn::ForEach")
+            && !transforms
+                .iter()
+                .any(|t| t == language_extensions::TRANSFORM)
+        {
+            return Some((
+                format!("{section}.{id}"),
+                format!(
+                    "`{id}` needs `Transform: {}` in the template",
+                    language_extensions::TRANSFORM
+                ),
+            ));
+        }
+        None
+    }
+
+    /// Whether `resources` and `outputs` are all the template declares:
+    /// nothing is left for CloudFormation to expand.
+    pub fn fully_known(&self) -> bool {
+        self.unchecked.is_empty()
     }
 
     /// The parameter values CloudFormation will use: given values over

@@ -398,7 +398,12 @@ fn load_selected(select: &Select) -> anyhow::Result<(Vec<DesiredEnv>, bool)> {
     let mut failed = false;
     for path in selected_files(select)?.values() {
         match spec::load(path) {
-            Ok(env) => envs.push(env),
+            Ok(env) => {
+                for w in &env.warnings {
+                    eprintln!("warning: {}: {w}", env.name);
+                }
+                envs.push(env);
+            }
             Err(errors) => {
                 failed = true;
                 for e in &errors.0 {
@@ -422,7 +427,12 @@ fn validate(select: &Select) -> Outcome {
     let mut failures = Vec::new();
     for (name, path) in &files {
         match spec::load(path) {
-            Ok(env) => envs.push(env),
+            Ok(env) => {
+                for w in &env.warnings {
+                    eprintln!("warning: {}: {w}", env.name);
+                }
+                envs.push(env);
+            }
             Err(errors) => {
                 for e in &errors.0 {
                     eprintln!("error: {e}");
@@ -444,6 +454,7 @@ fn validate(select: &Select) -> Outcome {
                     "revision": env.revision,
                     "region": env.region,
                     "waves": env.waves,
+                    "warnings": env.warnings,
                     "stacks": env.stacks.values().map(|s| serde_json::json!({
                         "key": s.key, "name": s.name, "revision": s.revision,
                         "template": s.template_path, "depends_on": s.depends_on,

@@ -58,6 +58,13 @@ Patches
 12. A service created without DesiredCount starts with 1 task, as AWS
    documents (moto: 0). The shipped service template leaves the count to
    autoscaling.
+16. Templates with `Transform: AWS::LanguageExtensions` (Fn::ForEach,
+   Fn::Length, intrinsic DeletionPolicy) are not processed by moto, which
+   then fails on a `Fn::ForEach::Name` key. We expand the transform with
+   cfn-lint's implementation before moto parses the resources, using the
+   stack's parameter values, as CloudFormation does. moto also reads a
+   short-form function over a mapping (`!Length {Ref: Names}`) as raw YAML
+   nodes; we read the mapping.
 15. ListServiceDeployments and DescribeServiceRevisions (ECS's deployment
    history, which stackwarden reads to remember a redeploy that rolled
    back) are not implemented. moto completes every deployment at once and
@@ -110,6 +117,8 @@ def _execute_change_set(self, change_set_name, stack_name=None):
     change_set = self.describe_change_set(change_set_name)
     _original_execute(self, change_set_name, stack_name)
     stack = self.stacks[change_set.stack_id]
+    # The stack's template now expands with the parameters it was given (16).
+    stack._lx_parameters = change_set.parameters
     stack._parse_template()
     stack.description = stack.template_dict.get("Description")
     for export in stack.exports:
@@ -439,6 +448,129 @@ cfn_responses.CloudFormationResponse._validate_different_update = (
 cfn_responses.CloudFormationResponse.RESPONSE_KEY_PATH_TO_TRANSFORMER[
     "DescribeChangeSetOutput.Tags"
 ] = lambda tags: cfn_responses.transform_dict(tags or {})
+
+
+# --- 16. The AWS::LanguageExtensions transform ----------------------------------------
+# moto does not process transforms: a template with `Fn::ForEach` loops
+# reaches its resource parser with a `Fn::ForEach::Name` key where resources
+# are, and fails. CloudFormation expands the transform before anything else.
+# We expand it with cfn-lint's implementation (AWS's own linter, pinned in
+# tests/emulator/requirements.txt), which is independent of stackwarden's:
+# loops in Conditions, Outputs and Resources, then `Fn::Length` and
+# intrinsic `DeletionPolicy`/`UpdateReplacePolicy`, which cfn-lint leaves.
+# A loop over a list parameter takes the stack's value for it (cfn-lint
+# reads the parameter's Default, so the value is written there first).
+import copy  # noqa: E402
+
+from cfnlint.template.transforms import _language_extensions as _lx  # noqa: E402
+
+_LX = "AWS::LanguageExtensions"
+
+
+def _list_value(value, parameters, declared):
+    if isinstance(value, list):
+        return value
+    if isinstance(value, dict) and list(value) == ["Ref"]:
+        name = value["Ref"]
+        if name in parameters and "List" in str(declared.get(name, {}).get("Type", "")):
+            return [x.strip() for x in str(parameters[name]).split(",")]
+    return None
+
+
+def _resolve_length(value, parameters, declared):
+    if isinstance(value, dict):
+        if list(value) == ["Fn::Length"]:
+            arg = _resolve_length(value["Fn::Length"], parameters, declared)
+            items = _list_value(arg, parameters, declared)
+            if items is not None:
+                return len(items)
+        return {k: _resolve_length(v, parameters, declared) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve_length(v, parameters, declared) for v in value]
+    return value
+
+
+def _expand_language_extensions(template_dict, parameters, region):
+    if not isinstance(template_dict, dict):
+        return template_dict
+    declared_transforms = template_dict.get("Transform")
+    names = declared_transforms if isinstance(declared_transforms, list) else [declared_transforms]
+    if _LX not in names:
+        return template_dict
+    template = copy.deepcopy(template_dict)
+    declared = template.get("Parameters") or {}
+    values = {k: declared[k].get("Default") for k in declared if "Default" in declared[k]}
+    values.update(parameters or {})
+    for name, value in values.items():
+        if name in declared:
+            declared[name]["Default"] = value
+
+    class _Cfn:
+        pass
+
+    cfn = _Cfn()
+    cfn.template = template
+    cfn.regions = [region]
+    expanded = _lx._Transform()._walk(template, {}, cfn)
+    expanded = _resolve_length(expanded, values, declared)
+    for resource in (expanded.get("Resources") or {}).values():
+        for attr in ("DeletionPolicy", "UpdateReplacePolicy"):
+            policy = resource.get(attr) if isinstance(resource, dict) else None
+            if isinstance(policy, dict) and list(policy) == ["Ref"] and policy["Ref"] in values:
+                resource[attr] = values[policy["Ref"]]
+    rest = [n for n in names if n != _LX]
+    if rest:
+        expanded["Transform"] = rest
+    else:
+        expanded.pop("Transform", None)
+    return expanded
+
+
+import yaml as _yaml  # noqa: E402
+
+_original_tag_constructor = cfn_models.yaml_tag_constructor
+
+
+def _yaml_tag_constructor(loader, tag, node):
+    # moto builds a short-form function over a mapping (`!Length {Ref: L}`)
+    # from the raw YAML nodes; CloudFormation reads the mapping.
+    if isinstance(node, _yaml.MappingNode):
+        key = "Ref" if tag == "!Ref" else f"Fn::{tag[1:]}"
+        return {key: loader.construct_mapping(node, deep=True)}
+    return _original_tag_constructor(loader, tag, node)
+
+
+cfn_models.yaml_tag_constructor = _yaml_tag_constructor
+cfn_responses.yaml_tag_constructor = _yaml_tag_constructor
+
+_original_stack_init = cfn_models.Stack.__init__
+_original_stack_parse = cfn_models.Stack._parse_template
+_original_change_set_parse = cfn_models.ChangeSet._parse_template
+
+
+def _stack_init(self, stack_id, name, template, parameters, account_id, region_name, *a, **kw):
+    self._lx_parameters = parameters
+    self._lx_region = region_name
+    _original_stack_init(self, stack_id, name, template, parameters, account_id, region_name, *a, **kw)
+
+
+def _stack_parse(self):
+    _original_stack_parse(self)
+    self.template_dict = _expand_language_extensions(
+        self.template_dict, getattr(self, "_lx_parameters", None), getattr(self, "_lx_region", "us-east-1")
+    )
+
+
+def _change_set_parse(self):
+    _original_change_set_parse(self)
+    self.template_dict = _expand_language_extensions(
+        self.template_dict, self.parameters, self.stack.region_name
+    )
+
+
+cfn_models.Stack.__init__ = _stack_init
+cfn_models.Stack._parse_template = _stack_parse
+cfn_models.ChangeSet._parse_template = _change_set_parse
 
 
 # --- 9. CloudWatch over Smithy RPC v2 CBOR ------------------------------------------
