@@ -1,0 +1,215 @@
+//! Templates beyond the shipped ones, the real binary against the emulator:
+//! `AWS::LanguageExtensions` loops validated, planned and deployed (the
+//! emulator expands them with cfn-lint's implementation, not ours), an
+//! output a loop generates feeding another stack, and a protected resource
+//! a loop created refused removal like any other.
+
+mod common;
+
+use std::path::Path;
+use std::process::Output;
+
+use common::{Emulator, run, stderr, stdout};
+
+const TABLES: &str = r#"AWSTemplateFormatVersion: "2010-09-09"
+Transform: AWS::LanguageExtensions
+Parameters:
+  Environment: {Type: String}
+  Tables: {Type: CommaDelimitedList}
+Conditions:
+  Fn::ForEach::Big:
+    - Name
+    - !Ref Tables
+    - Is${Name}Big: !Equals [!Ref Environment, prod]
+Resources:
+  Fn::ForEach::Tables:
+    - Name
+    - !Ref Tables
+    - Table${Name}:
+        Type: AWS::DynamoDB::Table
+        DeletionPolicy: Delete
+        Properties:
+          TableName: !Sub "${Environment}-${Name}"
+          BillingMode: PAY_PER_REQUEST
+          AttributeDefinitions: [{AttributeName: id, AttributeType: S}]
+          KeySchema: [{AttributeName: id, KeyType: HASH}]
+  Fn::ForEach::Kinds:
+    - Kind
+    - [alerts, audit-log]
+    - Fn::ForEach::PerTable:
+        - Name
+        - !Ref Tables
+        - Topic&{Kind}${Name}:
+            Type: AWS::SNS::Topic
+            Properties: {TopicName: !Sub "${Environment}-${Kind}-${Name}"}
+Outputs:
+  Fn::ForEach::TableNames:
+    - Name
+    - !Ref Tables
+    - Table${Name}Name:
+        Value: {Ref: !Sub "Table${Name}"}
+  TableCount:
+    Value: !Length {Ref: Tables}
+"#;
+
+const CONSUMER: &str = r#"Parameters:
+  OrdersTable: {Type: String}
+Resources:
+  Queue:
+    Type: AWS::SQS::Queue
+    Properties:
+      QueueName: !Sub "${OrdersTable}-events"
+Outputs:
+  QueueName: {Value: !GetAtt Queue.QueueName}
+"#;
+
+fn env_file(tables: &str) -> String {
+    format!(
+        r#"environment: lx
+region: us-east-1
+account_id: "123456789012"
+stack_name_prefix: lx
+stacks:
+  tables:
+    template: ../templates/tables.yaml
+    parameters:
+      Environment: lx
+      Tables: {tables}
+  consumer:
+    template: ../templates/consumer.yaml
+    parameters:
+      OrdersTable: {{output: tables.TableordersName}}
+"#
+    )
+}
+
+fn workspace(tables: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (rel, text) in [
+        ("desired-state/lx.yaml", env_file(tables)),
+        ("templates/tables.yaml", TABLES.to_owned()),
+        ("templates/consumer.yaml", CONSUMER.to_owned()),
+    ] {
+        let path = dir.path().join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+    dir
+}
+
+fn stackwarden(emu: &Emulator, dir: &Path, args: &[&str]) -> Output {
+    run(emu
+        .command()
+        .args(args)
+        .args(["-e", "lx", "--desired-state"])
+        .arg(dir.join("desired-state")))
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_str(&stdout(out)).unwrap_or_else(|e| {
+        panic!(
+            "JSON: {e}\nstdout:\n{}\nstderr:\n{}",
+            stdout(out),
+            stderr(out)
+        )
+    })
+}
+
+async fn resources(config: &aws_config::SdkConfig, stack: &str) -> Vec<String> {
+    let cfn = aws_sdk_cloudformation::Client::new(config);
+    let mut ids: Vec<String> = cfn
+        .describe_stack_resources()
+        .stack_name(stack)
+        .send()
+        .await
+        .expect("DescribeStackResources")
+        .stack_resources()
+        .iter()
+        .filter_map(|r| r.logical_resource_id().map(str::to_owned))
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test]
+async fn language_extension_loops_validate_plan_and_deploy_and_their_outputs_feed_other_stacks() {
+    let emu = Emulator::get();
+    let _guard = emu.lock().await;
+    let config = emu.sdk_config().await;
+    let ws = workspace("orders,invoices");
+
+    let out = stackwarden(emu, ws.path(), &["validate", "-o", "json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let v = json(&out);
+    assert_eq!(v[0]["valid"], true, "{v}");
+    assert_eq!(v[0]["warnings"], serde_json::json!([]), "{v}");
+    // The output reference to a loop-generated output orders the stacks.
+    assert_eq!(
+        v[0]["waves"],
+        serde_json::json!([["tables"], ["consumer"]]),
+        "{v}"
+    );
+
+    let out = stackwarden(emu, ws.path(), &["plan"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+
+    let out = stackwarden(emu, ws.path(), &["reconcile", "--once", "-o", "json"]);
+    let v = json(&out);
+    assert_eq!(out.status.code(), Some(0), "{v}\n{}", stderr(&out));
+    assert_eq!(v[0]["verdict"], "in_sync", "{v}");
+    assert_eq!(
+        resources(&config, "lx-tables").await,
+        [
+            "Tableinvoices",
+            "Tableorders",
+            "Topicalertsinvoices",
+            "Topicalertsorders",
+            "Topicauditloginvoices",
+            "Topicauditlogorders",
+        ]
+    );
+    let cfn = aws_sdk_cloudformation::Client::new(&config);
+    let consumer = cfn
+        .describe_stacks()
+        .stack_name("lx-consumer")
+        .send()
+        .await
+        .expect("DescribeStacks");
+    let queue = consumer.stacks()[0]
+        .outputs()
+        .iter()
+        .find(|o| o.output_key() == Some("QueueName"))
+        .and_then(|o| o.output_value())
+        .map(str::to_owned);
+    assert_eq!(queue.as_deref(), Some("lx-orders-events"));
+
+    // Steady state: nothing to do.
+    let out = stackwarden(emu, ws.path(), &["reconcile", "--once", "-o", "json"]);
+    let v = json(&out);
+    assert_eq!(out.status.code(), Some(0), "{v}");
+    // One DescribeStacks and a GetTemplate per stack: no write.
+    assert_eq!(v[0]["api_calls"], 3, "{v}");
+
+    // Dropping a table from the loop's list would delete a table the loop
+    // created: refused, and nothing is written.
+    std::fs::write(ws.path().join("desired-state/lx.yaml"), env_file("orders")).unwrap();
+    let out = stackwarden(emu, ws.path(), &["reconcile", "--once", "-o", "json"]);
+    let v = json(&out);
+    assert_eq!(out.status.code(), Some(2), "{v}\n{}", stderr(&out));
+    let tables = v[0]["report"]["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["key"] == "tables")
+        .unwrap()
+        .to_string();
+    assert!(
+        tables.contains("Tableinvoices") && tables.contains("AWS::DynamoDB::Table"),
+        "{tables}"
+    );
+    assert!(
+        resources(&config, "lx-tables")
+            .await
+            .contains(&"Tableinvoices".to_owned())
+    );
+}
