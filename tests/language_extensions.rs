@@ -67,7 +67,14 @@ fn normalize(v: &Json) -> Json {
     }
 }
 
-const TEMPLATES: &[(&str, &str, &[(&str, &str)])] = &[
+/// A sample: what it shows, its body, and the list parameters' values.
+type Sample = (
+    &'static str,
+    &'static str,
+    &'static [(&'static str, &'static str)],
+);
+
+const TEMPLATES: &[Sample] = &[
     (
         "a loop over a list parameter, with ${} and &{} keys",
         r#"
