@@ -1706,6 +1706,18 @@ stacks:
                 "Resources:\n  Q:\n    Type: AWS::SQS::Queue\n    Properties:\n      QueueName: !Module x\n",
                 "5:7: Resources.Q.Properties.QueueName: template of stack `data`: unknown tag !Module",
             ),
+            (
+                "Transform: AWS::LanguageExtensions\nResources:\n  Q1: {Type: 'AWS::SQS::Queue'}\n  Fn::ForEach::Q:\n    - N\n    - ['1']\n    - Q${N}: {Type: 'AWS::SQS::Queue'}\n",
+                "4:3: Resources.Fn::ForEach::Q: template of stack `data`: the loop generates `Q1`, which is already declared",
+            ),
+            (
+                "Transform: AWS::LanguageExtensions\nResources:\n  Fn::ForEach::Q:\n    - N\n    - [a]\n    - Fixed: {Type: 'AWS::SQS::Queue'}\n",
+                "6:7: Resources.Fn::ForEach::Q.2.Fixed: template of stack `data`: output key `Fixed` must contain ${N} or &{N}",
+            ),
+            (
+                "Resources:\n  Fn::ForEach::Q: [N, [a], {'Q${N}': {Type: 'AWS::SQS::Queue'}}]\n",
+                "2:3: Resources.Fn::ForEach::Q: template of stack `data`: `Fn::ForEach::Q` needs `Transform: AWS::LanguageExtensions` in the template",
+            ),
         ];
         for (template, want) in cases {
             std::fs::write(f.dir.path().join("templates/bad.yaml"), template).unwrap();
@@ -1719,6 +1731,90 @@ stacks:
                 "{want}\n{errs:#?}"
             );
         }
+    }
+
+    #[test]
+    fn transforms_stackwarden_does_not_expand_pass_with_the_checks_they_skip_named() {
+        let f = Fixture::new();
+        std::fs::write(
+            f.dir.path().join("templates/sam.yaml"),
+            "Transform: AWS::Serverless-2016-10-31\nParameters:\n  Env: {Type: String}\nResources:\n  Fn:\n    Type: AWS::Serverless::Function\n    Properties: {Runtime: python3.12, Handler: i.h, InlineCode: x}\n  Fn::Transform:\n    Name: AWS::Include\n    Parameters: {Location: 's3://bucket/more.yaml'}\n",
+        )
+        .unwrap();
+        // `data.TableName` is not declared: what the transforms generate may
+        // declare it, so the reference is not refused.
+        let env = f
+            .load(
+                "dev",
+                &GOOD.replace("templates/a.yaml", "templates/sam.yaml"),
+            )
+            .unwrap();
+        let warnings = env.warnings.join("\n");
+        assert!(
+            warnings.contains("stack `data`")
+                && warnings.contains(
+                    "transform AWS::Serverless-2016-10-31 is processed by CloudFormation"
+                )
+                && warnings.contains("Resources.Fn::Transform is processed by CloudFormation"),
+            "{warnings}"
+        );
+        assert_eq!(
+            env.stacks["data"]
+                .template
+                .resources
+                .keys()
+                .collect::<Vec<_>>(),
+            ["Fn"]
+        );
+    }
+
+    #[test]
+    fn a_loop_over_a_parameter_expands_with_the_given_value() {
+        let f = Fixture::new();
+        std::fs::write(
+            f.dir.path().join("templates/loop.yaml"),
+            "Transform: AWS::LanguageExtensions\nParameters:\n  Env: {Type: CommaDelimitedList}\nResources:\n  Fn::ForEach::T:\n    - E\n    - !Ref Env\n    - Table${E}: {Type: 'AWS::DynamoDB::Table'}\nOutputs:\n  Fn::ForEach::O:\n    - E\n    - !Ref Env\n    - TableName: {Value: x}\n",
+        )
+        .unwrap();
+        // Two values would generate `TableName` twice.
+        let errs = f.errors(
+            "dev",
+            &GOOD
+                .replace("templates/a.yaml", "templates/loop.yaml")
+                .replace("{Env: dev}", "{Env: 'dev,prod'}"),
+        );
+        assert!(
+            errs.iter().any(|e| e.contains("must contain ${E} or &{E}")),
+            "{errs:#?}"
+        );
+        std::fs::write(
+            f.dir.path().join("templates/loop.yaml"),
+            "Transform: AWS::LanguageExtensions\nParameters:\n  Env: {Type: CommaDelimitedList}\nResources:\n  Fn::ForEach::T:\n    - E\n    - !Ref Env\n    - Table${E}: {Type: 'AWS::DynamoDB::Table'}\nOutputs:\n  Fn::ForEach::O:\n    - E\n    - !Ref Env\n    - ${E}TableName: {Value: x}\n",
+        )
+        .unwrap();
+        let text = GOOD
+            .replace("templates/a.yaml", "templates/loop.yaml")
+            .replace("{Env: dev}", "{Env: 'dev,prod'}");
+        // `data.TableName` is not generated (devTableName, prodTableName are).
+        let errs = f.errors("dev", &text);
+        assert!(
+            errs.iter().any(|e| e.contains(
+                "stack `data` has no output `TableName` (its template templates/loop.yaml declares: devTableName, prodTableName)"
+            )),
+            "{errs:#?}"
+        );
+        let env = f
+            .load("dev", &text.replace("data.TableName", "data.prodTableName"))
+            .unwrap();
+        assert_eq!(
+            env.stacks["data"]
+                .template
+                .resources
+                .keys()
+                .collect::<Vec<_>>(),
+            ["Tabledev", "Tableprod"]
+        );
+        assert!(env.warnings.is_empty(), "{:?}", env.warnings);
     }
 
     #[test]
