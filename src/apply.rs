@@ -896,6 +896,11 @@ impl<'a, C: Cloud> Pass<'a, C> {
         // what would be sent now before it is used.
         let mut made_here = false;
         if !reused {
+            // CloudFormation reads the template and its nested templates
+            // from the bucket when it makes the change set.
+            if let Err(e) = crate::artifacts::publish(self.cloud, &request.artifacts).await {
+                return Step::Done(failed(format!("artifact bucket: {e}")));
+            }
             match retry::call(|| self.cloud.create_change_set(&request)).await {
                 Ok(()) => made_here = true,
                 // Made by a pass that crashed between create and our list.

@@ -5,6 +5,7 @@
 //! `cli` -> `apply` -> `plan` / `diff` / `policy` (pure) -> `spec` -> `cloud`.
 
 pub mod apply;
+pub mod artifacts;
 pub mod changeset;
 pub mod cli;
 pub mod cloud;

@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use crate::artifacts::{Artifact, ArtifactStore};
 use crate::template::Template;
 use crate::yaml::{Document, Pos, YamlError};
 
@@ -189,7 +190,29 @@ struct RawEnv {
     /// holding the desired-state folder unless this is set.
     #[serde(default)]
     allow_templates_outside_repository: bool,
+    #[serde(default)]
+    artifacts: Option<RawArtifacts>,
     stacks: serde_yaml::Mapping,
+}
+
+/// `artifacts:`: the S3 bucket templates are uploaded to.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawArtifacts {
+    bucket: String,
+    #[serde(default)]
+    prefix: String,
+    /// `large` (default): only what cannot be sent inline; `always`.
+    #[serde(default)]
+    upload: Upload,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Upload {
+    #[default]
+    Large,
+    Always,
 }
 
 /// The role stackwarden assumes to operate on the environment's account.
@@ -322,7 +345,15 @@ pub struct DesiredStack {
     /// The CloudFormation stack name.
     pub name: String,
     pub template_path: PathBuf,
+    /// The template as sent: as written, or packaged (local nested
+    /// templates replaced by their artifact URLs, as JSON).
     pub template_body: String,
+    /// Where the template is read from when it is not sent inline.
+    pub template_url: Option<String>,
+    /// What must be in the artifact bucket before a change set is made.
+    pub artifacts: Vec<Artifact>,
+    /// The files of its local nested templates.
+    pub nested_templates: Vec<PathBuf>,
     pub template: Template,
     pub parameters: BTreeMap<String, Value>,
     /// Explicit `depends_on` plus every stack an output reference names.
@@ -370,6 +401,8 @@ impl DesiredStack {
             change_set_name: name,
             kind,
             template_body: self.template_body.clone(),
+            template_url: self.template_url.clone(),
+            artifacts: self.artifacts.clone(),
             parameters,
             tags: self.tags_with_ownership(environment),
             description,
@@ -496,7 +529,27 @@ struct Loader {
     declared: BTreeSet<String>,
     /// Where templates must resolve to; `None` when the file opts out.
     template_root: Option<PathBuf>,
+    /// The artifact bucket, when the file has a valid one.
+    artifacts: Option<ArtifactStore>,
+    region: String,
+    /// Stack key to what its template needs in the artifact bucket.
+    packages: BTreeMap<String, Package>,
+    /// Said by `validate`, never refused (see [`DesiredEnv::warnings`]).
+    warnings: Vec<String>,
 }
+
+/// What a stack's template needs in the artifact bucket.
+#[derive(Debug, Default)]
+struct Package {
+    template_url: Option<String>,
+    artifacts: Vec<Artifact>,
+    /// The nested templates' files.
+    sources: Vec<PathBuf>,
+}
+
+/// How deep local nested templates are followed (AWS: stacks nest at
+/// most five levels below the root).
+const MAX_NESTED_DEPTH: usize = 5;
 
 impl Loader {
     fn new(file: &Path) -> Loader {
@@ -506,6 +559,10 @@ impl Loader {
             errors: Vec::new(),
             declared: BTreeSet::new(),
             template_root: None,
+            artifacts: None,
+            region: String::new(),
+            packages: BTreeMap::new(),
+            warnings: Vec::new(),
         }
     }
 
@@ -558,6 +615,31 @@ impl Loader {
             .keys()
             .filter_map(|k| k.as_str().map(str::to_owned))
             .collect();
+        self.region = raw.region.clone();
+        if let Some(a) = &raw.artifacts {
+            let prefix_ok = !a.prefix.starts_with('/')
+                && a.prefix.len() <= 512
+                && !a.prefix.chars().any(char::is_control);
+            match crate::artifacts::check_bucket_name(&a.bucket) {
+                Err(e) => self.error_at(&doc, "artifacts.bucket", e),
+                Ok(()) if !prefix_ok => self.error_at(
+                    &doc,
+                    "artifacts.prefix",
+                    "a key prefix must not start with `/` nor hold control characters (at most 512 bytes)",
+                ),
+                Ok(()) => {
+                    let mut prefix = a.prefix.clone();
+                    if !prefix.is_empty() && !prefix.ends_with('/') {
+                        prefix.push('/');
+                    }
+                    self.artifacts = Some(ArtifactStore {
+                        bucket: a.bucket.clone(),
+                        prefix,
+                        always: a.upload == Upload::Always,
+                    });
+                }
+            }
+        }
 
         // Each stack is deserialized on its own so that problems in several
         // stacks are all reported at once.
@@ -780,6 +862,7 @@ impl Loader {
                 })
                 .collect::<Vec<_>>();
             let revision = stack_revision(&template, &s.parameters, &tags);
+            let package = self.packages.remove(&key).unwrap_or_default();
             stacks.insert(
                 key.clone(),
                 DesiredStack {
@@ -787,6 +870,9 @@ impl Loader {
                     name,
                     template_path,
                     template_body: body,
+                    template_url: package.template_url,
+                    artifacts: package.artifacts,
+                    nested_templates: package.sources,
                     template,
                     parameters: s.parameters,
                     depends_on,
@@ -829,20 +915,23 @@ impl Loader {
         };
         let mut sources = vec![self.file.clone()];
         sources.extend(stacks.values().map(|s| s.template_path.clone()));
+        sources.extend(
+            stacks
+                .values()
+                .flat_map(|s| s.nested_templates.iter().cloned()),
+        );
         sources.sort();
         sources.dedup();
-        let warnings = stacks
-            .values()
-            .flat_map(|s| {
-                s.template.unchecked.iter().map(move |u| {
-                    format!(
-                        "stack `{}` (template {}): {u}",
-                        s.key,
-                        s.template_path.display()
-                    )
-                })
+        let mut warnings: Vec<String> = std::mem::take(&mut self.warnings);
+        warnings.extend(stacks.values().flat_map(|s| {
+            s.template.unchecked.iter().map(move |u| {
+                format!(
+                    "stack `{}` (template {}): {u}",
+                    s.key,
+                    s.template_path.display()
+                )
             })
-            .collect();
+        }));
         Ok(DesiredEnv {
             name: raw.environment,
             file: self.file,
@@ -970,11 +1059,31 @@ impl Loader {
     ) -> Option<(PathBuf, String, Template)> {
         let path = normalize(&self.dir.join(rel));
         let field = format!("stacks.{key}.template");
-        let resolved = match std::fs::canonicalize(&path) {
+        let body = self.read_template(doc, &field, &path)?;
+        let t = self.parse_template(key, &path, &body, literals)?;
+        let mut package = Package::default();
+        let (body, t) =
+            self.package(doc, &field, key, &path, body, t, literals, 0, &mut package)?;
+        self.check_template_limits(doc, &field, &path, &body, &t);
+        if let Some(store) = &self.artifacts
+            && (store.always || body.len() > limits::TEMPLATE_BODY_BYTES)
+        {
+            let a = store.artifact(&self.region, path.clone(), body.clone());
+            package.template_url = Some(a.url.clone());
+            package.artifacts.push(a);
+        }
+        self.packages.insert(key.to_owned(), package);
+        Some((path, body, t))
+    }
+
+    /// Reads a template file that must resolve inside the repository;
+    /// errors are reported at `field` of the desired-state file.
+    fn read_template(&mut self, doc: &Document, field: &str, path: &Path) -> Option<String> {
+        let resolved = match std::fs::canonicalize(path) {
             Ok(p) => p,
             Err(e) => {
                 let msg = format!("cannot read template {}: {e}", path.display());
-                self.error_at(doc, &field, msg);
+                self.error_at(doc, field, msg);
                 return None;
             }
         };
@@ -988,27 +1097,34 @@ impl Loader {
                 resolved.display(),
                 root.display()
             );
-            self.error_at(doc, &field, msg);
+            self.error_at(doc, field, msg);
             return None;
         }
         // The resolved path is read, so a symlink swapped after the check
         // cannot point the read elsewhere.
-        let body = match crate::files::read_text(&resolved, crate::files::MAX_TEMPLATE_BYTES) {
-            Ok(b) => b,
+        match crate::files::read_text(&resolved, crate::files::MAX_TEMPLATE_BYTES) {
+            Ok(b) => Some(b),
             Err(e) => {
                 let msg = format!("cannot read template {}: {e}", path.display());
-                self.error_at(doc, &field, msg);
-                return None;
+                self.error_at(doc, field, msg);
+                None
             }
-        };
-        match Template::parse_with(&body, literals) {
-            Ok(t) => {
-                self.check_template_limits(doc, &field, &path, &body, &t);
-                Some((path, body, t))
-            }
+        }
+    }
+
+    /// Parses a template; errors are reported in the template's own file.
+    fn parse_template(
+        &mut self,
+        key: &str,
+        path: &Path,
+        body: &str,
+        literals: &BTreeMap<String, String>,
+    ) -> Option<Template> {
+        match Template::parse_with(body, literals) {
+            Ok(t) => Some(t),
             Err(e) => {
                 self.errors.push(SpecError {
-                    file: path,
+                    file: path.to_owned(),
                     pos: if e.pos.line == 0 {
                         Pos { line: 1, column: 1 }
                     } else {
@@ -1022,6 +1138,87 @@ impl Loader {
         }
     }
 
+    /// Packages the local nested templates of `t` (read from `path`), as
+    /// `aws cloudformation package` does: each is read, packaged in turn,
+    /// and put in the artifact bucket under its content hash, and its
+    /// `TemplateURL` is replaced by the object's URL. The template sent is
+    /// then the rewritten one (as JSON); its revision covers the nested
+    /// templates through their URLs. Without nested local templates the
+    /// template is sent as written.
+    #[allow(clippy::too_many_arguments)]
+    fn package(
+        &mut self,
+        doc: &Document,
+        field: &str,
+        key: &str,
+        path: &Path,
+        body: String,
+        t: Template,
+        literals: &BTreeMap<String, String>,
+        depth: usize,
+        package: &mut Package,
+    ) -> Option<(String, Template)> {
+        let nested = crate::artifacts::local_nested(&t.canonical);
+        if nested.is_empty() {
+            return Some((body, t));
+        }
+        let Some(store) = self.artifacts.clone() else {
+            let (id, url) = &nested[0];
+            self.error_at(
+                doc,
+                field,
+                format!(
+                    "template {}: nested stack `{id}` has the local TemplateURL `{url}`; CloudFormation reads nested templates from S3: set `artifacts: {{bucket: ...}}` so stackwarden uploads it (as aws cloudformation package does)",
+                    path.display()
+                ),
+            );
+            // Its other faults (its size) are still worth reporting.
+            return Some((body, t));
+        };
+        if depth >= MAX_NESTED_DEPTH {
+            self.error_at(
+                doc,
+                field,
+                format!(
+                    "template {}: local nested templates go deeper than {MAX_NESTED_DEPTH} levels",
+                    path.display()
+                ),
+            );
+            return None;
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut urls = BTreeMap::new();
+        for (id, rel) in nested {
+            let child_path = normalize(&base.join(&rel));
+            let child = self.read_template(doc, field, &child_path)?;
+            // A nested template's parameters come from its parent's
+            // `Parameters` property, not from the desired state.
+            let child_t = self.parse_template(key, &child_path, &child, &BTreeMap::new())?;
+            let (child, child_t) = self.package(
+                doc,
+                field,
+                key,
+                &child_path,
+                child,
+                child_t,
+                &BTreeMap::new(),
+                depth + 1,
+                package,
+            )?;
+            self.check_template_limits(doc, field, &child_path, &child, &child_t);
+            let a = store.artifact(&self.region, child_path.clone(), child);
+            urls.insert(id, a.url.clone());
+            package.sources.push(child_path);
+            if !package.artifacts.iter().any(|x| x.key == a.key) {
+                package.artifacts.push(a);
+            }
+        }
+        let rewritten = crate::artifacts::rewrite(&t.canonical, &urls);
+        let body = serde_json::to_string_pretty(&rewritten).expect("JSON values serialize");
+        let t = self.parse_template(key, path, &body, literals)?;
+        Some((body, t))
+    }
+
     /// What CloudFormation refuses of a template, refused here first, with
     /// the limit named: otherwise every pass would fail at CreateChangeSet.
     fn check_template_limits(
@@ -1033,16 +1230,33 @@ impl Loader {
         t: &Template,
     ) {
         let shown = path.display().to_string();
-        if body.len() > limits::TEMPLATE_BODY_BYTES {
+        if body.len() > limits::TEMPLATE_BODY_BYTES && self.artifacts.is_none() {
             self.error_at(
                 doc,
                 field,
                 format!(
-                    "template {shown} is {} bytes; CloudFormation takes at most {} bytes in a request (TemplateBody), and stackwarden uploads no template to S3 (TemplateURL) yet: shrink it or split it into nested stacks",
+                    "template {shown} is {} bytes; CloudFormation takes at most {} bytes in a request (TemplateBody): set `artifacts: {{bucket: ...}}` so stackwarden uploads it to S3 and passes its URL (up to {} bytes), or split it into nested stacks",
                     body.len(),
-                    limits::TEMPLATE_BODY_BYTES
+                    limits::TEMPLATE_BODY_BYTES,
+                    limits::TEMPLATE_URL_BYTES
                 ),
             );
+        } else if body.len() > limits::TEMPLATE_URL_BYTES {
+            self.error_at(
+                doc,
+                field,
+                format!(
+                    "template {shown} is {} bytes; CloudFormation reads at most {} bytes from S3 (TemplateURL): split it into nested stacks",
+                    body.len(),
+                    limits::TEMPLATE_URL_BYTES
+                ),
+            );
+        } else if body.len() > limits::TEMPLATE_BODY_BYTES * 4 / 5 && self.artifacts.is_none() {
+            self.warnings.push(format!(
+                "template {shown} is {} bytes, near the {}-byte limit of a template sent in the request: set `artifacts: {{bucket: ...}}` before it grows past it",
+                body.len(),
+                limits::TEMPLATE_BODY_BYTES
+            ));
         }
         for (what, count, limit) in [
             ("resources", t.resources.len(), limits::RESOURCES),
@@ -1309,6 +1523,8 @@ fn normalize(path: &Path) -> PathBuf {
 pub mod limits {
     /// A template passed in the request (TemplateBody), in bytes.
     pub const TEMPLATE_BODY_BYTES: usize = 51_200;
+    /// A template read from S3 (TemplateURL), in bytes (1 MB).
+    pub const TEMPLATE_URL_BYTES: usize = 1_048_576;
     /// Resources declared in one template.
     pub const RESOURCES: usize = 500;
     /// Parameters declared in one template.

@@ -223,6 +223,7 @@ async fn preview_one<C: Cloud>(
     request: &ChangeSetRequest,
     timeout: std::time::Duration,
 ) -> Result<(Vec<ResourceChange>, Vec<ResourceChange>), CloudError> {
+    crate::artifacts::publish(cloud, &request.artifacts).await?;
     retry::call(|| cloud.create_change_set(request)).await?;
     let deadline = crate::retry::instant_after(timeout);
     let still_computing = || {

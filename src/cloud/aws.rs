@@ -45,6 +45,7 @@ pub struct AwsCloud {
     cfn: cfn::Client,
     ecs: aws_sdk_ecs::Client,
     sts: aws_sdk_sts::Client,
+    s3: aws_sdk_s3::Client,
     calls: Arc<CallCounter>,
     throttles: Arc<CallCounter>,
 }
@@ -92,6 +93,16 @@ impl AwsCloud {
             cfn: cfn::Client::new(&config),
             ecs: aws_sdk_ecs::Client::new(&config),
             sts: aws_sdk_sts::Client::new(&config),
+            s3: {
+                // An endpoint override (an emulator, a VPC endpoint) is
+                // addressed by path: `bucket.127.0.0.1` names no host.
+                let path_style = config.endpoint_url().is_some();
+                aws_sdk_s3::Client::from_conf(
+                    aws_sdk_s3::config::Builder::from(&config)
+                        .force_path_style(path_style)
+                        .build(),
+                )
+            },
             calls: Arc::new(CallCounter::default()),
             throttles: Arc::new(CallCounter::default()),
         }
@@ -235,6 +246,7 @@ fn classify_code(code: &str, message: &str) -> CloudError {
             CloudError::ExpiredCredentials(m)
         }
         "ChangeSetNotFound"
+        | "NoSuchBucket"
         | "StackNotFoundException"
         | "ServiceNotFoundException"
         | "ClusterNotFoundException" => CloudError::NotFound(m),
@@ -406,7 +418,8 @@ impl Cloud for AwsCloud {
                 ChangeSetKind::Create => cfn::types::ChangeSetType::Create,
                 ChangeSetKind::Update => cfn::types::ChangeSetType::Update,
             })
-            .template_body(&r.template_body)
+            .set_template_body(r.template_url.is_none().then(|| r.template_body.clone()))
+            .set_template_url(r.template_url.clone())
             .set_parameters(Some(parameters))
             .set_tags(Some(tags))
             .capabilities(cfn::types::Capability::CapabilityIam)
@@ -786,6 +799,60 @@ impl Cloud for AwsCloud {
             .await
             .map_err(|e| self.error(e))?;
         Ok(())
+    }
+
+    async fn bucket_region(&self, bucket: &str) -> CloudResult<String> {
+        self.calls.tick();
+        let out = self
+            .s3
+            .get_bucket_location()
+            .bucket(bucket)
+            .send()
+            .await
+            .map_err(|e| self.error(e))?;
+        // "Buckets in Region us-east-1 have a LocationConstraint of null";
+        // `EU` is the legacy name of eu-west-1.
+        Ok(match out.location_constraint().map(|c| c.as_str()) {
+            None | Some("") => "us-east-1".to_owned(),
+            Some("EU") => "eu-west-1".to_owned(),
+            Some(r) => r.to_owned(),
+        })
+    }
+
+    async fn put_artifact(&self, bucket: &str, key: &str, body: &str) -> CloudResult<bool> {
+        self.calls.tick();
+        match self.s3.head_object().bucket(bucket).key(key).send().await {
+            Ok(_) => return Ok(false),
+            Err(e) if e.as_service_error().is_some_and(|e| e.is_not_found()) => {}
+            Err(e) => return Err(self.error(e)),
+        }
+        self.calls.tick();
+        let put = self
+            .s3
+            .put_object()
+            .bucket(bucket)
+            .key(key)
+            .content_type("text/plain; charset=utf-8")
+            // Never overwrite: S3 answers 412 if the key exists by now.
+            .if_none_match("*")
+            .body(aws_sdk_s3::primitives::ByteStream::from(
+                body.as_bytes().to_vec(),
+            ))
+            .send()
+            .await;
+        match put {
+            Ok(_) => Ok(true),
+            // Written meanwhile by another run: the same bytes, by its key.
+            Err(e)
+                if matches!(
+                    e.code(),
+                    Some("PreconditionFailed" | "ConditionalRequestConflict")
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(self.error(e)),
+        }
     }
 
     async fn caller_account(&self) -> CloudResult<String> {

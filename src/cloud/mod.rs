@@ -232,6 +232,12 @@ pub struct ChangeSetRequest {
     pub change_set_name: String,
     pub kind: ChangeSetKind,
     pub template_body: String,
+    /// The template's S3 URL, sent instead of the body when set (a template
+    /// too large to send inline, or an environment that uploads them all).
+    pub template_url: Option<String>,
+    /// What must be in the artifact bucket before the change set is made:
+    /// the template itself when sent by URL, and its local nested templates.
+    pub artifacts: Vec<crate::artifacts::Artifact>,
     pub parameters: BTreeMap<String, String>,
     pub tags: BTreeMap<String, String>,
     pub description: String,
@@ -513,6 +519,21 @@ pub trait Cloud: Send + Sync {
         service: &str,
         since: SystemTime,
     ) -> impl Future<Output = CloudResult<Vec<FailedDeployment>>> + Send;
+
+    /// The region an S3 bucket is in (GetBucketLocation; its empty answer
+    /// is us-east-1, and its legacy `EU` is eu-west-1).
+    fn bucket_region(&self, bucket: &str) -> impl Future<Output = CloudResult<String>> + Send;
+
+    /// Puts an object unless one with that key exists (HeadObject, then a
+    /// PutObject that S3 refuses if the key appeared meanwhile): artifact
+    /// keys are content-addressed, so an existing object is never
+    /// overwritten. Returns whether it uploaded.
+    fn put_artifact(
+        &self,
+        bucket: &str,
+        key: &str,
+        body: &str,
+    ) -> impl Future<Output = CloudResult<bool>> + Send;
 
     /// Throttling errors seen so far (after the SDK's own retries).
     fn throttles(&self) -> u64 {

@@ -197,6 +197,9 @@ struct State {
     epoch: Option<Instant>,
     /// ECS's service deployment history, by (cluster, service).
     deployment_history: BTreeMap<(String, String), Vec<PastDeployment>>,
+    /// S3 buckets (name to region) and their objects, by (bucket, key).
+    buckets: BTreeMap<String, String>,
+    objects: BTreeMap<(String, String), String>,
 }
 
 /// A finished ECS service deployment: when it was created, how it ended
@@ -241,6 +244,21 @@ impl SimCloud {
         self.lock()
             .allowed
             .insert((stack.to_owned(), logical_id.to_owned()));
+    }
+
+    /// Makes an S3 bucket in `region`, for artifact uploads.
+    pub fn create_bucket(&self, name: &str, region: &str) {
+        self.lock()
+            .buckets
+            .insert(name.to_owned(), region.to_owned());
+    }
+
+    /// An object of a bucket, as uploaded.
+    pub fn object(&self, bucket: &str, key: &str) -> Option<String> {
+        self.lock()
+            .objects
+            .get(&(bucket.to_owned(), key.to_owned()))
+            .cloned()
     }
 
     /// Changes the probability that a call is throttled (0 stops throttling).
@@ -536,6 +554,19 @@ impl SimCloud {
             .copied()
             .unwrap_or(self.config.default_latency)
     }
+}
+
+/// The object an S3 https URL names (virtual-hosted or path style).
+fn s3_object(st: &State, url: &str) -> Option<String> {
+    let rest = url.strip_prefix("https://")?;
+    let (host, path) = rest.split_once('/')?;
+    let (bucket, key) = match host.split_once(".s3.") {
+        Some((bucket, _)) => (bucket, path),
+        None => path.split_once('/')?,
+    };
+    st.objects
+        .get(&(bucket.to_owned(), key.to_owned()))
+        .cloned()
 }
 
 /// A template parsed once per distinct body: the simulation parses the
@@ -1033,6 +1064,22 @@ impl Cloud for SimCloud {
     async fn create_change_set(&self, r: &ChangeSetRequest) -> CloudResult<()> {
         let ready_at = Instant::now() + self.config.change_set_latency;
         let mut st = self.enter("CreateChangeSet")?;
+        // CloudFormation reads a TemplateURL from S3 itself: what the bucket
+        // holds is the template, whatever the request carries besides.
+        let mut fetched;
+        let r = match &r.template_url {
+            None => r,
+            Some(url) => {
+                let body = s3_object(&st, url).ok_or_else(|| {
+                    CloudError::Validation(format!(
+                        "S3 error: The specified key does not exist ({url})"
+                    ))
+                })?;
+                fetched = r.clone();
+                fetched.template_body = body;
+                &fetched
+            }
+        };
         st.next_id += 1;
         let id = st.next_id;
         let existing = st.stacks.get(&r.stack_name);
@@ -1604,6 +1651,27 @@ impl Cloud for SimCloud {
                 task_definition: td.clone(),
             })
             .collect())
+    }
+
+    async fn bucket_region(&self, bucket: &str) -> CloudResult<String> {
+        let st = self.enter("GetBucketLocation")?;
+        st.buckets
+            .get(bucket)
+            .cloned()
+            .ok_or_else(|| CloudError::NotFound(format!("NoSuchBucket: {bucket}")))
+    }
+
+    async fn put_artifact(&self, bucket: &str, key: &str, body: &str) -> CloudResult<bool> {
+        let mut st = self.enter("PutObject")?;
+        if !st.buckets.contains_key(bucket) {
+            return Err(CloudError::NotFound(format!("NoSuchBucket: {bucket}")));
+        }
+        let k = (bucket.to_owned(), key.to_owned());
+        if st.objects.contains_key(&k) {
+            return Ok(false);
+        }
+        st.objects.insert(k, body.to_owned());
+        Ok(true)
     }
 
     async fn caller_account(&self) -> CloudResult<String> {
