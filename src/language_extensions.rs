@@ -352,7 +352,9 @@ impl Expander<'_> {
                         .get("Mappings")
                         .and_then(|m| m.get(&keys[0]))
                         .and_then(|m| m.get(&keys[1]))
-                        .and_then(|m| m.get(&keys[2]))?;
+                        .and_then(|m| m.get(&keys[2]))
+                        // The transform's fourth argument: {DefaultValue: ...}.
+                        .or_else(|| args.get(3)?.get("DefaultValue"))?;
                     return self.list(found, scope);
                 }
                 Some(Collection::Later(format!(

@@ -165,6 +165,24 @@ Resources:
 "#,
         &[],
     ),
+    (
+        "a collection from a mapping's default value",
+        r#"
+Transform: AWS::LanguageExtensions
+Mappings:
+  Buckets:
+    Names:
+      All: [logs, data]
+Resources:
+  Fn::ForEach::Buckets:
+    - B
+    - !FindInMap [Buckets, Names, Missing, {DefaultValue: [audit]}]
+    - Bucket${B}:
+        Type: AWS::S3::Bucket
+        Properties: {BucketName: !Sub "x-${B}"}
+"#,
+        &[],
+    ),
 ];
 
 #[test]
