@@ -76,7 +76,10 @@ impl ApplyError {
         match self {
             ApplyError::AccountMismatch { .. } => true,
             ApplyError::AccountCheck(e) | ApplyError::Observe(e) => {
-                matches!(e, CloudError::AccessDenied(_))
+                matches!(
+                    e,
+                    CloudError::AccessDenied(_) | CloudError::NoCredentials(_)
+                )
             }
         }
     }

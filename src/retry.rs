@@ -21,6 +21,11 @@ pub const POLL_MAX: Duration = Duration::from_secs(30);
 /// network fails; then its last error is the answer. With no retries in the
 /// SDK, this bounds the time a CLI command spends on one call.
 pub const CALL_BUDGET: Duration = Duration::from_secs(120);
+/// The longest one logical call keeps retrying when no connection can be
+/// made at all: a wrong endpoint or no network is said within seconds (with
+/// the SDK's connect timeout, a command gives up within 10 s); the daemon
+/// tries again at its next pass.
+pub const CONNECT_BUDGET: Duration = Duration::from_secs(6);
 /// The longest pause between two attempts of one call.
 const CALL_PAUSE_MAX: Duration = Duration::from_secs(20);
 
@@ -109,14 +114,28 @@ where
         match f().await {
             Err(e) if e.is_transient() => {
                 let spent = started.elapsed();
-                let left = CALL_BUDGET.saturating_sub(spent);
+                // No connection at all: the error itself says so in one
+                // line, soon; its retries are not worth a warning each.
+                let unreachable = matches!(e, CloudError::Unreachable(_));
+                let budget = if unreachable {
+                    CONNECT_BUDGET
+                } else {
+                    CALL_BUDGET
+                };
+                let left = budget.saturating_sub(spent);
                 if left.is_zero() {
-                    tracing::warn!(message = "Giving up on a call after retrying.", error = %e, attempts = attempt, seconds = spent.as_secs());
+                    if !unreachable {
+                        tracing::warn!(message = "Giving up on a call after retrying.", error = %e, attempts = attempt, seconds = spent.as_secs());
+                    }
                     return Err(e);
                 }
                 let wait =
                     jittered(backoff.next_backoff().unwrap_or(CALL_PAUSE_MAX), 0.5).min(left);
-                tracing::warn!(message = "AWS call failed transiently; retrying.", error = %e, attempt, retry_in_ms = wait.as_millis() as u64);
+                if unreachable {
+                    tracing::debug!(message = "AWS unreachable; retrying.", error = %e, attempt, retry_in_ms = wait.as_millis() as u64);
+                } else {
+                    tracing::warn!(message = "AWS call failed transiently; retrying.", error = %e, attempt, retry_in_ms = wait.as_millis() as u64);
+                }
                 tokio::time::sleep(wait).await;
                 attempt += 1;
             }
@@ -195,6 +214,19 @@ mod tests {
             "{took:?}"
         );
         assert!(n.load(Ordering::SeqCst) > 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unreachable_endpoint_is_given_up_on_within_the_connect_budget() {
+        let started = tokio::time::Instant::now();
+        let r: CloudResult<()> =
+            call(|| async { Err(CloudError::Unreachable("http://127.0.0.1:1".into())) }).await;
+        assert!(matches!(r, Err(CloudError::Unreachable(_))));
+        assert!(
+            started.elapsed() <= CONNECT_BUDGET,
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[test]

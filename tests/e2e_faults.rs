@@ -169,3 +169,91 @@ async fn throttling_slows_a_run_down_but_does_not_stop_it() {
         "{err}"
     );
 }
+
+/// Runs `plan -e dev` as a new user might, with only `env` set (no
+/// credentials or profile inherited from this machine); returns its exit
+/// code, its stderr and how long it took.
+fn first_contact(env: &[(&str, &str)]) -> (Option<i32>, String, std::time::Duration) {
+    let home = tempfile::tempdir().expect("tempdir");
+    let mut cmd = common::stackwarden();
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", home.path())
+        .env("NO_COLOR", "1")
+        // Not an EC2 instance: the instance metadata service is not asked.
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .envs(env.iter().copied())
+        .args(["plan", "-e", "dev"]);
+    let started = tokio::time::Instant::now();
+    let out = run(&mut cmd);
+    (out.status.code(), stderr(&out), started.elapsed())
+}
+
+/// One line, an error, and none of the SDK's Debug dump.
+fn assert_one_line(err: &str) {
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("error: "), "{err}");
+    for dump in [
+        "DispatchFailure(",
+        "ConnectorError",
+        "ProviderChainError",
+        "CredentialsNotLoaded(",
+    ] {
+        assert!(!err.contains(dump), "{err}");
+    }
+}
+
+#[test]
+fn no_credentials_are_said_in_one_line_with_where_it_looked() {
+    let (code, err, took) = first_contact(&[("AWS_REGION", "us-east-1")]);
+    assert_eq!(code, Some(1), "{err}");
+    assert_one_line(&err);
+    assert!(
+        err.contains("no AWS credentials found")
+            && err.contains("AWS_PROFILE")
+            && err.contains("AWS_ACCESS_KEY_ID"),
+        "{err}"
+    );
+    assert!(took < std::time::Duration::from_secs(10), "{took:?}");
+}
+
+#[test]
+fn an_endpoint_that_refuses_connections_is_named_within_ten_seconds() {
+    let url = format!("http://127.0.0.1:{}", common::free_port());
+    let (code, err, took) = first_contact(&[
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_ENDPOINT_URL", &url),
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert_one_line(&err);
+    assert!(
+        err.contains(&format!("cannot reach the endpoint {url}"))
+            && err.contains("Connection refused"),
+        "{err}"
+    );
+    assert!(took < std::time::Duration::from_secs(10), "{took:?}");
+}
+
+#[tokio::test]
+async fn access_denied_names_the_action_and_the_role_and_is_not_retried() {
+    let emu = Emulator::get();
+    let _guard = emu.lock().await;
+    emu.faults(json!({"deny_rate": 1.0, "actions": ["DescribeStacks"]}));
+    let url = emu.url();
+    let (code, err, _) = first_contact(&[
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_ENDPOINT_URL", &url),
+    ]);
+    let injected = emu.faults(json!({}));
+    assert_eq!(code, Some(1), "{err}");
+    assert_one_line(&err);
+    assert!(
+        err.contains("access denied")
+            && err.contains("cloudformation:DescribeStacks")
+            && err.contains("assumed-role/stackwarden-operator"),
+        "{err}"
+    );
+    assert_eq!(injected["injected"]["deny:DescribeStacks"], 1, "{injected}");
+}

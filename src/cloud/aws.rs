@@ -17,7 +17,6 @@ use aws_sdk_cloudformation as cfn;
 use aws_sdk_cloudformation::error::ProvideErrorMetadata;
 use aws_smithy_runtime_api::client::result::SdkError;
 use aws_smithy_runtime_api::http::Response as HttpResponse;
-use aws_smithy_types::error::display::DisplayErrorContext;
 
 use super::{
     ChangeAction, ChangeSet, ChangeSetKind, ChangeSetRequest, ChangeSetStatus, ChangeSetSummary,
@@ -46,6 +45,8 @@ pub struct AwsCloud {
     ecs: aws_sdk_ecs::Client,
     sts: aws_sdk_sts::Client,
     s3: aws_sdk_s3::Client,
+    /// Where calls go, for the message when no connection can be made.
+    endpoint: Arc<str>,
     calls: Arc<CallCounter>,
     throttles: Arc<CallCounter>,
 }
@@ -57,7 +58,13 @@ impl AwsCloud {
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
         R: std::fmt::Debug + Send + Sync + 'static,
     {
-        let e = classify(err);
+        let e = match classify(err) {
+            CloudError::Unreachable(why) => CloudError::Unreachable(format!(
+                "{} ({why}): check the network, the region and AWS_ENDPOINT_URL",
+                self.endpoint
+            )),
+            e => e,
+        };
         if matches!(e, CloudError::Throttled(_)) {
             self.throttles.tick();
         }
@@ -89,7 +96,14 @@ impl AwsCloud {
                     .build()
             }
         };
+        let endpoint: Arc<str> = match config.endpoint_url() {
+            Some(url) => format!("the endpoint {url}").into(),
+            None => {
+                format!("AWS in {region} (https://cloudformation.{region}.amazonaws.com)").into()
+            }
+        };
         AwsCloud {
+            endpoint,
             cfn: cfn::Client::new(&config),
             ecs: aws_sdk_ecs::Client::new(&config),
             sts: aws_sdk_sts::Client::new(&config),
@@ -138,7 +152,9 @@ fn sdk_retry() -> RetryConfig {
 /// transport error, which the retry layer retries.
 fn sdk_timeouts() -> aws_config::timeout::TimeoutConfig {
     aws_config::timeout::TimeoutConfig::builder()
-        .connect_timeout(std::time::Duration::from_secs(10))
+        // With the retry layer's connect budget, a command facing an
+        // endpoint that drops packets gives up within 10 s.
+        .connect_timeout(std::time::Duration::from_secs(3))
         .operation_attempt_timeout(std::time::Duration::from_secs(60))
         .build()
 }
@@ -204,12 +220,13 @@ where
     let code = err.code().unwrap_or_default().to_owned();
     let message = err.message().unwrap_or_default().to_owned();
     let text = if message.is_empty() {
-        DisplayErrorContext(&err).to_string()
+        one_line(&err)
     } else {
         message.clone()
     };
     match &err {
-        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
+        SdkError::DispatchFailure(d) => return dispatch_failure(&err, d.is_timeout()),
+        SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
             return CloudError::Transport(text);
         }
         _ => {}
@@ -225,6 +242,66 @@ where
         return CloudError::Server(format!("HTTP {status} {code}: {text}"));
     }
     classify_code(&code, &text)
+}
+
+/// An error and its sources on one line, each said once, as a person reads
+/// them (the SDK's Debug dump of its internals left out).
+fn one_line(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = next {
+        let text = e.to_string();
+        let first = text.lines().next().unwrap_or_default().trim().to_owned();
+        if !first.is_empty() && !parts.iter().any(|p| p.contains(&first)) {
+            parts.push(first);
+        }
+        next = e.source();
+    }
+    parts.join(": ")
+}
+
+/// A request that never reached AWS: no credentials, no connection, or a
+/// transport failure after connecting.
+fn dispatch_failure(err: &(dyn std::error::Error + 'static), connect_timeout: bool) -> CloudError {
+    use aws_credential_types::provider::error::CredentialsError;
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    let mut connect = connect_timeout;
+    while let Some(e) = next {
+        if let Some(c) = e.downcast_ref::<CredentialsError>() {
+            return match c {
+                CredentialsError::CredentialsNotLoaded(_) => CloudError::NoCredentials(
+                    "looked in the environment (AWS_ACCESS_KEY_ID), the shared config and \
+                     credentials files (AWS_PROFILE, ~/.aws), a web identity token, ECS container \
+                     credentials and EC2 instance metadata: set AWS_PROFILE, or AWS_ACCESS_KEY_ID \
+                     and AWS_SECRET_ACCESS_KEY, or run where a role is attached"
+                        .into(),
+                ),
+                // A provider that answered and refused: an assumed role
+                // that may not be assumed, expired SSO.
+                _ => {
+                    let why = one_line(c);
+                    if why.contains("AccessDenied") || why.contains("not authorized") {
+                        CloudError::AccessDenied(format!("loading credentials: {why}"))
+                    } else {
+                        CloudError::Transport(format!("loading credentials: {why}"))
+                    }
+                }
+            };
+        }
+        let text = e.to_string();
+        // hyper's "client error (Connect)", a failed DNS lookup, or the
+        // connect timeout: no connection was ever made.
+        if text.contains("(Connect)") || text.starts_with("dns error") {
+            connect = true;
+        }
+        next = e.source();
+    }
+    let why = one_line(err);
+    if connect {
+        CloudError::Unreachable(why)
+    } else {
+        CloudError::Transport(why)
+    }
 }
 
 fn classify_code(code: &str, message: &str) -> CloudError {
@@ -872,6 +949,37 @@ impl Cloud for AwsCloud {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_that_never_reach_aws_are_told_apart_in_one_line() {
+        use aws_credential_types::provider::error::CredentialsError;
+        use aws_smithy_runtime_api::client::result::ConnectorError;
+        let no_creds = CredentialsError::not_loaded("no credentials found in chain");
+        assert!(matches!(
+            dispatch_failure(&ConnectorError::other(Box::new(no_creds), None), false),
+            CloudError::NoCredentials(_)
+        ));
+        let denied = CredentialsError::provider_error(
+            "AccessDenied: not authorized to perform: sts:AssumeRole",
+        );
+        assert!(matches!(
+            dispatch_failure(&ConnectorError::other(Box::new(denied), None), false),
+            CloudError::AccessDenied(_)
+        ));
+        let refused =
+            std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused");
+        let e = dispatch_failure(&ConnectorError::io(Box::new(refused)), true);
+        assert!(
+            matches!(&e, CloudError::Unreachable(m) if m.contains("Connection refused")),
+            "{e}"
+        );
+        let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset");
+        let e = dispatch_failure(&ConnectorError::io(Box::new(reset)), false);
+        assert!(
+            matches!(&e, CloudError::Transport(m) if !m.contains('\n')),
+            "{e}"
+        );
+    }
 
     #[test]
     fn error_codes_and_messages_are_classified_once() {

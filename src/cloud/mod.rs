@@ -34,6 +34,13 @@ pub enum CloudError {
     ExpiredCredentials(String),
     #[error("invalid request: {0}")]
     Validation(String),
+    /// The SDK's credential chain found no credentials: no retry helps.
+    #[error("no AWS credentials found: {0}")]
+    NoCredentials(String),
+    /// No connection could be made (refused, unknown host, connect
+    /// timeout): retried briefly, then reported with where it tried.
+    #[error("cannot reach {0}")]
+    Unreachable(String),
     #[error("transport: {0}")]
     Transport(String),
     /// An HTTP 5xx answer (InternalFailure, ServiceUnavailable, ...): AWS's
@@ -49,6 +56,7 @@ impl CloudError {
             self,
             CloudError::Throttled(_)
                 | CloudError::Transport(_)
+                | CloudError::Unreachable(_)
                 | CloudError::Server(_)
                 | CloudError::ExpiredCredentials(_)
         )

@@ -81,6 +81,9 @@ Patches
      action runs (the action does not happen);
    - `drop_after_rate`: this fraction is closed after the action ran, with
      no answer (the action happened; the client cannot know);
+   - `deny_rate`: this fraction answers as IAM does when no policy allows
+     the action (HTTP 403 `AccessDenied` / `AccessDeniedException`, "User:
+     ... is not authorized to perform: <service>:<Action> ...");
    - `actions`: limit the faults to these actions (e.g. `["ExecuteChangeSet"]`);
    - `seed`: the random choices replay;
    - `strict`: answer as AWS where moto is laxer: a second ExecuteChangeSet
@@ -645,6 +648,7 @@ _FAULT_KEYS = {
     "error_rate": 0.0,
     "drop_before_rate": 0.0,
     "drop_after_rate": 0.0,
+    "deny_rate": 0.0,
     "actions": [],
     "seed": 0,
     "strict": False,
@@ -754,10 +758,12 @@ def _faulty_dispatch(self, environ, start_response):
     with _faults_lock:
         f = dict(_faults)
         applies = not f["actions"] or action in f["actions"]
-        roll = [_fault_rng.random() for _ in range(4)]
+        roll = [_fault_rng.random() for _ in range(5)]
         kind = None
         if applies:
-            if roll[0] < f["throttle_rate"]:
+            if roll[4] < f["deny_rate"]:
+                kind = "deny"
+            elif roll[0] < f["throttle_rate"]:
                 kind = "throttle"
             elif roll[1] < f["error_rate"]:
                 kind = "error"
@@ -769,6 +775,18 @@ def _faulty_dispatch(self, environ, start_response):
                 _count(f"{kind}:{action}")
     if applies and f["latency_ms"]:
         time.sleep(f["latency_ms"] / 1000.0)
+    if kind == "deny":
+        # IAM's answer when no policy allows the action, as AWS words it;
+        # the service is the one the request was signed for.
+        scope = re.search(r"Credential=[^/]+/[^/]+/[^/]+/([^/]+)/", environ.get("HTTP_AUTHORIZATION", ""))
+        service = scope.group(1) if scope else "aws"
+        denied = f"{service}:{action}"
+        message = (
+            "User: arn:aws:sts::123456789012:assumed-role/stackwarden-operator/stackwarden "
+            f"is not authorized to perform: {denied} because no identity-based policy allows the {denied} action"
+        )
+        code = "AccessDeniedException" if protocol == "json" else "AccessDenied"
+        return _error(start_response, protocol, "403 Forbidden", code, message)
     if kind == "throttle":
         code = "ThrottlingException" if protocol == "json" else "Throttling"
         return _error(start_response, protocol, "400 Bad Request", code, "Rate exceeded")
