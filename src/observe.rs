@@ -1,7 +1,9 @@
 //! Observation: what AWS says now about one environment, read as cheaply as
 //! the decision allows.
 //!
-//! One paginated DescribeStacks for all stacks of the region; GetTemplate
+//! The environment's stacks (one DescribeStacks page in a quiet region; by
+//! name and by tag in a busy one, never paging through other teams'
+//! stacks); GetTemplate
 //! only for stable stacks whose revision tag differs from the desired one (or
 //! for all of them when a full comparison is asked for); DescribeServices
 //! in batches of 10 per cluster.

@@ -304,3 +304,71 @@ async fn plan_change_sets_on_an_empty_account_leaves_no_stack_and_no_change_set(
     let left = sets.map(|s| s.summaries().len()).unwrap_or(0);
     assert_eq!(left, 0, "the preview left change sets behind");
 }
+
+/// Other teams' stacks in the same region: a steady-state plan costs the
+/// same handful of calls whether the region holds a page of stacks or many
+/// (it finds ours by name and by tag instead of paging through theirs), and
+/// still finds an orphan of ours among them.
+#[tokio::test]
+async fn a_busy_region_costs_a_steady_plan_no_more_calls_and_hides_no_orphan() {
+    let emu = Emulator::get();
+    let _guard = emu.lock().await;
+    let config = emu.sdk_config().await;
+    let cfn = aws_sdk_cloudformation::Client::new(&config);
+    // Theirs first, so ours are not on the region's first page.
+    const FOREIGN: usize = 120;
+    let topic = "Resources:\n  T: {Type: 'AWS::SNS::Topic'}\n";
+    futures::future::join_all((0..FOREIGN).map(|i| {
+        cfn.create_stack()
+            .stack_name(format!("other-team-{i:03}"))
+            .template_body(topic)
+            .tags(Tag::builder().key("Team").value("other").build())
+            .send()
+    }))
+    .await
+    .into_iter()
+    .for_each(|r| {
+        r.expect("CreateStack");
+    });
+    let env = spec::load(&common::repo().join("desired-state/dev.yaml")).expect("dev loads");
+    deploy_like_the_old_scripts(&config, &env).await;
+    // A stack of ours the desired state no longer declares.
+    cfn.create_stack()
+        .stack_name("dev-performance-mgmt-retired")
+        .template_body(topic)
+        .tags(
+            Tag::builder()
+                .key(spec::ENVIRONMENT_TAG)
+                .value("dev")
+                .build(),
+        )
+        .send()
+        .await
+        .expect("CreateStack");
+
+    let out = run(emu.command().args(["plan", "-e", "dev", "--stats"]));
+    let err = stderr(&out);
+    // One page of the region, one tag lookup, the 8 declared stacks by
+    // name, the orphan by name, one DescribeServices batch.
+    let calls: u64 = err
+        .split("dev: ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no call count in: {err}"));
+    assert!(calls <= 12, "{calls} calls\n{err}");
+    let text = stdout(&out);
+    assert!(
+        text.contains("dev-performance-mgmt-retired"),
+        "{text}\n{err}"
+    );
+    assert!(!text.contains("other-team-"), "{text}");
+    let (_, v, _) = plan_json(emu, &[]);
+    let declared_in_sync = v[0]["stacks"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{v}"))
+        .iter()
+        .filter(|s| !s["key"].is_null())
+        .all(|s| s["action"]["kind"] == "none");
+    assert!(declared_in_sync, "{v}");
+}

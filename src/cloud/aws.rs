@@ -45,6 +45,7 @@ pub struct AwsCloud {
     ecs: aws_sdk_ecs::Client,
     sts: aws_sdk_sts::Client,
     s3: aws_sdk_s3::Client,
+    tagging: aws_sdk_resourcegroupstagging::Client,
     /// Where calls go, for the message when no connection can be made.
     endpoint: Arc<str>,
     calls: Arc<CallCounter>,
@@ -107,6 +108,7 @@ impl AwsCloud {
             cfn: cfn::Client::new(&config),
             ecs: aws_sdk_ecs::Client::new(&config),
             sts: aws_sdk_sts::Client::new(&config),
+            tagging: aws_sdk_resourcegroupstagging::Client::new(&config),
             s3: {
                 // An endpoint override (an emulator, a VPC endpoint) is
                 // addressed by path: `bucket.127.0.0.1` names no host.
@@ -411,38 +413,10 @@ fn map_stack(s: &cfn::types::Stack) -> Stack {
     }
 }
 
-impl Cloud for AwsCloud {
-    fn throttles(&self) -> u64 {
-        self.throttles.get()
-    }
-
-    fn api_calls(&self) -> u64 {
-        self.calls.get()
-    }
-
-    async fn describe_stacks(
-        &self,
-        names: &BTreeSet<String>,
-        owner: (&str, &str),
-    ) -> CloudResult<BTreeMap<String, Stack>> {
-        let mut pages = self.cfn.describe_stacks().into_paginator().send();
-        let mut out = BTreeMap::new();
-        while let Some(page) = pages.try_next().await.map_err(|e| self.error(e))? {
-            self.calls.tick();
-            for s in page.stacks() {
-                let stack = map_stack(s);
-                let owned = stack.tags.get(owner.0).is_some_and(|v| v == owner.1);
-                if stack.status != StackStatus::DeleteComplete
-                    && (names.contains(&stack.name) || owned)
-                {
-                    out.insert(stack.name.clone(), stack);
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    async fn describe_stack(&self, name: &str) -> CloudResult<Option<Stack>> {
+impl AwsCloud {
+    /// One stack by name (one DescribeStacks); `None` when it does not
+    /// exist.
+    async fn stack_by_name(&self, name: &str) -> CloudResult<Option<Stack>> {
         self.calls.tick();
         match self.cfn.describe_stacks().stack_name(name).send().await {
             Ok(out) => Ok(out
@@ -457,6 +431,118 @@ impl Cloud for AwsCloud {
         }
     }
 
+    /// The names of the region's stacks tagged `key` = `value` (Resource
+    /// Groups Tagging API, paginated).
+    async fn tagged_stacks(&self, (key, value): (&str, &str)) -> CloudResult<BTreeSet<String>> {
+        use aws_sdk_resourcegroupstagging::types::TagFilter;
+        let mut pages = self
+            .tagging
+            .get_resources()
+            .resource_type_filters("cloudformation:stack")
+            .tag_filters(TagFilter::builder().key(key).values(value).build())
+            .into_paginator()
+            .send();
+        let mut out = BTreeSet::new();
+        while let Some(page) = pages.try_next().await.map_err(|e| self.error(e))? {
+            self.calls.tick();
+            for m in page.resource_tag_mapping_list() {
+                // arn:aws:cloudformation:<region>:<account>:stack/<name>/<id>
+                if let Some(name) = m.resource_arn().and_then(|a| a.split('/').nth(1)) {
+                    out.insert(name.to_owned());
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Cloud for AwsCloud {
+    fn throttles(&self) -> u64 {
+        self.throttles.get()
+    }
+
+    fn api_calls(&self) -> u64 {
+        self.calls.get()
+    }
+
+    /// One page of the region's stacks reads a quiet region whole, in one
+    /// call. A busy region (more than a page: other teams' stacks) is not
+    /// paged through, so the cost does not grow with what else lives in
+    /// the account: the owner's stacks are found by their tag (Resource
+    /// Groups Tagging API, one call per 100 of ours) and, with the declared
+    /// ones, read by name. Without `tag:GetResources` it pages through.
+    async fn describe_stacks(
+        &self,
+        names: &BTreeSet<String>,
+        owner: (&str, &str),
+    ) -> CloudResult<BTreeMap<String, Stack>> {
+        let mut out = BTreeMap::new();
+        let keep = |out: &mut BTreeMap<String, Stack>, page: &[cfn::types::Stack]| {
+            for s in page {
+                let stack = map_stack(s);
+                let owned = stack.tags.get(owner.0).is_some_and(|v| v == owner.1);
+                if stack.status != StackStatus::DeleteComplete
+                    && (names.contains(&stack.name) || owned)
+                {
+                    out.insert(stack.name.clone(), stack);
+                }
+            }
+        };
+        self.calls.tick();
+        let first = self
+            .cfn
+            .describe_stacks()
+            .send()
+            .await
+            .map_err(|e| self.error(e))?;
+        keep(&mut out, first.stacks());
+        let Some(mut token) = first.next_token().map(str::to_owned) else {
+            return Ok(out);
+        };
+        let tagged = match self.tagged_stacks(owner).await {
+            Ok(t) => Some(t),
+            Err(e @ CloudError::AccessDenied(_)) => {
+                tracing::warn!(message = "Cannot find stacks by tag (tag:GetResources); listing the region's stacks instead.", error = %e);
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        let Some(tagged) = tagged else {
+            loop {
+                self.calls.tick();
+                let page = self
+                    .cfn
+                    .describe_stacks()
+                    .next_token(&token)
+                    .send()
+                    .await
+                    .map_err(|e| self.error(e))?;
+                keep(&mut out, page.stacks());
+                match page.next_token() {
+                    Some(t) => token = t.to_owned(),
+                    None => return Ok(out),
+                }
+            }
+        };
+        let unread: Vec<&String> = names
+            .iter()
+            .chain(tagged.iter())
+            .filter(|n| !out.contains_key(*n))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let read = futures::future::join_all(unread.iter().map(|n| self.describe_stack(n))).await;
+        for stack in read {
+            if let Some(stack) = stack? {
+                out.insert(stack.name.clone(), stack);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn describe_stack(&self, name: &str) -> CloudResult<Option<Stack>> {
+        self.stack_by_name(name).await
+    }
     async fn get_template(&self, stack: &str) -> CloudResult<String> {
         self.calls.tick();
         let out = self

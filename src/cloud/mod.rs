@@ -417,10 +417,10 @@ impl Service {
 /// retries on its own beyond the SDK's standard retries, so callers decide
 /// how to wait.
 pub trait Cloud: Send + Sync {
-    /// Describes the named stacks that exist (one paginated DescribeStacks
-    /// for the region; names absent from the result do not exist). Also
-    /// returns every other stack tagged with `owner_tag` = `owner`, so
-    /// orphans can be found in the same call.
+    /// Describes the named stacks that exist (names absent from the result
+    /// do not exist), and every other stack tagged with `owner_tag` =
+    /// `owner`, so orphans are found in the same read. Its cost must not
+    /// grow with the region's other stacks (see the AWS implementation).
     fn describe_stacks(
         &self,
         names: &BTreeSet<String>,
