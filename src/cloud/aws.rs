@@ -3,8 +3,9 @@
 //! Configuration is the standard chain (environment, profiles, container and
 //! instance roles; `AWS_ENDPOINT_URL` for an emulator), with the region of the
 //! environment and, when the environment names one, an assumed role. The SDK
-//! retries throttling and transient errors itself (adaptive mode); what is
-//! still throttled after that surfaces as [`CloudError::Throttled`].
+//! makes one attempt per call: retries are `retry::call`'s alone, so one
+//! logical call has one budget. Every request sent is counted by an
+//! interceptor on each client (`--stats`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -35,6 +36,29 @@ impl CallCounter {
     }
     fn tick(&self) {
         self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts every request the clients send (each page, each attempt), as an
+/// SDK interceptor on every client: no call can be left out of `--stats`.
+/// It counts right before transmission, so a request that never left (no
+/// credentials) is not a call.
+#[derive(Debug, Clone)]
+struct CountRequests(Arc<CallCounter>);
+
+impl aws_smithy_runtime_api::client::interceptors::Intercept for CountRequests {
+    fn name(&self) -> &'static str {
+        "stackwarden::CountRequests"
+    }
+
+    fn read_before_transmit(
+        &self,
+        _context: &aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextRef<'_>,
+        _components: &aws_smithy_runtime_api::client::runtime_components::RuntimeComponents,
+        _cfg: &mut aws_smithy_types::config_bag::ConfigBag,
+    ) -> Result<(), aws_smithy_runtime_api::box_error::BoxError> {
+        self.0.tick();
+        Ok(())
     }
 }
 
@@ -103,23 +127,40 @@ impl AwsCloud {
                 format!("AWS in {region} (https://cloudformation.{region}.amazonaws.com)").into()
             }
         };
+        let calls = Arc::new(CallCounter::default());
+        let count = CountRequests(calls.clone());
+        // An endpoint override (an emulator, a VPC endpoint) is addressed
+        // by path: `bucket.127.0.0.1` names no host.
+        let path_style = config.endpoint_url().is_some();
         AwsCloud {
             endpoint,
-            cfn: cfn::Client::new(&config),
-            ecs: aws_sdk_ecs::Client::new(&config),
-            sts: aws_sdk_sts::Client::new(&config),
-            tagging: aws_sdk_resourcegroupstagging::Client::new(&config),
-            s3: {
-                // An endpoint override (an emulator, a VPC endpoint) is
-                // addressed by path: `bucket.127.0.0.1` names no host.
-                let path_style = config.endpoint_url().is_some();
-                aws_sdk_s3::Client::from_conf(
-                    aws_sdk_s3::config::Builder::from(&config)
-                        .force_path_style(path_style)
-                        .build(),
-                )
-            },
-            calls: Arc::new(CallCounter::default()),
+            cfn: cfn::Client::from_conf(
+                cfn::config::Builder::from(&config)
+                    .interceptor(count.clone())
+                    .build(),
+            ),
+            ecs: aws_sdk_ecs::Client::from_conf(
+                aws_sdk_ecs::config::Builder::from(&config)
+                    .interceptor(count.clone())
+                    .build(),
+            ),
+            sts: aws_sdk_sts::Client::from_conf(
+                aws_sdk_sts::config::Builder::from(&config)
+                    .interceptor(count.clone())
+                    .build(),
+            ),
+            tagging: aws_sdk_resourcegroupstagging::Client::from_conf(
+                aws_sdk_resourcegroupstagging::config::Builder::from(&config)
+                    .interceptor(count.clone())
+                    .build(),
+            ),
+            s3: aws_sdk_s3::Client::from_conf(
+                aws_sdk_s3::config::Builder::from(&config)
+                    .force_path_style(path_style)
+                    .interceptor(count)
+                    .build(),
+            ),
+            calls,
             throttles: Arc::new(CallCounter::default()),
         }
     }
@@ -183,7 +224,6 @@ impl AwsCloud {
         let mut token: Option<String> = None;
         let mut out = Vec::new();
         'pages: for _ in 0..max_pages {
-            self.calls.tick();
             let page = self
                 .cfn
                 .describe_stack_events()
@@ -417,7 +457,6 @@ impl AwsCloud {
     /// One stack by name (one DescribeStacks); `None` when it does not
     /// exist.
     async fn stack_by_name(&self, name: &str) -> CloudResult<Option<Stack>> {
-        self.calls.tick();
         match self.cfn.describe_stacks().stack_name(name).send().await {
             Ok(out) => Ok(out
                 .stacks()
@@ -444,7 +483,6 @@ impl AwsCloud {
             .send();
         let mut out = BTreeSet::new();
         while let Some(page) = pages.try_next().await.map_err(|e| self.error(e))? {
-            self.calls.tick();
             for m in page.resource_tag_mapping_list() {
                 // arn:aws:cloudformation:<region>:<account>:stack/<name>/<id>
                 if let Some(name) = m.resource_arn().and_then(|a| a.split('/').nth(1)) {
@@ -488,7 +526,6 @@ impl Cloud for AwsCloud {
                 }
             }
         };
-        self.calls.tick();
         let first = self
             .cfn
             .describe_stacks()
@@ -509,7 +546,6 @@ impl Cloud for AwsCloud {
         };
         let Some(tagged) = tagged else {
             loop {
-                self.calls.tick();
                 let page = self
                     .cfn
                     .describe_stacks()
@@ -544,7 +580,6 @@ impl Cloud for AwsCloud {
         self.stack_by_name(name).await
     }
     async fn get_template(&self, stack: &str) -> CloudResult<String> {
-        self.calls.tick();
         let out = self
             .cfn
             .get_template()
@@ -557,7 +592,6 @@ impl Cloud for AwsCloud {
     }
 
     async fn create_change_set(&self, r: &ChangeSetRequest) -> CloudResult<()> {
-        self.calls.tick();
         let parameters = r
             .parameters
             .iter()
@@ -600,7 +634,6 @@ impl Cloud for AwsCloud {
         let mut token: Option<String> = None;
         let mut changes = Vec::new();
         loop {
-            self.calls.tick();
             let out = self
                 .cfn
                 .describe_change_set()
@@ -683,7 +716,6 @@ impl Cloud for AwsCloud {
         let mut token: Option<String> = None;
         let mut names = Vec::new();
         loop {
-            self.calls.tick();
             let out = self
                 .cfn
                 .list_change_sets()
@@ -719,7 +751,6 @@ impl Cloud for AwsCloud {
         name: &str,
         token: Option<&str>,
     ) -> CloudResult<()> {
-        self.calls.tick();
         self.cfn
             .execute_change_set()
             .stack_name(stack)
@@ -732,7 +763,6 @@ impl Cloud for AwsCloud {
     }
 
     async fn delete_change_set(&self, stack: &str, name: &str) -> CloudResult<()> {
-        self.calls.tick();
         self.cfn
             .delete_change_set()
             .stack_name(stack)
@@ -777,7 +807,6 @@ impl Cloud for AwsCloud {
         skip: &[String],
         token: Option<&str>,
     ) -> CloudResult<()> {
-        self.calls.tick();
         self.cfn
             .continue_update_rollback()
             .stack_name(stack)
@@ -790,7 +819,6 @@ impl Cloud for AwsCloud {
     }
 
     async fn delete_stack(&self, stack: &str) -> CloudResult<()> {
-        self.calls.tick();
         self.cfn
             .delete_stack()
             .stack_name(stack)
@@ -801,7 +829,6 @@ impl Cloud for AwsCloud {
     }
 
     async fn set_termination_protection(&self, stack: &str, enabled: bool) -> CloudResult<()> {
-        self.calls.tick();
         self.cfn
             .update_termination_protection()
             .stack_name(stack)
@@ -819,7 +846,6 @@ impl Cloud for AwsCloud {
     ) -> CloudResult<Vec<Service>> {
         let mut out = Vec::new();
         for batch in names.chunks(10) {
-            self.calls.tick();
             let resp = self
                 .ecs
                 .describe_services()
@@ -873,7 +899,6 @@ impl Cloud for AwsCloud {
         let mut briefs = Vec::new();
         let mut token: Option<String> = None;
         loop {
-            self.calls.tick();
             let resp = self
                 .ecs
                 .list_service_deployments()
@@ -908,7 +933,6 @@ impl Cloud for AwsCloud {
             .collect();
         let mut task_definitions = BTreeMap::new();
         for batch in arns.chunks(20) {
-            self.calls.tick();
             let resp = self
                 .ecs
                 .describe_service_revisions()
@@ -951,7 +975,6 @@ impl Cloud for AwsCloud {
         desired: Option<i32>,
         task_definition: Option<&str>,
     ) -> CloudResult<()> {
-        self.calls.tick();
         self.ecs
             .update_service()
             .cluster(cluster)
@@ -965,7 +988,6 @@ impl Cloud for AwsCloud {
     }
 
     async fn bucket_region(&self, bucket: &str) -> CloudResult<String> {
-        self.calls.tick();
         let out = self
             .s3
             .get_bucket_location()
@@ -983,13 +1005,11 @@ impl Cloud for AwsCloud {
     }
 
     async fn put_artifact(&self, bucket: &str, key: &str, body: &str) -> CloudResult<bool> {
-        self.calls.tick();
         match self.s3.head_object().bucket(bucket).key(key).send().await {
             Ok(_) => return Ok(false),
             Err(e) if e.as_service_error().is_some_and(|e| e.is_not_found()) => {}
             Err(e) => return Err(self.error(e)),
         }
-        self.calls.tick();
         let put = self
             .s3
             .put_object()
@@ -1019,7 +1039,6 @@ impl Cloud for AwsCloud {
     }
 
     async fn caller_account(&self) -> CloudResult<String> {
-        self.calls.tick();
         let me = self
             .sts
             .get_caller_identity()
