@@ -76,10 +76,9 @@ impl ApplyError {
         match self {
             ApplyError::AccountMismatch { .. } => true,
             ApplyError::AccountCheck(e) | ApplyError::Observe(e) => {
-                matches!(
-                    e,
-                    CloudError::AccessDenied(_) | CloudError::NoCredentials(_)
-                )
+                // No credentials is not among them: the instance or
+                // container credentials may simply not be ready yet.
+                matches!(e, CloudError::AccessDenied(_))
             }
         }
     }

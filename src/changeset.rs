@@ -132,7 +132,13 @@ pub fn gate(
     // A loop over a parameter given as another stack's output expands only
     // now that its value is known.
     let rebound = (!stack.template.fully_known())
-        .then(|| Template::parse_with(&stack.template_body, desired_parameters).ok())
+        .then(|| {
+            let known = desired_parameters
+                .iter()
+                .map(|(k, v)| (k.clone(), Some(v.clone())))
+                .collect();
+            Template::parse_with(&stack.template_body, &known).ok()
+        })
         .flatten();
     let template = rebound.as_ref().unwrap_or(&stack.template);
     let desired = Deployed {

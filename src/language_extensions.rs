@@ -82,6 +82,7 @@ pub fn expand(
         template,
         parameters,
         unresolved: Vec::new(),
+        generated: 0,
     };
     let Json::Object(root) = template else {
         return Ok(Expansion {
@@ -174,7 +175,14 @@ struct Expander<'a> {
     template: &'a Json,
     parameters: &'a BTreeMap<String, String>,
     unresolved: Vec<String>,
+    /// Entries the loops generated so far, bounded by [`MAX_GENERATED`].
+    generated: usize,
 }
+
+/// The most entries the loops of one template may generate: far above
+/// what CloudFormation accepts (500 resources, 200 outputs), low enough
+/// that nested loops over long lists cannot exhaust memory or time.
+const MAX_GENERATED: usize = 10_000;
 
 /// What a collection resolves to.
 enum Collection {
@@ -334,19 +342,35 @@ impl Expander<'_> {
                     });
                 }
                 if let Some(Json::Array(args)) = m.get("Fn::FindInMap") {
-                    let keys: Option<Vec<String>> = args
-                        .iter()
-                        .take(3)
-                        .map(|a| match a {
+                    // Keys are literals, loop identifiers or parameters with
+                    // a known value; anything else (a pseudo parameter, a
+                    // value known at deploy time) leaves the loop to
+                    // CloudFormation.
+                    let mut keys = Vec::new();
+                    for a in args.iter().take(3) {
+                        let key = match a {
                             Json::String(s) => Some(s.clone()),
-                            Json::Object(r) => r
-                                .get("Ref")
-                                .and_then(Json::as_str)
-                                .and_then(|n| scope.get(n).map(str::to_owned)),
+                            Json::Object(r) => r.get("Ref").and_then(Json::as_str).and_then(|n| {
+                                scope
+                                    .get(n)
+                                    .map(str::to_owned)
+                                    .or_else(|| self.parameters.get(n).cloned())
+                            }),
                             _ => None,
-                        })
-                        .collect();
-                    let keys = keys.filter(|k| k.len() == 3)?;
+                        };
+                        match key {
+                            Some(k) => keys.push(k),
+                            None => {
+                                return Some(Collection::Later(
+                                    "a key of its Fn::FindInMap is known only at deploy time"
+                                        .into(),
+                                ));
+                            }
+                        }
+                    }
+                    if keys.len() != 3 {
+                        return None;
+                    }
                     let found = self
                         .template
                         .get("Mappings")
@@ -449,6 +473,12 @@ impl Expander<'_> {
             else {
                 unreachable!("a mapping walks to a mapping")
             };
+            self.generated += generated.len();
+            if self.generated > MAX_GENERATED {
+                return Err(err(format!(
+                    "the loops generate more than {MAX_GENERATED} entries (CloudFormation takes at most 500 resources and 200 outputs)"
+                )));
+            }
             for (k, val) in generated {
                 if out.iter().any(|(seen, _)| *seen == k) {
                     return Err(err(format!(
@@ -611,6 +641,29 @@ Resources:
         )
         .unwrap_err();
         assert_eq!(bad.path, "Resources.Q.DeletionPolicy");
+    }
+
+    #[test]
+    fn mapping_keys_resolve_from_parameters_or_wait_for_deploy_time() {
+        let body = "Transform: AWS::LanguageExtensions\nParameters:\n  Env: {Type: String}\nMappings:\n  M:\n    prod: {Names: [a, b]}\nResources:\n  Fn::ForEach::T:\n    - N\n    - !FindInMap [M, !Ref Env, Names]\n    - Topic${N}: {Type: 'AWS::SNS::Topic'}\n";
+        let ex = expand_yaml(body, &[("Env", "prod")]).unwrap();
+        assert_eq!(ex.template["Resources"].as_object().unwrap().len(), 2);
+        let ex = expand_yaml(body, &[]).unwrap();
+        assert!(ex.template["Resources"].as_object().unwrap().is_empty());
+        assert_eq!(ex.unresolved.len(), 1, "{:?}", ex.unresolved);
+        let region = body.replace("!Ref Env", "!Ref AWS::Region");
+        assert_eq!(expand_yaml(&region, &[]).unwrap().unresolved.len(), 1);
+    }
+
+    #[test]
+    fn nested_loops_cannot_generate_without_bound() {
+        let items: Vec<String> = (0..100).map(|i| format!("v{i}")).collect();
+        let list = items.join(", ");
+        let body = format!(
+            "Transform: AWS::LanguageExtensions\nResources:\n  Fn::ForEach::A:\n    - A\n    - [{list}]\n    - Fn::ForEach::B:\n        - B\n        - [{list}]\n        - Fn::ForEach::C:\n            - C\n            - [{list}]\n            - T${{A}}${{B}}${{C}}: {{Type: 'AWS::SNS::Topic'}}\n"
+        );
+        let e = expand_yaml(&body, &[]).unwrap_err();
+        assert!(e.message.contains("more than"), "{}", e.message);
     }
 
     #[test]

@@ -82,14 +82,13 @@ pub async fn observe<C: Cloud>(
         let body = body?;
         // Loops over parameters expand with the values the stack was
         // deployed with (a masked NoEcho value is unknown).
-        let deployed: BTreeMap<String, String> = observed
+        let deployed: BTreeMap<String, Option<String>> = observed
             .stacks
             .get(name)
             .map(|s| {
                 s.parameters
                     .iter()
-                    .filter(|(_, v)| v.as_str() != "****")
-                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .map(|(k, v)| (k.clone(), (v.as_str() != "****").then(|| v.clone())))
                     .collect()
             })
             .unwrap_or_default();

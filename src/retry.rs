@@ -109,20 +109,26 @@ where
         ..ExponentialBackoff::default()
     };
     let started = tokio::time::Instant::now();
+    // When the current run of connection failures began: the connect
+    // budget counts from there, not from a call that was throttled first.
+    let mut unreachable_since: Option<tokio::time::Instant> = None;
     let mut attempt = 1u32;
     loop {
         match f().await {
             Err(e) if e.is_transient() => {
-                let spent = started.elapsed();
                 // No connection at all: the error itself says so in one
                 // line, soon; its retries are not worth a warning each.
                 let unreachable = matches!(e, CloudError::Unreachable(_));
-                let budget = if unreachable {
+                let left = if unreachable {
+                    let since = *unreachable_since.get_or_insert_with(tokio::time::Instant::now);
                     CONNECT_BUDGET
+                        .saturating_sub(since.elapsed())
+                        .min(CALL_BUDGET.saturating_sub(started.elapsed()))
                 } else {
-                    CALL_BUDGET
+                    unreachable_since = None;
+                    CALL_BUDGET.saturating_sub(started.elapsed())
                 };
-                let left = budget.saturating_sub(spent);
+                let spent = started.elapsed();
                 if left.is_zero() {
                     if !unreachable {
                         tracing::warn!(message = "Giving up on a call after retrying.", error = %e, attempts = attempt, seconds = spent.as_secs());
@@ -226,6 +232,27 @@ mod tests {
             started.elapsed() <= CONNECT_BUDGET,
             "{:?}",
             started.elapsed()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_connect_budget_counts_from_the_first_connection_failure() {
+        let started = tokio::time::Instant::now();
+        let r: CloudResult<()> = call(|| async {
+            if started.elapsed() < Duration::from_secs(30) {
+                Err(CloudError::Throttled("Rate exceeded".into()))
+            } else {
+                Err(CloudError::Unreachable("http://127.0.0.1:1".into()))
+            }
+        })
+        .await;
+        assert!(matches!(r, Err(CloudError::Unreachable(_))));
+        let took = started.elapsed();
+        // Throttled for 30 s, then still retried while unreachable.
+        assert!(took >= Duration::from_secs(33), "{took:?}");
+        assert!(
+            took <= Duration::from_secs(30) + CONNECT_BUDGET + CALL_PAUSE_MAX,
+            "{took:?}"
         );
     }
 

@@ -617,15 +617,23 @@ impl Loader {
             .collect();
         self.region = raw.region.clone();
         if let Some(a) = &raw.artifacts {
-            let prefix_ok = !a.prefix.starts_with('/')
-                && a.prefix.len() <= 512
-                && !a.prefix.chars().any(char::is_control);
+            // S3's characters safe in a URL (letters, digits, `!-_.*'()`)
+            // and `/`, no empty or dot segments: the key is the URL's path.
+            let prefix_ok = a.prefix.len() <= 512
+                && a.prefix
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "/!-_.*'()".contains(c))
+                && (a.prefix.is_empty()
+                    || a.prefix
+                        .trim_end_matches('/')
+                        .split('/')
+                        .all(|seg| !(seg.is_empty() || seg == "." || seg == "..")));
             match crate::artifacts::check_bucket_name(&a.bucket) {
                 Err(e) => self.error_at(&doc, "artifacts.bucket", e),
                 Ok(()) if !prefix_ok => self.error_at(
                     &doc,
                     "artifacts.prefix",
-                    "a key prefix must not start with `/` nor hold control characters (at most 512 bytes)",
+                    "a key prefix is letters, digits and !-_.*'() in segments separated by `/`, none empty, `.` or `..` (at most 512 bytes)",
                 ),
                 Ok(()) => {
                     let mut prefix = a.prefix.clone();
@@ -663,13 +671,15 @@ impl Loader {
 
         let mut templates = BTreeMap::new();
         for (key, s) in &raw_stacks {
-            // Values known before deploy time expand loops over parameters.
-            let literals: BTreeMap<String, String> = s
+            // Values known before deploy time expand loops over parameters;
+            // another stack's output is not known yet (and its default does
+            // not stand in for it).
+            let literals: BTreeMap<String, Option<String>> = s
                 .parameters
                 .iter()
-                .filter_map(|(k, v)| match v {
-                    Value::Literal(l) => Some((k.clone(), l.clone())),
-                    Value::Output { .. } => None,
+                .map(|(k, v)| match v {
+                    Value::Literal(l) => (k.clone(), Some(l.clone())),
+                    Value::Output { .. } => (k.clone(), None),
                 })
                 .collect();
             if let Some(t) = self.load_template(&doc, key, &s.template, &literals) {
@@ -1055,7 +1065,7 @@ impl Loader {
         doc: &Document,
         key: &str,
         rel: &str,
-        literals: &BTreeMap<String, String>,
+        literals: &BTreeMap<String, Option<String>>,
     ) -> Option<(PathBuf, String, Template)> {
         let path = normalize(&self.dir.join(rel));
         let field = format!("stacks.{key}.template");
@@ -1118,7 +1128,7 @@ impl Loader {
         key: &str,
         path: &Path,
         body: &str,
-        literals: &BTreeMap<String, String>,
+        literals: &BTreeMap<String, Option<String>>,
     ) -> Option<Template> {
         match Template::parse_with(body, literals) {
             Ok(t) => Some(t),
@@ -1154,7 +1164,7 @@ impl Loader {
         path: &Path,
         body: String,
         t: Template,
-        literals: &BTreeMap<String, String>,
+        literals: &BTreeMap<String, Option<String>>,
         depth: usize,
         package: &mut Package,
     ) -> Option<(String, Template)> {
@@ -2031,6 +2041,27 @@ stacks:
             ["Tabledev", "Tableprod"]
         );
         assert!(env.warnings.is_empty(), "{:?}", env.warnings);
+    }
+
+    #[test]
+    fn a_loop_over_another_stacks_output_waits_for_its_value_not_the_default() {
+        let f = Fixture::new();
+        std::fs::write(
+            f.dir.path().join("templates/b.yaml"),
+            "Transform: AWS::LanguageExtensions\nParameters:\n  Table: {Type: CommaDelimitedList, Default: fallback}\nResources:\n  Fn::ForEach::Q:\n    - T\n    - !Ref Table\n    - Queue${T}: {Type: 'AWS::SQS::Queue'}\n",
+        )
+        .unwrap();
+        let env = f.load("dev", GOOD).unwrap();
+        let queue = &env.stacks["queue"].template;
+        assert!(queue.resources.is_empty(), "{:?}", queue.resources);
+        assert!(!queue.fully_known());
+        assert!(
+            env.warnings
+                .iter()
+                .any(|w| w.contains("stack `queue`") && w.contains("Table")),
+            "{:?}",
+            env.warnings
+        );
     }
 
     #[test]

@@ -249,13 +249,19 @@ impl Template {
         Template::parse_with(body, &BTreeMap::new())
     }
 
-    /// Parses a template body with the parameter values known before deploy
-    /// time (`given` over defaults): `AWS::LanguageExtensions` loops over a
-    /// parameter expand with its value, as CloudFormation expands them.
+    /// Parses a template body with the parameter values given for the stack
+    /// (over defaults): `AWS::LanguageExtensions` loops over a parameter
+    /// expand with its value, as CloudFormation expands them. A parameter
+    /// given as `None` has a value not known yet (another stack's output, a
+    /// masked NoEcho value): its default does not stand in for it, and the
+    /// loops over it are left to CloudFormation (see [`Template::unchecked`]).
     ///
     /// # Errors
     /// As [`Template::parse`].
-    pub fn parse_with(body: &str, given: &BTreeMap<String, String>) -> Result<Template, YamlError> {
+    pub fn parse_with(
+        body: &str,
+        given: &BTreeMap<String, Option<String>>,
+    ) -> Result<Template, YamlError> {
         let canonical = yaml::parse_template(body)?;
         // Errors name the node at fault; its line and column are found in
         // the text only when there is an error.
@@ -326,7 +332,12 @@ impl Template {
                     .iter()
                     .filter_map(|(k, p)| Some((k.clone(), p.default.clone()?)))
                     .collect();
-                values.extend(given.iter().map(|(k, v)| (k.clone(), v.clone())));
+                for (k, v) in given {
+                    match v {
+                        Some(v) => values.insert(k.clone(), v.clone()),
+                        None => values.remove(k),
+                    };
+                }
                 let ex = language_extensions::expand(&canonical, &values)
                     .map_err(|e| invalid(e.path, e.message))?;
                 unchecked.extend(ex.unresolved.into_iter().map(|u| {
@@ -348,6 +359,31 @@ impl Template {
             Some(Json::Object(m)) => m.clone(),
             _ => Default::default(),
         };
+        // "The logical ID must be alphanumeric (A-Za-z0-9)"; one a loop
+        // generated is reported at its loop, with the remedy.
+        let check_id = |section_name: &str, id: &str| -> Result<(), YamlError> {
+            if !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric()) {
+                return Ok(());
+            }
+            let written = canonical
+                .get(section_name)
+                .and_then(Json::as_object)
+                .is_some_and(|m| m.contains_key(id));
+            Err(invalid(
+                if written {
+                    format!("{section_name}.{id}")
+                } else {
+                    section_name.to_owned()
+                },
+                if written {
+                    format!("logical id `{id}` must be alphanumeric (A-Z, a-z, 0-9)")
+                } else {
+                    format!(
+                        "a loop generates the logical id `{id}`, which is not alphanumeric (A-Z, a-z, 0-9): write &{{Id}} instead of ${{Id}} in its key to drop the other characters"
+                    )
+                },
+            ))
+        };
         let mut resources = BTreeMap::new();
         for (id, r) in &section("Resources") {
             if let Some(e) = Self::opaque_key("Resources", id, &transforms, &mut unchecked) {
@@ -356,6 +392,7 @@ impl Template {
             if id == "Fn::Transform" {
                 continue;
             }
+            check_id("Resources", id)?;
             let kind = type_of("Resources", "resource", id, r)?;
             resources.insert(
                 id.clone(),
@@ -371,6 +408,7 @@ impl Template {
                 return Err(invalid(e.0, e.1));
             }
             if id != "Fn::Transform" {
+                check_id("Outputs", id)?;
                 outputs.insert(id.clone());
             }
         }
@@ -573,6 +611,26 @@ Outputs:
             param("{Type: String, NoEcho: true, AllowedPattern: '[a-z]+', AllowedValues: [abc]}");
         let e = p.check("Hunter2").unwrap_err();
         assert!(!e.contains("Hunter2") && !e.contains("abc"), "{e}");
+    }
+
+    #[test]
+    fn logical_ids_are_alphanumeric_written_or_generated() {
+        let e = Template::parse("Resources:\n  my-queue: {Type: 'AWS::SQS::Queue'}\n").unwrap_err();
+        assert_eq!(e.path, "Resources.my-queue");
+        assert_eq!((e.pos.line, e.pos.column), (2, 3));
+        let e = Template::parse(
+            "Transform: AWS::LanguageExtensions\nResources:\n  Fn::ForEach::Q: [N, [line-items], {'Q${N}': {Type: 'AWS::SQS::Queue'}}]\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.message.contains("`Qline-items`") && e.message.contains("&{Id}"),
+            "{}",
+            e.message
+        );
+        assert!(Template::parse(
+            "Transform: AWS::LanguageExtensions\nResources:\n  Fn::ForEach::Q: [N, [line-items], {'Q&{N}': {Type: 'AWS::SQS::Queue'}}]\n",
+        )
+        .is_ok());
     }
 
     #[test]

@@ -39,6 +39,9 @@ impl CallCounter {
     }
 }
 
+/// Stacks read by name at once in a busy region.
+const BY_NAME_CONCURRENCY: usize = 5;
+
 /// Counts every request the clients send (each page, each attempt), as an
 /// SDK interceptor on every client: no call can be left out of `--stats`.
 /// It counts right before transmission, so a request that never left (no
@@ -318,6 +321,10 @@ fn dispatch_failure(err: &(dyn std::error::Error + 'static), connect_timeout: bo
                      and AWS_SECRET_ACCESS_KEY, or run where a role is attached"
                         .into(),
                 ),
+                // A profile that cannot be read as written: no retry helps.
+                CredentialsError::InvalidConfiguration(_) => {
+                    CloudError::Validation(format!("AWS configuration: {}", one_line(c)))
+                }
                 // A provider that answered and refused: an assumed role
                 // that may not be assumed, expired SSO.
                 _ => {
@@ -567,12 +574,15 @@ impl Cloud for AwsCloud {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let read = futures::future::join_all(unread.iter().map(|n| self.describe_stack(n))).await;
-        for stack in read {
-            if let Some(stack) = stack? {
-                out.insert(stack.name.clone(), stack);
-            }
-        }
+        // A few at a time: a burst would only invite throttling.
+        use futures::stream::{StreamExt, TryStreamExt};
+        let unread: Vec<String> = unread.into_iter().cloned().collect();
+        let read: Vec<Option<Stack>> = futures::stream::iter(unread)
+            .map(|n| async move { self.stack_by_name(&n).await })
+            .buffer_unordered(BY_NAME_CONCURRENCY)
+            .try_collect()
+            .await?;
+        out.extend(read.into_iter().flatten().map(|s| (s.name.clone(), s)));
         Ok(out)
     }
 
@@ -1008,6 +1018,9 @@ impl Cloud for AwsCloud {
         match self.s3.head_object().bucket(bucket).key(key).send().await {
             Ok(_) => return Ok(false),
             Err(e) if e.as_service_error().is_some_and(|e| e.is_not_found()) => {}
+            // Without s3:ListBucket a missing key answers 403, not 404: the
+            // conditional put below settles whether it exists.
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 403) => {}
             Err(e) => return Err(self.error(e)),
         }
         let put = self

@@ -514,7 +514,11 @@ def _expand_language_extensions(template_dict, parameters, region):
     cfn = _Cfn()
     cfn.template = template
     cfn.regions = [region]
-    expanded = _lx._Transform()._walk(template, {}, cfn)
+    try:
+        expanded = _lx._Transform()._walk(template, {}, cfn)
+    except (_lx._ValueError, _lx._TypeError, _lx._ResolveError) as e:
+        # CloudFormation refuses such a template at CreateChangeSet.
+        raise ValidationError(message=f"Template format error: {e}") from e
     expanded = _resolve_length(expanded, values, declared)
     for resource in (expanded.get("Resources") or {}).values():
         for attr in ("DeletionPolicy", "UpdateReplacePolicy"):
@@ -538,7 +542,7 @@ def _yaml_tag_constructor(loader, tag, node):
     # moto builds a short-form function over a mapping (`!Length {Ref: L}`)
     # from the raw YAML nodes; CloudFormation reads the mapping.
     if isinstance(node, _yaml.MappingNode):
-        key = "Ref" if tag == "!Ref" else f"Fn::{tag[1:]}"
+        key = {"!Ref": "Ref", "!Condition": "Condition"}.get(tag, f"Fn::{tag[1:]}")
         return {key: loader.construct_mapping(node, deep=True)}
     return _original_tag_constructor(loader, tag, node)
 
@@ -758,10 +762,12 @@ def _faulty_dispatch(self, environ, start_response):
     with _faults_lock:
         f = dict(_faults)
         applies = not f["actions"] or action in f["actions"]
-        roll = [_fault_rng.random() for _ in range(5)]
+        roll = [_fault_rng.random() for _ in range(4)]
         kind = None
         if applies:
-            if roll[4] < f["deny_rate"]:
+            # Drawn only when asked for, so seeded sequences of the other
+            # faults replay as before.
+            if f["deny_rate"] and _fault_rng.random() < f["deny_rate"]:
                 kind = "deny"
             elif roll[0] < f["throttle_rate"]:
                 kind = "throttle"
