@@ -471,7 +471,11 @@ impl Expander<'_> {
             let inner = scope.with(identifier, &v);
             let Json::Object(generated) = self.walk_map(fragment, &inner, &format!("{path}.2"))?
             else {
-                unreachable!("a mapping walks to a mapping")
+                // Only a one-key function mapping walks to something else,
+                // and its key would lack the identifier (refused above).
+                return Err(err(
+                    "the loop's third item must be a mapping of output keys to values".into(),
+                ));
             };
             self.generated += generated.len();
             if self.generated > MAX_GENERATED {
