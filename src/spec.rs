@@ -1662,6 +1662,11 @@ mod tests {
             load(&path)
         }
 
+        /// Writes `templates/<name>`.
+        fn template(&self, name: &str, body: &str) {
+            std::fs::write(self.dir.path().join("templates").join(name), body).unwrap();
+        }
+
         /// Errors rendered with the fixture folder stripped, one per line.
         fn errors(&self, env: &str, text: &str) -> Vec<String> {
             let errs = self.load(env, text).expect_err("should be refused");
@@ -1761,7 +1766,7 @@ stacks:
     fn change_sets_of_templates_with_nested_stacks_include_them() {
         let f = Fixture::new();
         let nested = "Resources:\n  Inner:\n    Type: AWS::CloudFormation::Stack\n    Properties: {TemplateURL: https://example.com/t.yaml}\n";
-        std::fs::write(f.dir.path().join("templates/n.yaml"), nested).unwrap();
+        f.template("n.yaml", nested);
         let text = "environment: dev\nregion: us-east-1\nstack_name_prefix: dev\nstacks:\n  outer: {template: ../templates/n.yaml}\n  plain: {template: ../templates/b.yaml, parameters: {Table: t}}\n";
         let env = f.load("dev", text).unwrap();
         let request = |key: &str| {
@@ -1831,7 +1836,7 @@ stacks:
         );
         assert!(errs[0].contains("not a regular file (a FIFO)"), "{errs:?}");
         let big = format!("{TEMPLATE_A}# {}\n", "x".repeat(1024 * 1024));
-        std::fs::write(f.dir.path().join("templates/big.yaml"), big).unwrap();
+        f.template("big.yaml", &big);
         let errs = f.errors(
             "dev",
             &GOOD.replace("templates/a.yaml", "templates/big.yaml"),
@@ -1850,7 +1855,7 @@ stacks:
             "{TEMPLATE_A}# {}\n",
             "x".repeat(limits::TEMPLATE_BODY_BYTES)
         );
-        std::fs::write(f.dir.path().join("templates/padded.yaml"), padded).unwrap();
+        f.template("padded.yaml", &padded);
         let errs = f.errors(
             "dev",
             &GOOD.replace("templates/a.yaml", "templates/padded.yaml"),
@@ -1873,7 +1878,7 @@ stacks:
         for i in 0..200 {
             t.push_str(&format!("  O{i}: {{Value: x}}\n"));
         }
-        std::fs::write(f.dir.path().join("templates/many.yaml"), t).unwrap();
+        f.template("many.yaml", &t);
         let errs = f
             .errors(
                 "dev",
@@ -1946,7 +1951,7 @@ stacks:
             ),
         ];
         for (template, want) in cases {
-            std::fs::write(f.dir.path().join("templates/bad.yaml"), template).unwrap();
+            f.template("bad.yaml", template);
             let errs = f.errors(
                 "dev",
                 &GOOD.replace("templates/a.yaml", "templates/bad.yaml"),
@@ -1962,11 +1967,7 @@ stacks:
     #[test]
     fn transforms_stackwarden_does_not_expand_pass_with_the_checks_they_skip_named() {
         let f = Fixture::new();
-        std::fs::write(
-            f.dir.path().join("templates/sam.yaml"),
-            "Transform: AWS::Serverless-2016-10-31\nParameters:\n  Env: {Type: String}\nResources:\n  Fn:\n    Type: AWS::Serverless::Function\n    Properties: {Runtime: python3.12, Handler: i.h, InlineCode: x}\n  Fn::Transform:\n    Name: AWS::Include\n    Parameters: {Location: 's3://bucket/more.yaml'}\n",
-        )
-        .unwrap();
+        f.template("sam.yaml", "Transform: AWS::Serverless-2016-10-31\nParameters:\n  Env: {Type: String}\nResources:\n  Fn:\n    Type: AWS::Serverless::Function\n    Properties: {Runtime: python3.12, Handler: i.h, InlineCode: x}\n  Fn::Transform:\n    Name: AWS::Include\n    Parameters: {Location: 's3://bucket/more.yaml'}\n");
         // `data.TableName` is not declared: what the transforms generate may
         // declare it, so the reference is not refused.
         let env = f
@@ -1997,11 +1998,7 @@ stacks:
     #[test]
     fn a_loop_over_a_parameter_expands_with_the_given_value() {
         let f = Fixture::new();
-        std::fs::write(
-            f.dir.path().join("templates/loop.yaml"),
-            "Transform: AWS::LanguageExtensions\nParameters:\n  Env: {Type: CommaDelimitedList}\nResources:\n  Fn::ForEach::T:\n    - E\n    - !Ref Env\n    - Table${E}: {Type: 'AWS::DynamoDB::Table'}\nOutputs:\n  Fn::ForEach::O:\n    - E\n    - !Ref Env\n    - TableName: {Value: x}\n",
-        )
-        .unwrap();
+        f.template("loop.yaml", "Transform: AWS::LanguageExtensions\nParameters:\n  Env: {Type: CommaDelimitedList}\nResources:\n  Fn::ForEach::T:\n    - E\n    - !Ref Env\n    - Table${E}: {Type: 'AWS::DynamoDB::Table'}\nOutputs:\n  Fn::ForEach::O:\n    - E\n    - !Ref Env\n    - TableName: {Value: x}\n");
         // Two values would generate `TableName` twice.
         let errs = f.errors(
             "dev",
@@ -2013,11 +2010,7 @@ stacks:
             errs.iter().any(|e| e.contains("must contain ${E} or &{E}")),
             "{errs:#?}"
         );
-        std::fs::write(
-            f.dir.path().join("templates/loop.yaml"),
-            "Transform: AWS::LanguageExtensions\nParameters:\n  Env: {Type: CommaDelimitedList}\nResources:\n  Fn::ForEach::T:\n    - E\n    - !Ref Env\n    - Table${E}: {Type: 'AWS::DynamoDB::Table'}\nOutputs:\n  Fn::ForEach::O:\n    - E\n    - !Ref Env\n    - ${E}TableName: {Value: x}\n",
-        )
-        .unwrap();
+        f.template("loop.yaml", "Transform: AWS::LanguageExtensions\nParameters:\n  Env: {Type: CommaDelimitedList}\nResources:\n  Fn::ForEach::T:\n    - E\n    - !Ref Env\n    - Table${E}: {Type: 'AWS::DynamoDB::Table'}\nOutputs:\n  Fn::ForEach::O:\n    - E\n    - !Ref Env\n    - ${E}TableName: {Value: x}\n");
         let text = GOOD
             .replace("templates/a.yaml", "templates/loop.yaml")
             .replace("{Env: dev}", "{Env: 'dev,prod'}");
@@ -2046,11 +2039,7 @@ stacks:
     #[test]
     fn a_loop_over_another_stacks_output_waits_for_its_value_not_the_default() {
         let f = Fixture::new();
-        std::fs::write(
-            f.dir.path().join("templates/b.yaml"),
-            "Transform: AWS::LanguageExtensions\nParameters:\n  Table: {Type: CommaDelimitedList, Default: fallback}\nResources:\n  Fn::ForEach::Q:\n    - T\n    - !Ref Table\n    - Queue${T}: {Type: 'AWS::SQS::Queue'}\n",
-        )
-        .unwrap();
+        f.template("b.yaml", "Transform: AWS::LanguageExtensions\nParameters:\n  Table: {Type: CommaDelimitedList, Default: fallback}\nResources:\n  Fn::ForEach::Q:\n    - T\n    - !Ref Table\n    - Queue${T}: {Type: 'AWS::SQS::Queue'}\n");
         let env = f.load("dev", GOOD).unwrap();
         let queue = &env.stacks["queue"].template;
         assert!(queue.resources.is_empty(), "{:?}", queue.resources);
@@ -2136,7 +2125,7 @@ stacks:
             "# a comment\n{}",
             TEMPLATE_A.replace("{Type: String}", "\n    Type: String")
         );
-        std::fs::write(f.dir.path().join("templates/a.yaml"), reformatted).unwrap();
+        f.template("a.yaml", &reformatted);
         assert_eq!(r1, f.load("dev", GOOD).unwrap().revision);
         let changed = f
             .load("dev", &GOOD.replace("{Env: dev}", "{Env: dev, Size: 2}"))
@@ -2331,11 +2320,7 @@ stacks:
     #[test]
     fn a_broken_template_names_the_template_file() {
         let f = Fixture::new();
-        std::fs::write(
-            f.dir.path().join("templates/b.yaml"),
-            "Resources:\n  Q: [\n",
-        )
-        .unwrap();
+        f.template("b.yaml", "Resources:\n  Q: [\n");
         let errs = f.errors("dev", GOOD);
         assert_eq!(errs.len(), 1, "{errs:?}");
         assert!(errs[0].starts_with("templates/b.yaml:3:"), "{errs:?}");

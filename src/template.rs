@@ -355,9 +355,12 @@ impl Template {
                 "transform {t} is processed by CloudFormation, not expanded here: the resources and outputs it generates are not checked before the change set (output references, protected resources, the replacement forecast)"
             ));
         }
-        let section = |name: &str| match processed.get(name) {
-            Some(Json::Object(m)) => m.clone(),
-            _ => Default::default(),
+        let empty = serde_json::Map::new();
+        let section = |name: &str| {
+            processed
+                .get(name)
+                .and_then(Json::as_object)
+                .unwrap_or(&empty)
         };
         // "The logical ID must be alphanumeric (A-Za-z0-9)"; one a loop
         // generated is reported at its loop, with the remedy.
@@ -385,7 +388,7 @@ impl Template {
             ))
         };
         let mut resources = BTreeMap::new();
-        for (id, r) in &section("Resources") {
+        for (id, r) in section("Resources") {
             if let Some(e) = Self::opaque_key("Resources", id, &transforms, &mut unchecked) {
                 return Err(invalid(e.0, e.1));
             }

@@ -11,7 +11,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::process::{Output, Stdio};
 
-use common::{Emulator, run, stderr, stdout};
+use common::{Emulator, every_stack_in_sync, run, stderr, stdout};
 use serde_json::json;
 use stackwarden::spec;
 
@@ -96,14 +96,7 @@ async fn faults_of_every_kind_converge_without_false_failures_or_double_executio
     let again = reconcile(emu);
     assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
     let v: serde_json::Value = serde_json::from_str(&stdout(&again)).expect("JSON");
-    assert!(
-        v[0]["report"]["stacks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|s| s["result"]["kind"] == "in_sync"),
-        "{v}"
-    );
+    assert!(every_stack_in_sync(&v), "{v}");
 }
 
 #[tokio::test]

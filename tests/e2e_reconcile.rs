@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::process::Output;
 
 use aws_sdk_cloudformation::types::{Capability, Parameter};
-use common::{Emulator, Workspace, run, stderr, stdout};
+use common::{Emulator, Workspace, every_stack_in_sync, run, stack_result, stderr, stdout};
 use stackwarden::spec;
 
 const SERVICE_CLUSTER: &str = "dev-performance-mgmt";
@@ -27,15 +27,6 @@ fn reconcile(emu: &Emulator, args: &[&str]) -> (Output, serde_json::Value) {
         )
     });
     (out, v)
-}
-
-fn stack_result<'v>(v: &'v serde_json::Value, key: &str) -> &'v serde_json::Value {
-    v[0]["report"]["stacks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["key"] == key)
-        .unwrap_or_else(|| panic!("{key} in {v}"))
 }
 
 fn dev() -> spec::DesiredEnv {
@@ -115,14 +106,7 @@ async fn reconcile_once_creates_every_stack_in_dependency_order_then_changes_not
     let (out, v) = reconcile(emu, &[]);
     assert_eq!(out.status.code(), Some(0), "{v}");
     assert_eq!(v[0]["api_calls"], 10, "{v}");
-    assert!(
-        v[0]["report"]["stacks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|s| s["result"]["kind"] == "in_sync"),
-        "{v}"
-    );
+    assert!(every_stack_in_sync(&v), "{v}");
     let (out, v) = reconcile(emu, &["--fast"]);
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(v[0]["api_calls"], 2, "{v}");

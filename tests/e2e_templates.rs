@@ -11,7 +11,7 @@ mod common;
 use std::path::Path;
 use std::process::Output;
 
-use common::{Emulator, run, stderr, stdout};
+use common::{Emulator, every_stack_in_sync, run, s3_client, stack_result, stderr, stdout};
 
 const TABLES: &str = r#"AWSTemplateFormatVersion: "2010-09-09"
 Transform: AWS::LanguageExtensions
@@ -202,13 +202,7 @@ async fn language_extension_loops_validate_plan_and_deploy_and_their_outputs_fee
     let out = stackwarden(emu, ws.path(), &["reconcile", "--once", "-o", "json"]);
     let v = json(&out);
     assert_eq!(out.status.code(), Some(2), "{v}\n{}", stderr(&out));
-    let tables = v[0]["report"]["stacks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["key"] == "tables")
-        .unwrap()
-        .to_string();
+    let tables = stack_result(&v, "tables").to_string();
     assert!(
         tables.contains("Tableinvoices") && tables.contains("AWS::DynamoDB::Table"),
         "{tables}"
@@ -298,11 +292,7 @@ async fn a_large_template_and_its_local_nested_template_deploy_through_the_artif
     let emu = Emulator::get();
     let _guard = emu.lock().await;
     let config = emu.sdk_config().await;
-    let s3 = aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::config::Builder::from(&config)
-            .force_path_style(true)
-            .build(),
-    );
+    let s3 = s3_client(&config);
     assert!(big_template().len() > 51_200);
 
     // Without a bucket, validate names the limit and the remedy.
@@ -382,14 +372,7 @@ async fn a_large_template_and_its_local_nested_template_deploy_through_the_artif
     );
     let v = json(&out);
     assert_eq!(out.status.code(), Some(0), "{v}");
-    assert!(
-        v[0]["report"]["stacks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|s| s["result"]["kind"] == "in_sync"),
-        "{v}"
-    );
+    assert!(every_stack_in_sync(&v), "{v}");
     assert_eq!(keys(&s3, "art-artifacts").await, stored);
 }
 
@@ -398,11 +381,7 @@ async fn an_artifact_bucket_in_another_region_is_refused_before_any_change_set()
     let emu = Emulator::get();
     let _guard = emu.lock().await;
     let config = emu.sdk_config().await;
-    let s3 = aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::config::Builder::from(&config)
-            .force_path_style(true)
-            .build(),
-    );
+    let s3 = s3_client(&config);
     s3.create_bucket()
         .bucket("art-elsewhere")
         .create_bucket_configuration(

@@ -391,25 +391,34 @@ fn selected_files(select: &Select) -> anyhow::Result<BTreeMap<String, PathBuf>> 
     Ok(out)
 }
 
+/// Loads one environment file, printing its warnings or its errors to
+/// stderr.
+fn load_reported(path: &std::path::Path) -> Result<DesiredEnv, spec::SpecErrors> {
+    let loaded = spec::load(path);
+    match &loaded {
+        Ok(env) => {
+            for w in &env.warnings {
+                eprintln!("warning: {}: {w}", env.name);
+            }
+        }
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("error: {e}");
+            }
+        }
+    }
+    loaded
+}
+
 /// Loads every selected environment; prints each one's errors to stderr.
 /// Returns the ones that loaded, and whether any failed.
 fn load_selected(select: &Select) -> anyhow::Result<(Vec<DesiredEnv>, bool)> {
     let mut envs = Vec::new();
     let mut failed = false;
     for path in selected_files(select)?.values() {
-        match spec::load(path) {
-            Ok(env) => {
-                for w in &env.warnings {
-                    eprintln!("warning: {}: {w}", env.name);
-                }
-                envs.push(env);
-            }
-            Err(errors) => {
-                failed = true;
-                for e in &errors.0 {
-                    eprintln!("error: {e}");
-                }
-            }
+        match load_reported(path) {
+            Ok(env) => envs.push(env),
+            Err(_) => failed = true,
         }
     }
     Ok((envs, failed))
@@ -426,19 +435,9 @@ fn validate(select: &Select) -> Outcome {
     let mut envs = Vec::new();
     let mut failures = Vec::new();
     for (name, path) in &files {
-        match spec::load(path) {
-            Ok(env) => {
-                for w in &env.warnings {
-                    eprintln!("warning: {}: {w}", env.name);
-                }
-                envs.push(env);
-            }
-            Err(errors) => {
-                for e in &errors.0 {
-                    eprintln!("error: {e}");
-                }
-                failures.push((name, path, errors));
-            }
+        match load_reported(path) {
+            Ok(env) => envs.push(env),
+            Err(errors) => failures.push((name, path, errors)),
         }
     }
     let failed = !failures.is_empty();

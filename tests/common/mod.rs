@@ -144,6 +144,34 @@ impl Emulator {
     }
 }
 
+/// One stack's entry in a `reconcile -o json` answer, by its key.
+pub fn stack_result<'v>(v: &'v serde_json::Value, key: &str) -> &'v serde_json::Value {
+    v[0]["report"]["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["key"] == key)
+        .unwrap_or_else(|| panic!("{key} in {v}"))
+}
+
+/// Whether every stack of a `reconcile -o json` answer is in sync.
+pub fn every_stack_in_sync(v: &serde_json::Value) -> bool {
+    v[0]["report"]["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|s| s["result"]["kind"] == "in_sync")
+}
+
+/// An S3 client for the emulator (by path: `bucket.127.0.0.1` names no host).
+pub fn s3_client(config: &aws_config::SdkConfig) -> aws_sdk_s3::Client {
+    aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(config)
+            .force_path_style(true)
+            .build(),
+    )
+}
+
 /// The real `stackwarden` binary, run from the repository root.
 pub fn stackwarden() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_stackwarden"));
