@@ -400,6 +400,14 @@ async fn reconcile_pass<C: Cloud>(
         options,
         account: OnceCell::new(),
         templates: Mutex::new(observed.templates.clone()),
+        view: Mutex::new(View {
+            stacks: observed.stacks.clone(),
+            plans: initial
+                .stacks
+                .iter()
+                .filter_map(|p| Some((p.key.clone()?, p.clone())))
+                .collect(),
+        }),
         first: &observed,
         initial: &initial,
         touched: AtomicBool::new(false),
@@ -467,6 +475,8 @@ struct Pass<'a, C> {
     /// Live templates read by the first observation. A stack brought to its
     /// desired revision drops its entry: its template is the desired one.
     templates: Mutex<BTreeMap<String, Template>>,
+    /// What the pass knows now: see [`View`].
+    view: Mutex<View>,
     /// The first observation, and the plan made from it.
     first: &'a Observed,
     initial: &'a Plan,
@@ -474,6 +484,18 @@ struct Pass<'a, C> {
     touched: AtomicBool,
     /// When the pass began, on the cloud's clock.
     started_at: std::time::SystemTime,
+}
+
+/// What a pass knows of the environment now: the first observation of its
+/// stacks, updated by every read of one stack since, and every declared
+/// stack's latest plan. A stack re-reads itself alone before acting and
+/// re-plans itself alone against its upstreams as they ended: the work of a
+/// pass grows with its stacks, not with their square.
+struct View {
+    /// By stack name.
+    stacks: BTreeMap<String, Stack>,
+    /// By stack key.
+    plans: BTreeMap<String, StackPlan>,
 }
 
 /// How far back from a pass's start a change set of another name counts as
@@ -622,6 +644,13 @@ impl<'a, C: Cloud> Pass<'a, C> {
             // Its live template is now the desired one.
             self.lock_templates().remove(name);
         }
+        // Its dependents plan against what it ended as.
+        if let Some(stack) = key.and_then(|k| self.env.stacks.get(k))
+            && result.ready()
+        {
+            let observed = self.local(stack, self.first.stacks_read_at);
+            self.plan_stack(stack, &observed);
+        }
         match &result {
             StackResult::Failed { reason } => {
                 tracing::error!(message = "Stack failed.", environment = %self.env.name, stack = id, %reason)
@@ -678,18 +707,79 @@ impl<'a, C: Cloud> Pass<'a, C> {
             .clone()
     }
 
-    /// Re-observes the environment's stacks (one DescribeStacks) and plans
-    /// with them, keeping the templates read so far.
-    async fn replan(&self) -> Result<(Observed, Plan), CloudError> {
-        let mut observed = Observed {
-            templates: self.lock_templates().clone(),
-            ..Observed::default()
+    fn lock_view(&self) -> std::sync::MutexGuard<'_, View> {
+        self.view.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps what a read of one stack said, for the plans that follow.
+    fn record(&self, name: &str, live: Option<&Stack>) {
+        let mut view = self.lock_view();
+        match live {
+            Some(s) => view.stacks.insert(name.to_owned(), s.clone()),
+            None => view.stacks.remove(name),
         };
-        observe::refresh_stacks(self.cloud, self.env, &mut observed).await?;
-        observed
-            .failed_redeploys
-            .extend(self.options.failed_redeploys());
-        let p = plan(self.env, &observed);
+    }
+
+    /// An observation of what one stack's plan reads, from what the pass
+    /// knows: the stack and its upstreams, its live template, and the
+    /// first observation's findings about its failures.
+    fn local(&self, stack: &DesiredStack, read_at: Option<std::time::SystemTime>) -> Observed {
+        let stacks = {
+            let view = self.lock_view();
+            std::iter::once(&stack.name)
+                .chain(stack.depends_on.iter().map(|k| &self.env.stacks[k].name))
+                .filter_map(|n| Some((n.clone(), view.stacks.get(n)?.clone())))
+                .collect()
+        };
+        let templates = self
+            .lock_templates()
+            .get(&stack.name)
+            .map(|t| (stack.name.clone(), t.clone()))
+            .into_iter()
+            .collect();
+        let name = &stack.name;
+        Observed {
+            stacks,
+            templates,
+            stacks_read_at: read_at,
+            failed_revisions: (self.first.failed_revisions.get(name))
+                .map(|r| (name.clone(), r.clone()))
+                .into_iter()
+                .collect(),
+            rollback_episodes: (self.first.rollback_episodes.get(name))
+                .map(|e| (name.clone(), e.clone()))
+                .into_iter()
+                .collect(),
+            failed_redeploys: self.options.failed_redeploys(),
+            services: BTreeMap::new(),
+        }
+    }
+
+    /// Plans one stack against its upstreams' latest plans, and keeps it.
+    fn plan_stack(&self, stack: &DesiredStack, observed: &Observed) -> StackPlan {
+        let upstreams: BTreeMap<String, StackPlan> = {
+            let view = self.lock_view();
+            stack
+                .depends_on
+                .iter()
+                .filter_map(|k| Some((k.clone(), view.plans.get(k)?.clone())))
+                .collect()
+        };
+        let p = crate::plan::plan_one(self.env, stack, observed, &upstreams);
+        self.lock_view().plans.insert(stack.key.clone(), p.clone());
+        p
+    }
+
+    /// Re-reads the stack (one DescribeStacks by name, and what its failed
+    /// state needs) and re-plans it: its upstreams are as they ended, each
+    /// read when it settled.
+    async fn replan(&self, stack: &DesiredStack) -> Result<(Observed, StackPlan), CloudError> {
+        let read_at = self.cloud.now();
+        let live = retry::call(|| self.cloud.describe_stack(&stack.name)).await?;
+        self.record(&stack.name, live.as_ref());
+        let mut observed = self.local(stack, Some(read_at));
+        observe::read_failures(self.cloud, stack, &mut observed).await?;
+        let p = self.plan_stack(stack, &observed);
         Ok((observed, p))
     }
 
@@ -707,19 +797,14 @@ impl<'a, C: Cloud> Pass<'a, C> {
         let mut deadline: Option<Instant> = None;
         let mut change_set = None;
         let mut recreated = false;
-        let first = self
-            .initial
-            .stacks
-            .iter()
-            .find(|s| s.is(&stack.key))
-            .expect("every declared stack is planned");
+        let first = self.lock_view().plans[&stack.key].clone();
         if !upstream_changed
             && matches!(
                 first.action,
                 StackAction::None | StackAction::Blocked { .. } | StackAction::Skip { .. }
             )
         {
-            return (self.settled(first), None);
+            return (self.settled(&first), None);
         }
         // Held from the first action that needs it to the end of the stack.
         let mut permit = None;
@@ -728,19 +813,15 @@ impl<'a, C: Cloud> Pass<'a, C> {
         // upstream did nothing, until it has waited or acted.
         let mut fresh = !upstream_changed;
         loop {
-            let (observed, p) = if std::mem::take(&mut fresh) {
-                (self.first.clone(), self.initial.clone())
+            let (observed, sp) = if std::mem::take(&mut fresh) {
+                (self.local(stack, self.first.stacks_read_at), first.clone())
             } else {
-                match self.replan().await {
+                match self.replan(stack).await {
                     Ok(x) => x,
                     Err(e) => return (failed(format!("cannot observe: {e}")), change_set),
                 }
             };
-            let sp = p
-                .stacks
-                .iter()
-                .find(|s| s.is(&stack.key))
-                .expect("every declared stack is planned");
+            let sp = &sp;
             let acts = sp.action.mutates() || matches!(sp.action, StackAction::Wait { .. });
             // Concurrency is bounded for everything that operates or waits.
             // A stack that had to queue for its turn looks again first: the
@@ -1187,13 +1268,19 @@ impl<'a, C: Cloud> Pass<'a, C> {
             Some(s) => Some(s.clone()),
             None => retry::call(|| self.cloud.describe_stack(&stack.name)).await?,
         };
-        if live.is_some_and(|s| s.termination_protection != stack.termination_protection) {
+        let Some(mut live) = live else {
+            self.record(&stack.name, None);
+            return Ok(());
+        };
+        if live.termination_protection != stack.termination_protection {
             retry::call(|| {
                 self.cloud
                     .set_termination_protection(&stack.name, stack.termination_protection)
             })
             .await?;
+            live.termination_protection = stack.termination_protection;
         }
+        self.record(&stack.name, Some(&live));
         Ok(())
     }
 
@@ -1244,7 +1331,10 @@ impl<'a, C: Cloud> Pass<'a, C> {
         }
         let live = match retry::call(|| self.cloud.describe_stack(name)).await {
             Ok(Some(s)) => s,
-            Ok(None) => return Step::Replan,
+            Ok(None) => {
+                self.record(name, None);
+                return Step::Replan;
+            }
             Err(e) => return Step::Done(failed(format!("DescribeStacks: {e}"))),
         };
         if live.termination_protection || live.in_progress() {
@@ -1336,6 +1426,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
         loop {
             match self.cloud.describe_stack(name).await {
                 Ok(s) => {
+                    self.record(name, s.as_ref());
                     self.stream_events(name, mark).await;
                     match s {
                         // Our update is done once only the old resources

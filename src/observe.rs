@@ -10,10 +10,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::cloud::{ChangeSetStatus, Cloud, CloudError, StackStatus};
-use crate::plan::{Observed, resolve};
+use crate::cloud::{ChangeSetStatus, Cloud, CloudError, Stack, StackStatus};
+use crate::plan::{Observed, RollbackEpisode, resolve};
 use crate::retry;
-use crate::spec::{DesiredEnv, ENVIRONMENT_TAG, Mode, REVISION_TAG};
+use crate::spec::{DesiredEnv, DesiredStack, ENVIRONMENT_TAG, Mode, REVISION_TAG};
 use crate::template::Template;
 
 /// How thoroughly to compare.
@@ -102,118 +102,112 @@ pub async fn observe<C: Cloud>(
         }
     }
 
-    observed.failed_revisions = failed_revisions(cloud, env, &observed.stacks).await?;
-    observed.rollback_episodes = rollback_episodes(cloud, env, &observed.stacks).await?;
+    for d in env.stacks.values() {
+        read_failures(cloud, d, &mut observed).await?;
+    }
     observe_services(cloud, env, &mut observed).await?;
     Ok(observed)
 }
 
-/// Re-reads every stack of the environment (one DescribeStacks), keeping
-/// what else was observed: outputs and statuses are fresh for the next
-/// decision.
+/// What the stack's own history says when it stopped in a failed state:
+/// whether the revision that failed is this one (ROLLBACK_COMPLETE,
+/// UPDATE_ROLLBACK_COMPLETE) and what its stuck rollback did
+/// (UPDATE_ROLLBACK_FAILED). Costs calls only for stacks in those states;
+/// a pass calls it for the one stack it is about to act on.
 ///
 /// # Errors
 /// A cloud error that persisted through retries.
-pub async fn refresh_stacks<C: Cloud>(
+pub async fn read_failures<C: Cloud>(
     cloud: &C,
-    env: &DesiredEnv,
+    stack: &DesiredStack,
     observed: &mut Observed,
 ) -> Result<(), CloudError> {
-    let names: BTreeSet<String> = env.stacks.values().map(|s| s.name.clone()).collect();
-    let read_at = cloud.now();
-    observed.stacks =
-        retry::call(|| cloud.describe_stacks(&names, (ENVIRONMENT_TAG, &env.name))).await?;
-    observed.stacks_read_at = Some(read_at);
-    observed.failed_revisions = failed_revisions(cloud, env, &observed.stacks).await?;
-    observed.rollback_episodes = rollback_episodes(cloud, env, &observed.stacks).await?;
+    let live = observed.stacks.get(&stack.name);
+    match failed_revision(cloud, stack, live).await? {
+        Some(r) => observed.failed_revisions.insert(stack.name.clone(), r),
+        None => observed.failed_revisions.remove(&stack.name),
+    };
+    match rollback_episode(cloud, stack, live).await? {
+        Some(e) => observed.rollback_episodes.insert(stack.name.clone(), e),
+        None => observed.rollback_episodes.remove(&stack.name),
+    };
     Ok(())
 }
 
-/// For each declared stack stuck in UPDATE_ROLLBACK_FAILED, what the
-/// events of its latest operation say: how many times the rollback failed
-/// (a continued rollback that failed again adds one) and which resources
-/// failed last. Costs calls only for such stacks.
-async fn rollback_episodes<C: Cloud>(
+/// For a declared stack stuck in UPDATE_ROLLBACK_FAILED, what the events of
+/// its latest operation say: how many times the rollback failed (a
+/// continued rollback that failed again adds one) and which resources
+/// failed last.
+async fn rollback_episode<C: Cloud>(
     cloud: &C,
-    env: &DesiredEnv,
-    stacks: &BTreeMap<String, crate::cloud::Stack>,
-) -> Result<BTreeMap<String, crate::plan::RollbackEpisode>, CloudError> {
-    let mut out = BTreeMap::new();
-    for d in env.stacks.values() {
-        if stacks.get(&d.name).map(|s| s.status.as_str()) != Some("UPDATE_ROLLBACK_FAILED") {
-            continue;
-        }
-        let events = retry::call(|| cloud.operation_events(&d.name)).await?;
-        let stack_level = |e: &crate::cloud::StackEvent| {
-            e.logical_id == d.name && e.resource_type == "AWS::CloudFormation::Stack"
-        };
-        let failures = events
-            .iter()
-            .filter(|e| stack_level(e) && e.status == "UPDATE_ROLLBACK_FAILED")
-            .count();
-        // The latest attempt begins at the last UPDATE_ROLLBACK_IN_PROGRESS.
-        let last = events
-            .iter()
-            .rposition(|e| stack_level(e) && e.status == "UPDATE_ROLLBACK_IN_PROGRESS")
-            .unwrap_or(0);
-        let mut failing: Vec<String> = events[last..]
-            .iter()
-            .filter(|e| !stack_level(e) && e.status == "UPDATE_FAILED")
-            .map(|e| e.logical_id.clone())
-            .collect();
-        failing.sort();
-        failing.dedup();
-        let began_with = events.first().map(|e| e.id.clone()).unwrap_or_default();
-        out.insert(
-            d.name.clone(),
-            crate::plan::RollbackEpisode {
-                failures,
-                failing,
-                began_with,
-            },
-        );
+    d: &DesiredStack,
+    live: Option<&Stack>,
+) -> Result<Option<RollbackEpisode>, CloudError> {
+    if live.map(|s| &s.status) != Some(&StackStatus::UpdateRollbackFailed) {
+        return Ok(None);
     }
-    Ok(out)
+    let events = retry::call(|| cloud.operation_events(&d.name)).await?;
+    let stack_level = |e: &crate::cloud::StackEvent| {
+        e.logical_id == d.name && e.resource_type == "AWS::CloudFormation::Stack"
+    };
+    let failures = events
+        .iter()
+        .filter(|e| stack_level(e) && e.status == "UPDATE_ROLLBACK_FAILED")
+        .count();
+    // The latest attempt begins at the last UPDATE_ROLLBACK_IN_PROGRESS.
+    let last = events
+        .iter()
+        .rposition(|e| stack_level(e) && e.status == "UPDATE_ROLLBACK_IN_PROGRESS")
+        .unwrap_or(0);
+    let mut failing: Vec<String> = events[last..]
+        .iter()
+        .filter(|e| !stack_level(e) && e.status == "UPDATE_FAILED")
+        .map(|e| e.logical_id.clone())
+        .collect();
+    failing.sort();
+    failing.dedup();
+    let began_with = events.first().map(|e| e.id.clone()).unwrap_or_default();
+    Ok(Some(RollbackEpisode {
+        failures,
+        failing,
+        began_with,
+    }))
 }
 
-/// The stacks whose operation to the desired revision stackwarden executed
-/// and that rolled back: their status says rolled back and their executed
-/// change set is this revision's. Costs calls only for rolled-back stacks.
-async fn failed_revisions<C: Cloud>(
+/// The desired revision, when the stack's operation to it was executed by
+/// stackwarden and rolled back: its status says rolled back and its
+/// executed change set is this revision's.
+async fn failed_revision<C: Cloud>(
     cloud: &C,
-    env: &DesiredEnv,
-    stacks: &BTreeMap<String, crate::cloud::Stack>,
-) -> Result<BTreeMap<String, String>, CloudError> {
-    let mut out = BTreeMap::new();
-    for d in env.stacks.values() {
-        let Some(live) = stacks.get(&d.name) else {
-            continue;
-        };
-        if !matches!(
-            live.status.as_str(),
-            "ROLLBACK_COMPLETE" | "UPDATE_ROLLBACK_COMPLETE"
-        ) {
-            continue;
-        }
-        let ours = d.change_set_name();
-        let sets = retry::call(|| cloud.list_change_sets(&d.name)).await?;
-        if !sets.iter().any(|cs| cs.name == ours) {
-            continue;
-        }
-        match retry::call(|| cloud.describe_change_set(&d.name, &ours)).await {
-            Ok(cs)
-                if matches!(
-                    cs.status,
-                    ChangeSetStatus::Executed | ChangeSetStatus::Failed(_)
-                ) =>
-            {
-                out.insert(d.name.clone(), d.revision.clone());
-            }
-            Ok(_) | Err(CloudError::NotFound(_)) => {}
-            Err(e) => return Err(e),
-        }
+    d: &DesiredStack,
+    live: Option<&Stack>,
+) -> Result<Option<String>, CloudError> {
+    let Some(live) = live else {
+        return Ok(None);
+    };
+    if !matches!(
+        live.status,
+        StackStatus::RollbackComplete | StackStatus::UpdateRollbackComplete
+    ) {
+        return Ok(None);
     }
-    Ok(out)
+    let ours = d.change_set_name();
+    let sets = retry::call(|| cloud.list_change_sets(&d.name)).await?;
+    if !sets.iter().any(|cs| cs.name == ours) {
+        return Ok(None);
+    }
+    match retry::call(|| cloud.describe_change_set(&d.name, &ours)).await {
+        Ok(cs)
+            if matches!(
+                cs.status,
+                ChangeSetStatus::Executed | ChangeSetStatus::Failed(_)
+            ) =>
+        {
+            Ok(Some(d.revision.clone()))
+        }
+        Ok(_) | Err(CloudError::NotFound(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Describes the ECS services the environment declares whose names are

@@ -538,12 +538,8 @@ pub fn plan(env: &DesiredEnv, observed: &Observed) -> Plan {
 /// Observe mode, applied once to the plan converge mode would make: every
 /// action that writes becomes blocked, its reason kept.
 fn observe_only(mut plan: Plan) -> Plan {
-    for s in plan.stacks.iter_mut().filter(|s| s.action.mutates()) {
-        s.reason = format!("{}; observe mode", s.reason);
-        s.action = StackAction::Blocked {
-            by: BlockedBy::ObserveMode,
-            reason: "observe mode".into(),
-        };
+    for s in &mut plan.stacks {
+        observe_only_stack(s);
     }
     for s in plan.services.iter_mut().filter(|s| s.action.mutates()) {
         s.reason = format!("{}; observe mode", s.reason);
@@ -553,6 +549,36 @@ fn observe_only(mut plan: Plan) -> Plan {
         };
     }
     plan
+}
+
+fn observe_only_stack(s: &mut StackPlan) {
+    if s.action.mutates() {
+        s.reason = format!("{}; observe mode", s.reason);
+        s.action = StackAction::Blocked {
+            by: BlockedBy::ObserveMode,
+            reason: "observe mode".into(),
+        };
+    }
+}
+
+/// One declared stack's plan, as [`plan`] makes it, from an observation
+/// that holds at least the stack and its upstreams, and its upstreams'
+/// plans (by key). A pass re-plans a stack before acting this way: the work
+/// is the stack's, not the environment's.
+pub fn plan_one(
+    env: &DesiredEnv,
+    stack: &DesiredStack,
+    observed: &Observed,
+    upstreams: &BTreeMap<String, StackPlan>,
+) -> StackPlan {
+    let wave = env
+        .wave_of(&stack.key)
+        .expect("every declared stack is in a wave");
+    let mut p = plan_stack(env, stack, wave, observed, upstreams);
+    if env.policy.mode == Mode::Observe {
+        observe_only_stack(&mut p);
+    }
+    p
 }
 
 /// The upstream stacks that are not ready for their dependents, and why.

@@ -465,6 +465,14 @@ impl DesiredEnv {
         )
     }
 
+    /// The wave (from 1) a declared stack is in.
+    pub fn wave_of(&self, key: &str) -> Option<usize> {
+        self.waves
+            .iter()
+            .position(|w| w.binary_search_by(|k| k.as_str().cmp(key)).is_ok())
+            .map(|i| i + 1)
+    }
+
     /// Stack keys in dependency order.
     pub fn order(&self) -> impl Iterator<Item = &DesiredStack> {
         self.waves.iter().flatten().map(|k| &self.stacks[k])
