@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::FutureExt;
-use futures::future::{BoxFuture, Shared};
+use futures::future::BoxFuture;
 use tokio::sync::{OnceCell, Semaphore, mpsc};
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -400,6 +400,11 @@ async fn reconcile_pass<C: Cloud>(
         options,
         account: OnceCell::new(),
         templates: Mutex::new(observed.templates.clone()),
+        keys: env
+            .stacks
+            .values()
+            .map(|s| (s.name.as_str(), s.key.as_str()))
+            .collect(),
         view: Mutex::new(View {
             stacks: observed.stacks.clone(),
             plans: initial
@@ -475,6 +480,8 @@ struct Pass<'a, C> {
     /// Live templates read by the first observation. A stack brought to its
     /// desired revision drops its entry: its template is the desired one.
     templates: Mutex<BTreeMap<String, Template>>,
+    /// Stack keys by stack name.
+    keys: BTreeMap<&'a str, &'a str>,
     /// What the pass knows now: see [`View`].
     view: Mutex<View>,
     /// The first observation, and the plan made from it.
@@ -558,8 +565,6 @@ enum Step {
     Replan,
 }
 
-type StackFuture<'a> = Shared<BoxFuture<'a, StackReport>>;
-
 impl<'a, C: Cloud> Pass<'a, C> {
     fn touch(&self) {
         self.touched.store(true, Ordering::Relaxed);
@@ -576,57 +581,87 @@ impl<'a, C: Cloud> Pass<'a, C> {
     }
 
     /// Runs every declared stack as the graph allows, then the orphans.
+    ///
+    /// A stack starts once all its upstreams have finished; it runs only if
+    /// they are ready, else it is skipped naming the first that is not.
+    /// Each stack is its own future, woken only by its own events: a pass
+    /// over thousands of stacks polls each as often as it waits, never once
+    /// per event elsewhere in the graph.
     async fn run_stacks(&self) -> Result<Vec<StackReport>, ApplyError> {
-        let initial = self.initial;
-        let mut futures: BTreeMap<String, StackFuture<'_>> = BTreeMap::new();
-        let mut order = Vec::new();
+        use futures::stream::{FuturesUnordered, StreamExt};
+        let mut waiting_on: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut dependents: BTreeMap<&str, Vec<&DesiredStack>> = BTreeMap::new();
         for stack in self.env.order() {
-            let deps: Vec<(String, StackFuture<'_>)> = stack
-                .depends_on
-                .iter()
-                .map(|d| (d.clone(), futures[d].clone()))
-                .collect();
-            let planned = initial
-                .stacks
-                .iter()
-                .find(|p| p.is(&stack.key))
-                .map(|p| p.action.label().to_owned())
-                .unwrap_or_default();
-            let f = async move {
-                let mut upstream = None;
-                let mut upstream_changed = false;
-                for (dep, f) in deps {
-                    let r = f.await.result;
-                    upstream_changed |= r != StackResult::InSync;
-                    if !r.ready() && upstream.is_none() {
-                        upstream = Some(dep);
-                    }
-                }
-                let start = Instant::now();
-                let (result, change_set) = match upstream {
-                    Some(upstream) => (StackResult::Skipped { upstream }, None),
-                    None => self.run_stack(stack, upstream_changed).await,
-                };
-                self.finish(
-                    Some(&stack.key),
-                    &stack.name,
-                    planned,
-                    result,
-                    change_set,
-                    start,
-                )
+            waiting_on.insert(&stack.key, stack.depends_on.len());
+            for dep in &stack.depends_on {
+                dependents.entry(dep.as_str()).or_default().push(stack);
             }
-            .instrument(tracing::info_span!("stack", stack = %stack.key))
-            .boxed()
-            .shared();
-            futures.insert(stack.key.clone(), f);
-            order.push(stack.key.clone());
         }
-        let mut reports = futures::future::join_all(order.iter().map(|k| futures[k].clone())).await;
-        for orphan in initial.stacks.iter().filter(|p| p.key.is_none()) {
+        let mut done: BTreeMap<String, StackReport> = BTreeMap::new();
+        let mut running = FuturesUnordered::new();
+        for stack in self.env.order().filter(|s| s.depends_on.is_empty()) {
+            running.push(self.start_stack(stack, &done));
+        }
+        while let Some(report) = running.next().await {
+            let key = report.key.clone().expect("a declared stack");
+            done.insert(key.clone(), report);
+            for stack in dependents.get(key.as_str()).into_iter().flatten() {
+                let left = waiting_on.get_mut(stack.key.as_str()).expect("declared");
+                *left -= 1;
+                if *left == 0 {
+                    running.push(self.start_stack(stack, &done));
+                }
+            }
+        }
+        let mut reports: Vec<StackReport> = self
+            .env
+            .order()
+            .map(|s| done.remove(&s.key).expect("every declared stack ran"))
+            .collect();
+        for orphan in self.initial.stacks.iter().filter(|p| p.key.is_none()) {
             reports.push(self.run_orphan(orphan).await);
         }
         Ok(reports)
+    }
+
+    /// One declared stack's turn, its upstreams all finished (`done`).
+    fn start_stack(
+        &self,
+        stack: &'a DesiredStack,
+        done: &BTreeMap<String, StackReport>,
+    ) -> BoxFuture<'_, StackReport> {
+        let mut upstream = None;
+        let mut upstream_changed = false;
+        for dep in &stack.depends_on {
+            let r = &done[dep].result;
+            upstream_changed |= *r != StackResult::InSync;
+            if !r.ready() && upstream.is_none() {
+                upstream = Some(dep.clone());
+            }
+        }
+        let planned = self
+            .lock_view()
+            .plans
+            .get(&stack.key)
+            .map(|p| p.action.label().to_owned())
+            .unwrap_or_default();
+        async move {
+            let start = Instant::now();
+            let (result, change_set) = match upstream {
+                Some(upstream) => (StackResult::Skipped { upstream }, None),
+                None => self.run_stack(stack, upstream_changed).await,
+            };
+            self.finish(
+                Some(&stack.key),
+                &stack.name,
+                planned,
+                result,
+                change_set,
+                start,
+            )
+        }
+        .instrument(tracing::info_span!("stack", stack = %stack.key))
+        .boxed()
     }
 
     fn finish(
@@ -1499,11 +1534,9 @@ impl<'a, C: Cloud> Pass<'a, C> {
     }
 
     fn key_of(&self, name: &str) -> String {
-        self.env
-            .stacks
-            .values()
-            .find(|s| s.name == name)
-            .map_or_else(|| name.to_owned(), |s| s.key.clone())
+        self.keys
+            .get(name)
+            .map_or_else(|| name.to_owned(), |k| (*k).to_owned())
     }
 
     /// The root cause of the latest operation's failure: its oldest

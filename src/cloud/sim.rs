@@ -674,18 +674,20 @@ fn advance_rollouts(st: &mut State, now: Instant) {
 /// Completes every stack operation whose time has come.
 fn advance_stacks(st: &mut State, now: Instant) {
     let wall = wall_clock(st, now);
-    let names: Vec<String> = st.stacks.keys().cloned().collect();
-    for name in names {
-        let stuck = st.stuck.contains(&name);
+    // Called on every API call: only the stacks whose operation is due are
+    // copied out, so a large account costs a scan, not a copy.
+    let due: Vec<String> = st
+        .stacks
+        .iter()
+        .filter(|(name, s)| {
+            s.operation.as_ref().is_some_and(|op| op.done_at <= now) && !st.stuck.contains(*name)
+        })
+        .map(|(name, _)| name.clone())
+        .collect();
+    for name in due {
         let fail = st.fail_next.contains(&name);
         let s = st.stacks.get_mut(&name).expect("listed");
-        let Some(op) = s.operation.clone() else {
-            continue;
-        };
-        if stuck || op.done_at > now {
-            continue;
-        }
-        s.operation = None;
+        let op = s.operation.take().expect("due");
         let cleanup = st.cleanup_latency;
         let s = st.stacks.get_mut(&name).expect("listed");
         let first_resource = op
