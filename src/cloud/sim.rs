@@ -150,6 +150,11 @@ struct SimChangeSet {
 #[derive(Debug, Default)]
 struct State {
     stacks: BTreeMap<String, SimStack>,
+    /// No stack operation ends before this (`None`: not known, look). Every
+    /// call advances the simulation; with thousands of stacks, scanning
+    /// them all on each call made the simulation, not stackwarden, the
+    /// cost of a large pass. Forgotten by every call that may start one.
+    next_due: Option<Instant>,
     services: BTreeMap<(String, String), Service>,
     fail_next: BTreeSet<String>,
     stuck: BTreeSet<String>,
@@ -228,6 +233,7 @@ impl SimCloud {
         SimCloud {
             rng: Arc::new(Mutex::new(StdRng::seed_from_u64(config.seed))),
             state: Arc::new(Mutex::new(State {
+                next_due: None,
                 throttle_rate: config.throttle_rate,
                 cleanup_latency: config.cleanup_latency,
                 rollout_latency: config.rollout_latency,
@@ -288,6 +294,7 @@ impl SimCloud {
         let now = Instant::now();
         let mut st = self.lock();
         advance(&mut st, now);
+        st.next_due = None;
         let s = st.stacks.get_mut(stack).expect("unknown stack");
         // Only a stable, updatable stack can be updated (AWS refuses the rest).
         let updatable = matches!(
@@ -451,7 +458,9 @@ impl SimCloud {
     }
 
     pub fn unstick(&self, stack: &str) {
-        self.lock().stuck.remove(stack);
+        let mut st = self.lock();
+        st.stuck.remove(stack);
+        st.next_due = None;
     }
 
     /// Someone changes a parameter outside stackwarden (as a console edit).
@@ -539,11 +548,16 @@ impl SimCloud {
                 .gen_bool(rate);
         let mut st = self.lock();
         *st.calls.entry(op).or_default() += 1;
+
         if throttled {
             st.throttled += 1;
             return Err(CloudError::Throttled(format!("{op}: Rate exceeded")));
         }
         advance(&mut st, Instant::now());
+        // What the call does next may start an operation.
+        if !["Describe", "List", "Get"].iter().any(|r| op.starts_with(r)) {
+            st.next_due = None;
+        }
         Ok(st)
     }
 
@@ -673,9 +687,10 @@ fn advance_rollouts(st: &mut State, now: Instant) {
 
 /// Completes every stack operation whose time has come.
 fn advance_stacks(st: &mut State, now: Instant) {
+    if st.next_due.is_some_and(|t| now < t) {
+        return;
+    }
     let wall = wall_clock(st, now);
-    // Called on every API call: only the stacks whose operation is due are
-    // copied out, so a large account costs a scan, not a copy.
     let due: Vec<String> = st
         .stacks
         .iter()
@@ -793,6 +808,16 @@ fn advance_stacks(st: &mut State, now: Instant) {
             sync_services(st, &name);
         }
     }
+    // Nothing that runs ends before the earliest of what is left (with
+    // nothing running, not before a call starts something).
+    let stuck = &st.stuck;
+    let next = st
+        .stacks
+        .iter()
+        .filter(|(name, _)| !stuck.contains(*name))
+        .filter_map(|(_, s)| s.operation.as_ref().map(|op| op.done_at))
+        .min();
+    st.next_due = Some(next.unwrap_or_else(|| now + Duration::from_secs(86_400 * 365)));
 }
 
 /// Evaluates outputs well enough for dependents: `Ref` of a parameter is its
