@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use stackwarden::apply::{self, Options};
 use stackwarden::cloud::sim::{SimCloud, SimConfig};
-use stackwarden::cloud::{Cloud, CloudError};
+use stackwarden::cloud::CloudError;
 use stackwarden::controller::{Connect, Controller, Settings, Shared};
 use stackwarden::metrics::{MetricsSink, PassMetrics};
 use stackwarden::notify::{Alert, Notifier};
@@ -108,9 +108,12 @@ fn main() {
         let file = dir.path().join(format!("desired-state/{name}.yaml"));
         std::fs::write(&file, text).unwrap();
         files.insert(name, file);
-        clouds
-            .entry(account)
-            .or_insert_with(|| SimCloud::new(SimConfig::default()));
+        clouds.entry(account.clone()).or_insert_with(|| {
+            SimCloud::new(SimConfig {
+                account,
+                ..SimConfig::default()
+            })
+        });
     }
     let connect = Accounts(clouds);
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -132,7 +135,7 @@ fn main() {
             let r = apply::reconcile(&cloud, &env, &limit, &options)
                 .await
                 .unwrap();
-            assert_eq!(r.verdict(), Verdict::InSync, "{} not created", env.name);
+            assert_eq!(r.verdict(), Verdict::InSync, "{} not created: {r:#?}", env.name);
         }
     });
     let calls_before: BTreeMap<String, u64> = connect

@@ -1,4 +1,5 @@
 //! What the benches share.
+#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::time::Duration;
