@@ -272,7 +272,8 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
         };
         let mut last_good: Option<DesiredEnv> = None;
         let mut watched: Vec<PathBuf> = vec![self.file.to_owned()];
-        let mut seen = fingerprint(&watched);
+        let mut files = Fingerprints::default();
+        let mut seen = files.of(&watched);
         let mut episodes: Option<Episodes> = None;
         let mut cloud: Option<((String, String), K::Cloud)> = None;
         let mut next = Instant::now();
@@ -295,7 +296,7 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
                     Err(broadcast::error::RecvError::Closed) => "scheduled",
                 },
                 _ = watch.tick() => {
-                    let now = fingerprint(&watched);
+                    let now = files.of(&watched);
                     if now == seen {
                         continue;
                     }
@@ -325,7 +326,7 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
                     Some(text)
                 }
             };
-            seen = fingerprint(&watched);
+            seen = files.of(&watched);
             let Some(env) = last_good.clone() else {
                 // Nothing to enforce until the file is fixed: the file
                 // watch (or SIGHUP) brings the next pass, not a timer.
@@ -559,24 +560,101 @@ async fn grace_after(mut shutdown: watch::Receiver<bool>, grace: Duration) {
     tokio::time::sleep(grace).await;
 }
 
-/// A hash of the files' contents (a missing file hashes as absent), so a
-/// change is seen whatever the file system's timestamp resolution.
-fn fingerprint(files: &[PathBuf]) -> Vec<u8> {
-    let mut h = Sha256::new();
-    for f in files {
-        h.update(f.as_os_str().as_encoded_bytes());
+/// Hashes of the desired state's files. Contents are hashed (a missing
+/// file hashes as absent), so a change is seen whatever the file system's
+/// timestamp resolution. A file is read again only when its metadata (size,
+/// times, inode) changed since it was hashed, or when it had been modified
+/// less than [`RACY_WINDOW`] before it was hashed (git's answer to "racy"
+/// timestamps: a write in the same timestamp tick as the hash would leave
+/// the metadata unchanged). A daemon watching a hundred environments every
+/// 2 s reads a file only after it changes.
+#[derive(Default)]
+struct Fingerprints {
+    files: BTreeMap<PathBuf, (Stamp, [u8; 32])>,
+}
+
+/// Whether a file may have changed, from its metadata alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    modified: (i64, i64),
+    changed: (i64, i64),
+    inode: (u64, u64),
+    /// When it was hashed, the modification was already older than
+    /// [`RACY_WINDOW`]: the metadata can be trusted to show the next one.
+    settled: bool,
+}
+
+/// Coarser than any file system's timestamp tick stackwarden runs on.
+const RACY_WINDOW: Duration = Duration::from_secs(2);
+
+impl Stamp {
+    fn of(path: &Path) -> Option<Stamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        let settled = m
+            .modified()
+            .ok()
+            .and_then(|t| SystemTime::now().duration_since(t).ok())
+            .is_some_and(|age| age >= RACY_WINDOW);
+        Some(Stamp {
+            len: m.len(),
+            modified: (m.mtime(), m.mtime_nsec()),
+            changed: (m.ctime(), m.ctime_nsec()),
+            inode: (m.dev(), m.ino()),
+            settled,
+        })
+    }
+
+    fn same_file_as(&self, hashed: &Stamp) -> bool {
+        hashed.settled
+            && (self.len, self.modified, self.changed, self.inode)
+                == (hashed.len, hashed.modified, hashed.changed, hashed.inode)
+    }
+}
+
+impl Fingerprints {
+    /// One hash of the files' contents, in order.
+    fn of(&mut self, files: &[PathBuf]) -> Vec<u8> {
+        let mut h = Sha256::new();
+        for f in files {
+            h.update(f.as_os_str().as_encoded_bytes());
+            h.update(self.file(f));
+        }
+        self.files.retain(|p, _| files.contains(p));
+        h.finalize().to_vec()
+    }
+
+    fn file(&mut self, path: &Path) -> [u8; 32] {
+        // Taken before the read: a write during the read changes it.
+        let stamp = Stamp::of(path);
+        if let (Some(now), Some((hashed, digest))) = (&stamp, self.files.get(path))
+            && now.same_file_as(hashed)
+        {
+            return *digest;
+        }
+        let mut h = Sha256::new();
         // Bounded and non-blocking: a FIFO or /dev/zero named here must not
         // wedge the pass loop (the load then reports what is wrong).
         let limit = crate::files::MAX_TEMPLATE_BYTES.max(crate::files::MAX_DESIRED_STATE_BYTES);
-        match crate::files::read_bytes(f, limit) {
+        match crate::files::read_bytes(path, limit) {
             Ok(bytes) => h.update(&bytes),
             Err(e) => {
                 h.update(b"\0unreadable: ");
                 h.update(e.to_string().as_bytes());
             }
         }
+        let digest: [u8; 32] = h.finalize().into();
+        match stamp {
+            Some(stamp) => {
+                self.files.insert(path.to_owned(), (stamp, digest));
+            }
+            None => {
+                self.files.remove(path);
+            }
+        }
+        digest
     }
-    h.finalize().to_vec()
 }
 
 fn unix_now() -> u64 {
@@ -588,6 +666,39 @@ fn unix_now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_is_hashed_again_only_when_it_may_have_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dev.yaml");
+        let files = [path.clone()];
+        let mut prints = Fingerprints::default();
+        std::fs::write(&path, "a: 1").unwrap();
+        let first = prints.of(&files);
+        // Same size, written right after the hash: never taken as unchanged.
+        std::fs::write(&path, "a: 2").unwrap();
+        let second = prints.of(&files);
+        assert_ne!(first, second);
+        // An old file's metadata is trusted, and shows the next write.
+        let old = SystemTime::now() - Duration::from_secs(60);
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        assert_eq!(prints.of(&files), second);
+        assert!(prints.files[&path].0.settled);
+        assert_eq!(prints.of(&files), second);
+        std::fs::write(&path, "a: 3").unwrap();
+        assert_ne!(prints.of(&files), second);
+        // Gone, then back with the first content.
+        std::fs::remove_file(&path).unwrap();
+        let gone = prints.of(&files);
+        assert_ne!(gone, second);
+        std::fs::write(&path, "a: 1").unwrap();
+        assert_eq!(prints.of(&files), first);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_loop_that_misses_its_deadline_makes_the_process_unhealthy() {
