@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use stackwarden::apply::{self, Options};
+use stackwarden::cloud::Retrying;
 use stackwarden::cloud::sim::{self, SimCloud, SimConfig};
 use stackwarden::observe::Depth;
 use stackwarden::spec;
@@ -32,10 +33,10 @@ fn main() {
         .start_paused(true)
         .build()
         .expect("runtime");
-    let cloud = SimCloud::new(SimConfig {
+    let cloud = Retrying::new(SimCloud::new(SimConfig {
         latency,
         ..SimConfig::default()
-    });
+    }));
     let options = Options {
         depth: Depth::Full,
         progress: None,

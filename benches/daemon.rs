@@ -16,8 +16,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use stackwarden::apply::{self, Options};
-use stackwarden::cloud::sim::{SimCloud, SimConfig};
 use stackwarden::cloud::CloudError;
+use stackwarden::cloud::Retrying;
+use stackwarden::cloud::sim::{SimCloud, SimConfig};
 use stackwarden::controller::{Connect, Controller, Settings, Shared};
 use stackwarden::metrics::{MetricsSink, PassMetrics};
 use stackwarden::notify::{Alert, Notifier};
@@ -30,11 +31,11 @@ mod common;
 use common::{cpu_seconds, peak_rss_mib};
 
 /// One simulated account per account id.
-struct Accounts(BTreeMap<String, SimCloud>);
+struct Accounts(BTreeMap<String, Retrying<SimCloud>>);
 
 impl Connect for Accounts {
-    type Cloud = SimCloud;
-    async fn connect(&self, env: &DesiredEnv) -> SimCloud {
+    type Cloud = Retrying<SimCloud>;
+    async fn connect(&self, env: &DesiredEnv) -> Retrying<SimCloud> {
         self.0[env.account_id.as_deref().expect("an account")].clone()
     }
 }
@@ -109,10 +110,10 @@ fn main() {
         std::fs::write(&file, text).unwrap();
         files.insert(name, file);
         clouds.entry(account.clone()).or_insert_with(|| {
-            SimCloud::new(SimConfig {
+            Retrying::new(SimCloud::new(SimConfig {
                 account,
                 ..SimConfig::default()
-            })
+            }))
         });
     }
     let connect = Accounts(clouds);
@@ -135,7 +136,12 @@ fn main() {
             let r = apply::reconcile(&cloud, &env, &limit, &options)
                 .await
                 .unwrap();
-            assert_eq!(r.verdict(), Verdict::InSync, "{} not created: {r:#?}", env.name);
+            assert_eq!(
+                r.verdict(),
+                Verdict::InSync,
+                "{} not created: {r:#?}",
+                env.name
+            );
         }
     });
     let calls_before: BTreeMap<String, u64> = connect
@@ -197,7 +203,10 @@ fn main() {
         cpu * 1e3 / passes.max(1) as f64
     );
     println!("  CPU for the day                 {cpu:>8.1} s");
-    println!("  peak memory                     {:>8.1} MiB", peak_rss_mib());
+    println!(
+        "  peak memory                     {:>8.1} MiB",
+        peak_rss_mib()
+    );
     println!(
         "  alerts, metric batches          {:>8}, {}",
         counter.alerts.load(Ordering::Relaxed),

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use stackwarden::apply::{self, Options};
+use stackwarden::cloud::Retrying;
 use stackwarden::cloud::sim::{SimCloud, SimConfig};
 use stackwarden::observe::{Depth, observe};
 use stackwarden::plan::plan;
@@ -96,7 +97,7 @@ fn one(n: usize) {
         ..SimConfig::default()
     };
     let (critical, sum) = critical_and_sum(&env, &latency, config.change_set_latency);
-    let cloud = SimCloud::new(config);
+    let cloud = Retrying::new(SimCloud::new(config));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .start_paused(true)
@@ -165,13 +166,17 @@ fn main() {
                 .map(|s| s.parse().expect("a size"))
                 .collect()
         })
-        .unwrap_or_else(|| if full { vec![10, 100, 1000, 5000] } else { vec![10] });
+        .unwrap_or_else(|| {
+            if full {
+                vec![10, 100, 1000, 5000]
+            } else {
+                vec![10]
+            }
+        });
     println!(
         "stacks  plan (ms)  peak MiB  apply min  critical    sum min  ratio  apply     steady  verdicts"
     );
-    println!(
-        "                              simulated  path min                    CPU (s)  calls"
-    );
+    println!("                              simulated  path min                    CPU (s)  calls");
     for n in sizes {
         // A child per size: its peak memory is its own.
         let status = std::process::Command::new(&args[0])

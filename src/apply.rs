@@ -726,7 +726,9 @@ impl<'a, C: Cloud> Pass<'a, C> {
                 let Some(expected) = &self.env.account_id else {
                     return Ok(());
                 };
-                let actual = retry::call(|| self.cloud.caller_account())
+                let actual = self
+                    .cloud
+                    .caller_account()
                     .await
                     .map_err(ApplyError::AccountCheck)?;
                 if &actual == expected {
@@ -810,7 +812,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
     /// read when it settled.
     async fn replan(&self, stack: &DesiredStack) -> Result<(Observed, StackPlan), CloudError> {
         let read_at = self.cloud.now();
-        let live = retry::call(|| self.cloud.describe_stack(&stack.name)).await?;
+        let live = self.cloud.describe_stack(&stack.name).await?;
         self.record(&stack.name, live.as_ref());
         let mut observed = self.local(stack, Some(read_at));
         observe::read_failures(self.cloud, stack, &mut observed).await?;
@@ -1019,7 +1021,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
             if let Err(e) = crate::artifacts::publish(self.cloud, &request.artifacts).await {
                 return Step::Done(failed(format!("artifact bucket: {e}")));
             }
-            match retry::call(|| self.cloud.create_change_set(&request)).await {
+            match self.cloud.create_change_set(&request).await {
                 Ok(()) => made_here = true,
                 // Made by a pass that crashed between create and our list.
                 Err(CloudError::Conflict(_)) => {}
@@ -1048,7 +1050,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
         };
         match &cs.status {
             ChangeSetStatus::NoChanges => {
-                let _ = retry::call(|| self.cloud.delete_change_set(&stack.name, &name)).await;
+                let _ = self.cloud.delete_change_set(&stack.name, &name).await;
                 return Step::Done(match self.protect_termination(stack, None).await {
                     Ok(()) => StackResult::NoChanges,
                     Err(e) => failed(format!("UpdateTerminationProtection: {e}")),
@@ -1056,7 +1058,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
             }
             ChangeSetStatus::Failed(why) => {
                 // Deleted so the next pass (or a new revision) can make a fresh one.
-                let _ = retry::call(|| self.cloud.delete_change_set(&stack.name, &name)).await;
+                let _ = self.cloud.delete_change_set(&stack.name, &name).await;
                 return Step::Done(failed(format!("change set {name} failed: {why}")));
             }
             ChangeSetStatus::Ready | ChangeSetStatus::Pending
@@ -1066,8 +1068,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
                 // resolved nor the tags: made for other values (days ago,
                 // left for review). Never executed; made anew.
                 tracing::info!(message = "Change set made for other values; making it anew.", stack = %stack.key, change_set = %name);
-                return match retry::call(|| self.cloud.delete_change_set(&stack.name, &name)).await
-                {
+                return match self.cloud.delete_change_set(&stack.name, &name).await {
                     Ok(()) | Err(CloudError::NotFound(_)) => Step::Replan,
                     Err(e) => Step::Done(failed(format!("DeleteChangeSet: {e}"))),
                 };
@@ -1094,8 +1095,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
             // One we did not make here may predate IncludeNestedStacks:
             // made anew once before judging.
             Err(_) if !made_here => {
-                return match retry::call(|| self.cloud.delete_change_set(&stack.name, &name)).await
-                {
+                return match self.cloud.delete_change_set(&stack.name, &name).await {
                     Ok(()) | Err(CloudError::NotFound(_)) => Step::Replan,
                     Err(e) => Step::Done(failed(format!("DeleteChangeSet: {e}"))),
                 };
@@ -1147,11 +1147,10 @@ impl<'a, C: Cloud> Pass<'a, C> {
 
         let mark = self.event_mark(&stack.name).await;
         let token = crate::cloud::client_token(&["execute", &cs.id]);
-        match retry::call(|| {
-            self.cloud
-                .execute_change_set(&stack.name, &name, Some(&token))
-        })
-        .await
+        match self
+            .cloud
+            .execute_change_set(&stack.name, &name, Some(&token))
+            .await
         {
             Ok(()) => {}
             // Refused: either this very change set is already executing (a
@@ -1159,7 +1158,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
             // of the same revision), which is ours to follow; or someone
             // started another operation, or deleted the change set: re-plan.
             Err(CloudError::Conflict(_) | CloudError::NotFound(_)) => {
-                match retry::call(|| self.cloud.describe_change_set(&stack.name, &name)).await {
+                match self.cloud.describe_change_set(&stack.name, &name).await {
                     Ok(cs)
                         if matches!(
                             cs.status,
@@ -1232,14 +1231,14 @@ impl<'a, C: Cloud> Pass<'a, C> {
         ours: &str,
         read_at: Option<std::time::SystemTime>,
     ) -> Result<Existing, CloudError> {
-        let sets = retry::call(|| self.cloud.list_change_sets(&stack.name)).await?;
+        let sets = self.cloud.list_change_sets(&stack.name).await?;
         let young_since = self
             .started_at
             .checked_sub(CONCURRENT_RUN_WINDOW)
             .unwrap_or(std::time::UNIX_EPOCH);
         let mut existing = Existing::None;
         if let Some(summary) = sets.iter().find(|cs| cs.name == ours) {
-            let cs = retry::call(|| self.cloud.describe_change_set(&stack.name, ours)).await?;
+            let cs = self.cloud.describe_change_set(&stack.name, ours).await?;
             // Made after the observation this decision rests on: a
             // concurrent run of this revision may have done the work.
             let unseen = matches!((summary.created, read_at), (Some(c), Some(r)) if c > r);
@@ -1262,7 +1261,8 @@ impl<'a, C: Cloud> Pass<'a, C> {
             if let Some(created) = cs.created
                 && created >= young_since
                 && matches!(
-                    retry::call(|| self.cloud.describe_change_set(&stack.name, &cs.name))
+                    self.cloud
+                        .describe_change_set(&stack.name, &cs.name)
                         .await
                         .map(|d| d.status),
                     Ok(ChangeSetStatus::Pending
@@ -1283,7 +1283,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
                 n.starts_with(CHANGE_SET_PREFIX) && (n != ours || existing != Existing::Reusable);
             if stale {
                 tracing::info!(message = "Deleting a stale change set.", stack = %stack.key, change_set = %n);
-                match retry::call(|| self.cloud.delete_change_set(&stack.name, n)).await {
+                match self.cloud.delete_change_set(&stack.name, n).await {
                     Ok(()) | Err(CloudError::NotFound(_)) => {}
                     Err(e) => return Err(e),
                 }
@@ -1301,18 +1301,16 @@ impl<'a, C: Cloud> Pass<'a, C> {
     ) -> Result<(), CloudError> {
         let live = match known {
             Some(s) => Some(s.clone()),
-            None => retry::call(|| self.cloud.describe_stack(&stack.name)).await?,
+            None => self.cloud.describe_stack(&stack.name).await?,
         };
         let Some(mut live) = live else {
             self.record(&stack.name, None);
             return Ok(());
         };
         if live.termination_protection != stack.termination_protection {
-            retry::call(|| {
-                self.cloud
-                    .set_termination_protection(&stack.name, stack.termination_protection)
-            })
-            .await?;
+            self.cloud
+                .set_termination_protection(&stack.name, stack.termination_protection)
+                .await?;
             live.termination_protection = stack.termination_protection;
         }
         self.record(&stack.name, Some(&live));
@@ -1330,11 +1328,10 @@ impl<'a, C: Cloud> Pass<'a, C> {
             return Step::Done(failed(e.to_string()));
         }
         let mut mark = self.event_mark(&stack.name).await;
-        if let Err(e) = retry::call(|| {
-            self.cloud
-                .continue_update_rollback(&stack.name, skip, Some(token))
-        })
-        .await
+        if let Err(e) = self
+            .cloud
+            .continue_update_rollback(&stack.name, skip, Some(token))
+            .await
         {
             return Step::Done(failed(format!("ContinueUpdateRollback: {e}")));
         }
@@ -1364,7 +1361,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
         if let Err(e) = self.guard().await {
             return Step::Done(failed(e.to_string()));
         }
-        let live = match retry::call(|| self.cloud.describe_stack(name)).await {
+        let live = match self.cloud.describe_stack(name).await {
             Ok(Some(s)) => s,
             Ok(None) => {
                 self.record(name, None);
@@ -1386,7 +1383,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
             });
         }
         tracing::warn!(message = "Deleting a stack.", environment = %self.env.name, stack = name, why = %sp.reason);
-        if let Err(e) = retry::call(|| self.cloud.delete_stack(name)).await {
+        if let Err(e) = self.cloud.delete_stack(name).await {
             return Step::Done(failed(format!("DeleteStack: {e}")));
         }
         let mut mark = None;
@@ -1503,7 +1500,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
 
     /// The id of the newest event, so only later ones are streamed.
     async fn event_mark(&self, stack: &str) -> Option<String> {
-        match retry::call(|| self.cloud.stack_events(stack, None)).await {
+        match self.cloud.stack_events(stack, None).await {
             Ok(events) => events.last().map(|e| e.id.clone()),
             Err(_) => None,
         }
@@ -1542,9 +1539,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
     /// The root cause of the latest operation's failure: its oldest
     /// failure event with a reason.
     async fn failure_reason(&self, stack: &str) -> Option<String> {
-        let events = retry::call(|| self.cloud.operation_events(stack))
-            .await
-            .ok()?;
+        let events = self.cloud.operation_events(stack).await.ok()?;
         events
             .iter()
             .find(|e| e.status.ends_with("_FAILED") && e.reason.is_some())
@@ -1676,11 +1671,10 @@ impl<'a, C: Cloud> Pass<'a, C> {
             };
         }
         tracing::info!(message = "Updating an ECS service.", environment = %self.env.name, cluster, service, why = %sp.reason);
-        if let Err(e) = retry::call(|| {
-            self.cloud
-                .update_service(cluster, service, desired, task_definition)
-        })
-        .await
+        if let Err(e) = self
+            .cloud
+            .update_service(cluster, service, desired, task_definition)
+            .await
         {
             return ServiceResult::Failed {
                 reason: format!("UpdateService: {e}"),

@@ -13,7 +13,6 @@ use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
 
 use crate::cloud::{Cloud, CloudError, CloudResult};
-use crate::retry;
 
 /// Where an environment's templates go: `artifacts:` in the desired state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,7 +145,7 @@ pub async fn publish<C: Cloud>(cloud: &C, artifacts: &[Artifact]) -> CloudResult
     let mut uploaded = 0;
     for a in artifacts {
         if !checked.contains(&a.bucket.as_str()) {
-            let region = retry::call(|| cloud.bucket_region(&a.bucket)).await?;
+            let region = cloud.bucket_region(&a.bucket).await?;
             if region != a.region {
                 return Err(CloudError::Validation(format!(
                     "artifact bucket {} is in {region}; CloudFormation reads templates from a bucket in the stack's region, {}",
@@ -155,7 +154,7 @@ pub async fn publish<C: Cloud>(cloud: &C, artifacts: &[Artifact]) -> CloudResult
             }
             checked.push(&a.bucket);
         }
-        if retry::call(|| cloud.put_artifact(&a.bucket, &a.key, &a.body)).await? {
+        if cloud.put_artifact(&a.bucket, &a.key, &a.body).await? {
             uploaded += 1;
             tracing::info!(
                 message = "Template uploaded.",

@@ -12,7 +12,6 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::cloud::{ChangeSetStatus, Cloud, CloudError, Stack, StackStatus};
 use crate::plan::{Observed, RollbackEpisode, resolve};
-use crate::retry;
 use crate::spec::{DesiredEnv, DesiredStack, ENVIRONMENT_TAG, Mode, REVISION_TAG};
 use crate::template::Template;
 
@@ -38,8 +37,9 @@ pub async fn observe<C: Cloud>(
 ) -> Result<Observed, CloudError> {
     let names: BTreeSet<String> = env.stacks.values().map(|s| s.name.clone()).collect();
     let read_at = cloud.now();
-    let stacks =
-        retry::call(|| cloud.describe_stacks(&names, (ENVIRONMENT_TAG, &env.name))).await?;
+    let stacks = cloud
+        .describe_stacks(&names, (ENVIRONMENT_TAG, &env.name))
+        .await?;
     let mut observed = Observed {
         stacks,
         stacks_read_at: Some(read_at),
@@ -70,12 +70,8 @@ pub async fn observe<C: Cloud>(
                 .map(|(name, _)| name.as_str()),
         );
     }
-    let bodies = futures::future::join_all(
-        wanted
-            .iter()
-            .map(|name| retry::call(move || cloud.get_template(name))),
-    )
-    .await;
+    let bodies =
+        futures::future::join_all(wanted.iter().map(|name| cloud.get_template(name))).await;
     for (name, body) in wanted.into_iter().zip(bodies) {
         // A live template that does not parse compares as changed: keep it
         // out of `templates` only if it cannot be read at all.
@@ -146,7 +142,7 @@ async fn rollback_episode<C: Cloud>(
     if live.map(|s| &s.status) != Some(&StackStatus::UpdateRollbackFailed) {
         return Ok(None);
     }
-    let events = retry::call(|| cloud.operation_events(&d.name)).await?;
+    let events = cloud.operation_events(&d.name).await?;
     let stack_level = |e: &crate::cloud::StackEvent| {
         e.logical_id == d.name && e.resource_type == "AWS::CloudFormation::Stack"
     };
@@ -192,11 +188,11 @@ async fn failed_revision<C: Cloud>(
         return Ok(None);
     }
     let ours = d.change_set_name();
-    let sets = retry::call(|| cloud.list_change_sets(&d.name)).await?;
+    let sets = cloud.list_change_sets(&d.name).await?;
     if !sets.iter().any(|cs| cs.name == ours) {
         return Ok(None);
     }
-    match retry::call(|| cloud.describe_change_set(&d.name, &ours)).await {
+    match cloud.describe_change_set(&d.name, &ours).await {
         Ok(cs)
             if matches!(
                 cs.status,
@@ -234,7 +230,7 @@ pub async fn observe_services<C: Cloud>(
     observed.services.clear();
     for (cluster, services) in by_cluster {
         let services: Vec<String> = services.into_iter().collect();
-        match retry::call(|| cloud.describe_services(&cluster, &services)).await {
+        match cloud.describe_services(&cluster, &services).await {
             Ok(found) => {
                 for s in found {
                     observed
@@ -291,7 +287,7 @@ async fn failed_redeploys<C: Cloud>(
             let since = live_stack
                 .last_updated
                 .unwrap_or(std::time::SystemTime::UNIX_EPOCH);
-            match retry::call(|| cloud.failed_deployments(&cluster, &service, since)).await {
+            match cloud.failed_deployments(&cluster, &service, since).await {
                 Ok(failed) => {
                     if let Some(f) = failed.iter().find(|f| f.task_definition == expected) {
                         tracing::info!(message = "A redeploy of this revision ended without running it.", environment = %env.name, service, task_definition = %expected, status = %f.status, reason = f.reason.as_deref().unwrap_or(""));

@@ -11,6 +11,7 @@ use std::time::Duration;
 use common::Workspace;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use stackwarden::apply::{self, Options, Report, ServiceResult, StackResult};
+use stackwarden::cloud::Retrying;
 use stackwarden::cloud::sim::{self, SERVICE_MINUTES, SimCloud, SimConfig};
 use stackwarden::cloud::{ChangeSetKind, ChangeSetRequest, Cloud};
 use stackwarden::observe::Depth;
@@ -69,7 +70,7 @@ fn config(env: &DesiredEnv, seed: u64) -> SimConfig {
     }
 }
 
-async fn pass(cloud: &SimCloud, env: &DesiredEnv) -> Report {
+async fn pass(cloud: &Retrying<SimCloud>, env: &DesiredEnv) -> Report {
     apply::reconcile(
         cloud,
         env,
@@ -98,14 +99,14 @@ fn name(env: &DesiredEnv, key: &str) -> String {
     env.stacks[key].name.clone()
 }
 
-fn calls(cloud: &SimCloud, op: &str) -> u64 {
+fn calls(cloud: &Retrying<SimCloud>, op: &str) -> u64 {
     cloud.calls().get(op).copied().unwrap_or(0)
 }
 
 #[tokio::test(start_paused = true)]
 async fn creating_dev_follows_the_graph_and_a_second_pass_writes_nothing() {
     let env = dev();
-    let cloud = SimCloud::new(config(&env, 1));
+    let cloud = Retrying::new(SimCloud::new(config(&env, 1)));
     let started = tokio::time::Instant::now();
     let r = pass(&cloud, &env).await;
     let took = started.elapsed();
@@ -148,7 +149,7 @@ async fn creating_dev_follows_the_graph_and_a_second_pass_writes_nothing() {
 #[tokio::test(start_paused = true)]
 async fn someone_elses_operation_is_waited_for_and_never_doubled() {
     let env = dev();
-    let cloud = SimCloud::new(config(&env, 2));
+    let cloud = Retrying::new(SimCloud::new(config(&env, 2)));
     pass(&cloud, &env).await;
     let network = name(&env, "network");
     cloud.start_foreign_update(&network, Duration::from_secs(600));
@@ -168,7 +169,7 @@ async fn waiting_on_someone_else_past_the_timeout_is_a_difference_not_a_failure(
         "  network:\n    template: ../templates/network.yaml\n    timeout: 10m",
     );
     let env = load(&ws);
-    let cloud = SimCloud::new(config(&env, 3));
+    let cloud = Retrying::new(SimCloud::new(config(&env, 3)));
     pass(&cloud, &env).await;
     let network = name(&env, "network");
     cloud.start_foreign_update(&network, Duration::from_secs(3600));
@@ -192,7 +193,7 @@ async fn our_own_stuck_operation_times_out_fails_the_pass_and_stops_dependents()
         "  network:\n    template: ../templates/network.yaml\n    timeout: 15m",
     );
     let env = load(&ws);
-    let cloud = SimCloud::new(config(&env, 4));
+    let cloud = Retrying::new(SimCloud::new(config(&env, 4)));
     cloud.stick(&name(&env, "network"));
     let r = pass(&cloud, &env).await;
     assert!(
@@ -215,7 +216,7 @@ async fn our_own_stuck_operation_times_out_fails_the_pass_and_stops_dependents()
 #[tokio::test(start_paused = true)]
 async fn a_failed_create_stops_its_dependents_names_the_cause_and_is_not_retried() {
     let env = dev();
-    let cloud = SimCloud::new(config(&env, 5));
+    let cloud = Retrying::new(SimCloud::new(config(&env, 5)));
     cloud.fail_next_operation(&name(&env, "network"));
     let r = pass(&cloud, &env).await;
     let StackResult::Failed { reason } = result(&r, "network") else {
@@ -256,7 +257,7 @@ async fn a_failed_create_stops_its_dependents_names_the_cause_and_is_not_retried
 #[tokio::test(start_paused = true)]
 async fn a_failed_create_is_recreated_only_when_allowed_and_for_a_new_revision() {
     let env = dev();
-    let cloud = SimCloud::new(config(&env, 6));
+    let cloud = Retrying::new(SimCloud::new(config(&env, 6)));
     // iam holds no stateful resource (network holds a log group).
     cloud.fail_next_operation(&name(&env, "iam"));
     pass(&cloud, &env).await;
@@ -280,7 +281,7 @@ async fn a_failed_create_is_recreated_only_when_allowed_and_for_a_new_revision()
 #[tokio::test(start_paused = true)]
 async fn a_failed_create_of_a_stack_holding_protected_resources_is_never_recreated() {
     let env = dev();
-    let cloud = SimCloud::new(config(&env, 7));
+    let cloud = Retrying::new(SimCloud::new(config(&env, 7)));
     cloud.fail_next_operation(&name(&env, "dynamodb"));
     pass(&cloud, &env).await;
     let mut fixed = dev_new_revision();
@@ -297,7 +298,7 @@ async fn a_failed_create_of_a_stack_holding_protected_resources_is_never_recreat
 #[tokio::test(start_paused = true)]
 async fn update_rollback_failed_is_continued_only_when_the_policy_says() {
     let mut env = dev();
-    let cloud = SimCloud::new(config(&env, 8));
+    let cloud = Retrying::new(SimCloud::new(config(&env, 8)));
     pass(&cloud, &env).await;
     let network = name(&env, "network");
     cloud.force_status(
@@ -328,7 +329,7 @@ async fn update_rollback_failed_is_continued_only_when_the_policy_says() {
 #[tokio::test(start_paused = true)]
 async fn a_rolled_back_update_is_not_retried_until_the_revision_changes() {
     let env = dev();
-    let cloud = SimCloud::new(config(&env, 9));
+    let cloud = Retrying::new(SimCloud::new(config(&env, 9)));
     pass(&cloud, &env).await;
     let ws = Workspace::new();
     ws.edit(
@@ -374,7 +375,7 @@ async fn a_rolled_back_update_is_not_retried_until_the_revision_changes() {
 #[tokio::test(start_paused = true)]
 async fn a_pass_that_crashed_before_executing_reuses_its_change_set_and_cleans_stale_ones() {
     let env = dev();
-    let cloud = SimCloud::new(config(&env, 10));
+    let cloud = Retrying::new(SimCloud::new(config(&env, 10)));
     let network = name(&env, "network");
     // A stale change set from an older revision, left on an unexecuted stack.
     let mut stale = ChangeSetRequest {
@@ -416,7 +417,7 @@ async fn a_pass_that_crashed_before_executing_reuses_its_change_set_and_cleans_s
 #[tokio::test(start_paused = true)]
 async fn a_change_that_replaces_a_protected_table_is_blocked_and_left_for_review() {
     let env = dev();
-    let cloud = SimCloud::new(config(&env, 11));
+    let cloud = Retrying::new(SimCloud::new(config(&env, 11)));
     pass(&cloud, &env).await;
     let replacing = dev_replacing_the_table();
     let r = pass(&cloud, &replacing).await;
@@ -495,10 +496,10 @@ async fn a_change_that_replaces_a_protected_table_is_blocked_and_left_for_review
 #[tokio::test(start_paused = true)]
 async fn a_change_set_silent_about_replacement_is_treated_as_one() {
     let env = dev();
-    let cloud = SimCloud::new(SimConfig {
+    let cloud = Retrying::new(SimCloud::new(SimConfig {
         hide_replacement: true,
         ..config(&env, 12)
-    });
+    }));
     pass(&cloud, &env).await;
     let r = pass(&cloud, &dev_replacing_the_table()).await;
     assert!(
@@ -516,10 +517,10 @@ async fn a_change_set_silent_about_replacement_is_treated_as_one() {
 async fn replacements_the_resource_schemas_publish_are_blocked() {
     for hide_replacement in [false, true] {
         let env = dev();
-        let cloud = SimCloud::new(SimConfig {
+        let cloud = Retrying::new(SimCloud::new(SimConfig {
             hide_replacement,
             ..config(&env, 13)
-        });
+        }));
         pass(&cloud, &env).await;
         let ws = Workspace::new();
         ws.edit(
@@ -551,7 +552,7 @@ async fn replacements_the_resource_schemas_publish_are_blocked() {
 async fn observe_mode_plans_and_reports_but_writes_nothing() {
     let mut env = dev();
     env.policy.mode = Mode::Observe;
-    let cloud = SimCloud::new(config(&env, 13));
+    let cloud = Retrying::new(SimCloud::new(config(&env, 13)));
     let r = pass(&cloud, &env).await;
     assert_eq!(cloud.write_calls(), 0, "{:?}", cloud.calls());
     assert_eq!(r.verdict(), Verdict::Differences);
@@ -561,10 +562,10 @@ async fn observe_mode_plans_and_reports_but_writes_nothing() {
 #[tokio::test(start_paused = true)]
 async fn the_wrong_account_is_refused_before_any_write() {
     let env = dev();
-    let cloud = SimCloud::new(SimConfig {
+    let cloud = Retrying::new(SimCloud::new(SimConfig {
         account: "999999999999".into(),
         ..config(&env, 14)
-    });
+    }));
     let r = pass(&cloud, &env).await;
     assert_eq!(cloud.write_calls(), 0, "{:?}", cloud.calls());
     let StackResult::Failed { reason } = result(&r, "network") else {
@@ -577,7 +578,7 @@ async fn the_wrong_account_is_refused_before_any_write() {
 #[tokio::test(start_paused = true)]
 async fn ecs_drift_is_converged_and_a_failed_rollout_is_degraded() {
     let env = dev();
-    let cloud = SimCloud::new(config(&env, 15));
+    let cloud = Retrying::new(SimCloud::new(config(&env, 15)));
     pass(&cloud, &env).await;
     let svc = &pass(&cloud, &env).await.services[0];
     let (cluster, service) = (svc.cluster.clone().unwrap(), svc.service.clone().unwrap());
@@ -605,10 +606,10 @@ async fn ecs_drift_is_converged_and_a_failed_rollout_is_degraded() {
 #[tokio::test(start_paused = true)]
 async fn throttling_is_answered_by_backing_off_never_by_failing() {
     let env = dev();
-    let cloud = SimCloud::new(SimConfig {
+    let cloud = Retrying::new(SimCloud::new(SimConfig {
         throttle_rate: 0.3,
         ..config(&env, 16)
-    });
+    }));
     let r = pass(&cloud, &env).await;
     assert_eq!(r.verdict(), Verdict::InSync, "{r:#?}");
     assert!(cloud.violations().is_empty());
@@ -636,7 +637,7 @@ async fn random_history(seed: u64) -> Result<(), String> {
     for l in cfg.latency.values_mut() {
         *l = l.mul_f64(rng.gen_range(0.2..1.5));
     }
-    let cloud = SimCloud::new(cfg);
+    let cloud = Retrying::new(SimCloud::new(cfg));
     for key in ALL {
         if rng.gen_bool(0.12) {
             cloud.fail_next_operation(&name(&env, key));
@@ -779,7 +780,7 @@ fn invariants_hold_over_many_seeded_histories() {
 #[tokio::test(start_paused = true)]
 async fn a_failed_final_observation_keeps_the_report_of_what_was_done() {
     let env = dev();
-    let cloud = SimCloud::new(config(&env, 3));
+    let cloud = Retrying::new(SimCloud::new(config(&env, 3)));
     cloud.lose_network_once_stable(ALL.len());
     let r = pass(&cloud, &env).await;
     for key in ALL {
@@ -809,7 +810,7 @@ async fn a_failed_final_observation_keeps_the_report_of_what_was_done() {
 #[tokio::test(start_paused = true)]
 async fn two_passes_at_once_execute_every_stack_once_and_never_fail_each_other() {
     let env = dev();
-    let cloud = SimCloud::new(config(&env, 21));
+    let cloud = Retrying::new(SimCloud::new(config(&env, 21)));
     let (a, b) = tokio::join!(pass(&cloud, &env), pass(&cloud, &env));
     for r in [&a, &b] {
         assert_ne!(r.verdict(), Verdict::Failed, "{r:#?}");
@@ -830,7 +831,7 @@ async fn two_passes_at_once_execute_every_stack_once_and_never_fail_each_other()
 #[tokio::test(start_paused = true)]
 async fn another_runs_fresh_change_set_is_left_alone_until_it_is_stale() {
     let env = dev();
-    let cloud = SimCloud::new(config(&env, 22));
+    let cloud = Retrying::new(SimCloud::new(config(&env, 22)));
     pass(&cloud, &env).await;
     // Another run (another checkout, another revision) has just made its
     // change set on the network stack.
@@ -881,7 +882,7 @@ async fn another_runs_fresh_change_set_is_left_alone_until_it_is_stale() {
 #[tokio::test(start_paused = true)]
 async fn create_failed_and_update_failed_are_failures_that_stop_dependents() {
     let env = dev();
-    let cloud = SimCloud::new(config(&env, 23));
+    let cloud = Retrying::new(SimCloud::new(config(&env, 23)));
     pass(&cloud, &env).await;
     for (status, op) in [("UPDATE_FAILED", "update"), ("CREATE_FAILED", "creation")] {
         // An operation someone ran with rollback disabled ("preserve
@@ -921,7 +922,7 @@ async fn create_failed_and_update_failed_are_failures_that_stop_dependents() {
 
 /// Makes a stack outside the desired state, with these tags, as another
 /// deployment (or an older revision of this one) would have.
-async fn foreign_stack(cloud: &SimCloud, name: &str, body: &str, tags: &[(&str, &str)]) {
+async fn foreign_stack(cloud: &Retrying<SimCloud>, name: &str, body: &str, tags: &[(&str, &str)]) {
     let request = ChangeSetRequest {
         stack_name: name.into(),
         change_set_name: "made-elsewhere".into(),
@@ -961,7 +962,7 @@ async fn prune_deletes_only_proven_orphans_without_protected_resources() {
     let mut env = dev();
     env.policy.prune = true;
     let owner = env.owner.clone().expect("the shipped files have an owner");
-    let cloud = SimCloud::new(config(&env, 24));
+    let cloud = Retrying::new(SimCloud::new(config(&env, 24)));
     pass(&cloud, &env).await;
     let env_tag = ("stackwarden:environment", "dev");
     foreign_stack(
@@ -1032,11 +1033,11 @@ async fn prune_deletes_only_proven_orphans_without_protected_resources() {
 #[tokio::test(start_paused = true)]
 async fn an_update_still_cleaning_up_is_a_success_not_an_operation_to_time_out_on() {
     let env = dev();
-    let cloud = SimCloud::new(SimConfig {
+    let cloud = Retrying::new(SimCloud::new(SimConfig {
         // Deleting what the update replaced takes longer than the timeout.
         cleanup_latency: Duration::from_secs(3 * 3600),
         ..config(&env, 25)
-    });
+    }));
     pass(&cloud, &env).await;
     let ws = Workspace::new();
     ws.edit(
@@ -1066,7 +1067,7 @@ async fn an_update_still_cleaning_up_is_a_success_not_an_operation_to_time_out_o
 #[tokio::test(start_paused = true)]
 async fn a_change_set_made_for_other_values_is_never_executed_but_made_anew() {
     let env = dev();
-    let cloud = SimCloud::new(config(&env, 26));
+    let cloud = Retrying::new(SimCloud::new(config(&env, 26)));
     pass(&cloud, &env).await;
     let network = name(&env, "network");
     // Drift to correct, and a change set of this very revision left behind
@@ -1111,7 +1112,7 @@ async fn a_change_set_made_for_other_values_is_never_executed_but_made_anew() {
     assert_eq!(r.verdict(), Verdict::InSync, "{r:#?}");
 }
 
-async fn pass_with(cloud: &SimCloud, env: &DesiredEnv, options: &Options) -> Report {
+async fn pass_with(cloud: &Retrying<SimCloud>, env: &DesiredEnv, options: &Options) -> Report {
     apply::reconcile(
         cloud,
         env,
@@ -1126,7 +1127,7 @@ async fn pass_with(cloud: &SimCloud, env: &DesiredEnv, options: &Options) -> Rep
 async fn a_redeploy_the_circuit_breaker_rolled_back_is_not_retried_until_the_desired_state_changes()
 {
     let env = dev();
-    let cloud = SimCloud::new(config(&env, 27));
+    let cloud = Retrying::new(SimCloud::new(config(&env, 27)));
     // One controller's memory, shared by its passes.
     let options = Options::default();
     let r = pass_with(&cloud, &env, &options).await;
@@ -1196,10 +1197,10 @@ fn apply_none() -> stackwarden::plan::ServiceAction {
 #[tokio::test(start_paused = true)]
 async fn a_service_with_a_deployment_in_progress_is_never_acted_on() {
     let env = dev();
-    let cloud = SimCloud::new(SimConfig {
+    let cloud = Retrying::new(SimCloud::new(SimConfig {
         rollout_latency: Duration::from_secs(3 * 3600),
         ..config(&env, 28)
-    });
+    }));
     let r = pass(&cloud, &env).await;
     let svc = &r.services[0];
     let (cluster, service) = (svc.cluster.clone().unwrap(), svc.service.clone().unwrap());
@@ -1231,7 +1232,7 @@ async fn a_service_with_a_deployment_in_progress_is_never_acted_on() {
 async fn a_stuck_rollback_is_continued_once_per_episode_then_only_with_skips() {
     let mut env = dev();
     env.policy.continue_rollback = true;
-    let cloud = SimCloud::new(config(&env, 29));
+    let cloud = Retrying::new(SimCloud::new(config(&env, 29)));
     pass(&cloud, &env).await;
     let network = name(&env, "network");
     cloud.fail_update_rollback(&network, &["FlowLogGroup"]);
@@ -1289,7 +1290,7 @@ async fn a_stuck_rollback_is_continued_once_per_episode_then_only_with_skips() {
 #[tokio::test(start_paused = true)]
 async fn a_new_revision_does_not_reset_a_service_autoscaling_scaled() {
     let env = dev();
-    let cloud = SimCloud::new(config(&env, 30));
+    let cloud = Retrying::new(SimCloud::new(config(&env, 30)));
     let r = pass(&cloud, &env).await;
     let svc = &r.services[0];
     let (cluster, service) = (svc.cluster.clone().unwrap(), svc.service.clone().unwrap());
@@ -1309,7 +1310,7 @@ async fn a_new_revision_does_not_reset_a_service_autoscaling_scaled() {
 #[tokio::test(start_paused = true)]
 async fn an_execution_whose_answer_was_lost_is_retried_as_the_same_request() {
     let env = dev();
-    let cloud = SimCloud::new(config(&env, 31));
+    let cloud = Retrying::new(SimCloud::new(config(&env, 31)));
     // AWS carries out the first ExecuteChangeSet, but its answer is lost.
     cloud.lose_next_answer("ExecuteChangeSet");
     let r = pass(&cloud, &env).await;
@@ -1343,7 +1344,7 @@ fn table_replacement(logical_id: &str) -> stackwarden::cloud::ResourceChange {
 #[tokio::test(start_paused = true)]
 async fn a_protected_resource_replaced_inside_a_nested_stack_is_blocked() {
     let env = dev();
-    let cloud = SimCloud::new(config(&env, 32));
+    let cloud = Retrying::new(SimCloud::new(config(&env, 32)));
     pass(&cloud, &env).await;
     let dynamodb = name(&env, "dynamodb");
     // The stack's nested stack `Inner` would replace its table.
@@ -1370,7 +1371,7 @@ async fn a_protected_resource_replaced_inside_a_nested_stack_is_blocked() {
 #[tokio::test(start_paused = true)]
 async fn a_parent_whose_nested_change_set_cannot_be_read_is_not_executed() {
     let env = dev();
-    let cloud = SimCloud::new(config(&env, 33));
+    let cloud = Retrying::new(SimCloud::new(config(&env, 33)));
     pass(&cloud, &env).await;
     let dynamodb = name(&env, "dynamodb");
     cloud.nest(&dynamodb, "Inner", None);
@@ -1399,10 +1400,10 @@ fn a_seeded_history_replays_exactly_retry_jitter_included() {
         rt.block_on(async {
             let env = dev();
             // Throttling makes every pass wait on retry backoff and polls.
-            let cloud = SimCloud::new(SimConfig {
+            let cloud = Retrying::new(SimCloud::new(SimConfig {
                 throttle_rate: 0.3,
                 ..config(&env, 34)
-            });
+            }));
             let started = tokio::time::Instant::now();
             let r = pass(&cloud, &env).await;
             (cloud.calls(), started.elapsed(), r.verdict())
@@ -1415,7 +1416,7 @@ fn a_seeded_history_replays_exactly_retry_jitter_included() {
 #[tokio::test(start_paused = true)]
 async fn a_stale_read_after_a_redeploy_is_not_taken_for_a_rollback() {
     let env = dev();
-    let cloud = SimCloud::new(config(&env, 35));
+    let cloud = Retrying::new(SimCloud::new(config(&env, 35)));
     let options = Options::default();
     let r = pass_with(&cloud, &env, &options).await;
     let svc = &r.services[0];

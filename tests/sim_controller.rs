@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use common::Workspace;
 use stackwarden::cloud::CloudError;
+use stackwarden::cloud::Retrying;
 use stackwarden::cloud::sim::{SimCloud, SimConfig};
 use stackwarden::controller::{Connect, Controller, Settings, Shared};
 use stackwarden::metrics::{MetricsSink, PassMetrics};
@@ -19,11 +20,11 @@ use stackwarden::plan::Verdict;
 use stackwarden::spec::DesiredEnv;
 use tokio::sync::{broadcast, watch};
 
-struct SimConnect(SimCloud);
+struct SimConnect(Retrying<SimCloud>);
 
 impl Connect for SimConnect {
-    type Cloud = SimCloud;
-    async fn connect(&self, _env: &DesiredEnv) -> SimCloud {
+    type Cloud = Retrying<SimCloud>;
+    async fn connect(&self, _env: &DesiredEnv) -> Retrying<SimCloud> {
         self.0.clone()
     }
 }
@@ -77,7 +78,7 @@ fn settings(interval: u64) -> Settings {
 /// done; then the controller is stopped and must end.
 async fn with_controller<F, Fut>(
     ws: &Workspace,
-    cloud: &SimCloud,
+    cloud: &Retrying<SimCloud>,
     recorder: &Recorder,
     settings: &Settings,
     driver: F,
@@ -129,7 +130,7 @@ const REPLACING_KEY: &str = "- {AttributeName: organizationId, KeyType: HASH}";
 #[tokio::test(start_paused = true)]
 async fn a_blocked_change_over_a_hundred_passes_alerts_once_then_recovers_then_alerts_again() {
     let ws = Workspace::new();
-    let cloud = SimCloud::new(SimConfig::default());
+    let cloud = Retrying::new(SimCloud::new(SimConfig::default()));
     let rec = Recorder::default();
     let (ws, cloud, rec) = (&ws, &cloud, &rec);
     with_controller(ws, cloud, rec, &settings(60), |shared, _| async move {
@@ -176,7 +177,7 @@ async fn a_blocked_change_over_a_hundred_passes_alerts_once_then_recovers_then_a
 #[tokio::test(start_paused = true)]
 async fn a_broken_reload_keeps_enforcing_the_last_good_state_and_applies_nothing_of_it() {
     let ws = Workspace::new();
-    let cloud = SimCloud::new(SimConfig::default());
+    let cloud = Retrying::new(SimCloud::new(SimConfig::default()));
     let rec = Recorder::default();
     let (ws, cloud, rec) = (&ws, &cloud, &rec);
     with_controller(ws, cloud, rec, &settings(60), |shared, _| async move {
@@ -237,10 +238,10 @@ async fn a_broken_reload_keeps_enforcing_the_last_good_state_and_applies_nothing
 async fn failing_passes_back_off_exponentially_instead_of_every_interval() {
     let ws = Workspace::new();
     // Every pass fails: AWS throttles every call (a transient error).
-    let cloud = SimCloud::new(SimConfig {
+    let cloud = Retrying::new(SimCloud::new(SimConfig {
         throttle_rate: 1.0,
         ..SimConfig::default()
-    });
+    }));
     let rec = Recorder::default();
     let (ws, cloud, rec) = (&ws, &cloud, &rec);
     let s = Settings {
@@ -271,7 +272,7 @@ async fn failing_passes_back_off_exponentially_instead_of_every_interval() {
 #[tokio::test(start_paused = true)]
 async fn sighup_starts_a_pass_at_once() {
     let ws = Workspace::new();
-    let cloud = SimCloud::new(SimConfig::default());
+    let cloud = Retrying::new(SimCloud::new(SimConfig::default()));
     let rec = Recorder::default();
     let (ws, cloud, rec) = (&ws, &cloud, &rec);
     with_controller(ws, cloud, rec, &settings(3600), |shared, hup| async move {
@@ -292,10 +293,10 @@ async fn sighup_starts_a_pass_at_once() {
 #[tokio::test(start_paused = true)]
 async fn shutdown_mid_pass_ends_within_the_grace_and_a_restart_continues_without_duplicates() {
     let ws = Workspace::new();
-    let cloud = SimCloud::new(SimConfig {
+    let cloud = Retrying::new(SimCloud::new(SimConfig {
         default_latency: Duration::from_secs(20 * 60),
         ..SimConfig::default()
-    });
+    }));
     let rec = Recorder::default();
     let (ws, cloud, rec) = (&ws, &cloud, &rec);
     let s = Settings {
@@ -340,10 +341,10 @@ async fn shutdown_mid_pass_ends_within_the_grace_and_a_restart_continues_without
 async fn a_permanent_error_waits_for_a_change_instead_of_backing_off() {
     let ws = Workspace::new();
     // The credentials belong to another account than the desired state's.
-    let cloud = SimCloud::new(SimConfig {
+    let cloud = Retrying::new(SimCloud::new(SimConfig {
         account: "999999999999".into(),
         ..SimConfig::default()
-    });
+    }));
     let rec = Recorder::default();
     let (ws, cloud, rec) = (&ws, &cloud, &rec);
     let s = Settings {

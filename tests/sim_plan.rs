@@ -5,6 +5,7 @@
 use stackwarden::cloud::StackStatus;
 use std::time::Duration;
 
+use stackwarden::cloud::Retrying;
 use stackwarden::cloud::sim::{self, SimCloud, SimConfig};
 use stackwarden::cloud::{ChangeSetKind, Cloud};
 use stackwarden::observe::{Depth, observe};
@@ -31,7 +32,7 @@ fn config(env: &DesiredEnv, seed: u64, throttle_rate: f64) -> SimConfig {
 
 /// Starts creating one stack through a change set (as apply will), and
 /// returns once the execution has started.
-async fn start_create(cloud: &SimCloud, env: &DesiredEnv, key: &str) {
+async fn start_create(cloud: &Retrying<SimCloud>, env: &DesiredEnv, key: &str) {
     let observed = observe(cloud, env, Depth::Fast).await.expect("observe");
     let stack = &env.stacks[key];
     let parameters = resolve_parameters(stack, env, &observed).expect("upstream outputs exist");
@@ -52,14 +53,14 @@ async fn start_create(cloud: &SimCloud, env: &DesiredEnv, key: &str) {
 }
 
 /// Creates stacks one after the other, waiting for each.
-async fn create_all(cloud: &SimCloud, env: &DesiredEnv, keys: &[&str]) {
+async fn create_all(cloud: &Retrying<SimCloud>, env: &DesiredEnv, keys: &[&str]) {
     for key in keys {
         start_create(cloud, env, key).await;
         tokio::time::advance(Duration::from_secs(60 * 60)).await;
     }
 }
 
-async fn plan_now(cloud: &SimCloud, env: &DesiredEnv) -> Plan {
+async fn plan_now(cloud: &Retrying<SimCloud>, env: &DesiredEnv) -> Plan {
     plan(
         env,
         &observe(cloud, env, Depth::Fast).await.expect("observe"),
@@ -84,7 +85,7 @@ const ALL: [&str; 8] = [
 #[tokio::test(start_paused = true)]
 async fn a_fully_created_environment_plans_clean_with_services_healthy() {
     let env = dev();
-    let cloud = SimCloud::new(config(&env, 1, 0.0));
+    let cloud = Retrying::new(SimCloud::new(config(&env, 1, 0.0)));
     create_all(&cloud, &env, &ALL).await;
     let p = plan_now(&cloud, &env).await;
     assert_eq!(p.verdict(), Verdict::InSync, "{p:#?}");
@@ -96,7 +97,7 @@ async fn a_fully_created_environment_plans_clean_with_services_healthy() {
 #[tokio::test(start_paused = true)]
 async fn a_stack_in_flight_is_waited_on_and_its_dependents_say_why() {
     let env = dev();
-    let cloud = SimCloud::new(config(&env, 2, 0.0));
+    let cloud = Retrying::new(SimCloud::new(config(&env, 2, 0.0)));
     start_create(&cloud, &env, "network").await;
     tokio::time::advance(Duration::from_secs(60)).await;
     let p = plan_now(&cloud, &env).await;
@@ -129,7 +130,7 @@ async fn a_stack_in_flight_is_waited_on_and_its_dependents_say_why() {
 #[tokio::test(start_paused = true)]
 async fn a_failed_create_is_blocked_with_its_reason_and_its_dependents_skip() {
     let env = dev();
-    let cloud = SimCloud::new(config(&env, 3, 0.0));
+    let cloud = Retrying::new(SimCloud::new(config(&env, 3, 0.0)));
     cloud.fail_next_operation(&env.stacks["network"].name);
     create_all(&cloud, &env, &["network"]).await;
     let p = plan_now(&cloud, &env).await;
@@ -171,7 +172,7 @@ async fn a_failed_create_is_blocked_with_its_reason_and_its_dependents_skip() {
 async fn recreate_is_planned_only_when_allowed_and_never_for_a_stack_holding_protected_resources() {
     let mut env = dev();
     env.policy.recreate_failed = true;
-    let cloud = SimCloud::new(config(&env, 4, 0.0));
+    let cloud = Retrying::new(SimCloud::new(config(&env, 4, 0.0)));
     // A policy that leaves log groups unprotected: network then holds no
     // protected resource.
     env.policy.protect.remove("AWS::Logs::LogGroup");
@@ -208,7 +209,7 @@ async fn recreate_is_planned_only_when_allowed_and_never_for_a_stack_holding_pro
 #[tokio::test(start_paused = true)]
 async fn update_rollback_failed_is_continued_only_when_the_policy_says_so() {
     let mut env = dev();
-    let cloud = SimCloud::new(config(&env, 5, 0.0));
+    let cloud = Retrying::new(SimCloud::new(config(&env, 5, 0.0)));
     create_all(&cloud, &env, &["network"]).await;
     cloud.force_status(
         &env.stacks["network"].name,
@@ -235,7 +236,7 @@ async fn update_rollback_failed_is_continued_only_when_the_policy_says_so() {
 #[tokio::test(start_paused = true)]
 async fn every_stack_status_is_classified_and_an_unknown_one_is_never_healthy() {
     let mut env = dev();
-    let cloud = SimCloud::new(config(&env, 8, 0.0));
+    let cloud = Retrying::new(SimCloud::new(config(&env, 8, 0.0)));
     create_all(&cloud, &env, &["network"]).await;
     let network = env.stacks["network"].name.clone();
     for (status, health, by) in [
@@ -307,7 +308,7 @@ async fn every_stack_status_is_classified_and_an_unknown_one_is_never_healthy() 
 #[tokio::test(start_paused = true)]
 async fn an_out_of_band_scale_outside_the_autoscaling_range_is_planned_back() {
     let env = dev();
-    let cloud = SimCloud::new(config(&env, 6, 0.0));
+    let cloud = Retrying::new(SimCloud::new(config(&env, 6, 0.0)));
     create_all(&cloud, &env, &ALL).await;
     let p = plan_now(&cloud, &env).await;
     let (cluster, service) = (
@@ -329,7 +330,7 @@ async fn an_out_of_band_scale_outside_the_autoscaling_range_is_planned_back() {
 async fn observe_mode_plans_no_mutation() {
     let mut env = dev();
     env.policy.mode = spec::Mode::Observe;
-    let cloud = SimCloud::new(config(&env, 7, 0.0));
+    let cloud = Retrying::new(SimCloud::new(config(&env, 7, 0.0)));
     create_all(&cloud, &env, &["network", "dynamodb"]).await;
     cloud.edit_parameter(&env.stacks["network"].name, "FlowLogRetentionDays", "90");
     let p = plan_now(&cloud, &env).await;
@@ -347,7 +348,7 @@ async fn planner_invariants_hold_over_100_seeds() {
     let env = dev();
     for seed in 0..100u64 {
         let mut rng = StdRng::seed_from_u64(seed);
-        let cloud = SimCloud::new(config(&env, seed, 0.1));
+        let cloud = Retrying::new(SimCloud::new(config(&env, seed, 0.1)));
         let mut started = Vec::new();
         for wave in &env.waves {
             for key in wave {

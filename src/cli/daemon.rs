@@ -8,6 +8,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{broadcast, watch};
 
 use super::{Outcome, Select, selected_files};
+use crate::cloud::Retrying;
 use crate::cloud::aws::AwsCloud;
 use crate::controller::{Connect, Controller, Settings, Shared};
 use crate::metrics::CloudWatchSink;
@@ -22,9 +23,9 @@ const HARD_EXIT_AFTER_GRACE: std::time::Duration = std::time::Duration::from_sec
 struct AwsConnect;
 
 impl Connect for AwsConnect {
-    type Cloud = AwsCloud;
-    async fn connect(&self, env: &DesiredEnv) -> AwsCloud {
-        AwsCloud::connect(&env.region, env.assume_role.as_ref()).await
+    type Cloud = Retrying<AwsCloud>;
+    async fn connect(&self, env: &DesiredEnv) -> Retrying<AwsCloud> {
+        Retrying::new(AwsCloud::connect(&env.region, env.assume_role.as_ref()).await)
     }
 }
 

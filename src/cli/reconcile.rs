@@ -10,6 +10,7 @@ use tokio::time::Instant;
 
 use super::{Format, Outcome, Select, load_selected};
 use crate::apply::{self, Options, Progress, Report, ServiceResult, StackResult};
+use crate::cloud::Retrying;
 use crate::cloud::StackStatus;
 use crate::cloud::aws::AwsCloud;
 use crate::observe::Depth;
@@ -51,7 +52,8 @@ pub(super) async fn once(
         let limit = limits[&env.account_region()].clone();
         let options = options.clone();
         async move {
-            let cloud = AwsCloud::connect(&env.region, env.assume_role.as_ref()).await;
+            let cloud =
+                Retrying::new(AwsCloud::connect(&env.region, env.assume_role.as_ref()).await);
             let result = apply::reconcile(&cloud, env, &limit, &options).await;
             (env, result, cloud.calls().get())
         }

@@ -4,6 +4,7 @@ use std::io::IsTerminal;
 
 use super::{Format, Outcome, Select, Show, load_selected};
 use crate::changeset::{self, LiveSide};
+use crate::cloud::Retrying;
 use crate::cloud::aws::AwsCloud;
 use crate::cloud::{
     ChangeSetKind, ChangeSetRequest, ChangeSetStatus, Cloud, CloudError, ResourceChange,
@@ -12,7 +13,6 @@ use crate::cloud::{
 use crate::observe::{Depth, observe};
 use crate::plan::{Plan, StackAction, plan, resolve_parameters};
 use crate::policy::Violation;
-use crate::retry;
 use crate::spec::DesiredEnv;
 
 /// Change-set previews of one stack.
@@ -48,7 +48,7 @@ pub(super) async fn plan_command(
     };
     let mut json = Vec::new();
     for env in &envs {
-        let cloud = AwsCloud::connect(&env.region, env.assume_role.as_ref()).await;
+        let cloud = Retrying::new(AwsCloud::connect(&env.region, env.assume_role.as_ref()).await);
         let depth = if full { Depth::Full } else { Depth::Fast };
         let observed = match observe(&cloud, env, depth).await {
             Ok(o) => o,
@@ -149,9 +149,9 @@ async fn preview_change_sets<C: Cloud>(
                 (changes, verdict)
             });
         // Always clean up, whatever happened.
-        let _ =
-            retry::call(|| cloud.delete_change_set(&request.stack_name, &request.change_set_name))
-                .await;
+        let _ = cloud
+            .delete_change_set(&request.stack_name, &request.change_set_name)
+            .await;
         // A CREATE change set made the stack (REVIEW_IN_PROGRESS), and
         // deleting the change set does not delete it: the preview removes
         // the placeholder it made, and only that (nothing else on it).
@@ -199,20 +199,17 @@ fn preview_name(revision: &str) -> String {
 /// Deletes `name` if it is a stack in REVIEW_IN_PROGRESS with no change
 /// set left: the placeholder a CREATE preview made.
 async fn remove_placeholder<C: Cloud>(cloud: &C, name: &str) -> Result<(), CloudError> {
-    let Some(live) = retry::call(|| cloud.describe_stack(name)).await? else {
+    let Some(live) = cloud.describe_stack(name).await? else {
         return Ok(());
     };
     if live.status != StackStatus::ReviewInProgress {
         return Ok(());
     }
-    if !retry::call(|| cloud.list_change_sets(name))
-        .await?
-        .is_empty()
-    {
+    if !cloud.list_change_sets(name).await?.is_empty() {
         // Someone else (a reconcile) has a change set on it now: theirs.
         return Ok(());
     }
-    retry::call(|| cloud.delete_stack(name)).await
+    cloud.delete_stack(name).await
 }
 
 /// Creates the change set and reads its changes and those inside its
@@ -224,7 +221,7 @@ async fn preview_one<C: Cloud>(
     timeout: std::time::Duration,
 ) -> Result<(Vec<ResourceChange>, Vec<ResourceChange>), CloudError> {
     crate::artifacts::publish(cloud, &request.artifacts).await?;
-    retry::call(|| cloud.create_change_set(request)).await?;
+    cloud.create_change_set(request).await?;
     let deadline = crate::retry::instant_after(timeout);
     let still_computing = || {
         CloudError::Transport(format!(

@@ -3,8 +3,8 @@
 //! Configuration is the standard chain (environment, profiles, container and
 //! instance roles; `AWS_ENDPOINT_URL` for an emulator), with the region of the
 //! environment and, when the environment names one, an assumed role. The SDK
-//! makes one attempt per call: retries are `retry::call`'s alone, so one
-//! logical call has one budget. Every request sent is counted by an
+//! makes one attempt per call: retries are the [`super::Retrying`] layer's
+//! alone, so one logical call has one budget. Every request sent is counted by an
 //! interceptor on each client (`--stats`).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -185,7 +185,7 @@ pub async fn shared_config() -> aws_config::SdkConfig {
         .await
 }
 
-/// The SDK does not retry: [`crate::retry::call`] is the one retry layer,
+/// The SDK does not retry: [`super::Retrying`] is the one retry layer,
 /// bounded in time, visible in the logs, and without the adaptive mode's
 /// client-wide rate limiter (one throttled call used to slow every other
 /// call of the client).

@@ -10,8 +10,11 @@ use std::future::Future;
 use std::time::SystemTime;
 
 pub mod aws;
+mod retrying;
 pub mod sim;
 mod sim_truth;
+
+pub use retrying::Retrying;
 
 /// An error from the cloud, classified.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -413,9 +416,10 @@ impl Service {
 
 /// The operations stackwarden needs from AWS, per account and region.
 ///
-/// Every method is one logical AWS operation (pagination included); none
-/// retries on its own beyond the SDK's standard retries, so callers decide
-/// how to wait.
+/// Every method is one logical AWS operation (pagination included) and
+/// makes one attempt per request: retrying is the [`Retrying`] layer's, put
+/// around a client where it is built, so the code above reads as
+/// orchestration and each logical call has one retry budget.
 pub trait Cloud: Send + Sync {
     /// Describes the named stacks that exist (names absent from the result
     /// do not exist), and every other stack tagged with `owner_tag` =

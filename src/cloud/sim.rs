@@ -555,7 +555,10 @@ impl SimCloud {
         }
         advance(&mut st, Instant::now());
         // What the call does next may start an operation.
-        if !["Describe", "List", "Get"].iter().any(|r| op.starts_with(r)) {
+        if !["Describe", "List", "Get"]
+            .iter()
+            .any(|r| op.starts_with(r))
+        {
             st.next_due = None;
         }
         Ok(st)
