@@ -53,6 +53,7 @@ fn main() {
     });
     let cpu_create = cpu_time() - cpu;
     let create_calls = cloud.total_calls();
+    let by_op = cloud.calls();
     let calls_before = cloud.total_calls();
     let cpu = cpu_time();
     let steady = rt.block_on(apply::reconcile(&cloud, &env, &limit, &options));
@@ -79,6 +80,19 @@ fn main() {
         took.as_secs_f64() / sequential.as_secs_f64()
     );
     println!("  API calls                       {create_calls:>6}");
+    let ops = env.stacks.len() as f64;
+    let per = |op: &str| by_op.get(op).copied().unwrap_or(0) as f64 / ops;
+    println!(
+        "  calls per stack operation       {:>6.1} (DescribeStacks {:.1}, DescribeStackEvents {:.1}, change sets {:.1})",
+        create_calls as f64 / ops,
+        per("DescribeStacks"),
+        per("DescribeStackEvents"),
+        per("CreateChangeSet")
+            + per("DescribeChangeSet")
+            + per("ListChangeSets")
+            + per("ExecuteChangeSet")
+            + per("DeleteChangeSet"),
+    );
     println!(
         "  real time of the pass           {:>6.1} ms",
         cpu_create * 1e3

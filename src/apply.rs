@@ -1444,6 +1444,13 @@ impl<'a, C: Cloud> Pass<'a, C> {
 
     /// Polls a stack until it is stable (or gone), streaming its events.
     /// Transient errors (throttling) are answered by polling later.
+    ///
+    /// A poll reads the stack's new events (one call: what progress shows);
+    /// the stack itself is read (DescribeStacks) first, when a stack-level
+    /// event says its status moved, and at least every
+    /// [`retry::DESCRIBE_EVERY`] in case events lag. One call per poll
+    /// instead of two lets polls come twice as often for the same calls, so
+    /// an operation's end is seen sooner.
     async fn wait_settled(
         &self,
         name: &str,
@@ -1452,14 +1459,23 @@ impl<'a, C: Cloud> Pass<'a, C> {
         awaiting: Awaiting,
     ) -> Result<Option<Stack>, Waited> {
         self.touch();
-        let mut backoff = retry::poll_backoff();
+        let mut backoff = retry::stack_poll_backoff();
         let mut last_status = StackStatus::Other("unknown".into());
         let mut in_review: Option<Instant> = None;
+        let mut described: Option<Instant> = None;
         loop {
+            let moved = self.stream_events(name, mark).await;
+            let due = described.is_none_or(|t| t.elapsed() >= retry::DESCRIBE_EVERY);
+            if !moved && !due {
+                retry::pause(&mut backoff, deadline)
+                    .await
+                    .map_err(|()| Waited::TimedOut(last_status.clone()))?;
+                continue;
+            }
+            described = Some(Instant::now());
             match self.cloud.describe_stack(name).await {
                 Ok(s) => {
                     self.record(name, s.as_ref());
-                    self.stream_events(name, mark).await;
                     match s {
                         // Our update is done once only the old resources
                         // are being deleted (and a rollback once it rolled
@@ -1506,11 +1522,15 @@ impl<'a, C: Cloud> Pass<'a, C> {
         }
     }
 
-    /// Logs and shows events newer than `mark`, and moves the mark.
-    async fn stream_events(&self, stack: &str, mark: &mut Option<String>) {
+    /// Logs and shows events newer than `mark`, and moves the mark. Tells
+    /// whether the stack's status may have moved: a stack-level event that
+    /// ends a phase (not `*_IN_PROGRESS`, or a cleanup, which ends our
+    /// part), or events that could not be read.
+    async fn stream_events(&self, stack: &str, mark: &mut Option<String>) -> bool {
         let Ok(events) = self.cloud.stack_events(stack, mark.as_deref()).await else {
-            return; // best effort: the next poll catches up
+            return true; // best effort: the stack is read instead
         };
+        let mut moved = false;
         for e in events {
             tracing::info!(
                 message = "Stack event.",
@@ -1521,6 +1541,9 @@ impl<'a, C: Cloud> Pass<'a, C> {
                 status = %e.status,
                 reason = e.reason.as_deref().unwrap_or(""),
             );
+            moved |= e.logical_id == stack
+                && e.resource_type == "AWS::CloudFormation::Stack"
+                && (!e.status.ends_with("_IN_PROGRESS") || e.status.ends_with("CLEANUP_IN_PROGRESS"));
             *mark = Some(e.id.clone());
             self.emit(Progress::Event {
                 environment: self.env.name.clone(),
@@ -1528,6 +1551,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
                 event: e,
             });
         }
+        moved
     }
 
     fn key_of(&self, name: &str) -> String {

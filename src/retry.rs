@@ -88,6 +88,25 @@ pub fn poll_backoff() -> ExponentialBackoff {
     }
 }
 
+/// Longest interval between two polls of a stack operation. Half of
+/// [`POLL_MAX`]: a stack poll is one call (its events), not two, so a stack
+/// is polled twice as often for the calls it used to cost, and the end of
+/// an operation is seen 7 s after it on average instead of 15 s.
+pub const STACK_POLL_MAX: Duration = Duration::from_secs(15);
+
+/// While polling a stack's events, the stack itself is read at least this
+/// often, in case its events lag behind its status.
+pub const DESCRIBE_EVERY: Duration = Duration::from_secs(180);
+
+/// Backoff for polling a stack operation: 200 ms growing x1.5 to
+/// [`STACK_POLL_MAX`], no end.
+pub fn stack_poll_backoff() -> ExponentialBackoff {
+    ExponentialBackoff {
+        max_interval: STACK_POLL_MAX,
+        ..poll_backoff()
+    }
+}
+
 /// Runs one cloud call, retrying transient errors (throttling, transport,
 /// 5xx) with backoff, for at most [`CALL_BUDGET`]. Every retry is logged
 /// as a warning (on stderr for the CLI), so throttling is seen as it happens.
