@@ -1543,7 +1543,8 @@ impl<'a, C: Cloud> Pass<'a, C> {
             );
             moved |= e.logical_id == stack
                 && e.resource_type == "AWS::CloudFormation::Stack"
-                && (!e.status.ends_with("_IN_PROGRESS") || e.status.ends_with("CLEANUP_IN_PROGRESS"));
+                && (!e.status.ends_with("_IN_PROGRESS")
+                    || e.status.ends_with("CLEANUP_IN_PROGRESS"));
             *mark = Some(e.id.clone());
             self.emit(Progress::Event {
                 environment: self.env.name.clone(),

@@ -88,21 +88,23 @@ pub fn poll_backoff() -> ExponentialBackoff {
     }
 }
 
-/// Longest interval between two polls of a stack operation. Half of
-/// [`POLL_MAX`]: a stack poll is one call (its events), not two, so a stack
-/// is polled twice as often for the calls it used to cost, and the end of
-/// an operation is seen 7 s after it on average instead of 15 s.
-pub const STACK_POLL_MAX: Duration = Duration::from_secs(15);
+/// Longest interval between two polls of a stack operation. A third of
+/// [`POLL_MAX`]: a stack poll is one call (its events), not two, and its
+/// intervals double (not x1.5) to the cap, so a stack is polled more often
+/// for fewer calls than it used to cost, and the end of an operation is
+/// seen 5 s after it on average instead of 15 s.
+pub const STACK_POLL_MAX: Duration = Duration::from_secs(10);
 
 /// While polling a stack's events, the stack itself is read at least this
 /// often, in case its events lag behind its status.
-pub const DESCRIBE_EVERY: Duration = Duration::from_secs(180);
+pub const DESCRIBE_EVERY: Duration = Duration::from_secs(300);
 
-/// Backoff for polling a stack operation: 200 ms growing x1.5 to
+/// Backoff for polling a stack operation: 200 ms doubling to
 /// [`STACK_POLL_MAX`], no end.
 pub fn stack_poll_backoff() -> ExponentialBackoff {
     ExponentialBackoff {
         max_interval: STACK_POLL_MAX,
+        multiplier: 2.0,
         ..poll_backoff()
     }
 }
