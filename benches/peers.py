@@ -8,6 +8,11 @@ the tools run by run, the median of N runs of:
   `sceptre status`, and the old scripts' way with the AWS CLI (per stack in
   order: describe-stacks, update-stack treating "No updates are to be
   performed" as success, wait);
+- steady state in a busy region: the same, and `stackwarden reconcile
+  --once --fast`, with 5,000 other stacks (another team's) in the region;
+  each tool's environment and the foreign stacks are made once, then the
+  tool's runs follow one another (re-making 5,000 stacks per run would take
+  longer than the whole bench);
 - apply from an empty account: `stackwarden reconcile --once`,
   `sceptre launch -y`, and the AWS CLI script (create-stack + wait
   stack-create-complete per stack in order, outputs read with
@@ -258,9 +263,24 @@ def deploy_plain(doc, order, env):
         outputs[key] = {o["OutputKey"]: o["OutputValue"] for o in live.get("Outputs", [])}
 
 
+def foreign_stacks(doc, env, n):
+    """`n` stacks of another team in the region, made with boto3."""
+    import boto3
+
+    cfn = boto3.client("cloudformation", endpoint_url=env["AWS_ENDPOINT_URL"],
+                       region_name=doc["region"], aws_access_key_id="bench",
+                       aws_secret_access_key="bench")
+    body = json.dumps({"Resources": {"Handle": {"Type": "AWS::CloudFormation::WaitConditionHandle"}}})
+    for i in range(n):
+        cfn.create_stack(StackName=f"other-team-{i:05d}", TemplateBody=body,
+                         Tags=[{"Key": "team", "Value": "other"}])
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--foreign", type=int, default=5000,
+                    help="other stacks in the region for the busy-region scenario")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     doc, order, deps = load_env()
@@ -298,6 +318,23 @@ def main():
                 "aws cli (old check)": ["bash", str(awscli_dir / "check.sh")],
             },
         },
+        f"steady state, {args.foreign} foreign stacks in the region": {
+            "foreign": args.foreign,
+            "setup": {
+                "stackwarden plan": run([sw, "reconcile", "--once", "-e", ENV, "-q"]),
+                "stackwarden reconcile --once --fast": run([sw, "reconcile", "--once", "-e", ENV, "-q"]),
+                "sceptre diff": run(sceptre + ["launch", "-y", ENV]),
+                "sceptre status": run(sceptre + ["launch", "-y", ENV]),
+                "aws cli (old check)": lambda: deploy_plain(doc, order, env),
+            },
+            "tools": {
+                "stackwarden plan": [sw, "plan", "-e", ENV],
+                "stackwarden reconcile --once --fast": [sw, "reconcile", "--once", "-e", ENV, "--fast", "-q"],
+                "sceptre diff": sceptre + ["diff", ENV],
+                "sceptre status": sceptre + ["status", ENV],
+                "aws cli (old check)": ["bash", str(awscli_dir / "check.sh")],
+            },
+        },
         "apply from empty": {
             "setup": {},
             "tools": {
@@ -311,7 +348,14 @@ def main():
     for scenario, spec in scenarios.items():
         names = list(spec["tools"])
         samples = {n: [] for n in names}
-        for run in range(args.runs):
+        if spec.get("foreign"):
+            for name in names:
+                emu.reset()
+                foreign_stacks(doc, env, spec["foreign"])
+                spec["setup"][name]()
+                for _ in range(args.runs):
+                    samples[name].append(measure(emu, spec["tools"][name], env))
+        for run in range(0 if spec.get("foreign") else args.runs):
             # Alternate the order run by run, so no tool always goes first.
             rotated = names[run % len(names):] + names[: run % len(names)]
             for name in rotated:
