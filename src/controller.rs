@@ -271,6 +271,8 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
             ..ExponentialBackoff::default()
         };
         let mut last_good: Option<DesiredEnv> = None;
+        // The fingerprint of the files `last_good` was loaded from.
+        let mut loaded_from: Option<Vec<u8>> = None;
         let mut watched: Vec<PathBuf> = vec![self.file.to_owned()];
         let mut files = Fingerprints::default();
         let mut seen = files.of(&watched);
@@ -307,10 +309,21 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
             let span = tracing::info_span!("pass", environment = self.name);
             tracing::info!(message = "Pass starting.", environment = self.name, why);
 
-            // Load, keeping the last good desired state on error.
-            let loaded = spec::load(self.file);
+            // Load, keeping the last good desired state on error. Files
+            // unchanged since the last good load are not parsed again (the
+            // fingerprint is taken before reading, so a write during the
+            // load is seen at the next pass).
+            let before = files.of(&watched);
+            let unchanged = last_good.is_some() && loaded_from.as_ref() == Some(&before);
+            let loaded = if unchanged {
+                Ok(None)
+            } else {
+                spec::load(self.file).map(Some)
+            };
             let load_error = match loaded {
-                Ok(env) => {
+                Ok(None) => None,
+                Ok(Some(env)) => {
+                    loaded_from = (env.sources == watched).then_some(before);
                     watched = env.sources.clone();
                     last_good = Some(env);
                     None
@@ -327,7 +340,7 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
                 }
             };
             seen = files.of(&watched);
-            let Some(env) = last_good.clone() else {
+            let Some(env) = &last_good else {
                 // Nothing to enforce until the file is fixed: the file
                 // watch (or SIGHUP) brings the next pass, not a timer.
                 self.record_error(load_error.clone(), load_error.clone(), None);
@@ -374,7 +387,7 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
             );
             let key = env.account_region();
             if cloud.as_ref().is_none_or(|(k, _)| *k != key) {
-                cloud = Some((key.clone(), self.connect.connect(&env).await));
+                cloud = Some((key.clone(), self.connect.connect(env).await));
             }
             let (_, c) = cloud.as_ref().expect("connected above");
             let limit = self
@@ -394,7 +407,7 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
             let throttles = c.throttles();
             let calls = c.api_calls();
             let started = Instant::now();
-            let pass = apply::reconcile(c, &env, &limit, &options).instrument(span);
+            let pass = apply::reconcile(c, env, &limit, &options).instrument(span);
             let result = tokio::select! {
                 r = pass => r,
                 _ = grace_after(shutdown.clone(), self.settings.shutdown_grace) => {
@@ -426,8 +439,8 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
                         api_calls: calls,
                         ..PassMetrics::from_report(report, throttled)
                     };
-                    self.publish(&env, &m, Some(report.verdict())).await;
-                    self.alert(&env, episodes, &findings).await;
+                    self.publish(env, &m, Some(report.verdict())).await;
+                    self.alert(env, episodes, &findings).await;
                     let mut status = self.shared.status();
                     let s = status.entry(self.name.to_owned()).or_default();
                     s.passes += 1;
@@ -452,13 +465,13 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
                             throttled,
                         )
                     };
-                    self.publish(&env, &m, None).await;
+                    self.publish(env, &m, None).await;
                     let findings = vec![Finding {
                         object: "environment".into(),
                         kind: Kind::Failed,
                         difference: e.to_string(),
                     }];
-                    self.alert(&env, episodes, &findings).await;
+                    self.alert(env, episodes, &findings).await;
                     self.record_error(Some(e.to_string()), load_error.clone(), Some(&*episodes));
                     false
                 }
