@@ -303,36 +303,27 @@ def main():
 
     # Steady state: each tool finds the environment as its own apply left
     # it, so "nothing to change" is true for each.
+    steady_setup = {
+        "stackwarden plan": run([sw, "reconcile", "--once", "-e", ENV, "-q"]),
+        "sceptre diff": run(sceptre + ["launch", "-y", ENV]),
+        "sceptre status": run(sceptre + ["launch", "-y", ENV]),
+        "aws cli (old check)": lambda: deploy_plain(doc, order, env),
+    }
+    steady_tools = {
+        "stackwarden plan": [sw, "plan", "-e", ENV],
+        "sceptre diff": sceptre + ["diff", ENV],
+        "sceptre status": sceptre + ["status", ENV],
+        "aws cli (old check)": ["bash", str(awscli_dir / "check.sh")],
+    }
+    fast = "stackwarden reconcile --once --fast"
     scenarios = {
-        "steady state": {
-            "setup": {
-                "stackwarden plan": run([sw, "reconcile", "--once", "-e", ENV, "-q"]),
-                "sceptre diff": run(sceptre + ["launch", "-y", ENV]),
-                "sceptre status": run(sceptre + ["launch", "-y", ENV]),
-                "aws cli (old check)": lambda: deploy_plain(doc, order, env),
-            },
-            "tools": {
-                "stackwarden plan": [sw, "plan", "-e", ENV],
-                "sceptre diff": sceptre + ["diff", ENV],
-                "sceptre status": sceptre + ["status", ENV],
-                "aws cli (old check)": ["bash", str(awscli_dir / "check.sh")],
-            },
-        },
+        "steady state": {"setup": steady_setup, "tools": steady_tools},
         f"steady state, {args.foreign} foreign stacks in the region": {
             "foreign": args.foreign,
-            "setup": {
-                "stackwarden plan": run([sw, "reconcile", "--once", "-e", ENV, "-q"]),
-                "stackwarden reconcile --once --fast": run([sw, "reconcile", "--once", "-e", ENV, "-q"]),
-                "sceptre diff": run(sceptre + ["launch", "-y", ENV]),
-                "sceptre status": run(sceptre + ["launch", "-y", ENV]),
-                "aws cli (old check)": lambda: deploy_plain(doc, order, env),
-            },
+            "setup": {**steady_setup, fast: steady_setup["stackwarden plan"]},
             "tools": {
-                "stackwarden plan": [sw, "plan", "-e", ENV],
-                "stackwarden reconcile --once --fast": [sw, "reconcile", "--once", "-e", ENV, "--fast", "-q"],
-                "sceptre diff": sceptre + ["diff", ENV],
-                "sceptre status": sceptre + ["status", ENV],
-                "aws cli (old check)": ["bash", str(awscli_dir / "check.sh")],
+                **steady_tools,
+                fast: [sw, "reconcile", "--once", "-e", ENV, "--fast", "-q"],
             },
         },
         "apply from empty": {
