@@ -1466,47 +1466,43 @@ impl<'a, C: Cloud> Pass<'a, C> {
         loop {
             let moved = self.stream_events(name, mark).await;
             let due = described.is_none_or(|t| t.elapsed() >= retry::DESCRIBE_EVERY);
-            if !moved && !due {
-                retry::pause(&mut backoff, deadline)
-                    .await
-                    .map_err(|()| Waited::TimedOut(last_status.clone()))?;
-                continue;
-            }
-            described = Some(Instant::now());
-            match self.cloud.describe_stack(name).await {
-                Ok(s) => {
-                    self.record(name, s.as_ref());
-                    match s {
-                        // Our update is done once only the old resources
-                        // are being deleted (and a rollback once it rolled
-                        // back): the cleanup is not ours to time out on.
-                        Some(s)
-                            if awaiting == Awaiting::Execution
-                                && matches!(
-                                    s.status,
-                                    StackStatus::UpdateCompleteCleanupInProgress
-                                        | StackStatus::UpdateRollbackCompleteCleanupInProgress
-                                ) =>
-                        {
-                            return Ok(Some(s));
+            if moved || due {
+                described = Some(Instant::now());
+                match self.cloud.describe_stack(name).await {
+                    Ok(s) => {
+                        self.record(name, s.as_ref());
+                        match s {
+                            // Our update is done once only the old resources
+                            // are being deleted (and a rollback once it rolled
+                            // back): the cleanup is not ours to time out on.
+                            Some(s)
+                                if awaiting == Awaiting::Execution
+                                    && matches!(
+                                        s.status,
+                                        StackStatus::UpdateCompleteCleanupInProgress
+                                            | StackStatus::UpdateRollbackCompleteCleanupInProgress
+                                    ) =>
+                            {
+                                return Ok(Some(s));
+                            }
+                            Some(s) if s.in_progress() => last_status = s.status,
+                            // A change set that is executing (maybe by a
+                            // concurrent run) has not moved the stack out of
+                            // review yet: not an end.
+                            Some(s)
+                                if awaiting == Awaiting::Execution
+                                    && s.status == StackStatus::ReviewInProgress
+                                    && in_review.get_or_insert_with(Instant::now).elapsed()
+                                        < REVIEW_GRACE =>
+                            {
+                                last_status = s.status
+                            }
+                            other => return Ok(other),
                         }
-                        Some(s) if s.in_progress() => last_status = s.status,
-                        // A change set that is executing (maybe by a
-                        // concurrent run) has not moved the stack out of
-                        // review yet: not an end.
-                        Some(s)
-                            if awaiting == Awaiting::Execution
-                                && s.status == StackStatus::ReviewInProgress
-                                && in_review.get_or_insert_with(Instant::now).elapsed()
-                                    < REVIEW_GRACE =>
-                        {
-                            last_status = s.status
-                        }
-                        other => return Ok(other),
                     }
+                    Err(e) if e.is_transient() => {}
+                    Err(e) => return Err(Waited::Error(e)),
                 }
-                Err(e) if e.is_transient() => {}
-                Err(e) => return Err(Waited::Error(e)),
             }
             retry::pause(&mut backoff, deadline)
                 .await
@@ -1541,8 +1537,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
                 status = %e.status,
                 reason = e.reason.as_deref().unwrap_or(""),
             );
-            moved |= e.logical_id == stack
-                && e.resource_type == "AWS::CloudFormation::Stack"
+            moved |= e.is_stack_level(stack)
                 && (!e.status.ends_with("_IN_PROGRESS")
                     || e.status.ends_with("CLEANUP_IN_PROGRESS"));
             *mark = Some(e.id.clone());

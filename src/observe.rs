@@ -143,9 +143,7 @@ async fn rollback_episode<C: Cloud>(
         return Ok(None);
     }
     let events = cloud.operation_events(&d.name).await?;
-    let stack_level = |e: &crate::cloud::StackEvent| {
-        e.logical_id == d.name && e.resource_type == "AWS::CloudFormation::Stack"
-    };
+    let stack_level = |e: &crate::cloud::StackEvent| e.is_stack_level(&d.name);
     let failures = events
         .iter()
         .filter(|e| stack_level(e) && e.status == "UPDATE_ROLLBACK_FAILED")

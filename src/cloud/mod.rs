@@ -218,8 +218,7 @@ pub fn client_token(parts: &[&str]) -> String {
 
 /// Whether a stack event is the stack-level event that begins an operation.
 pub fn begins_operation(stack: &str, e: &StackEvent) -> bool {
-    e.resource_type == "AWS::CloudFormation::Stack"
-        && e.logical_id == stack
+    e.is_stack_level(stack)
         && matches!(
             e.status.as_str(),
             "CREATE_IN_PROGRESS"
@@ -366,6 +365,14 @@ pub struct StackEvent {
     pub resource_type: String,
     pub status: String,
     pub reason: Option<String>,
+}
+
+impl StackEvent {
+    /// Whether this is an event of the stack `stack` itself, not of one of
+    /// its resources.
+    pub fn is_stack_level(&self, stack: &str) -> bool {
+        self.resource_type == "AWS::CloudFormation::Stack" && self.logical_id == stack
+    }
 }
 
 /// An ECS deployment of a service.
