@@ -163,6 +163,8 @@ fn main() {
             sink: &counter,
             settings: &settings,
             shared: &shared,
+            state: None,
+            caller: "arn:aws:iam::123456789012:role/stackwarden",
         };
         let day = async {
             tokio::time::sleep(Duration::from_secs(hours * 3600)).await;

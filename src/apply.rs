@@ -66,6 +66,91 @@ impl Options {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
+
+    /// Adds to an observation of the cloud what the pass knows from
+    /// elsewhere: redeploys that failed, and the suspension (which a
+    /// rollback, an operator's own act, does not heed).
+    fn annotate(&self, o: &mut Observed) {
+        o.failed_redeploys.extend(self.failed_redeploys());
+        if self.intent == Intent::Converge {
+            o.suspension = self.suspension.clone();
+        }
+    }
+
+    /// The plan of a whole environment for this pass's intent.
+    fn plan(&self, env: &DesiredEnv, o: &Observed) -> Plan {
+        let mut p = plan(env, o);
+        if let Intent::Recover(request) = &self.intent {
+            for sp in &mut p.stacks {
+                match sp.key.clone() {
+                    Some(key) => {
+                        let planned = sp.clone();
+                        *sp = crate::recovery::recover_one(
+                            env,
+                            &env.stacks[&key],
+                            o,
+                            request,
+                            planned,
+                        );
+                    }
+                    // A rollback never prunes.
+                    None if sp.action.mutates() => {
+                        sp.action = StackAction::None;
+                        sp.reason = format!("{}; not part of a rollback", sp.reason);
+                    }
+                    None => {}
+                }
+            }
+        }
+        p
+    }
+}
+
+/// How [`Pass::recover`] gets a stack back to a stable state.
+#[derive(Debug, Clone, Copy)]
+enum Recovery<'a> {
+    Continue { skip: &'a [String], token: &'a str },
+    RollBack { token: &'a str },
+    Cancel { token: &'a str },
+}
+
+/// For `rollback --cancel`: which selected stacks in UPDATE_IN_PROGRESS
+/// run a change set's execution, and whose (one ListChangeSets each).
+async fn read_executing<C: Cloud>(
+    cloud: &C,
+    env: &DesiredEnv,
+    request: &crate::recovery::Request,
+    observed: &mut Observed,
+) -> Result<(), CloudError> {
+    for stack in env.stacks.values() {
+        let updating = observed
+            .stacks
+            .get(&stack.name)
+            .is_some_and(|s| s.status == StackStatus::UpdateInProgress);
+        if !updating || !(request.stacks.is_empty() || request.stacks.contains(&stack.key)) {
+            continue;
+        }
+        if let Some(cs) = cloud
+            .list_change_sets(&stack.name)
+            .await?
+            .into_iter()
+            .find(|c| c.executing)
+        {
+            observed.executing.insert(stack.name.clone(), cs.name);
+        }
+    }
+    Ok(())
+}
+
+/// What a pass is for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Intent {
+    /// Bring the environment to its desired state (reconcile).
+    #[default]
+    Converge,
+    /// Get failed or running stacks back to their last stable state
+    /// (`stackwarden rollback`); services are left alone.
+    Recover(crate::recovery::Request),
 }
 
 impl ApplyError {
@@ -121,6 +206,10 @@ pub struct Options {
     /// between the passes of an environment (the controller keeps it for
     /// its lifetime).
     pub failed_redeploys: FailedRedeploys,
+    pub intent: Intent,
+    /// The environment's suspension (from the state table): the pass plans
+    /// and reports, and writes nothing.
+    pub suspension: Option<crate::state::Suspension>,
 }
 
 /// (stack revision, task definition) pairs whose redeploy rolled back.
@@ -138,6 +227,11 @@ pub enum StackResult {
     NoChanges,
     /// UPDATE_ROLLBACK_FAILED continued to UPDATE_ROLLBACK_COMPLETE.
     RollbackContinued,
+    /// CREATE_FAILED or UPDATE_FAILED rolled back (RollbackStack); a
+    /// failed creation's stack is gone.
+    RolledBack,
+    /// Our update in flight was cancelled and rolled back.
+    UpdateCancelled,
     /// Orphan deleted (policy.prune).
     Pruned,
     /// A change is needed and may not run.
@@ -198,6 +292,8 @@ impl StackResult {
             StackResult::Updated => "updated",
             StackResult::NoChanges => "no-changes",
             StackResult::RollbackContinued => "rollback-continued",
+            StackResult::RolledBack => "rolled-back",
+            StackResult::UpdateCancelled => "update-cancelled",
             StackResult::Pruned => "pruned",
             StackResult::Blocked { .. } => "blocked",
             StackResult::Skipped { .. } => "skipped",
@@ -343,6 +439,8 @@ impl Report {
                     StackResult::Created
                         | StackResult::Updated
                         | StackResult::RollbackContinued
+                        | StackResult::RolledBack
+                        | StackResult::UpdateCancelled
                         | StackResult::Pruned
                 ) || matches!(s.result, StackResult::Failed { .. }) && s.change_set.is_some()
             })
@@ -391,8 +489,15 @@ async fn reconcile_pass<C: Cloud>(
     let mut observed = observe(cloud, env, options.depth)
         .await
         .map_err(ApplyError::Observe)?;
-    observed.failed_redeploys.extend(options.failed_redeploys());
-    let initial = plan(env, &observed);
+    options.annotate(&mut observed);
+    if let Intent::Recover(request) = &options.intent
+        && request.cancel
+    {
+        read_executing(cloud, env, request, &mut observed)
+            .await
+            .map_err(ApplyError::Observe)?;
+    }
+    let initial = options.plan(env, &observed);
     let pass = Pass {
         cloud,
         env,
@@ -432,7 +537,7 @@ async fn reconcile_pass<C: Cloud>(
     let (final_observed, final_plan, final_observation_error) = if pass.touched() {
         match observe(cloud, env, Depth::Fast).await {
             Ok(mut o) => {
-                o.failed_redeploys.extend(options.failed_redeploys());
+                options.annotate(&mut o);
                 let p = plan(env, &o);
                 (Some(o), p, None)
             }
@@ -789,6 +894,11 @@ impl<'a, C: Cloud> Pass<'a, C> {
                 .collect(),
             failed_redeploys: self.options.failed_redeploys(),
             services: BTreeMap::new(),
+            suspension: self.first.suspension.clone(),
+            executing: (self.first.executing.get(name))
+                .map(|c| (name.clone(), c.clone()))
+                .into_iter()
+                .collect(),
         }
     }
 
@@ -802,7 +912,10 @@ impl<'a, C: Cloud> Pass<'a, C> {
                 .filter_map(|k| Some((k.clone(), view.plans.get(k)?.clone())))
                 .collect()
         };
-        let p = crate::plan::plan_one(self.env, stack, observed, &upstreams);
+        let mut p = crate::plan::plan_one(self.env, stack, observed, &upstreams);
+        if let Intent::Recover(request) = &self.options.intent {
+            p = crate::recovery::recover_one(self.env, stack, observed, request, p);
+        }
         self.lock_view().plans.insert(stack.key.clone(), p.clone());
         p
     }
@@ -895,7 +1008,16 @@ impl<'a, C: Cloud> Pass<'a, C> {
                     self.converge(stack, sp, &observed, deadline).await
                 }
                 StackAction::ContinueRollback { skip, token } => {
-                    self.continue_rollback(stack, skip, token, deadline).await
+                    self.recover(stack, Recovery::Continue { skip, token }, deadline)
+                        .await
+                }
+                StackAction::RollBack { token } => {
+                    self.recover(stack, Recovery::RollBack { token }, deadline)
+                        .await
+                }
+                StackAction::CancelUpdate { token } => {
+                    self.recover(stack, Recovery::Cancel { token }, deadline)
+                        .await
                 }
                 StackAction::Recreate if recreated => Step::Done(failed(
                     "the recreated stack failed again in this pass".into(),
@@ -1317,33 +1439,56 @@ impl<'a, C: Cloud> Pass<'a, C> {
         Ok(())
     }
 
-    async fn continue_rollback(
-        &self,
-        stack: &DesiredStack,
-        skip: &[String],
-        token: &str,
-        deadline: Instant,
-    ) -> Step {
+    /// Gets a stack out of a failed or running operation with the call its
+    /// state takes, and waits for the rollback to end.
+    async fn recover(&self, stack: &DesiredStack, how: Recovery<'_>, deadline: Instant) -> Step {
         if let Err(e) = self.guard().await {
             return Step::Done(failed(e.to_string()));
         }
         let mut mark = self.event_mark(&stack.name).await;
-        if let Err(e) = self
-            .cloud
-            .continue_update_rollback(&stack.name, skip, Some(token))
-            .await
-        {
-            return Step::Done(failed(format!("ContinueUpdateRollback: {e}")));
+        let (call, sent) = match how {
+            Recovery::Continue { skip, token } => (
+                "ContinueUpdateRollback",
+                self.cloud
+                    .continue_update_rollback(&stack.name, skip, Some(token))
+                    .await,
+            ),
+            Recovery::RollBack { token } => (
+                "RollbackStack",
+                self.cloud.rollback_stack(&stack.name, Some(token)).await,
+            ),
+            Recovery::Cancel { token } => (
+                "CancelUpdateStack",
+                self.cloud
+                    .cancel_update_stack(&stack.name, Some(token))
+                    .await,
+            ),
+        };
+        if let Err(e) = sent {
+            return Step::Done(failed(format!("{call}: {e}")));
         }
+        let done = match how {
+            Recovery::Continue { .. } => StackResult::RollbackContinued,
+            Recovery::RollBack { .. } => StackResult::RolledBack,
+            Recovery::Cancel { .. } => StackResult::UpdateCancelled,
+        };
         match self
             .wait_settled(&stack.name, deadline, &mut mark, Awaiting::Any)
             .await
         {
-            Ok(Some(s)) if s.status == StackStatus::UpdateRollbackComplete => {
-                Step::Done(StackResult::RollbackContinued)
+            // A rollback ends at the last stable state: UPDATE_ROLLBACK_COMPLETE
+            // (ROLLBACK_COMPLETE or no stack at all for a failed creation).
+            Ok(Some(s))
+                if matches!(
+                    s.status,
+                    StackStatus::UpdateRollbackComplete | StackStatus::RollbackComplete
+                ) =>
+            {
+                Step::Done(done)
             }
+            Ok(None) if matches!(how, Recovery::RollBack { .. }) => Step::Done(done),
             Ok(Some(s)) => Step::Done(failed(format!(
-                "continuing the rollback ended in {}: {}",
+                "{call} ended in {}: {}",
                 s.status,
                 s.status_reason.unwrap_or_default()
             ))),
@@ -1583,7 +1728,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
         let p = if self.touched() {
             match observe(self.cloud, self.env, Depth::Fast).await {
                 Ok(mut o) => {
-                    o.failed_redeploys.extend(self.options.failed_redeploys());
+                    self.options.annotate(&mut o);
                     plan(self.env, &o)
                 }
                 // What the stacks did stays reported; each service says why

@@ -35,6 +35,7 @@ use crate::notify::{Episodes, Finding, Kind, Notifier};
 use crate::observe::Depth;
 use crate::plan::Verdict;
 use crate::spec::{self, DesiredEnv};
+use crate::state::{Backend, Expect, State, Suspension};
 
 /// How the controller schedules.
 #[derive(Debug, Clone)]
@@ -105,6 +106,9 @@ pub struct EnvStatus {
     /// permanent error (wrong account, credentials refused) or a desired
     /// state that never loaded.
     pub waiting_for: Option<String>,
+    /// Set while the environment is suspended (nothing is written).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub suspended: Option<Suspension>,
     /// Every object's outcome of the last pass.
     pub objects: Vec<crate::outcome::Outcome>,
     pub open_alerts: Vec<Finding>,
@@ -196,6 +200,11 @@ pub struct Controller<'a, K, N, M> {
     pub sink: &'a M,
     pub settings: &'a Settings,
     pub shared: &'a Shared,
+    /// Suspensions, history and alert episodes; without it they live in
+    /// the process (and suspensions cannot be made).
+    pub state: Option<&'a State<Backend>>,
+    /// Who the controller acts as (its caller ARN), for the history.
+    pub caller: &'a str,
 }
 
 impl<K: Connect, N: Notifier, M: MetricsSink> Controller<'_, K, N, M> {
@@ -230,6 +239,8 @@ impl<K: Connect, N: Notifier, M: MetricsSink> Controller<'_, K, N, M> {
                 shared: self.shared,
                 envs_limit: &envs_limit,
                 limits: &limits,
+                state: self.state,
+                caller: self.caller,
             };
             ctx.run(
                 hup.subscribe(),
@@ -251,6 +262,15 @@ struct EnvLoop<'a, K, N, M> {
     shared: &'a Shared,
     envs_limit: &'a Semaphore,
     limits: &'a Mutex<BTreeMap<(String, String), Arc<Semaphore>>>,
+    state: Option<&'a State<Backend>>,
+    caller: &'a str,
+}
+
+/// Alert episodes of one environment, and where they are kept.
+struct Told {
+    episodes: Episodes,
+    /// The stored version they were read at (with a state table).
+    stored: Option<Expect>,
 }
 
 impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
@@ -276,7 +296,7 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
         let mut watched: Vec<PathBuf> = vec![self.file.to_owned()];
         let mut files = Fingerprints::default();
         let mut seen = files.of(&watched);
-        let mut episodes: Option<Episodes> = None;
+        let mut told: Option<Told> = None;
         let mut cloud: Option<((String, String), K::Cloud)> = None;
         let mut next = Instant::now();
         let mut watch = tokio::time::interval(self.settings.watch_every);
@@ -350,13 +370,10 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
                 next = crate::retry::instant_after(Duration::MAX);
                 continue;
             };
-            let episodes = episodes.get_or_insert_with(|| {
-                Episodes::new(
-                    env.alerts
-                        .as_ref()
-                        .map_or(Duration::from_secs(6 * 3600), |a| a.repeat_after),
-                )
-            });
+            if told.is_none() {
+                told = Some(self.load_episodes(env).await);
+            }
+            let told = told.as_mut().expect("loaded above");
 
             // Waiting for its turn behind other environments is not this
             // loop stalling (theirs are watched); the pass itself is
@@ -397,12 +414,31 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
                 .entry(key)
                 .or_insert_with(|| Arc::new(Semaphore::new(self.settings.max_parallel)))
                 .clone();
+            // Fail closed: a suspension that cannot be read may be there.
+            let suspension = match self.state {
+                None => None,
+                Some(state) => match state.suspension(self.name).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        drop(permit);
+                        let e = format!("cannot read the suspension from the state table: {e}");
+                        tracing::error!(message = "Pass not run.", error = %e);
+                        self.record_error(Some(e), load_error.clone(), Some(&told.episodes));
+                        next = crate::retry::instant_after(
+                            backoff.next_backoff().unwrap_or(self.settings.backoff_max),
+                        );
+                        continue;
+                    }
+                },
+            };
             let options = Options {
                 depth: self.settings.depth,
                 progress: None,
                 failed_redeploys: failed_redeploys.clone(),
                 // From the loop's seeded generator: a test replays exactly.
                 jitter_seed: Some(rng.r#gen()),
+                intent: apply::Intent::Converge,
+                suspension: suspension.clone(),
             };
             let throttles = c.throttles();
             let calls = c.api_calls();
@@ -440,7 +476,8 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
                         ..PassMetrics::from_report(report, throttled)
                     };
                     self.publish(env, &m, Some(report.verdict())).await;
-                    self.alert(env, episodes, &findings).await;
+                    self.alert(env, told, &findings).await;
+                    self.record_history(env, report).await;
                     let mut status = self.shared.status();
                     let s = status.entry(self.name.to_owned()).or_default();
                     s.passes += 1;
@@ -451,7 +488,8 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
                     s.error = report.permanent_error.clone();
                     s.desired_state_error = load_error.clone();
                     s.objects = crate::outcome::outcomes(report);
-                    s.open_alerts = episodes.open().cloned().collect();
+                    s.suspended = suspension.clone();
+                    s.open_alerts = told.episodes.open().cloned().collect();
                     tracing::info!(message = "Pass done.", environment = self.name, verdict = ?report.verdict(), seconds = report.seconds, operations = report.changed());
                     report.verdict() != Verdict::Failed
                 }
@@ -471,8 +509,12 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
                         kind: Kind::Failed,
                         difference: e.to_string(),
                     }];
-                    self.alert(env, episodes, &findings).await;
-                    self.record_error(Some(e.to_string()), load_error.clone(), Some(&*episodes));
+                    self.alert(env, told, &findings).await;
+                    self.record_error(
+                        Some(e.to_string()),
+                        load_error.clone(),
+                        Some(&told.episodes),
+                    );
                     false
                 }
             };
@@ -543,10 +585,77 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
         }
     }
 
-    async fn alert(&self, env: &DesiredEnv, episodes: &mut Episodes, findings: &[Finding]) {
-        let Some(alert) = episodes.update(&env.name, findings, Instant::now()) else {
+    /// The open episodes as the state table has them (so a restart does
+    /// not tell again what was told), or none.
+    async fn load_episodes(&self, env: &DesiredEnv) -> Told {
+        let repeat = env
+            .alerts
+            .as_ref()
+            .map_or(Duration::from_secs(6 * 3600), |a| a.repeat_after);
+        let Some(state) = self.state else {
+            return Told {
+                episodes: Episodes::new(repeat),
+                stored: None,
+            };
+        };
+        match state.episodes(self.name).await {
+            Ok((stored, expect)) => Told {
+                episodes: Episodes::restore(repeat, &stored, Instant::now(), SystemTime::now()),
+                stored: Some(expect),
+            },
+            Err(e) => {
+                // Alerts still go out; at worst one is told twice.
+                tracing::warn!(message = "Alert episodes not read from the state table.", error = %e);
+                Told {
+                    episodes: Episodes::new(repeat),
+                    stored: None,
+                }
+            }
+        }
+    }
+
+    /// Keeps the open episodes in the state table after they changed. A
+    /// write lost to another writer takes theirs: what they told is told.
+    async fn save_episodes(&self, told: &mut Told) {
+        let (Some(state), Some(expect)) = (self.state, told.stored) else {
             return;
         };
+        let stored = told.episodes.stored(Instant::now(), SystemTime::now());
+        match state.save_episodes(self.name, &stored, expect).await {
+            Ok(next) => told.stored = Some(next),
+            Err(e) => {
+                tracing::warn!(message = "Alert episodes not saved; reading them again.", error = %e);
+                told.stored = None;
+                if let Ok((stored, expect)) = state.episodes(self.name).await {
+                    told.episodes = Episodes::restore(
+                        told.episodes.repeat_after(),
+                        &stored,
+                        Instant::now(),
+                        SystemTime::now(),
+                    );
+                    told.stored = Some(expect);
+                }
+            }
+        }
+    }
+
+    /// A pass that wrote something goes into the history.
+    async fn record_history(&self, env: &DesiredEnv, report: &apply::Report) {
+        let Some(state) = self.state else { return };
+        if report.changed() == 0 {
+            return;
+        }
+        let entry = crate::state::history::of_pass(env, report, self.caller, None);
+        if let Err(e) = state.record(self.name, &entry).await {
+            tracing::warn!(message = "History not written to the state table.", error = %e);
+        }
+    }
+
+    async fn alert(&self, env: &DesiredEnv, told: &mut Told, findings: &[Finding]) {
+        let Some(alert) = told.episodes.update(&env.name, findings, Instant::now()) else {
+            return;
+        };
+        self.save_episodes(told).await;
         let Some(topic) = env.alerts.as_ref().map(|a| a.sns_topic_arn.clone()) else {
             tracing::warn!(message = "Alert not sent: no alerts.sns_topic_arn.", subject = %alert.subject);
             return;

@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
@@ -19,9 +19,12 @@ use crate::apply::Report;
 use crate::cloud::CloudError;
 use crate::outcome::{Condition, outcomes};
 use crate::plan::{BlockedBy, Health, Sync};
+use crate::state::StoredEpisode;
 
 /// What kind of trouble a finding is, most severe first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Kind {
     /// An operation failed, rolled back, or the stack is stuck failed; or
@@ -68,7 +71,7 @@ impl Kind {
 }
 
 /// One thing wrong with one object of an environment.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct Finding {
     /// `stack:<key>`, `ecs:<service>`, or `desired-state`.
     pub object: String,
@@ -137,9 +140,48 @@ impl Episodes {
         }
     }
 
+    pub fn repeat_after(&self) -> Duration {
+        self.repeat_after
+    }
+
     /// Findings whose episode is open.
     pub fn open(&self) -> impl Iterator<Item = &Finding> {
         self.open.values().map(|(f, _)| f)
+    }
+
+    /// The open episodes, to store: `now` and `wall_now` are the same
+    /// moment on the two clocks.
+    pub fn stored(&self, now: Instant, wall_now: SystemTime) -> Vec<StoredEpisode> {
+        self.open
+            .values()
+            .map(|(f, last)| StoredEpisode {
+                finding: f.clone(),
+                last_alert: crate::state::unix(wall_now - now.duration_since(*last)),
+            })
+            .collect()
+    }
+
+    /// Episodes as stored by [`Episodes::stored`] (by this process or
+    /// another): what they told is not told again.
+    pub fn restore(
+        repeat_after: Duration,
+        stored: &[StoredEpisode],
+        now: Instant,
+        wall_now: SystemTime,
+    ) -> Episodes {
+        let mut e = Episodes::new(repeat_after);
+        for s in stored {
+            let at = SystemTime::UNIX_EPOCH + Duration::from_secs(s.last_alert);
+            let age = wall_now.duration_since(at).unwrap_or_default();
+            // Older than the process's clock can go back: due to repeat.
+            let last = now
+                .checked_sub(age)
+                .or_else(|| now.checked_sub(repeat_after))
+                .unwrap_or(now);
+            e.open
+                .insert(s.finding.fingerprint(), (s.finding.clone(), last));
+        }
+        e
     }
 
     /// Takes the findings of a pass and returns the alert to send, if any:

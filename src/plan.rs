@@ -36,6 +36,12 @@ pub struct Observed {
     /// By stack name, for stacks in UPDATE_ROLLBACK_FAILED: what their
     /// events say of the stuck episode.
     pub rollback_episodes: BTreeMap<String, RollbackEpisode>,
+    /// The environment's suspension, read from the state table: while
+    /// there is one, nothing is written.
+    pub suspension: Option<crate::state::Suspension>,
+    /// By stack name: the change set whose execution is the stack's
+    /// running operation (read only for `rollback --cancel`).
+    pub executing: BTreeMap<String, String>,
 }
 
 /// A stack's stuck rollback, as its latest operation's events tell it.
@@ -84,6 +90,9 @@ pub enum Health {
 pub enum BlockedBy {
     /// `policy.mode: observe`: nothing is written.
     ObserveMode,
+    /// `stackwarden suspend` (or a rollback): nothing is written until
+    /// `stackwarden resume`.
+    Suspended,
     /// The change replaces or removes a protected resource.
     Policy,
     /// The stack stopped in a failed state that needs a decision.
@@ -102,6 +111,8 @@ pub enum BlockedBy {
     Uninspectable,
     /// The stack kept changing under the pass.
     Unsettled,
+    /// An operation is in flight that only a person may interrupt.
+    InFlight,
     /// The ECS service is not in its cluster.
     ServiceMissing,
 }
@@ -130,6 +141,16 @@ pub enum StackAction {
     },
     /// Failed create, and the policy allows deleting and recreating.
     Recreate,
+    /// `stackwarden rollback` of a stack in CREATE_FAILED or UPDATE_FAILED:
+    /// RollbackStack.
+    RollBack {
+        token: String,
+    },
+    /// `stackwarden rollback --cancel` of our own update in flight:
+    /// CancelUpdateStack.
+    CancelUpdate {
+        token: String,
+    },
     /// A change is needed and may not run.
     Blocked {
         by: BlockedBy,
@@ -152,6 +173,8 @@ impl StackAction {
                 | StackAction::Update { .. }
                 | StackAction::ContinueRollback { .. }
                 | StackAction::Recreate
+                | StackAction::RollBack { .. }
+                | StackAction::CancelUpdate { .. }
                 | StackAction::Prune
         )
     }
@@ -164,6 +187,8 @@ impl StackAction {
             StackAction::Wait { .. } => "wait",
             StackAction::ContinueRollback { .. } => "continue-rollback",
             StackAction::Recreate => "recreate",
+            StackAction::RollBack { .. } => "rollback",
+            StackAction::CancelUpdate { .. } => "cancel-update",
             StackAction::Blocked { .. } => "blocked",
             StackAction::Skip { .. } => "skip",
             StackAction::Prune => "prune",
@@ -265,6 +290,10 @@ pub struct Plan {
     pub environment: String,
     pub revision: String,
     pub mode: Mode,
+    /// Set while the environment is suspended: the plan is what would be
+    /// done, and nothing of it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub suspended: Option<crate::state::Suspension>,
     /// In dependency order; orphans last.
     pub stacks: Vec<StackPlan>,
     pub services: Vec<ServicePlan>,
@@ -393,8 +422,8 @@ fn continue_rollback(
             reason: format!("continuing the rollback failed again on {failing}"),
         },
         format!(
-            "rollback failed, and continuing it failed again ({failing}); not retried: list the resources in policy.rollback_skip as {}.<LogicalId> to skip them, or fix them by hand",
-            stack.key
+            "rollback failed, and continuing it failed again ({failing}); not retried: list the resources in policy.rollback_skip as {}.<LogicalId> to skip them, run `stackwarden rollback -e {} --stack {} --skip {}.<LogicalId>`, or fix them by hand",
+            stack.key, env.name, stack.key, stack.key
         ),
     )
 }
@@ -526,37 +555,47 @@ pub fn plan(env: &DesiredEnv, observed: &Observed) -> Plan {
         environment: env.name.clone(),
         revision: env.revision.clone(),
         mode: env.policy.mode,
+        suspended: observed.suspension.clone(),
         stacks,
         services,
     };
-    match env.policy.mode {
-        Mode::Converge => plan,
-        Mode::Observe => observe_only(plan),
+    match hold(env, observed) {
+        None => plan,
+        Some((by, why)) => held(plan, by, &why),
     }
 }
 
-/// Observe mode, applied once to the plan converge mode would make: every
-/// action that writes becomes blocked, its reason kept.
-fn observe_only(mut plan: Plan) -> Plan {
+/// Why nothing may be written to the environment, if so: observe mode, or
+/// a suspension.
+fn hold(env: &DesiredEnv, observed: &Observed) -> Option<(BlockedBy, String)> {
+    if let Some(s) = &observed.suspension {
+        return Some((BlockedBy::Suspended, s.describe()));
+    }
+    (env.policy.mode == Mode::Observe).then(|| (BlockedBy::ObserveMode, "observe mode".into()))
+}
+
+/// A hold applied once to the plan converge mode would make: every action
+/// that writes becomes blocked, its reason kept.
+fn held(mut plan: Plan, by: BlockedBy, why: &str) -> Plan {
     for s in &mut plan.stacks {
-        observe_only_stack(s);
+        hold_stack(s, by, why);
     }
     for s in plan.services.iter_mut().filter(|s| s.action.mutates()) {
-        s.reason = format!("{}; observe mode", s.reason);
+        s.reason = format!("{}; {why}", s.reason);
         s.action = ServiceAction::Blocked {
-            by: BlockedBy::ObserveMode,
-            reason: "observe mode".into(),
+            by,
+            reason: why.to_owned(),
         };
     }
     plan
 }
 
-fn observe_only_stack(s: &mut StackPlan) {
+fn hold_stack(s: &mut StackPlan, by: BlockedBy, why: &str) {
     if s.action.mutates() {
-        s.reason = format!("{}; observe mode", s.reason);
+        s.reason = format!("{}; {why}", s.reason);
         s.action = StackAction::Blocked {
-            by: BlockedBy::ObserveMode,
-            reason: "observe mode".into(),
+            by,
+            reason: why.to_owned(),
         };
     }
 }
@@ -575,8 +614,8 @@ pub fn plan_one(
         .wave_of(&stack.key)
         .expect("every declared stack is in a wave");
     let mut p = plan_stack(env, stack, wave, observed, upstreams);
-    if env.policy.mode == Mode::Observe {
-        observe_only_stack(&mut p);
+    if let Some((by, why)) = hold(env, observed) {
+        hold_stack(&mut p, by, &why);
     }
     p
 }
@@ -879,9 +918,9 @@ fn plan_failed(
                 format!("{op} failed with rollback disabled: {why}"),
                 format!(
                     "{op} failed with rollback disabled (resources that succeeded are kept): {why}; \
-                     roll it back (`aws cloudformation rollback-stack --stack-name {}`) or fix forward \
+                     roll it back (`stackwarden rollback -e {} --stack {}`) or fix forward \
                      (correct the cause, then update the stack)",
-                    stack.name
+                    env.name, stack.key
                 ),
             )
         }
@@ -895,8 +934,8 @@ fn plan_failed(
             BlockedBy::FailedState,
             format!("rollback failed: {why}"),
             format!(
-                "rollback failed: {why}; set policy.continue_rollback or run `aws cloudformation continue-update-rollback --stack-name {}`",
-                stack.name
+                "rollback failed: {why}; set policy.continue_rollback or run `stackwarden rollback -e {} --stack {}` (with `--skip {}.<LogicalId>` for a resource that cannot roll back)",
+                env.name, stack.key, stack.key
             ),
         ),
         Failure::Other => blocked(

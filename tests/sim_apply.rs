@@ -912,7 +912,9 @@ async fn create_failed_and_update_failed_are_failures_that_stop_dependents() {
             .unwrap();
         assert_eq!(network.health, Health::Failed);
         assert!(
-            network.reason.contains("rollback-stack"),
+            network
+                .reason
+                .contains("stackwarden rollback -e dev --stack network"),
             "{}",
             network.reason
         );

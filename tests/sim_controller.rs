@@ -18,6 +18,7 @@ use stackwarden::metrics::{MetricsSink, PassMetrics};
 use stackwarden::notify::{Alert, Notifier};
 use stackwarden::plan::Verdict;
 use stackwarden::spec::DesiredEnv;
+use stackwarden::state::{Backend, MemoryStore, State, Suspension};
 use tokio::sync::{broadcast, watch};
 
 struct SimConnect(Retrying<SimCloud>);
@@ -86,6 +87,21 @@ async fn with_controller<F, Fut>(
     F: FnOnce(Arc<Shared>, broadcast::Sender<()>) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
+    with_state(ws, cloud, recorder, settings, None, driver).await
+}
+
+/// [`with_controller`], with a state table.
+async fn with_state<F, Fut>(
+    ws: &Workspace,
+    cloud: &Retrying<SimCloud>,
+    recorder: &Recorder,
+    settings: &Settings,
+    state: Option<&State<Backend>>,
+    driver: F,
+) where
+    F: FnOnce(Arc<Shared>, broadcast::Sender<()>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let shared = Arc::new(Shared::default());
     let (stop, stopped) = watch::channel(false);
     let (hup, _) = broadcast::channel(4);
@@ -97,6 +113,8 @@ async fn with_controller<F, Fut>(
         sink: recorder,
         settings,
         shared: &shared,
+        state,
+        caller: "arn:aws:iam::123456789012:role/operator",
     };
     let drive = async {
         driver(shared.clone(), hup.clone()).await;

@@ -35,6 +35,7 @@ pub(super) async fn run(
     select: &Select,
     listen: SocketAddr,
     settings: Settings,
+    state: &super::state::StateArgs,
 ) -> anyhow::Result<Outcome> {
     let files = selected_files(select)?;
     let listener = tokio::net::TcpListener::bind(listen)
@@ -84,6 +85,13 @@ pub(super) async fn run(
         interval = %humantime::format_duration(settings.interval),
         %listen,
     );
+    let state = state.open().await;
+    let caller = super::state::caller_arn().await;
+    if state.is_none() {
+        tracing::warn!(
+            message = "No state table (--state-table): suspensions are not seen, no history is kept, and alert episodes are forgotten on restart."
+        );
+    }
     let notifier = SnsNotifier::connect().await;
     let sink = CloudWatchSink::connect().await;
     Controller {
@@ -92,6 +100,8 @@ pub(super) async fn run(
         sink: &sink,
         settings: &settings,
         shared: &shared,
+        state: state.as_ref(),
+        caller: &caller,
     }
     .run(files, &hup, stopped)
     .await;

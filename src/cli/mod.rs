@@ -46,6 +46,44 @@ enum Command {
     /// Bring AWS to the desired state: observe, plan, apply what the policy
     /// allows, in dependency order, and report.
     Reconcile(ReconcileArgs),
+    /// Get failed stacks back to their last stable state (RollbackStack,
+    /// ContinueUpdateRollback, CancelUpdateStack), or with --to converge
+    /// the environment to its desired state at a git commit and suspend it.
+    Rollback(RollbackArgs),
+    /// Stop writing to an environment (it is still observed, planned and
+    /// reported) until `resume`. Needs the state table.
+    Suspend {
+        #[command(flatten)]
+        select: Select,
+        /// Why; shown in every report while suspended.
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        state: state::StateArgs,
+    },
+    /// Lift a suspension: the next pass converges.
+    Resume {
+        #[command(flatten)]
+        select: Select,
+        #[command(flatten)]
+        state: state::StateArgs,
+    },
+    /// Every pass that wrote something, rollbacks, suspensions and
+    /// resumptions, oldest first. Needs the state table.
+    History {
+        #[command(flatten)]
+        select: Select,
+        /// Only entries that touched this stack (its key).
+        #[arg(long, value_name = "KEY")]
+        stack: Option<String>,
+        #[command(flatten)]
+        state: state::StateArgs,
+    },
+    /// The state table (DynamoDB).
+    State {
+        #[command(subcommand)]
+        command: StateCommand,
+    },
     /// Exit 0 when the daemon's endpoint answers 200 (for container health
     /// checks in images without curl).
     Healthcheck {
@@ -56,6 +94,51 @@ enum Command {
         #[arg(long, default_value = "/healthz")]
         path: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum StateCommand {
+    /// Create the state table (on-demand, pk/sk strings, TTL on
+    /// expires_at) and wait until it is active; an existing one is checked.
+    Init {
+        #[arg(long, value_name = "NAME", env = "STACKWARDEN_STATE_TABLE")]
+        state_table: String,
+    },
+}
+
+#[derive(Debug, Args)]
+struct RollbackArgs {
+    #[command(flatten)]
+    select: Select,
+    /// Only this stack (its key); repeatable. Default: every stack.
+    #[arg(long = "stack", value_name = "KEY")]
+    stacks: Vec<String>,
+    /// A resource that cannot roll back, as STACK.LogicalId (a nested
+    /// stack's: STACK.Nested.LogicalId): passed to ContinueUpdateRollback
+    /// as ResourcesToSkip. Only resources in UPDATE_FAILED. Repeatable.
+    #[arg(long, value_name = "STACK.LOGICAL_ID")]
+    skip: Vec<String>,
+    /// Cancel our own update in flight (CancelUpdateStack), which rolls it
+    /// back.
+    #[arg(long)]
+    cancel: bool,
+    /// Converge to the desired state at this git commit (read from git,
+    /// not the working tree), then suspend the environment.
+    #[arg(long, value_name = "GITREF", conflicts_with = "to_previous")]
+    to: Option<String>,
+    /// Like --to, with the commit of the last successful pass of another
+    /// revision (from the history).
+    #[arg(long)]
+    to_previous: bool,
+    /// Concurrent stack operations.
+    #[arg(long, value_name = "N", default_value_t = crate::apply::DEFAULT_MAX_PARALLEL as u16,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    max_parallel: u16,
+    /// No progress lines on stderr.
+    #[arg(short, long)]
+    quiet: bool,
+    #[command(flatten)]
+    state: state::StateArgs,
 }
 
 #[derive(Debug, Args)]
@@ -104,6 +187,8 @@ struct ReconcileArgs {
     /// Controller: CloudWatch namespace of the metrics.
     #[arg(long, value_name = "NAMESPACE", default_value = "Stackwarden")]
     metrics_namespace: String,
+    #[command(flatten)]
+    state: state::StateArgs,
 }
 
 /// The bounds of `--interval`.
@@ -144,6 +229,8 @@ struct ObserveArgs {
     /// Print the number of AWS API calls made to stderr.
     #[arg(long)]
     stats: bool,
+    #[command(flatten)]
+    state: state::StateArgs,
 }
 
 #[derive(Debug, Args)]
@@ -248,6 +335,7 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
             args.observe.stats,
             args.change_sets,
             Show::Plan,
+            &args.observe.state,
         )),
         Command::Status(args) => runtime()?.block_on(report::plan_command(
             &args.select,
@@ -255,7 +343,47 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
             args.stats,
             false,
             Show::Status,
+            &args.state,
         )),
+        Command::Rollback(args) => runtime()?.block_on(rollback::run(rollback::Rollback {
+            select: &args.select,
+            stacks: &args.stacks,
+            skip: &args.skip,
+            to: args.to.as_deref(),
+            to_previous: args.to_previous,
+            cancel: args.cancel,
+            max_parallel: usize::from(args.max_parallel),
+            quiet: args.quiet,
+            state: &args.state,
+        })),
+        Command::Suspend {
+            select,
+            reason,
+            state,
+        } => {
+            let env = one_env(&select)?;
+            runtime()?.block_on(state::suspend(&env, &reason, &state))
+        }
+        Command::Resume { select, state } => {
+            let env = one_env(&select)?;
+            runtime()?.block_on(state::resume(&env, &state))
+        }
+        Command::History {
+            select,
+            stack,
+            state,
+        } => {
+            let env = one_env(&select)?;
+            runtime()?.block_on(state::history(
+                &env,
+                stack.as_deref(),
+                select.output,
+                &state,
+            ))
+        }
+        Command::State {
+            command: StateCommand::Init { state_table },
+        } => runtime()?.block_on(state::init(&state_table)),
         Command::Healthcheck { addr, path } => Ok(healthcheck(&addr, &path)),
         Command::Reconcile(args) if args.once => runtime()?.block_on(reconcile::once(
             &args.select,
@@ -264,6 +392,7 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
             args.stats,
             args.quiet,
             args.alerts,
+            &args.state,
         )),
         Command::Reconcile(args) => {
             let settings = crate::controller::Settings {
@@ -280,7 +409,12 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 seed: std::process::id().into(),
                 ..crate::controller::Settings::default()
             };
-            runtime()?.block_on(daemon::run(&args.select, args.listen, settings))
+            runtime()?.block_on(daemon::run(
+                &args.select,
+                args.listen,
+                settings,
+                &args.state,
+            ))
         }
     }
 }
@@ -357,6 +491,18 @@ impl From<crate::plan::Verdict> for Outcome {
 mod daemon;
 mod reconcile;
 mod report;
+mod rollback;
+mod state;
+
+/// The one environment a command that works on one names (and that the
+/// desired-state folder has).
+fn one_env(select: &Select) -> anyhow::Result<String> {
+    if select.envs.len() != 1 {
+        anyhow::bail!("name one environment with -e ENV");
+    }
+    let files = selected_files(select)?;
+    Ok(files.into_keys().next().expect("one selected"))
+}
 
 /// The environment files a selection names, in name order.
 ///

@@ -3,11 +3,12 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
 
+use super::state::{StateArgs, caller_arn};
 use super::{Format, Outcome, Select, load_selected};
 use crate::apply::{self, Options, Progress, Report, ServiceResult, StackResult};
 use crate::cloud::Retrying;
@@ -15,6 +16,7 @@ use crate::cloud::StackStatus;
 use crate::cloud::aws::AwsCloud;
 use crate::observe::Depth;
 use crate::spec::DesiredEnv;
+use crate::state::{Backend, State, history};
 
 /// How often the progress view repeats what is still running.
 const HEARTBEAT: Duration = Duration::from_secs(15);
@@ -26,6 +28,7 @@ pub(super) async fn once(
     stats: bool,
     quiet: bool,
     alerts: bool,
+    state_args: &StateArgs,
 ) -> anyhow::Result<Outcome> {
     let (envs, load_failed) = load_selected(select)?;
     if load_failed {
@@ -48,20 +51,48 @@ pub(super) async fn once(
             .entry(env.account_region())
             .or_insert_with(|| Arc::new(Semaphore::new(max_parallel)));
     }
+    let state = state_args.open().await;
+    let caller = match &state {
+        Some(_) => caller_arn().await,
+        None => String::new(),
+    };
     let runs = envs.iter().map(|env| {
         let limit = limits[&env.account_region()].clone();
-        let options = options.clone();
+        let mut options = options.clone();
+        let state = state.as_ref();
         async move {
+            // Fail closed: a suspension that cannot be read may be there.
+            match super::state::read_suspension(state, &env.name).await {
+                Ok(s) => options.suspension = s,
+                Err(e) => {
+                    let e = format!("cannot read the suspension from the state table: {e}");
+                    return (env, Err(e), 0);
+                }
+            }
             let cloud =
                 Retrying::new(AwsCloud::connect(&env.region, env.assume_role.as_ref()).await);
-            let result = apply::reconcile(&cloud, env, &limit, &options).await;
+            let result = apply::reconcile(&cloud, env, &limit, &options)
+                .await
+                .map_err(|e| e.to_string());
             (env, result, cloud.calls().get())
         }
     });
     let results = futures::future::join_all(runs).await;
     drop(options);
+    if let Some(state) = &state {
+        for (env, result, _) in &results {
+            if let Ok(report) = result
+                && report.changed() > 0
+            {
+                let entry = history::of_pass(env, report, &caller, None);
+                if let Err(e) = state.record(&env.name, &entry).await {
+                    eprintln!("warning: {}: history not written: {e}", env.name);
+                }
+            }
+        }
+    }
     if alerts {
-        send_alerts(&results).await;
+        send_alerts(&results, state.as_ref()).await;
     }
     if let Some(p) = printer {
         let _ = p.await;
@@ -110,9 +141,14 @@ pub(super) async fn once(
     Ok(outcome)
 }
 
-/// One alert per environment with findings (a single run has no memory of
-/// earlier episodes: CI decides how often it runs).
-async fn send_alerts(results: &[(&DesiredEnv, Result<Report, apply::ApplyError>, u64)]) {
+/// One alert per environment with new findings. With a state table, the
+/// episodes are the daemon's (and every other run's): what is open and
+/// told is not told again. Without one, a run has no memory of earlier
+/// episodes, and CI decides how often it runs.
+async fn send_alerts(
+    results: &[(&DesiredEnv, Result<Report, String>, u64)],
+    state: Option<&State<Backend>>,
+) {
     use crate::notify::{Episodes, Finding, Kind, Notifier, SnsNotifier};
     let notifier = SnsNotifier::connect().await;
     for (env, result, _) in results {
@@ -124,13 +160,39 @@ async fn send_alerts(results: &[(&DesiredEnv, Result<Report, apply::ApplyError>,
             Err(e) => vec![Finding {
                 object: "environment".into(),
                 kind: Kind::Failed,
-                difference: e.to_string(),
+                difference: e.clone(),
             }],
         };
         let now = tokio::time::Instant::now();
-        if let Some(alert) = Episodes::new(Duration::MAX).update(&env.name, &findings, now)
-            && let Err(e) = notifier.publish(topic, &alert).await
-        {
+        let repeat = env
+            .alerts
+            .as_ref()
+            .map_or(Duration::MAX, |a| a.repeat_after);
+        let (mut episodes, expect) = match state.map(|s| s.episodes(&env.name)) {
+            Some(read) => match read.await {
+                Ok((stored, expect)) => (
+                    Episodes::restore(repeat, &stored, now, SystemTime::now()),
+                    Some(expect),
+                ),
+                Err(e) => {
+                    eprintln!("warning: {}: alert episodes not read: {e}", env.name);
+                    (Episodes::new(Duration::MAX), None)
+                }
+            },
+            None => (Episodes::new(Duration::MAX), None),
+        };
+        let Some(alert) = episodes.update(&env.name, &findings, now) else {
+            continue;
+        };
+        if let (Some(state), Some(expect)) = (state, expect) {
+            let stored = episodes.stored(now, SystemTime::now());
+            if let Err(e) = state.save_episodes(&env.name, &stored, expect).await {
+                // Another run told it first.
+                eprintln!("warning: {}: alert not sent: {e}", env.name);
+                continue;
+            }
+        }
+        if let Err(e) = notifier.publish(topic, &alert).await {
             eprintln!("warning: {}: alert not sent: {e}", env.name);
         }
     }
@@ -139,7 +201,7 @@ async fn send_alerts(results: &[(&DesiredEnv, Result<Report, apply::ApplyError>,
 /// Prints progress lines to stderr until every sender is gone: each
 /// stack's start, its events and its end, and every few seconds what is
 /// still running and for how long.
-async fn print_progress(mut rx: mpsc::UnboundedReceiver<Progress>) {
+pub(super) async fn print_progress(mut rx: mpsc::UnboundedReceiver<Progress>) {
     let start = Instant::now();
     let mut running: BTreeMap<(String, String), Instant> = BTreeMap::new();
     let mut heartbeat = tokio::time::interval_at(start + HEARTBEAT, HEARTBEAT);
@@ -192,7 +254,7 @@ fn round(d: Duration) -> Duration {
     Duration::from_millis(d.as_millis() as u64 / 100 * 100)
 }
 
-fn print_report(env: &DesiredEnv, report: &Report) {
+pub(super) fn print_report(env: &DesiredEnv, report: &Report) {
     println!(
         "{} ({}, revision {}): {:?} after {:.1}s; {} stack operation(s)",
         env.name,
@@ -202,6 +264,13 @@ fn print_report(env: &DesiredEnv, report: &Report) {
         report.seconds,
         report.changed()
     );
+    if let Some(s) = &report.final_plan.suspended {
+        println!(
+            "  {}: nothing is written until `stackwarden resume -e {}`",
+            s.describe(),
+            env.name
+        );
+    }
     let w = report
         .stacks
         .iter()

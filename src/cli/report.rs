@@ -39,8 +39,10 @@ pub(super) async fn plan_command(
     stats: bool,
     change_sets: bool,
     show: Show,
+    state: &super::state::StateArgs,
 ) -> anyhow::Result<Outcome> {
     let (envs, load_failed) = load_selected(select)?;
+    let state = state.open().await;
     let mut outcome = if load_failed {
         Outcome::Failed
     } else {
@@ -50,7 +52,7 @@ pub(super) async fn plan_command(
     for env in &envs {
         let cloud = Retrying::new(AwsCloud::connect(&env.region, env.assume_role.as_ref()).await);
         let depth = if full { Depth::Full } else { Depth::Fast };
-        let observed = match observe(&cloud, env, depth).await {
+        let mut observed = match observe(&cloud, env, depth).await {
             Ok(o) => o,
             Err(e) => {
                 eprintln!(
@@ -61,6 +63,11 @@ pub(super) async fn plan_command(
                 continue;
             }
         };
+        // Plan and status only read: an unreadable table is a warning.
+        match super::state::read_suspension(state.as_ref(), &env.name).await {
+            Ok(s) => observed.suspension = s,
+            Err(e) => eprintln!("warning: {}: suspension unknown: {e}", env.name),
+        }
         let plan = plan(env, &observed);
         let previews = if change_sets {
             preview_change_sets(&cloud, env, &plan, &observed).await
@@ -77,6 +84,7 @@ pub(super) async fn plan_command(
                 "region": env.region,
                 "revision": env.revision,
                 "verdict": plan.verdict(),
+                "suspended": plan.suspended,
                 "stacks": plan.stacks,
                 "services": plan.services,
                 "change_sets": previews,
@@ -277,6 +285,13 @@ fn print_text(env: &DesiredEnv, plan: &Plan, previews: &[Preview], show: Show) {
         env.policy.mode,
         plan.verdict()
     );
+    if let Some(s) = &plan.suspended {
+        println!(
+            "  {}: nothing is written until `stackwarden resume -e {}`",
+            s.describe(),
+            env.name
+        );
+    }
     let w = plan
         .stacks
         .iter()

@@ -745,6 +745,8 @@ impl Cloud for AwsCloud {
                         Some(ChangeSetSummary {
                             name: s.change_set_name()?.to_owned(),
                             created: system_time(s.creation_time()),
+                            executing: s.execution_status()
+                                == Some(&cfn::types::ExecutionStatus::ExecuteInProgress),
                         })
                     }),
             );
@@ -822,6 +824,30 @@ impl Cloud for AwsCloud {
             .stack_name(stack)
             .set_client_request_token(token.map(str::to_owned))
             .set_resources_to_skip((!skip.is_empty()).then(|| skip.to_vec()))
+            .send()
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+
+    async fn rollback_stack(&self, stack: &str, token: Option<&str>) -> CloudResult<()> {
+        // RetainExceptOnCreate stays false (AWS's default): what the failed
+        // operation created is removed by its rollback, as any rollback does.
+        self.cfn
+            .rollback_stack()
+            .stack_name(stack)
+            .set_client_request_token(token.map(str::to_owned))
+            .send()
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+
+    async fn cancel_update_stack(&self, stack: &str, token: Option<&str>) -> CloudResult<()> {
+        self.cfn
+            .cancel_update_stack()
+            .stack_name(stack)
+            .set_client_request_token(token.map(str::to_owned))
             .send()
             .await
             .map_err(|e| self.error(e))?;

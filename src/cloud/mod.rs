@@ -301,6 +301,9 @@ pub struct ChangeSetSummary {
     pub name: String,
     /// When AWS created it (on AWS's clock).
     pub created: Option<SystemTime>,
+    /// Its execution status is `EXECUTE_IN_PROGRESS`: the stack's running
+    /// operation is this change set's.
+    pub executing: bool,
 }
 
 /// What a change does to one resource.
@@ -500,6 +503,23 @@ pub trait Cloud: Send + Sync {
         &self,
         stack: &str,
         skip: &[String],
+        token: Option<&str>,
+    ) -> impl Future<Output = CloudResult<()>> + Send;
+
+    /// RollbackStack: a stack in CREATE_FAILED or UPDATE_FAILED (an
+    /// operation made with rollback disabled) goes back to its last stable
+    /// state; one that never had one (a failed creation) is deleted.
+    fn rollback_stack(
+        &self,
+        stack: &str,
+        token: Option<&str>,
+    ) -> impl Future<Output = CloudResult<()>> + Send;
+
+    /// CancelUpdateStack: an update in UPDATE_IN_PROGRESS is stopped and
+    /// rolled back to the previous configuration.
+    fn cancel_update_stack(
+        &self,
+        stack: &str,
         token: Option<&str>,
     ) -> impl Future<Output = CloudResult<()>> + Send;
 

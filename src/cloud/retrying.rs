@@ -101,6 +101,14 @@ impl<C: Cloud> Cloud for Retrying<C> {
         retry::call(|| self.0.continue_update_rollback(stack, skip, token)).await
     }
 
+    async fn rollback_stack(&self, stack: &str, token: Option<&str>) -> CloudResult<()> {
+        retry::call(|| self.0.rollback_stack(stack, token)).await
+    }
+
+    async fn cancel_update_stack(&self, stack: &str, token: Option<&str>) -> CloudResult<()> {
+        retry::call(|| self.0.cancel_update_stack(stack, token)).await
+    }
+
     async fn delete_stack(&self, stack: &str) -> CloudResult<()> {
         retry::call(|| self.0.delete_stack(stack)).await
     }

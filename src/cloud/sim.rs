@@ -1291,6 +1291,7 @@ impl Cloud for SimCloud {
                     .map(|(name, cs)| ChangeSetSummary {
                         name: name.clone(),
                         created: Some(cs.created),
+                        executing: cs.executed && s.operation.is_some(),
                     })
                     .collect()
             })
@@ -1520,6 +1521,78 @@ impl Cloud for SimCloud {
             "AWS::CloudFormation::Stack",
             "UPDATE_ROLLBACK_IN_PROGRESS",
             Some("User Initiated".into()),
+        );
+        Ok(())
+    }
+
+    async fn rollback_stack(&self, stack: &str, _token: Option<&str>) -> CloudResult<()> {
+        let latency = self.latency(stack);
+        let mut st = self.enter("RollbackStack")?;
+        let s = st
+            .stacks
+            .get_mut(stack)
+            .ok_or_else(|| CloudError::NotFound(format!("Stack [{stack}] does not exist")))?;
+        // As AWS documents: from CREATE_FAILED or UPDATE_FAILED only; a
+        // stack with no last stable state (a failed creation) is deleted.
+        let (status, target) = match s.stack.status {
+            StackStatus::CreateFailed => ("ROLLBACK_IN_PROGRESS", "DELETE_COMPLETE"),
+            StackStatus::UpdateFailed => {
+                ("UPDATE_ROLLBACK_IN_PROGRESS", "UPDATE_ROLLBACK_COMPLETE")
+            }
+            ref other => {
+                return Err(CloudError::Validation(format!(
+                    "Stack:{stack} is in {other} state and can not be rolled back"
+                )));
+            }
+        };
+        s.stack.status = status.into();
+        s.stack.status_reason = Some("User Initiated".into());
+        s.operation = Some(Operation {
+            target,
+            done_at: Instant::now() + latency / 2,
+            apply: None,
+        });
+        push_event(
+            &mut st,
+            stack,
+            stack,
+            "AWS::CloudFormation::Stack",
+            status,
+            Some("User Initiated".into()),
+        );
+        Ok(())
+    }
+
+    async fn cancel_update_stack(&self, stack: &str, _token: Option<&str>) -> CloudResult<()> {
+        let latency = self.latency(stack);
+        let mut st = self.enter("CancelUpdateStack")?;
+        let s = st
+            .stacks
+            .get_mut(stack)
+            .ok_or_else(|| CloudError::NotFound(format!("Stack [{stack}] does not exist")))?;
+        if s.stack.status != StackStatus::UpdateInProgress {
+            return Err(CloudError::Validation(format!(
+                "CancelUpdateStack cannot be called from current stack status {}",
+                s.stack.status
+            )));
+        }
+        // The update stops where it is and rolls back: nothing of it is
+        // applied, and the stack is left as before it.
+        s.stack.status = StackStatus::UpdateRollbackInProgress;
+        s.stack.status_reason = Some("User Initiated".into());
+        s.operation = Some(Operation {
+            target: "UPDATE_ROLLBACK_COMPLETE",
+            done_at: Instant::now() + latency / 2,
+            apply: None,
+        });
+        st.stuck.remove(stack);
+        push_event(
+            &mut st,
+            stack,
+            stack,
+            "AWS::CloudFormation::Stack",
+            "UPDATE_ROLLBACK_IN_PROGRESS",
+            Some("Stack update cancelled".into()),
         );
         Ok(())
     }
