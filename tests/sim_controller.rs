@@ -409,3 +409,144 @@ async fn a_permanent_error_waits_for_a_change_instead_of_backing_off() {
         rec.alerts()
     );
 }
+
+fn operator(reason: &str) -> Suspension {
+    Suspension {
+        by: "arn:aws:iam::123456789012:user/oncall".into(),
+        since: 1_767_225_600,
+        reason: reason.into(),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_suspended_environment_is_observed_and_reported_never_written_until_resumed() {
+    let ws = Workspace::new();
+    let cloud = Retrying::new(SimCloud::new(SimConfig::default()));
+    let rec = Recorder::default();
+    let state = State::new(Backend::Memory(MemoryStore::default()));
+    let (ws, cloud, rec, state) = (&ws, &cloud, &rec, &state);
+    let env = stackwarden::spec::load(&ws.path("desired-state/dev.yaml")).unwrap();
+    let network = env.stacks["network"].name.clone();
+    with_state(
+        ws,
+        cloud,
+        rec,
+        &settings(60),
+        Some(state),
+        |shared, hup| async move {
+            until("dev created", Duration::from_secs(3600), || {
+                in_sync(&shared)
+            })
+            .await;
+            let created = state.history("dev").await.unwrap();
+            assert_eq!(created.len(), 1, "the pass that created dev: {created:#?}");
+            assert_eq!(created[0].stacks.len(), 8, "{created:#?}");
+
+            state
+                .suspend("dev", &operator("incident 42"), false)
+                .await
+                .unwrap();
+            cloud.edit_parameter(&network, "FlowLogRetentionDays", "90");
+            let writes = cloud.write_calls();
+            let before = passes(&shared);
+            let _ = hup.send(());
+            tokio::time::sleep(Duration::from_secs(10 * 60)).await;
+            assert!(passes(&shared) >= before + 10, "{}", passes(&shared));
+            assert_eq!(
+                cloud.write_calls(),
+                writes,
+                "a suspended environment is written"
+            );
+            let status = shared.env("dev").unwrap();
+            assert_eq!(status.result, Some(Verdict::Differences));
+            assert_eq!(status.suspended, Some(operator("incident 42")));
+            assert!(
+                shared.status_json().contains("incident 42"),
+                "{}",
+                shared.status_json()
+            );
+            let drift = rec.alerts();
+            assert_eq!(drift.len(), 1, "drift is alerted once: {drift:#?}");
+            assert_eq!(drift[0].event, "drift");
+            assert_eq!(state.history("dev").await.unwrap().len(), 1);
+
+            assert!(state.resume("dev").await.unwrap().is_some());
+            let _ = hup.send(());
+            until("converged after resume", Duration::from_secs(3600), || {
+                cloud.stack(&network).unwrap().parameters["FlowLogRetentionDays"] != "90"
+                    && in_sync(&shared)
+            })
+            .await;
+            assert_eq!(shared.env("dev").unwrap().suspended, None);
+            assert_eq!(state.history("dev").await.unwrap().len(), 2);
+        },
+    )
+    .await;
+    assert!(cloud.violations().is_empty(), "{:?}", cloud.violations());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restart_does_not_tell_again_an_episode_still_open() {
+    let ws = Workspace::new();
+    let cloud = Retrying::new(SimCloud::new(SimConfig::default()));
+    let rec = Recorder::default();
+    let state = State::new(Backend::Memory(MemoryStore::default()));
+    let (ws, cloud, rec, state) = (&ws, &cloud, &rec, &state);
+    with_state(
+        ws,
+        cloud,
+        rec,
+        &settings(60),
+        Some(state),
+        |shared, _| async move {
+            until("dev created", Duration::from_secs(3600), || {
+                in_sync(&shared)
+            })
+            .await;
+            ws.edit("templates/dynamodb.yaml", KEY, REPLACING_KEY);
+            until("the blocked alert", Duration::from_secs(10), || {
+                rec.alerts().len() == 1
+            })
+            .await;
+        },
+    )
+    .await;
+    let (open, _) = state.episodes("dev").await.unwrap();
+    assert_eq!(open.len(), 1, "{open:#?}");
+
+    // A new process: the episode is still open, and already told.
+    with_state(
+        ws,
+        cloud,
+        rec,
+        &settings(60),
+        Some(state),
+        |shared, _| async move {
+            until("three passes", Duration::from_secs(600), || {
+                passes(&shared) >= 3
+            })
+            .await;
+        },
+    )
+    .await;
+    assert_eq!(rec.alerts().len(), 1, "told again: {:#?}", rec.alerts());
+
+    // Its end is told by the process that sees it.
+    ws.edit("templates/dynamodb.yaml", REPLACING_KEY, KEY);
+    with_state(
+        ws,
+        cloud,
+        rec,
+        &settings(60),
+        Some(state),
+        |shared, _| async move {
+            until("the recovery", Duration::from_secs(600), || {
+                rec.alerts().len() == 2 && in_sync(&shared)
+            })
+            .await;
+        },
+    )
+    .await;
+    assert_eq!(rec.alerts()[1].event, "recovered");
+    assert!(state.episodes("dev").await.unwrap().0.is_empty());
+}
