@@ -114,7 +114,7 @@ enum Recovery<'a> {
     Cancel { token: &'a str },
 }
 
-/// For `rollback --cancel`: which selected stacks in UPDATE_IN_PROGRESS
+/// For `rollback`: which selected stacks in UPDATE_IN_PROGRESS
 /// run a change set's execution, and whose (one ListChangeSets each).
 async fn read_executing<C: Cloud>(
     cloud: &C,
@@ -490,9 +490,7 @@ async fn reconcile_pass<C: Cloud>(
         .await
         .map_err(ApplyError::Observe)?;
     options.annotate(&mut observed);
-    if let Intent::Recover(request) = &options.intent
-        && request.cancel
-    {
+    if let Intent::Recover(request) = &options.intent {
         read_executing(cloud, env, request, &mut observed)
             .await
             .map_err(ApplyError::Observe)?;
@@ -740,7 +738,10 @@ impl<'a, C: Cloud> Pass<'a, C> {
         for dep in &stack.depends_on {
             let r = &done[dep].result;
             upstream_changed |= *r != StackResult::InSync;
-            if !r.ready() && upstream.is_none() {
+            // A rollback gets each stack back on its own: an upstream that
+            // is not ready holds nothing up.
+            let recovering = matches!(self.options.intent, Intent::Recover(_));
+            if !r.ready() && upstream.is_none() && !recovering {
                 upstream = Some(dep.clone());
             }
         }

@@ -40,7 +40,8 @@ pub struct Observed {
     /// there is one, nothing is written.
     pub suspension: Option<crate::state::Suspension>,
     /// By stack name: the change set whose execution is the stack's
-    /// running operation (read only for `rollback --cancel`).
+    /// running operation (read only by `rollback`, for stacks in
+    /// UPDATE_IN_PROGRESS).
     pub executing: BTreeMap<String, String>,
 }
 

@@ -120,6 +120,8 @@ struct Operation {
 
 #[derive(Debug, Clone)]
 struct Applied {
+    /// The change set whose execution this is.
+    change_set: String,
     template_body: String,
     parameters: BTreeMap<String, String>,
     tags: BTreeMap<String, String>,
@@ -1291,7 +1293,11 @@ impl Cloud for SimCloud {
                     .map(|(name, cs)| ChangeSetSummary {
                         name: name.clone(),
                         created: Some(cs.created),
-                        executing: cs.executed && s.operation.is_some(),
+                        executing: s
+                            .operation
+                            .as_ref()
+                            .and_then(|op| op.apply.as_ref())
+                            .is_some_and(|a| a.change_set == *name),
                     })
                     .collect()
             })
@@ -1395,6 +1401,7 @@ impl Cloud for SimCloud {
             },
             done_at: now + latency,
             apply: Some(Applied {
+                change_set: name.to_owned(),
                 template_body: cs.request.template_body.clone(),
                 parameters: cs.request.parameters.clone(),
                 tags: cs.request.tags.clone(),
