@@ -47,8 +47,13 @@ impl DynamoStore {
         let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .load()
             .await;
+        DynamoStore::new(&config, table)
+    }
+
+    /// A store on `table` with this configuration.
+    pub fn new(config: &aws_config::SdkConfig, table: &str) -> DynamoStore {
         DynamoStore {
-            client: ddb::Client::new(&config),
+            client: ddb::Client::new(config),
             table: table.to_owned(),
         }
     }

@@ -16,6 +16,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
+pub mod daemon;
+
 pub const ACCOUNT: &str = "123456789012";
 pub const REGION: &str = "us-east-1";
 
