@@ -26,6 +26,8 @@ pub struct PassMetrics {
     pub errors: u64,
     pub change_sets_executed: u64,
     pub throttles: u64,
+    /// 1 while the environment is suspended (`stackwarden suspend`).
+    pub suspended: u64,
     /// AWS API calls of the pass (not sent to CloudWatch).
     pub api_calls: u64,
     /// Per stack key: 1 in sync and healthy, 0 not.
@@ -40,6 +42,7 @@ impl PassMetrics {
             duration_seconds: report.seconds,
             change_sets_executed: report.changed() as u64,
             throttles,
+            suspended: u64::from(report.final_plan.suspended.is_some()),
             ..PassMetrics::default()
         };
         for o in outcomes(report) {
@@ -76,7 +79,7 @@ impl PassMetrics {
     }
 
     /// (name, unit, value) of the environment-level metrics.
-    fn values(&self) -> [(&'static str, &'static str, f64); 10] {
+    fn values(&self) -> [(&'static str, &'static str, f64); 11] {
         [
             ("StacksInSync", "Count", self.stacks_in_sync as f64),
             ("StacksDrifted", "Count", self.stacks_drifted as f64),
@@ -92,6 +95,7 @@ impl PassMetrics {
                 self.change_sets_executed as f64,
             ),
             ("Throttles", "Count", self.throttles as f64),
+            ("Suspended", "Count", self.suspended as f64),
         ]
     }
 }
@@ -256,6 +260,15 @@ impl Registry {
                     ]
                     .map(|(s, v)| (format!("{},health=\"{s}\"", env(&m.environment)), v as f64))
                 })
+                .collect(),
+        );
+        family(
+            "stackwarden_suspended",
+            "gauge",
+            "1 while the environment is suspended: observed, never written.",
+            self.last
+                .values()
+                .map(|m| (env(&m.environment), m.suspended as f64))
                 .collect(),
         );
         family(

@@ -461,6 +461,13 @@ async fn a_suspended_environment_is_observed_and_reported_never_written_until_re
             assert_eq!(status.result, Some(Verdict::Differences));
             assert_eq!(status.suspended, Some(operator("incident 42")));
             assert!(
+                shared
+                    .metrics_text()
+                    .contains("stackwarden_suspended{environment=\"dev\"} 1"),
+                "{}",
+                shared.metrics_text()
+            );
+            assert!(
                 shared.status_json().contains("incident 42"),
                 "{}",
                 shared.status_json()
