@@ -72,12 +72,23 @@ pub fn toplevel(path: &Path) -> Result<PathBuf, GitError> {
 }
 
 /// The commit checked out where `files` are, and whether any of them
-/// differs from it. `None` outside a git repository (or without git): the
-/// history then has no commit, which is not an error.
+/// differs from it. `None` outside a git repository: the history then has
+/// no commit, which is not an error. Without the `git` command (the
+/// distroless image), the commit is read from the repository's files and
+/// the files are taken as committed (a git-sync checkout is never edited).
 pub fn checkout(files: &[PathBuf]) -> Option<Checkout> {
     let first = files.first()?;
     let dir = folder_of(first);
-    let head = git(&dir, &["rev-parse", "HEAD"]).ok()?;
+    let head = match git(&dir, &["rev-parse", "HEAD"]) {
+        Ok(head) => head,
+        Err(GitError::NotInstalled(_)) => {
+            return head_from_files(&dir).map(|commit| Checkout {
+                commit,
+                dirty: false,
+            });
+        }
+        Err(_) => return None,
+    };
     if !head.status.success() {
         return None;
     }
@@ -89,6 +100,53 @@ pub fn checkout(files: &[PathBuf]) -> Option<Checkout> {
         commit: text(&head.stdout),
         dirty: !status.status.success() || !status.stdout.is_empty(),
     })
+}
+
+/// HEAD's commit, read from the `.git` of the repository holding `dir`
+/// (a folder, or a `gitdir:` file as worktrees have; a detached HEAD, a
+/// loose ref, or a packed one).
+fn head_from_files(dir: &Path) -> Option<String> {
+    let dir = std::fs::canonicalize(dir).ok()?;
+    let dot_git = dir
+        .ancestors()
+        .map(|d| d.join(".git"))
+        .find(|p| p.exists())?;
+    let git_dir = if dot_git.is_file() {
+        let text = std::fs::read_to_string(&dot_git).ok()?;
+        let target = PathBuf::from(text.trim().strip_prefix("gitdir:")?.trim());
+        if target.is_absolute() {
+            target
+        } else {
+            dot_git.parent()?.join(target)
+        }
+    } else {
+        dot_git
+    };
+    let head = std::fs::read_to_string(git_dir.join("HEAD")).ok()?;
+    let head = head.trim();
+    let Some(reference) = head.strip_prefix("ref:").map(str::trim) else {
+        return is_commit_id(head).then(|| head.to_owned());
+    };
+    // A worktree's refs are the main repository's.
+    let common = std::fs::read_to_string(git_dir.join("commondir"))
+        .ok()
+        .map(|c| git_dir.join(c.trim()))
+        .unwrap_or(git_dir);
+    if let Ok(id) = std::fs::read_to_string(common.join(reference)) {
+        let id = id.trim();
+        return is_commit_id(id).then(|| id.to_owned());
+    }
+    let packed = std::fs::read_to_string(common.join("packed-refs")).ok()?;
+    packed
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .find(|(_, name)| *name == reference)
+        .map(|(id, _)| id.to_owned())
+        .filter(|id| is_commit_id(id))
+}
+
+fn is_commit_id(s: &str) -> bool {
+    (s.len() == 40 || s.len() == 64) && s.chars().all(|c| c.is_ascii_hexdigit())
 }
 
 /// The full id of the commit `reference` names, in the repository holding
@@ -183,4 +241,70 @@ pub fn export(path: &Path, commit: &str) -> Result<Export, GitError> {
         dir,
         commit: commit.to_owned(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn git_in(dir: &Path, args: &[&str]) -> String {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@example.com")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@example.com")
+            .output()
+            .expect("git");
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+    }
+
+    #[test]
+    fn head_is_read_from_the_repository_files_as_git_reads_it() {
+        let repo = tempfile::tempdir().unwrap();
+        let dir = repo.path();
+        git_in(dir, &["init", "-q", "-b", "main"]);
+        std::fs::create_dir(dir.join("desired-state")).unwrap();
+        std::fs::write(dir.join("desired-state/dev.yaml"), "a: 1").unwrap();
+        git_in(dir, &["add", "-A"]);
+        git_in(dir, &["commit", "-q", "-m", "one"]);
+        let one = git_in(dir, &["rev-parse", "HEAD"]);
+        let sub = dir.join("desired-state");
+        // A loose ref.
+        assert_eq!(head_from_files(&sub), Some(one.clone()));
+        // A packed ref.
+        git_in(dir, &["pack-refs", "--all"]);
+        assert_eq!(head_from_files(&sub), Some(one.clone()));
+        // A worktree on a detached HEAD (git-sync's layout).
+        let wt = tempfile::tempdir().unwrap();
+        let wt_path = wt.path().join("wt");
+        git_in(
+            dir,
+            &[
+                "worktree",
+                "add",
+                "-q",
+                "--detach",
+                wt_path.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(head_from_files(&wt_path), Some(one.clone()));
+        // And what `checkout` says with git at hand.
+        let files = [sub.join("dev.yaml")];
+        assert_eq!(
+            checkout(&files),
+            Some(Checkout {
+                commit: one,
+                dirty: false
+            })
+        );
+        std::fs::write(sub.join("dev.yaml"), "a: 2").unwrap();
+        assert!(checkout(&files).unwrap().dirty);
+        // Outside a repository: no commit.
+        let plain = tempfile::tempdir().unwrap();
+        assert_eq!(head_from_files(plain.path()), None);
+    }
 }

@@ -52,10 +52,6 @@ pub(super) async fn once(
             .or_insert_with(|| Arc::new(Semaphore::new(max_parallel)));
     }
     let state = state_args.open().await;
-    let caller = match &state {
-        Some(_) => caller_arn().await,
-        None => String::new(),
-    };
     let runs = envs.iter().map(|env| {
         let limit = limits[&env.account_region()].clone();
         let mut options = options.clone();
@@ -80,11 +76,17 @@ pub(super) async fn once(
     let results = futures::future::join_all(runs).await;
     drop(options);
     if let Some(state) = &state {
+        // Who acted, asked only when something was written.
+        let mut caller = None;
         for (env, result, _) in &results {
             if let Ok(report) = result
                 && report.changed() > 0
             {
-                let entry = history::of_pass(env, report, &caller, None);
+                if caller.is_none() {
+                    caller = Some(caller_arn().await);
+                }
+                let caller = caller.as_deref().unwrap_or_default();
+                let entry = history::of_pass(env, report, caller, None);
                 if let Err(e) = state.record(&env.name, &entry).await {
                     eprintln!("warning: {}: history not written: {e}", env.name);
                 }
