@@ -522,7 +522,11 @@ async fn reconcile_pass<C: Cloud>(
         started_at,
     };
     let stacks = pass.run_stacks().await?;
-    let services = pass.run_services(&stacks).await?;
+    // A rollback is about stacks: services are left as they are.
+    let services = match options.intent {
+        Intent::Converge => pass.run_services(&stacks).await?,
+        Intent::Recover(_) => Vec::new(),
+    };
     let permanent_error = match pass.account.get() {
         Some(Err(e)) if e.is_permanent() => Some(e.to_string()),
         _ => None,

@@ -9,7 +9,9 @@ use std::collections::BTreeMap;
 use std::process::Output;
 
 use aws_sdk_cloudformation::types::{Capability, Parameter};
-use common::{Emulator, Workspace, every_stack_in_sync, run, stack_result, stderr, stdout};
+use common::{
+    Emulator, Workspace, desired_count, every_stack_in_sync, run, stack_result, stderr, stdout,
+};
 use stackwarden::spec;
 
 const SERVICE_CLUSTER: &str = "dev-performance-mgmt";
@@ -45,18 +47,6 @@ async fn live_stacks(
         .iter()
         .map(|s| (s.stack_name().unwrap().to_owned(), s.clone()))
         .collect()
-}
-
-async fn desired_count(config: &aws_config::SdkConfig, service: &str) -> i32 {
-    let ecs = aws_sdk_ecs::Client::new(config);
-    let out = ecs
-        .describe_services()
-        .cluster(SERVICE_CLUSTER)
-        .services(service)
-        .send()
-        .await
-        .expect("DescribeServices");
-    out.services()[0].desired_count()
 }
 
 #[tokio::test]

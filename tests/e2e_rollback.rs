@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use common::daemon::{Daemon, subscribe, until};
-use common::{Emulator, Workspace, run, stderr, stdout};
+use common::{Emulator, Workspace, desired_count, run, stderr, stdout};
 use stackwarden::state::dynamo::DynamoStore;
 use stackwarden::state::{Backend, Expect, State, StateError, StoredEpisode, Suspension};
 
@@ -73,18 +73,6 @@ async fn retention(config: &aws_config::SdkConfig) -> String {
         .and_then(|p| p.parameter_value())
         .unwrap_or_default()
         .to_owned()
-}
-
-async fn desired_count(config: &aws_config::SdkConfig) -> i32 {
-    let ecs = aws_sdk_ecs::Client::new(config);
-    let out = ecs
-        .describe_services()
-        .cluster(SERVICE)
-        .services(SERVICE)
-        .send()
-        .await
-        .expect("DescribeServices");
-    out.services()[0].desired_count()
 }
 
 /// Messages on the alert queue now (each is received once).
@@ -191,7 +179,7 @@ async fn rollback_to_a_commit_suspends_there_until_resume_and_history_tells_it_a
         "{}",
         explain(&out)
     );
-    assert_eq!(desired_count(&config).await, 5);
+    assert_eq!(desired_count(&config, SERVICE).await, 5);
     assert_eq!(retention(&config).await, "14");
     let plan = sw(emu, &ws, &["plan", "-o", "json"]);
     assert_eq!(code(&plan), Some(2), "{}", explain(&plan));
@@ -229,7 +217,7 @@ async fn rollback_to_a_commit_suspends_there_until_resume_and_history_tells_it_a
         passes(&d) >= 2
     })
     .await;
-    assert_eq!(desired_count(&config).await, 5, "{}", d.logs());
+    assert_eq!(desired_count(&config, SERVICE).await, 5, "{}", d.logs());
     let second = drain(&sqs, &queue).await;
     assert!(second.is_empty(), "told again: {second:#?}");
     drop(d);
@@ -240,7 +228,7 @@ async fn rollback_to_a_commit_suspends_there_until_resume_and_history_tells_it_a
     let out = sw(emu, &ws, &["reconcile", "--once"]);
     assert_eq!(code(&out), Some(0), "{}", explain(&out));
     assert_eq!(retention(&config).await, "30");
-    assert_eq!(desired_count(&config).await, 2);
+    assert_eq!(desired_count(&config, SERVICE).await, 2);
 
     // The history: every pass that wrote, the rollback, the resumption.
     let out = sw(emu, &ws, &["history", "-o", "json"]);

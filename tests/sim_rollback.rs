@@ -101,12 +101,16 @@ fn status(cloud: &Retrying<SimCloud>, env: &DesiredEnv, key: &str) -> Option<Sta
 async fn update_failed_is_rolled_back_to_its_last_stable_state_once() {
     let env = dev();
     let cloud = cloud_for(&env, 1);
-    converge(&cloud, &env).await;
+    let created = converge(&cloud, &env).await;
+    let svc = &created.services[0];
+    let (cluster, service) = (svc.cluster.clone().unwrap(), svc.service.clone().unwrap());
     cloud.force_status(
         &env.stacks["network"].name,
         "UPDATE_FAILED",
         "Resource Vpc failed: rate exceeded",
     );
+    // Services are not a rollback's business.
+    cloud.edit_desired_count(&cluster, &service, 5);
     let r = rollback(&cloud, &env, &["network"], &[], false).await;
     assert_eq!(result(&r, "network"), &StackResult::RolledBack, "{r:#?}");
     assert_eq!(
@@ -114,6 +118,8 @@ async fn update_failed_is_rolled_back_to_its_last_stable_state_once() {
         Some(StackStatus::UpdateRollbackComplete)
     );
     assert_eq!(calls(&cloud, "RollbackStack"), 1);
+    assert_eq!(calls(&cloud, "UpdateService"), 0, "{r:#?}");
+    assert!(r.services.is_empty());
     // The others were not selected, and nothing else was written.
     assert_eq!(result(&r, "msk"), &StackResult::InSync, "{r:#?}");
     assert_eq!(r.changed(), 1);

@@ -75,10 +75,12 @@ pub(super) async fn run(args: Rollback<'_>) -> anyhow::Result<Outcome> {
             }
         };
         let export = crate::git::export(&args.select.desired_state, &commit)?;
-        let file = export.path.join(format!("{name}.yaml"));
-        if !file.is_file() {
+        let Some(file) = crate::spec::discover(&export.path)
+            .ok()
+            .and_then(|mut files| files.remove(&name))
+        else {
             anyhow::bail!("{name}: no {name}.yaml in the desired state at {reference}");
-        }
+        };
         let Ok(target) = load_reported(&file) else {
             anyhow::bail!("{name}: the desired state at {reference} is invalid: nothing was done");
         };

@@ -156,6 +156,19 @@ pub fn stack_result<'v>(v: &'v serde_json::Value, key: &str) -> &'v serde_json::
         .unwrap_or_else(|| panic!("{key} in {v}"))
 }
 
+/// The desired count of an ECS service of the shipped cluster.
+pub async fn desired_count(config: &aws_config::SdkConfig, service: &str) -> i32 {
+    let ecs = aws_sdk_ecs::Client::new(config);
+    let out = ecs
+        .describe_services()
+        .cluster("dev-performance-mgmt")
+        .services(service)
+        .send()
+        .await
+        .expect("DescribeServices");
+    out.services()[0].desired_count()
+}
+
 /// Whether every stack of a `reconcile -o json` answer is in sync.
 pub fn every_stack_in_sync(v: &serde_json::Value) -> bool {
     v[0]["report"]["stacks"]
