@@ -165,6 +165,7 @@ fn main() {
             shared: &shared,
             state: None,
             caller: "arn:aws:iam::123456789012:role/stackwarden",
+            leases: None,
         };
         let day = async {
             tokio::time::sleep(Duration::from_secs(hours * 3600)).await;

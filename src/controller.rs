@@ -29,7 +29,8 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::apply::{self, Options};
-use crate::cloud::Cloud;
+use crate::cloud::{Cloud, Fenced};
+use crate::lease::{Coordinator, Fence, LeaseStatus};
 use crate::metrics::{MetricsSink, PassMetrics, Registry};
 use crate::notify::{Episodes, Finding, Kind, Notifier};
 use crate::observe::Depth;
@@ -109,6 +110,9 @@ pub struct EnvStatus {
     /// Set while the environment is suspended (nothing is written).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub suspended: Option<Suspension>,
+    /// The environment's lease, when replicas share environments.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease: Option<LeaseStatus>,
     /// Every object's outcome of the last pass.
     pub objects: Vec<crate::outcome::Outcome>,
     pub open_alerts: Vec<Finding>,
@@ -168,7 +172,11 @@ impl Shared {
         if status.is_empty() {
             return Err("no environment".into());
         }
-        for (name, s) in status.iter() {
+        // Environments another replica holds are its business.
+        let mine = status
+            .iter()
+            .filter(|(_, s)| s.lease.as_ref().is_none_or(|l| l.held));
+        for (name, s) in mine {
             if s.passes == 0 {
                 return Err(format!("{name}: first pass not done"));
             }
@@ -177,6 +185,15 @@ impl Shared {
             }
         }
         Ok(())
+    }
+
+    /// Records the leases as this replica sees them (after each round).
+    pub fn set_leases(&self, leases: BTreeMap<String, LeaseStatus>) {
+        self.registry().set_leases(&leases);
+        let mut status = self.status();
+        for (env, lease) in leases {
+            status.entry(env).or_default().lease = Some(lease);
+        }
     }
 
     pub fn status_json(&self) -> String {
@@ -205,6 +222,9 @@ pub struct Controller<'a, K, N, M> {
     pub state: Option<&'a State<Backend>>,
     /// Who the controller acts as (its caller ARN), for the history.
     pub caller: &'a str,
+    /// The leases shared with other replicas (with a state table): an
+    /// environment is reconciled only while this replica holds its lease.
+    pub leases: Option<&'a Coordinator<Backend>>,
 }
 
 impl<K: Connect, N: Notifier, M: MetricsSink> Controller<'_, K, N, M> {
@@ -241,6 +261,7 @@ impl<K: Connect, N: Notifier, M: MetricsSink> Controller<'_, K, N, M> {
                 limits: &limits,
                 state: self.state,
                 caller: self.caller,
+                leases: self.leases,
             };
             ctx.run(
                 hup.subscribe(),
@@ -248,7 +269,14 @@ impl<K: Connect, N: Notifier, M: MetricsSink> Controller<'_, K, N, M> {
                 self.settings.seed.wrapping_add(i as u64),
             )
         });
-        futures::future::join_all(loops).await;
+        let leases = async {
+            if let Some(c) = self.leases {
+                c.run(shutdown.clone(), |c| self.shared.set_leases(c.status()))
+                    .await;
+                self.shared.set_leases(c.status());
+            }
+        };
+        futures::future::join(futures::future::join_all(loops), leases).await;
     }
 }
 
@@ -264,6 +292,7 @@ struct EnvLoop<'a, K, N, M> {
     limits: &'a Mutex<BTreeMap<(String, String), Arc<Semaphore>>>,
     state: Option<&'a State<Backend>>,
     caller: &'a str,
+    leases: Option<&'a Coordinator<Backend>>,
 }
 
 /// Alert episodes of one environment, and where they are kept.
@@ -305,6 +334,11 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
         let failed_redeploys = apply::FailedRedeploys::default();
         // While idle the loop comes round at least every `watch_every`.
         let idle_bound = self.settings.watch_every * 3 + Duration::from_secs(60);
+        let fence = match self.leases {
+            Some(c) => c.fence(self.name),
+            None => Arc::new(Fence::open()),
+        };
+        let mut lease_wanted = false;
         loop {
             if *shutdown.borrow() {
                 break;
@@ -324,8 +358,19 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
                     }
                     "desired state changed"
                 }
+                _ = fence.gained(), if lease_wanted => "lease taken",
                 _ = shutdown.changed() => break,
             };
+            // Another replica holds the environment: nothing to do until
+            // this one takes the lease (which starts a pass at once).
+            lease_wanted = !fence.holds();
+            if lease_wanted {
+                self.set_waiting(Some(
+                    "the environment's lease (held by another replica, or not yet taken)".into(),
+                ));
+                next = crate::retry::instant_after(Duration::MAX);
+                continue;
+            }
             let span = tracing::info_span!("pass", environment = self.name);
             tracing::info!(message = "Pass starting.", environment = self.name, why);
 
@@ -443,15 +488,39 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
             let throttles = c.throttles();
             let calls = c.api_calls();
             let started = Instant::now();
-            let pass = apply::reconcile(c, env, &limit, &options).instrument(span);
+            // Every write checks the lease; the pass ends at once when the
+            // lease falls (between two calls; nothing more is sent).
+            let fenced = Fenced::new(c, &fence, self.name);
+            let pass = apply::reconcile(&fenced, env, &limit, &options).instrument(span);
+            if let Some(l) = self.leases {
+                l.set_busy(self.name, true);
+            }
             let result = tokio::select! {
-                r = pass => r,
+                r = pass => Some(r),
+                _ = fence.lost() => None,
                 _ = grace_after(shutdown.clone(), self.settings.shutdown_grace) => {
                     tracing::warn!(message = "Shutting down: the pass is abandoned at a safe point; the next start continues it.");
                     break;
                 }
             };
+            if let Some(l) = self.leases {
+                l.set_busy(self.name, false);
+            }
             drop(permit);
+            let Some(result) = result else {
+                tracing::warn!(
+                    message = "Lease lost: the pass is abandoned; the replica that takes the lease continues it.",
+                    environment = self.name
+                );
+                self.record_error(
+                    Some("the lease was lost during the pass; it was abandoned".into()),
+                    load_error.clone(),
+                    Some(&told.episodes),
+                );
+                lease_wanted = true;
+                next = crate::retry::instant_after(Duration::MAX);
+                continue;
+            };
             let throttled = c.throttles() - throttles;
             let calls = c.api_calls() - calls;
 

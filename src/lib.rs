@@ -15,6 +15,7 @@ pub mod endpoints;
 pub mod files;
 pub mod git;
 pub mod language_extensions;
+pub mod lease;
 pub mod metrics;
 pub mod notify;
 pub mod observe;

@@ -179,6 +179,8 @@ pub struct Registry {
     throttles: BTreeMap<String, u64>,
     api_calls: BTreeMap<String, u64>,
     alerts: BTreeMap<String, u64>,
+    /// By environment: (this replica holds its lease, hand-overs to it).
+    leases: BTreeMap<String, (bool, u64)>,
 }
 
 impl Registry {
@@ -197,6 +199,13 @@ impl Registry {
         *self.throttles.entry(env.clone()).or_default() += m.throttles;
         *self.api_calls.entry(env.clone()).or_default() += m.api_calls;
         self.last.insert(env, m.clone());
+    }
+
+    pub fn set_leases(&mut self, leases: &BTreeMap<String, crate::lease::LeaseStatus>) {
+        self.leases = leases
+            .iter()
+            .map(|(e, l)| (e.clone(), (l.held, l.handovers)))
+            .collect();
     }
 
     pub fn record_alert(&mut self, environment: &str) {
@@ -269,6 +278,24 @@ impl Registry {
             self.last
                 .values()
                 .map(|m| (env(&m.environment), m.suspended as f64))
+                .collect(),
+        );
+        family(
+            "stackwarden_lease_held",
+            "gauge",
+            "1 on the replica that holds the environment's lease, 0 on the others.",
+            self.leases
+                .iter()
+                .map(|(e, (held, _))| (env(e), f64::from(u8::from(*held))))
+                .collect(),
+        );
+        family(
+            "stackwarden_lease_handovers_total",
+            "counter",
+            "Times this replica took an environment's lease over from another.",
+            self.leases
+                .iter()
+                .map(|(e, (_, n))| (env(e), *n as f64))
                 .collect(),
         );
         family(

@@ -10,69 +10,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::Workspace;
-use stackwarden::cloud::CloudError;
+use common::controller::{Recorder, SimConnect, settings};
 use stackwarden::cloud::Retrying;
 use stackwarden::cloud::sim::{SimCloud, SimConfig};
-use stackwarden::controller::{Connect, Controller, Settings, Shared};
-use stackwarden::metrics::{MetricsSink, PassMetrics};
-use stackwarden::notify::{Alert, Notifier};
+use stackwarden::controller::{Controller, Settings, Shared};
 use stackwarden::plan::Verdict;
-use stackwarden::spec::DesiredEnv;
 use stackwarden::state::{Backend, MemoryStore, State, Suspension};
 use tokio::sync::{broadcast, watch};
-
-struct SimConnect(Retrying<SimCloud>);
-
-impl Connect for SimConnect {
-    type Cloud = Retrying<SimCloud>;
-    async fn connect(&self, _env: &DesiredEnv) -> Retrying<SimCloud> {
-        self.0.clone()
-    }
-}
-
-/// Keeps what would have gone to SNS and CloudWatch.
-#[derive(Clone, Default)]
-struct Recorder {
-    alerts: Arc<Mutex<Vec<(String, Alert)>>>,
-    metrics: Arc<Mutex<Vec<PassMetrics>>>,
-}
-
-impl Recorder {
-    fn alerts(&self) -> Vec<Alert> {
-        self.alerts
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(_, a)| a.clone())
-            .collect()
-    }
-}
-
-impl Notifier for Recorder {
-    async fn publish(&self, topic: &str, alert: &Alert) -> Result<(), CloudError> {
-        self.alerts
-            .lock()
-            .unwrap()
-            .push((topic.to_owned(), alert.clone()));
-        Ok(())
-    }
-}
-
-impl MetricsSink for Recorder {
-    async fn put(&self, _ns: &str, _region: &str, m: &PassMetrics) -> Result<(), CloudError> {
-        self.metrics.lock().unwrap().push(m.clone());
-        Ok(())
-    }
-}
-
-fn settings(interval: u64) -> Settings {
-    Settings {
-        interval: Duration::from_secs(interval),
-        jitter: 0.0,
-        watch_every: Duration::from_secs(1),
-        ..Settings::default()
-    }
-}
 
 /// A controller over the workspace's dev, driven by `driver`, which gets
 /// the shared status and the SIGHUP sender and returns when the test is
@@ -115,6 +59,7 @@ async fn with_state<F, Fut>(
         shared: &shared,
         state,
         caller: "arn:aws:iam::123456789012:role/operator",
+        leases: None,
     };
     let drive = async {
         driver(shared.clone(), hup.clone()).await;

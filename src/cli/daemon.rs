@@ -36,6 +36,7 @@ pub(super) async fn run(
     listen: SocketAddr,
     settings: Settings,
     state: &super::state::StateArgs,
+    (leases, replica): (crate::lease::LeaseSettings, String),
 ) -> anyhow::Result<Outcome> {
     let files = selected_files(select)?;
     let listener = tokio::net::TcpListener::bind(listen)
@@ -85,12 +86,22 @@ pub(super) async fn run(
         interval = %humantime::format_duration(settings.interval),
         %listen,
     );
-    let state = state.open().await;
+    let state = state.open().await.map(Arc::new);
     let caller = super::state::caller_arn().await;
-    if state.is_none() {
-        tracing::warn!(
-            message = "No state table (--state-table): suspensions are not seen, no history is kept, and alert episodes are forgotten on restart."
-        );
+    // With a state table, replicas share the environments through leases.
+    let coordinator = state.as_ref().map(|s| {
+        crate::lease::Coordinator::new(s.clone(), &replica, leases, files.keys().cloned())
+    });
+    match &coordinator {
+        None => tracing::warn!(
+            message = "No state table (--state-table): one replica only; suspensions are not seen, no history is kept, and alert episodes are forgotten on restart."
+        ),
+        Some(c) => tracing::info!(
+            message = "Sharing environments through leases.",
+            replica = c.me(),
+            lease = %humantime::format_duration(leases.duration),
+            renew = %humantime::format_duration(leases.renew)
+        ),
     }
     let notifier = SnsNotifier::connect().await;
     let sink = CloudWatchSink::connect().await;
@@ -100,8 +111,9 @@ pub(super) async fn run(
         sink: &sink,
         settings: &settings,
         shared: &shared,
-        state: state.as_ref(),
+        state: state.as_deref(),
         caller: &caller,
+        leases: coordinator.as_ref(),
     }
     .run(files, &hup, stopped)
     .await;

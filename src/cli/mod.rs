@@ -187,8 +187,25 @@ struct ReconcileArgs {
     /// Controller: CloudWatch namespace of the metrics.
     #[arg(long, value_name = "NAMESPACE", default_value = "Stackwarden")]
     metrics_namespace: String,
+    /// Controller with a state table: how long an environment's lease lasts
+    /// without renewal; another replica takes it over after seeing it
+    /// unrenewed this long.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_lease)]
+    lease_duration: std::time::Duration,
+    /// Controller with a state table: how often leases are renewed (at most
+    /// half of the lease duration minus a fifth of it).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_lease)]
+    lease_renew: std::time::Duration,
+    /// Controller with a state table: this replica's id in the leases
+    /// (default: host name, process id and a random suffix).
+    #[arg(long, value_name = "ID")]
+    replica_id: Option<String>,
     #[command(flatten)]
     state: state::StateArgs,
+}
+
+fn parse_lease(s: &str) -> Result<Duration, String> {
+    bounded_duration(s, (Duration::from_millis(100), Duration::from_secs(3600)))
 }
 
 /// The bounds of `--interval`.
@@ -409,11 +426,21 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 seed: std::process::id().into(),
                 ..crate::controller::Settings::default()
             };
+            let leases = crate::lease::LeaseSettings {
+                duration: args.lease_duration,
+                renew: args.lease_renew,
+            };
+            leases.check().map_err(|e| anyhow::anyhow!(e))?;
+            let replica = args
+                .replica_id
+                .clone()
+                .unwrap_or_else(crate::lease::replica_id);
             runtime()?.block_on(daemon::run(
                 &args.select,
                 args.listen,
                 settings,
                 &args.state,
+                (leases, replica),
             ))
         }
     }

@@ -10,10 +10,12 @@ use std::future::Future;
 use std::time::SystemTime;
 
 pub mod aws;
+mod fenced;
 mod retrying;
 pub mod sim;
 mod sim_truth;
 
+pub use fenced::Fenced;
 pub use retrying::Retrying;
 
 /// An error from the cloud, classified.
@@ -50,6 +52,10 @@ pub enum CloudError {
     /// side failed, not the request.
     #[error("AWS service error: {0}")]
     Server(String),
+    /// This replica's lease on the environment is not valid: the write
+    /// was not sent (see `lease`).
+    #[error("lease lost: {0}")]
+    LeaseLost(String),
 }
 
 impl CloudError {

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod dynamo;
 pub mod history;
+pub mod lease;
 
 /// How long history is kept by default (the TTL of its items).
 pub const DEFAULT_HISTORY_TTL: Duration = Duration::from_secs(400 * 24 * 3600);
@@ -397,13 +398,54 @@ pub fn rfc3339(secs: u64) -> String {
         .to_string()
 }
 
-/// The table in memory, with DynamoDB's conditional semantics.
+/// The table in memory, with DynamoDB's conditional semantics. Clones
+/// share the table; [`MemoryStore::replica`] gives another process's view
+/// of it, with its own faults (an outage, throttled calls).
 #[derive(Debug, Default, Clone)]
 pub struct MemoryStore {
     items: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<(String, String), Item>>>,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    failing: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl MemoryStore {
+    /// The same table seen from another process: its faults are its own.
+    pub fn replica(&self) -> MemoryStore {
+        MemoryStore {
+            items: self.items.clone(),
+            ..MemoryStore::default()
+        }
+    }
+
+    /// Every call of this view fails (the table is unreachable) while set.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The next `n` calls of this view are throttled.
+    pub fn throttle_next(&self, n: usize) {
+        self.failing.store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn fault(&self) -> Result<(), StateError> {
+        use std::sync::atomic::Ordering;
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StateError::Other(
+                "cannot reach DynamoDB (simulated outage)".into(),
+            ));
+        }
+        let throttled = self
+            .failing
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if throttled {
+            return Err(StateError::Other(
+                "ThrottlingException: Rate exceeded (simulated)".into(),
+            ));
+        }
+        Ok(())
+    }
+
     fn items(
         &self,
     ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<(String, String), Item>> {
@@ -414,11 +456,13 @@ impl MemoryStore {
 impl Store for MemoryStore {
     async fn get(&self, pk: &str, sk: &str) -> Result<Option<Item>, StateError> {
         tokio::task::yield_now().await;
+        self.fault()?;
         Ok(self.items().get(&(pk.to_owned(), sk.to_owned())).cloned())
     }
 
     async fn put(&self, item: &Item, expect: Expect) -> Result<(), StateError> {
         tokio::task::yield_now().await;
+        self.fault()?;
         let mut items = self.items();
         let key = (item.pk.clone(), item.sk.clone());
         let ok = match (items.get(&key), expect) {
@@ -435,6 +479,7 @@ impl Store for MemoryStore {
 
     async fn delete(&self, pk: &str, sk: &str, version: u64) -> Result<(), StateError> {
         tokio::task::yield_now().await;
+        self.fault()?;
         let mut items = self.items();
         let key = (pk.to_owned(), sk.to_owned());
         if items.get(&key).map(|i| i.version) != Some(version) {
@@ -446,6 +491,7 @@ impl Store for MemoryStore {
 
     async fn query(&self, pk: &str, prefix: &str) -> Result<Vec<Item>, StateError> {
         tokio::task::yield_now().await;
+        self.fault()?;
         Ok(self
             .items()
             .values()

@@ -16,6 +16,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
+pub mod controller;
 pub mod daemon;
 
 pub const ACCOUNT: &str = "123456789012";
