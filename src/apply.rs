@@ -57,6 +57,35 @@ pub enum ApplyError {
     AccountCheck(CloudError),
     #[error("cannot observe: {0}")]
     Observe(CloudError),
+    /// The environment was suspended during the pass.
+    #[error("{0}")]
+    Suspended(String),
+    /// Whether the environment may be written cannot be known (the state
+    /// table cannot be read): nothing is written.
+    #[error("cannot read the suspension from the state table: {0}")]
+    GateUnknown(String),
+}
+
+/// Asked before every stack and service operation of a pass, and again
+/// right before a change set is executed: whether the environment may
+/// still be written. The controller's and `reconcile --once`'s read the
+/// suspension again, so one made while a pass runs (`suspend`, `rollback
+/// --to`) stops it at its next write, not at its next pass.
+pub trait Gate: Send + std::marker::Sync {
+    /// `Ok(Some(why))` when suspended.
+    fn check(&self) -> futures::future::BoxFuture<'_, Result<Option<String>, String>>;
+}
+
+/// What a refused write makes of a stack's result: a suspension is a
+/// block, anything else a failure.
+fn refused(e: ApplyError) -> StackResult {
+    match e {
+        ApplyError::Suspended(reason) => StackResult::Blocked {
+            by: BlockedBy::Suspended,
+            reason,
+        },
+        e => failed(e.to_string()),
+    }
 }
 
 impl Options {
@@ -160,6 +189,7 @@ impl ApplyError {
     pub fn is_permanent(&self) -> bool {
         match self {
             ApplyError::AccountMismatch { .. } => true,
+            ApplyError::Suspended(_) | ApplyError::GateUnknown(_) => false,
             ApplyError::AccountCheck(e) | ApplyError::Observe(e) => {
                 // No credentials is not among them: the instance or
                 // container credentials may simply not be ready yet.
@@ -210,6 +240,14 @@ pub struct Options {
     /// The environment's suspension (from the state table): the pass plans
     /// and reports, and writes nothing.
     pub suspension: Option<crate::state::Suspension>,
+    /// Asked before every write (see [`Gate`]).
+    pub gate: Option<std::sync::Arc<dyn Gate>>,
+}
+
+impl std::fmt::Debug for dyn Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Gate")
+    }
 }
 
 /// (stack revision, task definition) pairs whose redeploy rolled back.
@@ -348,6 +386,32 @@ impl StackReport {
     pub fn is(&self, key: &str) -> bool {
         self.key.as_deref() == Some(key)
     }
+
+    /// Whether an operation was started on the stack (or may have been:
+    /// a planned operation that failed or timed out).
+    pub fn wrote(&self) -> bool {
+        let operated = matches!(
+            self.result,
+            StackResult::Created
+                | StackResult::Updated
+                | StackResult::RollbackContinued
+                | StackResult::RolledBack
+                | StackResult::UpdateCancelled
+                | StackResult::Pruned
+        );
+        let attempted = self.result.failed()
+            && matches!(
+                self.planned.as_str(),
+                "create"
+                    | "update"
+                    | "continue-rollback"
+                    | "recreate"
+                    | "rollback"
+                    | "cancel-update"
+                    | "prune"
+            );
+        operated || attempted
+    }
 }
 
 /// What happened to one ECS service.
@@ -380,6 +444,32 @@ pub enum ServiceResult {
 impl ServiceResult {
     pub fn failed(&self) -> bool {
         matches!(self, ServiceResult::Failed { .. })
+    }
+
+    pub fn label(&self) -> String {
+        match self {
+            ServiceResult::InSync => "in-sync".into(),
+            ServiceResult::Scaled { from, to } => format!("scaled {from} -> {to}"),
+            ServiceResult::Redeployed { task_definition } => {
+                format!("redeployed {task_definition}")
+            }
+            ServiceResult::Skipped { reason } => format!("skipped: {reason}"),
+            ServiceResult::Blocked { reason, .. } => format!("blocked: {reason}"),
+            ServiceResult::TimedOut => "timed out waiting for the rollout".into(),
+            ServiceResult::Failed { reason } => format!("failed: {reason}"),
+        }
+    }
+}
+
+impl ServiceReport {
+    /// Whether an UpdateService was sent for it.
+    pub fn wrote(&self) -> bool {
+        matches!(
+            self.result,
+            ServiceResult::Scaled { .. }
+                | ServiceResult::Redeployed { .. }
+                | ServiceResult::TimedOut
+        )
     }
 }
 
@@ -427,6 +517,12 @@ impl Report {
         } else {
             self.final_plan.verdict()
         }
+    }
+
+    /// Whether the pass wrote anything to AWS (a stack operation, even one
+    /// that failed, or a service update): what goes into the history.
+    pub fn wrote(&self) -> bool {
+        self.stacks.iter().any(StackReport::wrote) || self.services.iter().any(ServiceReport::wrote)
     }
 
     /// Stacks that an operation was started on in this pass.
@@ -828,8 +924,21 @@ impl<'a, C: Cloud> Pass<'a, C> {
         self.templates.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Checks the caller's account once, before the first write.
+    /// Checks the caller's account once, before the first write, and asks
+    /// the gate before every one.
     async fn guard(&self) -> Result<(), ApplyError> {
+        self.account_guard().await?;
+        if let Some(gate) = &self.options.gate {
+            match gate.check().await {
+                Ok(None) => {}
+                Ok(Some(why)) => return Err(ApplyError::Suspended(why)),
+                Err(e) => return Err(ApplyError::GateUnknown(e)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn account_guard(&self) -> Result<(), ApplyError> {
         self.touch();
         self.account
             .get_or_init(|| async {
@@ -1076,7 +1185,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
         deadline: Instant,
     ) -> Step {
         if let Err(e) = self.guard().await {
-            return Step::Done(failed(e.to_string()));
+            return Step::Done(refused(e));
         }
         // Only the protection differs: one call, no change set.
         if let Some(d) = &sp.diff
@@ -1272,6 +1381,11 @@ impl<'a, C: Cloud> Pass<'a, C> {
             });
         }
 
+        // The change set took a while: ask again before executing it (a
+        // suspension made meanwhile leaves it for review).
+        if let Err(e) = self.guard().await {
+            return Step::Done(refused(e));
+        }
         let mark = self.event_mark(&stack.name).await;
         let token = crate::cloud::client_token(&["execute", &cs.id]);
         match self
@@ -1448,7 +1562,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
     /// state takes, and waits for the rollback to end.
     async fn recover(&self, stack: &DesiredStack, how: Recovery<'_>, deadline: Instant) -> Step {
         if let Err(e) = self.guard().await {
-            return Step::Done(failed(e.to_string()));
+            return Step::Done(refused(e));
         }
         let mut mark = self.event_mark(&stack.name).await;
         let (call, sent) = match how {
@@ -1509,7 +1623,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
     /// re-checking the safety conditions against a fresh read first.
     async fn delete(&self, name: &str, sp: &StackPlan, deadline: Instant) -> Step {
         if let Err(e) = self.guard().await {
-            return Step::Done(failed(e.to_string()));
+            return Step::Done(refused(e));
         }
         let live = match self.cloud.describe_stack(name).await {
             Ok(Some(s)) => s,
@@ -1835,10 +1949,19 @@ impl<'a, C: Cloud> Pass<'a, C> {
                 },
             ),
         };
-        if let Err(e) = self.guard().await {
-            return ServiceResult::Failed {
-                reason: e.to_string(),
-            };
+        match self.guard().await {
+            Ok(()) => {}
+            Err(ApplyError::Suspended(reason)) => {
+                return ServiceResult::Blocked {
+                    by: BlockedBy::Suspended,
+                    reason,
+                };
+            }
+            Err(e) => {
+                return ServiceResult::Failed {
+                    reason: e.to_string(),
+                };
+            }
         }
         tracing::info!(message = "Updating an ECS service.", environment = %self.env.name, cluster, service, why = %sp.reason);
         if let Err(e) = self

@@ -32,7 +32,7 @@ use crate::apply::{self, Options};
 use crate::cloud::{Cloud, Fenced};
 use crate::lease::{Coordinator, Fence, LeaseStatus};
 use crate::metrics::{MetricsSink, PassMetrics, Registry};
-use crate::notify::{Episodes, Finding, Kind, Notifier};
+use crate::notify::{Alert, Episodes, Finding, Kind, Notifier};
 use crate::observe::Depth;
 use crate::plan::Verdict;
 use crate::spec::{self, DesiredEnv};
@@ -219,7 +219,7 @@ pub struct Controller<'a, K, N, M> {
     pub shared: &'a Shared,
     /// Suspensions, history and alert episodes; without it they live in
     /// the process (and suspensions cannot be made).
-    pub state: Option<&'a State<Backend>>,
+    pub state: Option<&'a Arc<State<Backend>>>,
     /// Who the controller acts as (its caller ARN), for the history.
     pub caller: &'a str,
     /// The leases shared with other replicas (with a state table): an
@@ -290,7 +290,7 @@ struct EnvLoop<'a, K, N, M> {
     shared: &'a Shared,
     envs_limit: &'a Semaphore,
     limits: &'a Mutex<BTreeMap<(String, String), Arc<Semaphore>>>,
-    state: Option<&'a State<Backend>>,
+    state: Option<&'a Arc<State<Backend>>>,
     caller: &'a str,
     leases: Option<&'a Coordinator<Backend>>,
 }
@@ -484,6 +484,10 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
                 jitter_seed: Some(rng.r#gen()),
                 intent: apply::Intent::Converge,
                 suspension: suspension.clone(),
+                gate: self.state.map(|s| {
+                    Arc::new(crate::state::SuspensionGate::new(s.clone(), self.name))
+                        as Arc<dyn apply::Gate>
+                }),
             };
             let throttles = c.throttles();
             let calls = c.api_calls();
@@ -683,35 +687,50 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
         }
     }
 
-    /// Keeps the open episodes in the state table after they changed. A
-    /// write lost to another writer takes theirs: what they told is told.
-    async fn save_episodes(&self, told: &mut Told) {
-        let (Some(state), Some(expect)) = (self.state, told.stored) else {
-            return;
+    /// The alert a pass's findings make, if any. With a state table the
+    /// episodes are read (when not known), updated and written back
+    /// conditionally, and only an alert whose write won is returned: when
+    /// another writer (a replica, a CI run) got there first, its episodes
+    /// are read and the findings judged against them, so nothing is told
+    /// twice. A table that cannot be written does not silence alerts.
+    async fn tell(&self, env: &DesiredEnv, told: &mut Told, findings: &[Finding]) -> Option<Alert> {
+        let Some(state) = self.state else {
+            return told.episodes.update(&env.name, findings, Instant::now());
         };
-        let stored = told.episodes.stored(Instant::now(), SystemTime::now());
-        match state.save_episodes(self.name, &stored, expect).await {
-            Ok(next) => told.stored = Some(next),
-            Err(e) => {
-                tracing::warn!(message = "Alert episodes not saved; reading them again.", error = %e);
-                told.stored = None;
-                if let Ok((stored, expect)) = state.episodes(self.name).await {
-                    told.episodes = Episodes::restore(
-                        told.episodes.repeat_after(),
-                        &stored,
-                        Instant::now(),
-                        SystemTime::now(),
+        for _ in 0..4 {
+            if told.stored.is_none() {
+                *told = self.load_episodes(env).await;
+            }
+            let Some(expect) = told.stored else {
+                // Unreadable table: alert from memory.
+                return told.episodes.update(&env.name, findings, Instant::now());
+            };
+            let alert = told.episodes.update(&env.name, findings, Instant::now())?;
+            let stored = told.episodes.stored(Instant::now(), SystemTime::now());
+            match state.save_episodes(self.name, &stored, expect).await {
+                Ok(next) => {
+                    told.stored = Some(next);
+                    return Some(alert);
+                }
+                Err(crate::state::StateError::Conflict(_)) => {
+                    tracing::info!(
+                        message = "Alert episodes changed by another writer; judging again against theirs."
                     );
-                    told.stored = Some(expect);
+                    told.stored = None;
+                }
+                Err(e) => {
+                    tracing::warn!(message = "Alert episodes not saved; the alert is sent anyway.", error = %e);
+                    return Some(alert);
                 }
             }
         }
+        None
     }
 
     /// A pass that wrote something goes into the history.
     async fn record_history(&self, env: &DesiredEnv, report: &apply::Report) {
         let Some(state) = self.state else { return };
-        if report.changed() == 0 {
+        if !report.wrote() {
             return;
         }
         let entry = crate::state::history::of_pass(env, report, self.caller, None);
@@ -721,10 +740,9 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
     }
 
     async fn alert(&self, env: &DesiredEnv, told: &mut Told, findings: &[Finding]) {
-        let Some(alert) = told.episodes.update(&env.name, findings, Instant::now()) else {
+        let Some(alert) = self.tell(env, told, findings).await else {
             return;
         };
-        self.save_episodes(told).await;
         let Some(topic) = env.alerts.as_ref().map(|a| a.sns_topic_arn.clone()) else {
             tracing::warn!(message = "Alert not sent: no alerts.sns_topic_arn.", subject = %alert.subject);
             return;

@@ -66,7 +66,16 @@ pub fn toplevel(path: &Path) -> Result<PathBuf, GitError> {
     let dir = folder_of(path);
     let out = git(&dir, &["rev-parse", "--show-toplevel"])?;
     if !out.status.success() {
-        return Err(GitError::NotARepository(dir));
+        let why = text(&out.stderr);
+        // Anything but "not a repository" (a folder owned by another user,
+        // a broken .git) is said as git says it.
+        if why.contains("not a git repository") || why.is_empty() {
+            return Err(GitError::NotARepository(dir));
+        }
+        return Err(GitError::Failed {
+            what: format!("rev-parse in {}", dir.display()),
+            why,
+        });
     }
     Ok(PathBuf::from(text(&out.stdout)))
 }
@@ -93,7 +102,16 @@ pub fn checkout(files: &[PathBuf]) -> Option<Checkout> {
         return None;
     }
     let mut args = vec!["status", "--porcelain", "--"];
-    let paths: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+    // Absolute: git reads a pathspec relative to the folder it runs in.
+    let paths: Vec<String> = files
+        .iter()
+        .map(|f| {
+            std::fs::canonicalize(f)
+                .unwrap_or_else(|_| f.clone())
+                .display()
+                .to_string()
+        })
+        .collect();
     args.extend(paths.iter().map(String::as_str));
     let status = git(&dir, &args).ok()?;
     Some(Checkout {
@@ -156,6 +174,13 @@ fn is_commit_id(s: &str) -> bool {
 /// Not a repository, or not a commit.
 pub fn resolve(path: &Path, reference: &str) -> Result<String, GitError> {
     let top = toplevel(path)?;
+    if reference.starts_with('-') || reference.is_empty() {
+        return Err(GitError::UnknownRef {
+            reference: reference.to_owned(),
+            repo: top,
+            why: "not a revision".into(),
+        });
+    }
     let spec = format!("{reference}^{{commit}}");
     let out = git(&top, &["rev-parse", "--verify", "--quiet", &spec])?;
     if !out.status.success() {
@@ -178,13 +203,24 @@ pub struct Export {
 }
 
 /// Writes the tree of `commit` of the repository holding `path` to a
-/// temporary folder (`git archive`, read by `tar`): the desired state and
-/// its templates exactly as committed, whatever the working tree holds.
+/// temporary folder: the desired state and its templates exactly as
+/// committed, whatever the working tree holds. It reads the commit into a
+/// temporary index and checks that out under the folder (`read-tree`,
+/// `checkout-index`): the repository, its index and its worktree list are
+/// left alone, and the files come out as a checkout makes them (filters
+/// such as Git LFS applied, `export-ignore` not).
 ///
 /// # Errors
-/// Not a repository, an unknown commit, or git or tar failing.
+/// Not a repository, an unknown commit, or git failing.
 pub fn export(path: &Path, commit: &str) -> Result<Export, GitError> {
     let top = toplevel(path)?;
+    if !is_commit_id(commit) {
+        return Err(GitError::UnknownRef {
+            reference: commit.to_owned(),
+            repo: top,
+            why: "not a full commit id".into(),
+        });
+    }
     let abs = std::fs::canonicalize(path).map_err(|e| GitError::Failed {
         what: format!("cannot resolve {}", path.display()),
         why: e.to_string(),
@@ -201,43 +237,31 @@ pub fn export(path: &Path, commit: &str) -> Result<Export, GitError> {
             what: "temporary folder".into(),
             why: e.to_string(),
         })?;
-    let mut archive = Command::new("git")
-        .arg("-C")
-        .arg(&top)
-        .args(["archive", "--format=tar", commit])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(GitError::NotInstalled)?;
-    let tar = Command::new("tar")
-        .arg("-x")
-        .arg("-C")
-        .arg(dir.path())
-        .stdin(archive.stdout.take().expect("piped"))
-        .output()
-        .map_err(|e| GitError::Failed {
-            what: "tar".into(),
-            why: e.to_string(),
-        })?;
-    let archived = archive.wait_with_output().map_err(|e| GitError::Failed {
-        what: "archive".into(),
-        why: e.to_string(),
-    })?;
-    if !archived.status.success() {
-        return Err(GitError::Failed {
-            what: format!("archive {commit}"),
-            why: text(&archived.stderr),
-        });
-    }
-    if !tar.status.success() {
-        return Err(GitError::Failed {
-            what: "archive (extracting)".into(),
-            why: text(&tar.stderr),
-        });
-    }
+    let index = dir.path().join("index");
+    let tree = dir.path().join("tree");
+    let step = |what: &str, args: &[&str]| -> Result<(), GitError> {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(&top)
+            .args(args)
+            .env("GIT_INDEX_FILE", &index)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(GitError::NotInstalled)?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(GitError::Failed {
+                what: format!("{what} {commit}"),
+                why: text(&out.stderr),
+            })
+        }
+    };
+    step("read-tree", &["read-tree", commit])?;
+    let prefix = format!("--prefix={}/", tree.display());
+    step("checkout-index", &["checkout-index", "--all", &prefix])?;
     Ok(Export {
-        path: dir.path().join(inside),
+        path: tree.join(inside),
         dir,
         commit: commit.to_owned(),
     })
@@ -297,12 +321,25 @@ mod tests {
         assert_eq!(
             checkout(&files),
             Some(Checkout {
-                commit: one,
+                commit: one.clone(),
                 dirty: false
             })
         );
         std::fs::write(sub.join("dev.yaml"), "a: 2").unwrap();
         assert!(checkout(&files).unwrap().dirty);
+        // The tree at the commit, whatever the working tree holds; the
+        // repository's index is left alone.
+        let export = export(&sub, &one).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(export.path.join("dev.yaml")).unwrap(),
+            "a: 1"
+        );
+        assert!(git_in(dir, &["status", "--porcelain"]).contains("M desired-state/dev.yaml"));
+        assert!(matches!(
+            resolve(&sub, "--output=/tmp/x"),
+            Err(GitError::UnknownRef { .. })
+        ));
+        assert_eq!(resolve(&sub, &one[..8]).unwrap(), one);
         // Outside a repository: no commit.
         let plain = tempfile::tempdir().unwrap();
         assert_eq!(head_from_files(plain.path()), None);

@@ -55,6 +55,11 @@ impl Request {
                     env.stacks.keys().cloned().collect::<Vec<_>>().join(", ")
                 ));
             }
+            if !self.selects(key) {
+                return Err(format!(
+                    "--skip {s}: stack `{key}` is not among the --stack selected"
+                ));
+            }
             self.skip
                 .entry(key.to_owned())
                 .or_default()

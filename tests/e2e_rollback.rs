@@ -205,7 +205,11 @@ async fn rollback_to_a_commit_suspends_there_until_resume_and_history_tells_it_a
     let first = drain(&sqs, &queue).await;
     assert_eq!(first.len(), 1, "{first:#?}\n{}", d.logs());
     assert!(first[0].contains("drift"), "{}", first[0]);
+    // A clean stop releases the lease: the next daemon takes it at once.
+    let mut d = d;
     d.signal("-TERM");
+    let stopped = d.wait(Duration::from_secs(20));
+    assert_eq!(stopped.and_then(|s| s.code()), Some(0), "{}", d.logs());
     drop(d);
     let d = Daemon::start_with(emu, &ws, &extra);
     until("two passes", Duration::from_secs(60), &d, async || {
@@ -242,7 +246,7 @@ async fn rollback_to_a_commit_suspends_there_until_resume_and_history_tells_it_a
         .collect();
     assert_eq!(
         kinds,
-        ["pass", "pass", "rollback", "resume", "pass"],
+        ["pass", "pass", "suspend", "rollback", "resume", "pass"],
         "{h:#}"
     );
     let commits: Vec<Option<&str>> = h
@@ -253,10 +257,17 @@ async fn rollback_to_a_commit_suspends_there_until_resume_and_history_tells_it_a
         .collect();
     assert_eq!(
         commits,
-        [Some(&a[..]), Some(&b[..]), Some(&a[..]), None, Some(&b[..])],
+        [
+            Some(&a[..]),
+            Some(&b[..]),
+            None,
+            Some(&a[..]),
+            None,
+            Some(&b[..])
+        ],
         "{h:#}"
     );
-    assert!(h[2]["stacks"].as_array().unwrap().iter().any(|s| {
+    assert!(h[3]["stacks"].as_array().unwrap().iter().any(|s| {
         s["stack"] == "network"
             && s["change_set"]
                 .as_str()

@@ -40,7 +40,7 @@ async fn with_state<F, Fut>(
     cloud: &Retrying<SimCloud>,
     recorder: &Recorder,
     settings: &Settings,
-    state: Option<&State<Backend>>,
+    state: Option<&Arc<State<Backend>>>,
     driver: F,
 ) where
     F: FnOnce(Arc<Shared>, broadcast::Sender<()>) -> Fut,
@@ -368,7 +368,7 @@ async fn a_suspended_environment_is_observed_and_reported_never_written_until_re
     let ws = Workspace::new();
     let cloud = Retrying::new(SimCloud::new(SimConfig::default()));
     let rec = Recorder::default();
-    let state = State::new(Backend::Memory(MemoryStore::default()));
+    let state = Arc::new(State::new(Backend::Memory(MemoryStore::default())));
     let (ws, cloud, rec, state) = (&ws, &cloud, &rec, &state);
     let env = stackwarden::spec::load(&ws.path("desired-state/dev.yaml")).unwrap();
     let network = env.stacks["network"].name.clone();
@@ -442,7 +442,7 @@ async fn a_restart_does_not_tell_again_an_episode_still_open() {
     let ws = Workspace::new();
     let cloud = Retrying::new(SimCloud::new(SimConfig::default()));
     let rec = Recorder::default();
-    let state = State::new(Backend::Memory(MemoryStore::default()));
+    let state = Arc::new(State::new(Backend::Memory(MemoryStore::default())));
     let (ws, cloud, rec, state) = (&ws, &cloud, &rec, &state);
     with_state(
         ws,

@@ -5,10 +5,14 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
+
 use common::Workspace;
-use stackwarden::apply::{self, Intent, Options, Report, StackResult};
+use stackwarden::apply::{self, Gate, Intent, Options, Report, StackResult};
 use stackwarden::cloud::sim::{self, SERVICE_MINUTES, SimCloud, SimConfig};
 use stackwarden::cloud::{Retrying, StackStatus};
 use stackwarden::observe::Depth;
@@ -301,10 +305,95 @@ async fn a_suspended_environment_is_planned_and_reported_but_never_written() {
         matches!(result(&r, "network"), StackResult::Blocked { by: BlockedBy::Suspended, reason } if reason.contains("rolled back to v1")),
         "{r:#?}"
     );
-    assert_eq!(r.final_plan.suspended, Some(suspension));
+    assert_eq!(r.final_plan.suspended, Some(suspension.clone()));
 
     // A rollback is the operator's own act: it is not held by the suspension.
     cloud.force_status(&env.stacks["network"].name, "UPDATE_FAILED", "failed");
-    let r = rollback(&cloud, &env, &["network"], &[], false).await;
+    let request = Request {
+        stacks: BTreeSet::from(["network".to_owned()]),
+        ..Request::default()
+    };
+    let r = run(
+        &cloud,
+        &env,
+        Options {
+            intent: Intent::Recover(request),
+            suspension: Some(suspension),
+            ..Options::default()
+        },
+    )
+    .await;
     assert_eq!(result(&r, "network"), &StackResult::RolledBack, "{r:#?}");
+}
+
+/// Says "suspended" once the cloud has executed more than `after` change
+/// sets: someone suspends the environment while the pass runs.
+struct SuspendedAfter {
+    cloud: Retrying<SimCloud>,
+    after: u64,
+    asked: AtomicUsize,
+}
+
+impl Gate for SuspendedAfter {
+    fn check(&self) -> BoxFuture<'_, Result<Option<String>, String>> {
+        self.asked.fetch_add(1, Ordering::SeqCst);
+        let suspended = calls(&self.cloud, "ExecuteChangeSet") > self.after;
+        Box::pin(async move { Ok(suspended.then(|| "suspended by oncall: incident".to_owned())) })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_suspension_made_during_a_pass_stops_it_at_its_next_write() {
+    let env = dev();
+    let cloud = cloud_for(&env, 7);
+    converge(&cloud, &env).await;
+    let ws = Workspace::new();
+    ws.edit(
+        "desired-state/dev.yaml",
+        "CostCenter: hr-platform",
+        "CostCenter: hr-platform\n  Attempt: \"2\"",
+    );
+    let next = spec::load(&ws.path("desired-state/dev.yaml")).unwrap();
+    let executed = calls(&cloud, "ExecuteChangeSet");
+    // Suspended right after network's change set was executed.
+    let gate = Arc::new(SuspendedAfter {
+        cloud: cloud.clone(),
+        after: executed,
+        asked: AtomicUsize::new(0),
+    });
+    let r = run(
+        &cloud,
+        &next,
+        Options {
+            gate: Some(gate.clone()),
+            ..Options::default()
+        },
+    )
+    .await;
+    assert!(gate.asked.load(Ordering::SeqCst) >= 2);
+    // The first stack of the first wave (dynamodb and network run
+    // together) was executed; the other was stopped at its next write, and
+    // nothing was executed after the suspension.
+    assert_eq!(calls(&cloud, "ExecuteChangeSet"), executed + 1);
+    let updated: Vec<&str> = r
+        .stacks
+        .iter()
+        .filter(|s| s.result == StackResult::Updated)
+        .map(|s| s.id())
+        .collect();
+    assert_eq!(updated.len(), 1, "{r:#?}");
+    let stopped = r
+        .stacks
+        .iter()
+        .filter(|s| matches!(&s.result, StackResult::Blocked { by: BlockedBy::Suspended, reason } if reason.contains("incident")))
+        .count();
+    assert!(stopped >= 1, "{r:#?}");
+    assert!(
+        r.stacks.iter().all(|s| matches!(
+            s.result,
+            StackResult::Updated | StackResult::Blocked { .. } | StackResult::Skipped { .. }
+        )),
+        "{r:#?}"
+    );
+    assert_eq!(r.verdict(), Verdict::Differences);
 }

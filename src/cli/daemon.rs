@@ -111,7 +111,7 @@ pub(super) async fn run(
         sink: &sink,
         settings: &settings,
         shared: &shared,
-        state: state.as_deref(),
+        state: state.as_ref(),
         caller: &caller,
         leases: coordinator.as_ref(),
     }

@@ -51,20 +51,24 @@ pub(super) async fn once(
             .entry(env.account_region())
             .or_insert_with(|| Arc::new(Semaphore::new(max_parallel)));
     }
-    let state = state_args.open().await;
+    let state = state_args.open().await.map(Arc::new);
     let runs = envs.iter().map(|env| {
         let limit = limits[&env.account_region()].clone();
         let mut options = options.clone();
         let state = state.as_ref();
         async move {
             // Fail closed: a suspension that cannot be read may be there.
-            match super::state::read_suspension(state, &env.name).await {
+            match super::state::read_suspension(state.map(|s| &**s), &env.name).await {
                 Ok(s) => options.suspension = s,
                 Err(e) => {
                     let e = format!("cannot read the suspension from the state table: {e}");
                     return (env, Err(e), 0);
                 }
             }
+            options.gate = state.map(|s| {
+                Arc::new(crate::state::SuspensionGate::new(s.clone(), &env.name))
+                    as Arc<dyn apply::Gate>
+            });
             let cloud =
                 Retrying::new(AwsCloud::connect(&env.region, env.assume_role.as_ref()).await);
             let result = apply::reconcile(&cloud, env, &limit, &options)
@@ -80,7 +84,7 @@ pub(super) async fn once(
         let mut caller = None;
         for (env, result, _) in &results {
             if let Ok(report) = result
-                && report.changed() > 0
+                && report.wrote()
             {
                 if caller.is_none() {
                     caller = Some(caller_arn().await);
@@ -94,7 +98,7 @@ pub(super) async fn once(
         }
     }
     if alerts {
-        send_alerts(&results, state.as_ref()).await;
+        send_alerts(&results, state.as_deref()).await;
     }
     if let Some(p) = printer {
         let _ = p.await;

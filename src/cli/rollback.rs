@@ -15,7 +15,7 @@ use crate::cloud::Retrying;
 use crate::cloud::aws::AwsCloud;
 use crate::observe::Depth;
 use crate::spec::DesiredEnv;
-use crate::state::{EntryKind, Suspension, history, unix};
+use crate::state::{Backend, EntryKind, State, Suspension, history, unix};
 
 /// What `rollback` was asked.
 pub(super) struct Rollback<'a> {
@@ -34,9 +34,19 @@ pub(super) async fn run(args: Rollback<'_>) -> anyhow::Result<Outcome> {
     let files = selected_files(args.select)?;
     let [(name, path)] = <[_; 1]>::try_from(files.into_iter().collect::<Vec<_>>())
         .map_err(|_| anyhow::anyhow!("rollback works on one environment: pass -e ENV"))?;
-    let Ok(current) = load_reported(&path) else {
-        anyhow::bail!("{name}: invalid desired state: nothing was rolled back");
+    // The working tree's desired state may be what broke: `--to` does not
+    // read it (`--to-previous` needs its revision).
+    let current = || {
+        load_reported(&path)
+            .map_err(|_| anyhow::anyhow!("{name}: invalid desired state: nothing was rolled back"))
     };
+    let state = args.state.open().await;
+    let caller = caller_arn().await;
+    if args.to.is_some() || args.to_previous {
+        return to_commit(&args, &name, current, state.as_ref(), &caller).await;
+    }
+
+    let current = current()?;
     for key in args.stacks {
         if !current.stacks.contains_key(key) {
             anyhow::bail!(
@@ -50,82 +60,6 @@ pub(super) async fn run(args: Rollback<'_>) -> anyhow::Result<Outcome> {
             );
         }
     }
-    let state = args.state.open().await;
-    let caller = caller_arn().await;
-
-    if args.to.is_some() || args.to_previous {
-        if !args.skip.is_empty() || args.cancel || !args.stacks.is_empty() {
-            anyhow::bail!(
-                "--to and --to-previous roll the whole environment back to a commit; --stack, --skip and --cancel are for failed stacks"
-            );
-        }
-        let (reference, commit) = match args.to {
-            Some(r) => (
-                r.to_owned(),
-                crate::git::resolve(&args.select.desired_state, r)?,
-            ),
-            None => {
-                let Some(state) = &state else {
-                    anyhow::bail!(
-                        "--to-previous reads the history: pass --state-table NAME (or set STACKWARDEN_STATE_TABLE)"
-                    );
-                };
-                let c = previous_commit(state, &current).await?;
-                (c.clone(), c)
-            }
-        };
-        let export = crate::git::export(&args.select.desired_state, &commit)?;
-        let Some(file) = crate::spec::discover(&export.path)
-            .ok()
-            .and_then(|mut files| files.remove(&name))
-        else {
-            anyhow::bail!("{name}: no {name}.yaml in the desired state at {reference}");
-        };
-        let Ok(target) = load_reported(&file) else {
-            anyhow::bail!("{name}: the desired state at {reference} is invalid: nothing was done");
-        };
-        let short = &commit[..commit.len().min(12)];
-        let why = format!("rolled back to {reference} ({short})");
-        // Suspended first: a daemon's next pass must not roll forward while
-        // (or after) this one rolls back.
-        match &state {
-            Some(s) => {
-                let suspension = Suspension {
-                    by: caller.clone(),
-                    since: unix(SystemTime::now()),
-                    reason: why.clone(),
-                };
-                s.suspend(&name, &suspension, true).await?;
-                eprintln!("{name}: {}", suspension.describe());
-            }
-            None => eprintln!(
-                "warning: no state table (--state-table): {name} cannot be suspended, and a running daemon or the next CI run will roll it forward again"
-            ),
-        }
-        let options = Options {
-            depth: Depth::Full,
-            ..Options::default()
-        };
-        let (report, out) = pass(&args, &target, options).await;
-        if let (Some(s), Ok(report)) = (&state, &report) {
-            let entry = history::of_report(
-                EntryKind::Rollback,
-                &target,
-                report,
-                &caller,
-                Some(crate::git::Checkout {
-                    commit: commit.clone(),
-                    dirty: false,
-                }),
-                Some(why),
-            );
-            if let Err(e) = s.record(&name, &entry).await {
-                eprintln!("warning: {name}: history not written: {e}");
-            }
-        }
-        return Ok(out);
-    }
-
     let request = crate::recovery::Request {
         stacks: args.stacks.iter().cloned().collect::<BTreeSet<_>>(),
         cancel: args.cancel,
@@ -140,7 +74,7 @@ pub(super) async fn run(args: Rollback<'_>) -> anyhow::Result<Outcome> {
     };
     let (report, out) = pass(&args, &current, options).await;
     if let (Some(s), Ok(report)) = (&state, &report)
-        && report.changed() > 0
+        && report.wrote()
     {
         let entry = history::of_report(
             EntryKind::Rollback,
@@ -157,12 +91,108 @@ pub(super) async fn run(args: Rollback<'_>) -> anyhow::Result<Outcome> {
     Ok(out)
 }
 
+/// `--to GITREF` / `--to-previous`: suspend, then converge to the desired
+/// state at that commit.
+async fn to_commit(
+    args: &Rollback<'_>,
+    name: &str,
+    current: impl Fn() -> anyhow::Result<DesiredEnv>,
+    state: Option<&State<Backend>>,
+    caller: &str,
+) -> anyhow::Result<Outcome> {
+    if !args.skip.is_empty() || args.cancel || !args.stacks.is_empty() {
+        anyhow::bail!(
+            "--to and --to-previous roll the whole environment back to a commit; --stack, --skip and --cancel are for failed stacks"
+        );
+    }
+    let (reference, commit) = match args.to {
+        Some(r) => (
+            r.to_owned(),
+            crate::git::resolve(&args.select.desired_state, r)?,
+        ),
+        None => {
+            let Some(state) = state else {
+                anyhow::bail!(
+                    "--to-previous reads the history: pass --state-table NAME (or set STACKWARDEN_STATE_TABLE)"
+                );
+            };
+            let found = previous_commit(state, &current()?).await?;
+            // From the table: checked to be a commit of this repository.
+            let commit = crate::git::resolve(&args.select.desired_state, &found)?;
+            (found, commit)
+        }
+    };
+    let export = crate::git::export(&args.select.desired_state, &commit)?;
+    let Some(file) = crate::spec::discover(&export.path)
+        .ok()
+        .and_then(|mut files| files.remove(name))
+    else {
+        anyhow::bail!("{name}: no {name}.yaml in the desired state at {reference}");
+    };
+    let Ok(target) = load_reported(&file) else {
+        anyhow::bail!("{name}: the desired state at {reference} is invalid: nothing was done");
+    };
+    let short: String = commit.chars().take(12).collect();
+    let why = format!("rolled back to {reference} ({short})");
+    // Suspended first: a daemon's pass must not roll forward while (or
+    // after) this one rolls back; one in flight stops at its next write.
+    match state {
+        Some(s) => {
+            let suspension = Suspension {
+                by: caller.to_owned(),
+                since: unix(SystemTime::now()),
+                reason: why.clone(),
+            };
+            s.suspend(name, &suspension, true).await?;
+            super::state::record(s, name, EntryKind::Suspend, caller, Some(why.clone())).await;
+            eprintln!("{name}: {}", suspension.describe());
+        }
+        None => eprintln!(
+            "warning: no state table (--state-table): {name} cannot be suspended, and a running daemon or the next CI run will roll it forward again"
+        ),
+    }
+    if target.policy.prune {
+        eprintln!(
+            "warning: {name}: policy.prune is on at {reference}: stacks declared since then are orphans there and will be deleted (unless protected)"
+        );
+    }
+    let options = Options {
+        depth: Depth::Full,
+        ..Options::default()
+    };
+    let (report, out) = pass(args, &target, options).await;
+    if let Some(s) = state {
+        let checkout = Some(crate::git::Checkout {
+            commit: commit.clone(),
+            dirty: false,
+        });
+        let entry = match &report {
+            Ok(report) => history::of_report(
+                EntryKind::Rollback,
+                &target,
+                report,
+                caller,
+                checkout,
+                Some(why),
+            ),
+            Err(e) => history::of_error(
+                EntryKind::Rollback,
+                &target,
+                caller,
+                checkout,
+                format!("{why}: {e}"),
+            ),
+        };
+        if let Err(e) = s.record(name, &entry).await {
+            eprintln!("warning: {name}: history not written: {e}");
+        }
+    }
+    Ok(out)
+}
+
 /// The commit of the newest successful pass whose revision is not the
 /// current one (from the history).
-async fn previous_commit(
-    state: &crate::state::State<crate::state::Backend>,
-    current: &DesiredEnv,
-) -> anyhow::Result<String> {
+async fn previous_commit(state: &State<Backend>, current: &DesiredEnv) -> anyhow::Result<String> {
     let entries = state.history(&current.name).await?;
     entries
         .iter()

@@ -208,7 +208,7 @@ fn print_entry(e: &HistoryEntry) {
         head.push_str(&format!(" revision {r}"));
     }
     if let Some(c) = &e.commit {
-        let short = &c[..c.len().min(12)];
+        let short: String = c.chars().take(12).collect();
         head.push_str(&format!(
             " commit {short}{}",
             if e.dirty { " (dirty)" } else { "" }

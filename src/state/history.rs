@@ -3,7 +3,7 @@
 use std::time::SystemTime;
 
 use super::{EntryKind, HistoryEntry, StackRecord, unix_ms};
-use crate::apply::{Report, StackResult};
+use crate::apply::Report;
 use crate::git::Checkout;
 use crate::spec::DesiredEnv;
 
@@ -18,15 +18,10 @@ pub fn of_report(
     checkout: Option<Checkout>,
     note: Option<String>,
 ) -> HistoryEntry {
-    let stacks = report
+    let stacks: Vec<StackRecord> = report
         .stacks
         .iter()
-        .filter(|s| {
-            !matches!(
-                s.result,
-                StackResult::InSync | StackResult::Blocked { .. } | StackResult::Skipped { .. }
-            )
-        })
+        .filter(|s| s.wrote())
         .map(|s| StackRecord {
             stack: s.id().to_owned(),
             revision: s
@@ -39,6 +34,21 @@ pub fn of_report(
             result: s.result.to_string(),
         })
         .collect();
+    let services = report
+        .services
+        .iter()
+        .filter(|s| s.wrote())
+        .map(|s| StackRecord {
+            stack: format!("ecs:{}", s.service.as_deref().unwrap_or("?")),
+            revision: env
+                .stacks
+                .get(&s.stack)
+                .map(|d| d.revision.clone())
+                .unwrap_or_default(),
+            change_set: None,
+            result: s.result.label(),
+        });
+    let stacks = stacks.into_iter().chain(services).collect::<Vec<_>>();
     HistoryEntry {
         at_ms: unix_ms(SystemTime::now()),
         kind,
@@ -49,6 +59,27 @@ pub fn of_report(
         verdict: Some(verdict_label(report.verdict())),
         stacks,
         note,
+    }
+}
+
+/// A pass that ended in an error (after it may have written).
+pub fn of_error(
+    kind: EntryKind,
+    env: &DesiredEnv,
+    caller: &str,
+    checkout: Option<Checkout>,
+    note: String,
+) -> HistoryEntry {
+    HistoryEntry {
+        at_ms: unix_ms(SystemTime::now()),
+        kind,
+        caller: caller.to_owned(),
+        revision: Some(env.revision.clone()),
+        dirty: checkout.as_ref().is_some_and(|c| c.dirty),
+        commit: checkout.map(|c| c.commit),
+        verdict: Some("failed".into()),
+        stacks: vec![],
+        note: Some(note),
     }
 }
 

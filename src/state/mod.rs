@@ -254,7 +254,7 @@ impl<S: Store> State<S> {
 
     pub async fn suspension(&self, env: &str) -> Result<Option<Suspension>, StateError> {
         match self.store.get(&env_key(env), "suspension").await? {
-            Some(item) => decode(&item).map(Some),
+            Some(item) => decode(&item),
             None => Ok(None),
         }
     }
@@ -273,8 +273,9 @@ impl<S: Store> State<S> {
             let current = self.store.get(&pk, "suspension").await?;
             if let Some(item) = &current
                 && !replace
+                && let Some(active) = decode::<Option<Suspension>>(item)?
             {
-                return Ok(Some(decode(item)?));
+                return Ok(Some(active));
             }
             let expect = current
                 .as_ref()
@@ -296,20 +297,30 @@ impl<S: Store> State<S> {
     }
 
     /// Lifts the suspension of `env`; returns it, or `None` when there was
-    /// none.
+    /// none. The item stays, emptied (a tombstone), so its version keeps
+    /// growing: a writer holding an old version can never mistake a later
+    /// suspension for the one it read. A suspension that changed since it
+    /// was read is not lifted: the caller is told to look again.
     pub async fn resume(&self, env: &str) -> Result<Option<Suspension>, StateError> {
         let pk = env_key(env);
-        for _ in 0..CONFLICT_RETRIES {
-            let Some(item) = self.store.get(&pk, "suspension").await? else {
-                return Ok(None);
-            };
-            match self.store.delete(&pk, "suspension", item.version).await {
-                Ok(()) => return decode(&item).map(Some),
-                Err(StateError::Conflict(_)) => continue,
-                Err(e) => return Err(e),
-            }
+        let Some(item) = self.store.get(&pk, "suspension").await? else {
+            return Ok(None);
+        };
+        let Some(active) = decode::<Option<Suspension>>(&item)? else {
+            return Ok(None);
+        };
+        let lifted = Item {
+            version: item.version + 1,
+            body: serde_json::Value::Null,
+            ..item.clone()
+        };
+        match self.store.put(&lifted, Expect::Version(item.version)).await {
+            Ok(()) => Ok(Some(active)),
+            Err(StateError::Conflict(_)) => Err(StateError::Conflict(format!(
+                "the suspension of {env} changed while it was being lifted; look at it again (`stackwarden status -e {env}`) and resume again"
+            ))),
+            Err(e) => Err(e),
         }
-        Err(StateError::Conflict(format!("{pk} suspension")))
     }
 
     /// Appends to the history of `env`. Entries never collide: the sort
@@ -377,6 +388,33 @@ impl<S: Store> State<S> {
         };
         self.store.put(&item, expect).await?;
         Ok(Expect::Version(version))
+    }
+}
+
+/// The [`crate::apply::Gate`] of an environment: its suspension, read
+/// again (one consistent GetItem) before each write of a pass.
+pub struct SuspensionGate<S> {
+    state: std::sync::Arc<State<S>>,
+    env: String,
+}
+
+impl<S> SuspensionGate<S> {
+    pub fn new(state: std::sync::Arc<State<S>>, env: &str) -> SuspensionGate<S> {
+        SuspensionGate {
+            state,
+            env: env.to_owned(),
+        }
+    }
+}
+
+impl<S: Store> crate::apply::Gate for SuspensionGate<S> {
+    fn check(&self) -> futures::future::BoxFuture<'_, Result<Option<String>, String>> {
+        Box::pin(async move {
+            match self.state.suspension(&self.env).await {
+                Ok(s) => Ok(s.map(|s| s.describe())),
+                Err(e) => Err(e.to_string()),
+            }
+        })
     }
 }
 
@@ -533,6 +571,57 @@ mod tests {
         );
         assert_eq!(state.resume("dev").await.unwrap(), Some(suspension("c")));
         assert_eq!(state.resume("dev").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn racing_writers_one_suspension_wins_and_no_episode_is_lost() {
+        let state = State::new(MemoryStore::default());
+        let state = &state;
+        let tries = (0..10).map(|i| async move {
+            state
+                .suspend("dev", &suspension(&format!("r{i}")), false)
+                .await
+        });
+        let answers = futures::future::join_all(tries).await;
+        assert_eq!(
+            answers.iter().filter(|a| matches!(a, Ok(None))).count(),
+            1,
+            "{answers:?}"
+        );
+        // Resumed, then suspended again: the version goes on growing.
+        state.resume("dev").await.unwrap();
+        state
+            .suspend("dev", &suspension("again"), false)
+            .await
+            .unwrap();
+        let item = state
+            .store
+            .get("env#dev", "suspension")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(item.version, 3);
+
+        let add = |i: usize| async move {
+            loop {
+                let (mut open, expect) = state.episodes("dev").await.unwrap();
+                open.push(StoredEpisode {
+                    finding: crate::notify::Finding {
+                        object: format!("stack:s{i}"),
+                        kind: crate::notify::Kind::Drift,
+                        difference: "differs".into(),
+                    },
+                    last_alert: 1,
+                });
+                match state.save_episodes("dev", &open, expect).await {
+                    Ok(_) => return,
+                    Err(StateError::Conflict(_)) => continue,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        };
+        futures::future::join_all((0..8).map(add)).await;
+        assert_eq!(state.episodes("dev").await.unwrap().0.len(), 8);
     }
 
     #[tokio::test]
