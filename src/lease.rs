@@ -375,16 +375,12 @@ impl<S: Store> Coordinator<S> {
 
         let total = self.fences.len();
         let share = total.div_ceil(live.max(1));
-        self.rebalance(share, &leases).await;
+        self.rebalance(share).await;
         self.take(share, &leases, now).await;
     }
 
     /// Releases leases above the share, those not in a pass first.
-    async fn rebalance(
-        &self,
-        share: usize,
-        leases: &BTreeMap<String, crate::state::lease::Versioned<Lease>>,
-    ) {
+    async fn rebalance(&self, share: usize) {
         let extra: Vec<(String, u64)> = {
             let inner = self.inner();
             let n = inner.held.len().saturating_sub(share);
@@ -397,9 +393,6 @@ impl<S: Store> Coordinator<S> {
                 .collect()
         };
         for (env, version) in extra {
-            if leases.get(&env).is_none_or(|l| l.version != version) {
-                continue;
-            }
             self.release(&env, version, "above this replica's share")
                 .await;
         }
