@@ -173,6 +173,8 @@ struct Inner {
     busy: BTreeSet<String>,
     holders: BTreeMap<String, String>,
     handovers: BTreeMap<String, u64>,
+    /// Released leases, since when this replica sees them free.
+    free_since: BTreeMap<String, Instant>,
 }
 
 /// This replica's side of the leases on a set of environments.
@@ -356,6 +358,11 @@ impl<S: Store> Coordinator<S> {
             let mut inner = self.inner();
             for (env, l) in &leases {
                 inner.holders.insert(env.clone(), l.value.holder.clone());
+                if l.value.holder.is_empty() {
+                    inner.free_since.entry(env.clone()).or_insert(now);
+                } else {
+                    inner.free_since.remove(env);
+                }
                 if inner.held.contains_key(env) {
                     inner.seen.remove(env);
                     continue;
@@ -398,7 +405,9 @@ impl<S: Store> Coordinator<S> {
         }
     }
 
-    /// Takes free or expired leases, up to the share.
+    /// Takes free or expired leases, up to the share; beyond it, a lease
+    /// left free for two rounds (no replica below its share wanted it: the
+    /// others may be dead ones whose heartbeats have not aged out yet).
     async fn take(
         &self,
         share: usize,
@@ -410,11 +419,18 @@ impl<S: Store> Coordinator<S> {
         let mut candidates: Vec<&String> = self.fences.keys().collect();
         candidates.sort_by_key(|e| Sha256::digest(format!("{}\0{e}", self.me)).to_vec());
         for env in candidates {
-            if self.inner().held.len() >= share {
-                return;
-            }
             if self.inner().held.contains_key(env) {
                 continue;
+            }
+            if self.inner().held.len() >= share {
+                let unwanted = self
+                    .inner()
+                    .free_since
+                    .get(env)
+                    .is_some_and(|t| now.duration_since(*t) >= self.settings.renew * 2);
+                if !unwanted {
+                    continue;
+                }
             }
             let (expect, from) = match leases.get(env) {
                 None => (Expect::Absent, None),

@@ -172,7 +172,7 @@ async fn out_of_band_parameter_and_desired_count_changes_are_converged() {
         .find(|p| p.parameter_key() == Some("FlowLogRetentionDays"))
         .and_then(|p| p.parameter_value());
     assert_eq!(retention, Some("14"));
-    assert_eq!(desired_count(&config, &service).await, 2);
+    assert_eq!(desired_count(&config, SERVICE_CLUSTER, &service).await, 2);
 
     let plan = run(emu.command().args(["plan", "-e", "dev"]));
     assert_eq!(plan.status.code(), Some(0), "{}", stdout(&plan));

@@ -179,7 +179,7 @@ async fn rollback_to_a_commit_suspends_there_until_resume_and_history_tells_it_a
         "{}",
         explain(&out)
     );
-    assert_eq!(desired_count(&config, SERVICE).await, 5);
+    assert_eq!(desired_count(&config, SERVICE, SERVICE).await, 5);
     assert_eq!(retention(&config).await, "14");
     let plan = sw(emu, &ws, &["plan", "-o", "json"]);
     assert_eq!(code(&plan), Some(2), "{}", explain(&plan));
@@ -221,7 +221,12 @@ async fn rollback_to_a_commit_suspends_there_until_resume_and_history_tells_it_a
         passes(&d) >= 2
     })
     .await;
-    assert_eq!(desired_count(&config, SERVICE).await, 5, "{}", d.logs());
+    assert_eq!(
+        desired_count(&config, SERVICE, SERVICE).await,
+        5,
+        "{}",
+        d.logs()
+    );
     let second = drain(&sqs, &queue).await;
     assert!(second.is_empty(), "told again: {second:#?}");
     drop(d);
@@ -232,7 +237,7 @@ async fn rollback_to_a_commit_suspends_there_until_resume_and_history_tells_it_a
     let out = sw(emu, &ws, &["reconcile", "--once"]);
     assert_eq!(code(&out), Some(0), "{}", explain(&out));
     assert_eq!(retention(&config).await, "30");
-    assert_eq!(desired_count(&config, SERVICE).await, 2);
+    assert_eq!(desired_count(&config, SERVICE, SERVICE).await, 2);
 
     // The history: every pass that wrote, the rollback, the resumption.
     let out = sw(emu, &ws, &["history", "-o", "json"]);

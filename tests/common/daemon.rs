@@ -23,6 +23,12 @@ impl Daemon {
 
     /// [`Daemon::start`] with more arguments.
     pub fn start_with(emu: &Emulator, ws: &Workspace, extra: &[&str]) -> Daemon {
+        Daemon::start_envs(emu, ws, &["-e", "dev"], extra)
+    }
+
+    /// A daemon over the environments `select` names (`-e ...`; none: every
+    /// environment of the workspace).
+    pub fn start_envs(emu: &Emulator, ws: &Workspace, select: &[&str], extra: &[&str]) -> Daemon {
         let port = std::net::TcpListener::bind(("127.0.0.1", 0))
             .unwrap()
             .local_addr()
@@ -30,10 +36,9 @@ impl Daemon {
             .port();
         let mut child = emu
             .command()
+            .arg("reconcile")
+            .args(select)
             .args([
-                "reconcile",
-                "-e",
-                "dev",
                 // The floor; the test asks for passes with SIGHUP.
                 "--interval",
                 "10s",

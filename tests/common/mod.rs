@@ -110,6 +110,22 @@ impl Emulator {
         );
     }
 
+    /// Every CloudFormation request that reached the emulator since the
+    /// last reset, in order (tests/emulator/moto_shim.py, patch 17).
+    pub fn requests(&self) -> Vec<serde_json::Value> {
+        use std::io::Write;
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect to emulator");
+        write!(
+            s,
+            "GET /stackwarden/requests HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        )
+        .expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("read");
+        let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        serde_json::from_str(body).expect("requests JSON")
+    }
+
     /// Switches the shim's faults (tests/emulator/moto_shim.py, patch 11);
     /// `{}` turns them off. Returns what the shim injected so far.
     pub fn faults(&self, settings: serde_json::Value) -> serde_json::Value {
@@ -157,12 +173,12 @@ pub fn stack_result<'v>(v: &'v serde_json::Value, key: &str) -> &'v serde_json::
         .unwrap_or_else(|| panic!("{key} in {v}"))
 }
 
-/// The desired count of an ECS service of the shipped cluster.
-pub async fn desired_count(config: &aws_config::SdkConfig, service: &str) -> i32 {
+/// The desired count of an ECS service.
+pub async fn desired_count(config: &aws_config::SdkConfig, cluster: &str, service: &str) -> i32 {
     let ecs = aws_sdk_ecs::Client::new(config);
     let out = ecs
         .describe_services()
-        .cluster("dev-performance-mgmt")
+        .cluster(cluster)
         .services(service)
         .send()
         .await

@@ -95,6 +95,11 @@ Patches
    In strict mode a CREATE change set for a stack that exists is refused
    too (`AlreadyExistsException`), as on AWS. CloudWatch's CBOR route is
    never faulted.
+17. A request log, for tests that count what several clients did (two
+   daemons sharing environments must never both operate on a stack): GET
+   /stackwarden/requests answers every CloudFormation request that reached
+   moto since the last reset, in order, as `{action, stack, change_set}`
+   (from the query-protocol form). Not a moto behaviour: a test probe.
 """
 
 import argparse
@@ -687,6 +692,21 @@ def _count(kind):
     _fault_counts[kind] = _fault_counts.get(kind, 0) + 1
 
 
+_requests = []
+
+
+def _log_request(body):
+    form = urllib.parse.parse_qs(body.decode("utf-8", "replace"))
+    action = (form.get("Action") or [""])[0]
+    if action:
+        with _faults_lock:
+            _requests.append({
+                "action": action,
+                "stack": (form.get("StackName") or [None])[0],
+                "change_set": (form.get("ChangeSetName") or [None])[0],
+            })
+
+
 def _action(environ, body):
     target = environ.get("HTTP_X_AMZ_TARGET", "")
     if target:
@@ -750,8 +770,18 @@ def _faulty_dispatch(self, environ, start_response):
             [("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
         )
         return [body]
+    if path == "/stackwarden/requests":
+        with _faults_lock:
+            body = json.dumps(_requests).encode()
+        start_response(
+            "200 OK",
+            [("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
+        )
+        return [body]
     if path.startswith("/moto-api/reset"):
         _set_faults({})
+        with _faults_lock:
+            _requests.clear()
     if path.startswith("/moto-api") or path.startswith(_CBOR_PREFIX):
         return _inner_dispatch(self, environ, start_response)
 
@@ -801,6 +831,8 @@ def _faulty_dispatch(self, environ, start_response):
         return _error(start_response, protocol, "503 Service Unavailable", code, "Service unavailable")
     if kind == "drop_before":
         _drop(environ)
+    if protocol == "query":
+        _log_request(body)
     if kind == "drop_after":
         # Run the action to its end, then drop the answer.
         for _ in _inner_dispatch(self, environ, lambda *a, **k: None):
