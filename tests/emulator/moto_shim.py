@@ -95,6 +95,18 @@ Patches
    In strict mode a CREATE change set for a stack that exists is refused
    too (`AlreadyExistsException`), as on AWS. CloudWatch's CBOR route is
    never faulted.
+18. An update of an AWS::ECS::TaskDefinition through CloudFormation
+   registers a broken revision in moto: its update path passes the
+   template's PascalCase container definitions to the backend unconverted
+   (its create path converts them), so the new revision has no image and the
+   service keeps the old one. A new image tag is how stackwarden upgrades
+   itself (deploy/stackwarden.yaml), so the update registers the revision
+   the way creation does, as AWS does (a task definition is immutable: a
+   change is a new revision), and deregisters the old one. moto also
+   updates a resource only when its own template text changed, so a
+   service whose `TaskDefinition: !Ref ...` now resolves to the new
+   revision is never updated; AWS updates it. Services that ran the old
+   revision are moved to the new one, as that update would.
 17. A request log, for tests that count what several clients did (two
    daemons sharing environments must never both operate on a stack): GET
    /stackwarden/requests answers every CloudFormation request that reached
@@ -316,6 +328,36 @@ def _service_cfn_create(cls, resource_name, cloudformation_json, account_id, reg
 
 
 ecs_models.Service.create_from_cloudformation_json = _service_cfn_create
+
+
+# --- 18. A TaskDefinition updated through CloudFormation ----------------------
+def _task_definition_cfn_update(cls, original_resource, new_resource_name, cloudformation_json, account_id, region_name):
+    from moto.core.utils import pascal_to_camelcase, remap_nested_keys
+
+    properties = cloudformation_json["Properties"]
+    wanted = remap_nested_keys(properties.get("ContainerDefinitions", []), pascal_to_camelcase)
+    volumes = remap_nested_keys(properties.get("Volumes", []), pascal_to_camelcase)
+    unchanged = (
+        original_resource.family == properties.get("Family", original_resource.family)
+        and original_resource.container_definitions == wanted
+        and (original_resource.volumes or []) == volumes
+    )
+    if unchanged:
+        return original_resource
+    backend = ecs_models.ecs_backends[account_id][region_name]
+    backend.deregister_task_definition(original_resource.arn)
+    new = ecs_models.TaskDefinition.create_from_cloudformation_json(
+        new_resource_name, cloudformation_json, account_id, region_name
+    )
+    for service in list(backend.services.values()):
+        if service.task_definition == original_resource.arn:
+            backend.update_service(
+                {"cluster": service.cluster_name, "service": service.name, "task_definition": new.arn}
+            )
+    return new
+
+
+ecs_models.TaskDefinition.update_from_cloudformation_json = classmethod(_task_definition_cfn_update)
 
 
 # --- 5. Fn::Cidr ---------------------------------------------------------------------
