@@ -167,7 +167,7 @@ impl Shared {
     /// Ready once every environment has had a pass and none of the last
     /// passes ended in an error of stackwarden's own (cannot load any desired
     /// state, cannot observe).
-    pub fn readiness(&self) -> Result<(), String> {
+    pub fn readiness(&self) -> Result<String, String> {
         let status = self.status();
         if status.is_empty() {
             return Err("no environment".into());
@@ -184,7 +184,29 @@ impl Shared {
                 return Err(format!("{name}: {e}"));
             }
         }
-        Ok(())
+        // With leases, which environments this replica holds.
+        let leased: Vec<(&String, bool)> = status
+            .iter()
+            .filter_map(|(n, s)| Some((n, s.lease.as_ref()?.held)))
+            .collect();
+        if leased.is_empty() {
+            return Ok("ready".into());
+        }
+        let held: Vec<&str> = leased
+            .iter()
+            .filter(|(_, h)| *h)
+            .map(|(n, _)| n.as_str())
+            .collect();
+        Ok(format!(
+            "ready; holds the lease of {} of {} environments{}",
+            held.len(),
+            leased.len(),
+            if held.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", held.join(", "))
+            }
+        ))
     }
 
     /// Records the leases as this replica sees them (after each round).

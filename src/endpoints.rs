@@ -73,7 +73,7 @@ async fn answer(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
             Err(why) => (503, "text/plain", format!("unhealthy: {why}\n")),
         },
         ("GET", "/readyz") => match shared.readiness() {
-            Ok(()) => (200, "text/plain", "ready\n".to_owned()),
+            Ok(what) => (200, "text/plain", format!("{what}\n")),
             Err(why) => (503, "text/plain", format!("not ready: {why}\n")),
         },
         ("GET", "/metrics") => (200, "text/plain; version=0.0.4", shared.metrics_text()),

@@ -122,6 +122,19 @@ async fn two_daemons_share_three_environments_one_replica_at_a_time_and_hand_ove
         },
     )
     .await;
+    let ready = a.get("/readyz");
+    assert_eq!(ready.0, 200, "{ready:?}");
+    assert!(ready.1.contains("holds the lease of"), "{ready:?}");
+    // The CLI shows the holders too.
+    let status_cli = run(emu
+        .command()
+        .args(["status", "-e", "dev", "--state-table", TABLE])
+        .args(["--desired-state", &ws.desired_state().display().to_string()]));
+    assert!(
+        common::stdout(&status_cli).contains("lease held by replica-"),
+        "{}",
+        common::stdout(&status_cli)
+    );
     let metrics = a.get("/metrics").1;
     for e in holds(&a) {
         assert!(

@@ -43,6 +43,14 @@ pub(super) async fn plan_command(
 ) -> anyhow::Result<Outcome> {
     let (envs, load_failed) = load_selected(select)?;
     let state = state.open().await;
+    // Who holds each environment, when replicas share them (one Query).
+    let leases = match &state {
+        Some(s) => s.leases().await.unwrap_or_else(|e| {
+            eprintln!("warning: leases unknown: {e}");
+            Default::default()
+        }),
+        None => Default::default(),
+    };
     let mut outcome = if load_failed {
         Outcome::Failed
     } else {
@@ -85,11 +93,20 @@ pub(super) async fn plan_command(
                 "revision": env.revision,
                 "verdict": plan.verdict(),
                 "suspended": plan.suspended,
+                "lease_holder": leases.get(&env.name).map(|l| &l.value.holder).filter(|h| !h.is_empty()),
                 "stacks": plan.stacks,
                 "services": plan.services,
                 "change_sets": previews,
             })),
-            Format::Text => print_text(env, &plan, &previews, show),
+            Format::Text => {
+                print_text(env, &plan, &previews, show);
+                if let Some(l) = leases.get(&env.name) {
+                    match l.value.holder.as_str() {
+                        "" => println!("  lease free (no replica holds it)"),
+                        holder => println!("  lease held by {holder}"),
+                    }
+                }
+            }
         }
         if stats {
             eprintln!("{}: {} AWS API calls", env.name, cloud.calls().get());
