@@ -250,6 +250,34 @@ impl std::fmt::Debug for dyn Gate {
     }
 }
 
+/// Stack operations at once per account and region, shared by the
+/// environments in it: the one bound of the controller and of `reconcile
+/// --once` (AWS's API rate limits are per account and region).
+#[derive(Debug)]
+pub struct Limits {
+    max: usize,
+    per: Mutex<std::collections::BTreeMap<(String, String), std::sync::Arc<Semaphore>>>,
+}
+
+impl Limits {
+    pub fn new(max: usize) -> Limits {
+        Limits {
+            max: max.max(1),
+            per: Mutex::default(),
+        }
+    }
+
+    /// The bound of `env`'s account (role) and region.
+    pub fn of(&self, env: &DesiredEnv) -> std::sync::Arc<Semaphore> {
+        self.per
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(env.account_region())
+            .or_insert_with(|| std::sync::Arc::new(Semaphore::new(self.max)))
+            .clone()
+    }
+}
+
 /// (stack revision, task definition) pairs whose redeploy rolled back.
 pub type FailedRedeploys = std::sync::Arc<Mutex<std::collections::BTreeSet<(String, String)>>>;
 

@@ -260,7 +260,7 @@ impl<K: Connect, N: Notifier, M: MetricsSink> Controller<'_, K, N, M> {
         shutdown: watch::Receiver<bool>,
     ) {
         let envs_limit = Semaphore::new(self.settings.max_envs.max(1));
-        let limits: Mutex<BTreeMap<(String, String), Arc<Semaphore>>> = Mutex::default();
+        let limits = apply::Limits::new(self.settings.max_parallel);
         for (name, file) in &files {
             self.shared.status().insert(
                 name.clone(),
@@ -311,7 +311,7 @@ struct EnvLoop<'a, K, N, M> {
     settings: &'a Settings,
     shared: &'a Shared,
     envs_limit: &'a Semaphore,
-    limits: &'a Mutex<BTreeMap<(String, String), Arc<Semaphore>>>,
+    limits: &'a apply::Limits,
     state: Option<&'a Arc<State<Backend>>>,
     caller: &'a str,
     leases: Option<&'a Coordinator<Backend>>,
@@ -324,14 +324,83 @@ struct Told {
     stored: Option<Expect>,
 }
 
+/// Why a pass of an environment starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// Its interval (or its backoff, or a recheck) elapsed.
+    Scheduled,
+    Sighup,
+    /// Its desired-state file or a template it uses changed.
+    DesiredStateChanged,
+    /// This replica took its lease.
+    LeaseTaken,
+}
+
+impl Trigger {
+    pub fn label(self) -> &'static str {
+        match self {
+            Trigger::Scheduled => "scheduled",
+            Trigger::Sighup => "SIGHUP",
+            Trigger::DesiredStateChanged => "desired state changed",
+            Trigger::LeaseTaken => "lease taken",
+        }
+    }
+}
+
+/// What an environment's loop does after a pass: the answer of
+/// [`EnvLoop::reconcile`], as a kube-runtime reconciler answers an action.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// Pass again after this long (the interval, with jitter).
+    RequeueAfter(Duration),
+    /// Nothing can help but a change (of the desired state, of the
+    /// credentials, of the lease): wait for it, and look again after
+    /// `recheck` at the latest.
+    AwaitChange {
+        what: String,
+        recheck: Option<Duration>,
+    },
+    /// A failure that may pass: the next pass on the failure backoff.
+    Backoff,
+}
+
+/// What a pass came to, for `/status`: recorded once per pass.
+#[derive(Default)]
+struct Record<'r> {
+    report: Option<&'r apply::Report>,
+    /// Why the pass could not run or ended early.
+    error: Option<String>,
+    load_error: Option<String>,
+    suspension: Option<Suspension>,
+    revision: Option<String>,
+}
+
+/// What an environment's loop keeps between passes.
+struct Memory<C> {
+    last_good: Option<DesiredEnv>,
+    /// The fingerprint of the files `last_good` was loaded from.
+    loaded_from: Option<Vec<u8>>,
+    watched: Vec<PathBuf>,
+    files: Fingerprints,
+    /// The fingerprint the file watch compares with.
+    seen: Vec<u8>,
+    told: Option<Told>,
+    /// The environment's client, by account and region.
+    cloud: Option<((String, String), C)>,
+    /// Redeploys that rolled back, remembered for the process's life.
+    failed_redeploys: apply::FailedRedeploys,
+    rng: StdRng,
+}
+
 impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
+    /// Waits for a trigger, reconciles, schedules what the pass answered;
+    /// until shutdown.
     async fn run(
         self,
         mut hup: broadcast::Receiver<()>,
         mut shutdown: watch::Receiver<bool>,
         seed: u64,
     ) {
-        let mut rng = StdRng::seed_from_u64(seed);
         let mut backoff = ExponentialBackoff {
             current_interval: self.settings.backoff_initial,
             initial_interval: self.settings.backoff_initial,
@@ -341,78 +410,314 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
             max_elapsed_time: None,
             ..ExponentialBackoff::default()
         };
-        let mut last_good: Option<DesiredEnv> = None;
-        // The fingerprint of the files `last_good` was loaded from.
-        let mut loaded_from: Option<Vec<u8>> = None;
-        let mut watched: Vec<PathBuf> = vec![self.file.to_owned()];
+        let watched = vec![self.file.to_owned()];
         let mut files = Fingerprints::default();
-        let mut seen = files.of(&watched);
-        let mut told: Option<Told> = None;
-        let mut cloud: Option<((String, String), K::Cloud)> = None;
+        let seen = files.of(&watched);
+        let mut mem: Memory<K::Cloud> = Memory {
+            last_good: None,
+            loaded_from: None,
+            watched,
+            files,
+            seen,
+            told: None,
+            cloud: None,
+            failed_redeploys: apply::FailedRedeploys::default(),
+            rng: StdRng::seed_from_u64(seed),
+        };
         let mut next = Instant::now();
         let mut watch = tokio::time::interval(self.settings.watch_every);
         watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Redeploys that rolled back, remembered for the process's life.
-        let failed_redeploys = apply::FailedRedeploys::default();
         // While idle the loop comes round at least every `watch_every`.
         let idle_bound = self.settings.watch_every * 3 + Duration::from_secs(60);
         let fence = match self.leases {
             Some(c) => c.fence(self.name),
             None => Arc::new(Fence::open()),
         };
-        let mut lease_wanted = false;
         loop {
             if *shutdown.borrow() {
                 break;
             }
             self.shared
                 .expect_progress_by(self.name, crate::retry::instant_after(idle_bound));
-            let why = tokio::select! {
-                _ = tokio::time::sleep_until(next) => "scheduled",
+            let awaiting_lease = !fence.holds();
+            let trigger = tokio::select! {
+                _ = tokio::time::sleep_until(next) => Trigger::Scheduled,
                 r = hup.recv() => match r {
-                    Ok(()) | Err(broadcast::error::RecvError::Lagged(_)) => "SIGHUP",
-                    Err(broadcast::error::RecvError::Closed) => "scheduled",
+                    Ok(()) | Err(broadcast::error::RecvError::Lagged(_)) => Trigger::Sighup,
+                    Err(broadcast::error::RecvError::Closed) => Trigger::Scheduled,
                 },
                 _ = watch.tick() => {
-                    let now = files.of(&watched);
-                    if now == seen {
+                    if mem.files.of(&mem.watched) == mem.seen {
                         continue;
                     }
-                    "desired state changed"
+                    Trigger::DesiredStateChanged
                 }
-                _ = fence.gained(), if lease_wanted => "lease taken",
+                _ = fence.gained(), if awaiting_lease => Trigger::LeaseTaken,
                 _ = shutdown.changed() => break,
             };
-            // Another replica holds the environment: nothing to do until
-            // this one takes the lease (which starts a pass at once).
-            lease_wanted = !fence.holds();
-            if lease_wanted {
-                self.set_waiting(Some(
-                    "the environment's lease (held by another replica, or not yet taken)".into(),
-                ));
-                next = crate::retry::instant_after(Duration::MAX);
-                continue;
-            }
-            let span = tracing::info_span!("pass", environment = self.name);
-            tracing::info!(message = "Pass starting.", environment = self.name, why);
-
-            // Load, keeping the last good desired state on error. Files
-            // unchanged since the last good load are not parsed again (the
-            // fingerprint is taken before reading, so a write during the
-            // load is seen at the next pass).
-            let before = files.of(&watched);
-            let unchanged = last_good.is_some() && loaded_from.as_ref() == Some(&before);
-            let loaded = if unchanged {
-                Ok(None)
-            } else {
-                spec::load(self.file).map(Some)
+            let Some(answer) = self.reconcile(trigger, &mut mem, &fence, &shutdown).await else {
+                break;
             };
-            let load_error = match loaded {
-                Ok(None) => None,
-                Ok(Some(env)) => {
-                    loaded_from = (env.sources == watched).then_some(before);
-                    watched = env.sources.clone();
-                    last_good = Some(env);
+            let wait = match &answer {
+                Next::RequeueAfter(d) => {
+                    backoff.reset();
+                    self.set_waiting(None);
+                    *d
+                }
+                Next::AwaitChange { what, recheck } => {
+                    backoff.reset();
+                    self.set_waiting(Some(what.clone()));
+                    recheck.unwrap_or(Duration::MAX)
+                }
+                Next::Backoff => {
+                    self.set_waiting(None);
+                    backoff.next_backoff().unwrap_or(self.settings.backoff_max)
+                }
+            };
+            tracing::debug!(message = "Next pass scheduled.", next = ?answer, in_seconds = wait.as_secs_f64());
+            next = crate::retry::instant_after(wait);
+        }
+        tracing::info!(
+            message = "Environment loop stopped.",
+            environment = self.name
+        );
+    }
+
+    /// One environment, once: load its desired state (keeping the last
+    /// good one), check the lease and the suspension, run a pass under the
+    /// fence, publish metrics, alerts and history, record the outcome, and
+    /// say what to do next. `None`: shutting down.
+    async fn reconcile(
+        &self,
+        trigger: Trigger,
+        mem: &mut Memory<K::Cloud>,
+        fence: &Fence,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Option<Next> {
+        // Another replica holds the environment: nothing to do until this
+        // one takes the lease (which starts a pass at once).
+        if !fence.holds() {
+            return Some(Next::AwaitChange {
+                what: "the environment's lease (held by another replica, or not yet taken)".into(),
+                recheck: None,
+            });
+        }
+        let span = tracing::info_span!("pass", environment = self.name);
+        tracing::info!(
+            message = "Pass starting.",
+            environment = self.name,
+            why = trigger.label()
+        );
+
+        let load_error = self.load(mem);
+        let Some(env) = &mem.last_good else {
+            // Nothing to enforce until the file is fixed: the file watch
+            // (or SIGHUP) brings the next pass, not a timer.
+            self.record(
+                Record {
+                    error: load_error.clone(),
+                    load_error,
+                    ..Record::default()
+                },
+                None,
+            );
+            return Some(Next::AwaitChange {
+                what: "a change of the desired-state file (it never loaded)".into(),
+                recheck: None,
+            });
+        };
+        if mem.told.is_none() {
+            mem.told = Some(self.load_episodes(env).await);
+        }
+        let told = mem.told.as_mut().expect("loaded above");
+
+        // Waiting for its turn behind other environments is not this loop
+        // stalling (theirs are watched); the pass itself is bounded by every
+        // wait it may do one after another: each stack's and each service's
+        // timeout, and orphan prunes (an hour each; up to eight are allowed
+        // for).
+        self.shared
+            .expect_progress_by(self.name, crate::retry::instant_after(Duration::MAX));
+        let mut stop = shutdown.clone();
+        let permit = tokio::select! {
+            p = self.envs_limit.acquire() => p.expect("never closed"),
+            _ = stop.changed() => return None,
+        };
+        self.shared.expect_progress_by(
+            self.name,
+            crate::retry::instant_after(pass_bound(env).saturating_mul(2)),
+        );
+        let key = env.account_region();
+        if mem.cloud.as_ref().is_none_or(|(k, _)| *k != key) {
+            mem.cloud = Some((key.clone(), self.connect.connect(env).await));
+        }
+        let (_, c) = mem.cloud.as_ref().expect("connected above");
+        let limit = self.limits.of(env);
+        // Fail closed: a suspension that cannot be read may be there.
+        let suspension = match self.state {
+            None => None,
+            Some(state) => match state.suspension(self.name).await {
+                Ok(s) => s,
+                Err(e) => {
+                    let e = format!("cannot read the suspension from the state table: {e}");
+                    tracing::error!(message = "Pass not run.", error = %e);
+                    self.record(
+                        Record {
+                            error: Some(e),
+                            load_error,
+                            ..Record::default()
+                        },
+                        Some(&told.episodes),
+                    );
+                    return Some(Next::Backoff);
+                }
+            },
+        };
+        let options = Options {
+            depth: self.settings.depth,
+            progress: None,
+            failed_redeploys: mem.failed_redeploys.clone(),
+            // From the loop's seeded generator: a test replays exactly.
+            jitter_seed: Some(mem.rng.r#gen()),
+            intent: apply::Intent::Converge,
+            suspension: suspension.clone(),
+            gate: self.state.map(|s| {
+                Arc::new(crate::state::SuspensionGate::new(s.clone(), self.name))
+                    as Arc<dyn apply::Gate>
+            }),
+        };
+        let (throttles, calls) = (c.throttles(), c.api_calls());
+        let started = Instant::now();
+        // Every write checks the lease; the pass ends at once when the
+        // lease falls (between two calls; nothing more is sent).
+        let fenced = Fenced::new(c, fence, self.name);
+        let pass = apply::reconcile(&fenced, env, &limit, &options).instrument(span);
+        if let Some(l) = self.leases {
+            l.set_busy(self.name, true);
+        }
+        let result = tokio::select! {
+            r = pass => Some(r),
+            _ = fence.lost() => None,
+            _ = grace_after(shutdown.clone(), self.settings.shutdown_grace) => {
+                tracing::warn!(message = "Shutting down: the pass is abandoned at a safe point; the next start continues it.");
+                return None;
+            }
+        };
+        if let Some(l) = self.leases {
+            l.set_busy(self.name, false);
+        }
+        drop(permit);
+        let Some(result) = result else {
+            tracing::warn!(
+                message = "Lease lost: the pass is abandoned; the replica that takes the lease continues it.",
+                environment = self.name
+            );
+            self.record(
+                Record {
+                    error: Some("the lease was lost during the pass; it was abandoned".into()),
+                    load_error,
+                    ..Record::default()
+                },
+                Some(&told.episodes),
+            );
+            return Some(Next::AwaitChange {
+                what: "the environment's lease (lost during a pass)".into(),
+                recheck: None,
+            });
+        };
+        let throttled = c.throttles() - throttles;
+        let calls = c.api_calls() - calls;
+
+        let (verdict, permanent) = match &result {
+            Ok(report) => {
+                let mut findings = crate::notify::findings(report);
+                if let Some(e) = &load_error {
+                    findings.push(Finding {
+                        object: "desired-state".into(),
+                        kind: Kind::Failed,
+                        difference: format!("does not load, the last good state is enforced: {e}"),
+                    });
+                }
+                let m = PassMetrics {
+                    api_calls: calls,
+                    ..PassMetrics::from_report(report, throttled)
+                };
+                self.publish(env, &m, Some(report.verdict())).await;
+                self.alert(env, told, &findings).await;
+                self.record_history(env, report).await;
+                tracing::info!(message = "Pass done.", environment = self.name, verdict = ?report.verdict(), seconds = report.seconds, operations = report.changed());
+                self.record(
+                    Record {
+                        report: Some(report),
+                        error: report.permanent_error.clone(),
+                        load_error,
+                        suspension,
+                        revision: Some(env.revision.clone()),
+                    },
+                    Some(&told.episodes),
+                );
+                (Some(report.verdict()), report.permanent_error.is_some())
+            }
+            Err(e) => {
+                tracing::error!(message = "Pass failed.", environment = self.name, error = %e);
+                let m = PassMetrics {
+                    api_calls: calls,
+                    ..PassMetrics::from_error(self.name, started.elapsed().as_secs_f64(), throttled)
+                };
+                self.publish(env, &m, None).await;
+                let findings = vec![Finding {
+                    object: "environment".into(),
+                    kind: Kind::Failed,
+                    difference: e.to_string(),
+                }];
+                self.alert(env, told, &findings).await;
+                self.record(
+                    Record {
+                        error: Some(e.to_string()),
+                        load_error,
+                        ..Record::default()
+                    },
+                    Some(&told.episodes),
+                );
+                (None, e.is_permanent())
+            }
+        };
+        // Retrying cannot help a permanent error: it waits for the desired
+        // state (the file watch) or the credentials (a slow recheck) to
+        // change. Success (or a pass of the last good state while the file
+        // is broken: the file watch brings the fix) waits the interval; a
+        // failure backs off.
+        Some(if permanent {
+            Next::AwaitChange {
+                what: format!(
+                    "a change of the desired state or of the credentials (rechecked every {})",
+                    humantime::format_duration(PERMANENT_ERROR_RECHECK)
+                ),
+                recheck: Some(PERMANENT_ERROR_RECHECK),
+            }
+        } else if verdict.is_some_and(|v| v != Verdict::Failed) {
+            let f = 1.0 + self.settings.jitter * mem.rng.gen_range(-1.0..=1.0);
+            Next::RequeueAfter(self.settings.interval.mul_f64(f.clamp(0.0, 2.0)))
+        } else {
+            Next::Backoff
+        })
+    }
+
+    /// Loads the desired state, keeping the last good one on error; files
+    /// unchanged since the last good load are not parsed again (the
+    /// fingerprint is taken before reading, so a write during the load is
+    /// seen at the next pass). Returns the load error, if any.
+    fn load(&self, mem: &mut Memory<K::Cloud>) -> Option<String> {
+        let before = mem.files.of(&mem.watched);
+        let unchanged = mem.last_good.is_some() && mem.loaded_from.as_ref() == Some(&before);
+        let error = if unchanged {
+            None
+        } else {
+            match spec::load(self.file) {
+                Ok(env) => {
+                    mem.loaded_from = (env.sources == mem.watched).then_some(before);
+                    mem.watched = env.sources.clone();
+                    mem.last_good = Some(env);
                     None
                 }
                 Err(errors) => {
@@ -425,225 +730,10 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
                     tracing::error!(message = "Desired state does not load; the last good one stays in force.", errors = %text);
                     Some(text)
                 }
-            };
-            seen = files.of(&watched);
-            let Some(env) = &last_good else {
-                // Nothing to enforce until the file is fixed: the file
-                // watch (or SIGHUP) brings the next pass, not a timer.
-                self.record_error(load_error.clone(), load_error.clone(), None);
-                self.set_waiting(Some(
-                    "a change of the desired-state file (it never loaded)".into(),
-                ));
-                next = crate::retry::instant_after(Duration::MAX);
-                continue;
-            };
-            if told.is_none() {
-                told = Some(self.load_episodes(env).await);
             }
-            let told = told.as_mut().expect("loaded above");
-
-            // Waiting for its turn behind other environments is not this
-            // loop stalling (theirs are watched); the pass itself is
-            // bounded by every wait it may do one after another: each
-            // stack's and each service's timeout, and orphan prunes (an
-            // hour each; up to eight are allowed for).
-            self.shared
-                .expect_progress_by(self.name, crate::retry::instant_after(Duration::MAX));
-            let permit = tokio::select! {
-                p = self.envs_limit.acquire() => p.expect("never closed"),
-                _ = shutdown.changed() => break,
-            };
-            let services = env
-                .stacks
-                .values()
-                .flat_map(|s| s.ecs_services.iter().map(move |_| s.timeout));
-            let orphans = std::iter::repeat_n(spec::DEFAULT_OPERATION_TIMEOUT, 8);
-            let pass_bound = env
-                .stacks
-                .values()
-                .map(|s| s.timeout)
-                .chain(services)
-                .chain(orphans)
-                .fold(Duration::from_secs(600), Duration::saturating_add);
-            self.shared.expect_progress_by(
-                self.name,
-                crate::retry::instant_after(pass_bound.saturating_mul(2)),
-            );
-            let key = env.account_region();
-            if cloud.as_ref().is_none_or(|(k, _)| *k != key) {
-                cloud = Some((key.clone(), self.connect.connect(env).await));
-            }
-            let (_, c) = cloud.as_ref().expect("connected above");
-            let limit = self
-                .limits
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(key)
-                .or_insert_with(|| Arc::new(Semaphore::new(self.settings.max_parallel)))
-                .clone();
-            // Fail closed: a suspension that cannot be read may be there.
-            let suspension = match self.state {
-                None => None,
-                Some(state) => match state.suspension(self.name).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        drop(permit);
-                        let e = format!("cannot read the suspension from the state table: {e}");
-                        tracing::error!(message = "Pass not run.", error = %e);
-                        self.record_error(Some(e), load_error.clone(), Some(&told.episodes));
-                        next = crate::retry::instant_after(
-                            backoff.next_backoff().unwrap_or(self.settings.backoff_max),
-                        );
-                        continue;
-                    }
-                },
-            };
-            let options = Options {
-                depth: self.settings.depth,
-                progress: None,
-                failed_redeploys: failed_redeploys.clone(),
-                // From the loop's seeded generator: a test replays exactly.
-                jitter_seed: Some(rng.r#gen()),
-                intent: apply::Intent::Converge,
-                suspension: suspension.clone(),
-                gate: self.state.map(|s| {
-                    Arc::new(crate::state::SuspensionGate::new(s.clone(), self.name))
-                        as Arc<dyn apply::Gate>
-                }),
-            };
-            let throttles = c.throttles();
-            let calls = c.api_calls();
-            let started = Instant::now();
-            // Every write checks the lease; the pass ends at once when the
-            // lease falls (between two calls; nothing more is sent).
-            let fenced = Fenced::new(c, &fence, self.name);
-            let pass = apply::reconcile(&fenced, env, &limit, &options).instrument(span);
-            if let Some(l) = self.leases {
-                l.set_busy(self.name, true);
-            }
-            let result = tokio::select! {
-                r = pass => Some(r),
-                _ = fence.lost() => None,
-                _ = grace_after(shutdown.clone(), self.settings.shutdown_grace) => {
-                    tracing::warn!(message = "Shutting down: the pass is abandoned at a safe point; the next start continues it.");
-                    break;
-                }
-            };
-            if let Some(l) = self.leases {
-                l.set_busy(self.name, false);
-            }
-            drop(permit);
-            let Some(result) = result else {
-                tracing::warn!(
-                    message = "Lease lost: the pass is abandoned; the replica that takes the lease continues it.",
-                    environment = self.name
-                );
-                self.record_error(
-                    Some("the lease was lost during the pass; it was abandoned".into()),
-                    load_error.clone(),
-                    Some(&told.episodes),
-                );
-                lease_wanted = true;
-                next = crate::retry::instant_after(Duration::MAX);
-                continue;
-            };
-            let throttled = c.throttles() - throttles;
-            let calls = c.api_calls() - calls;
-
-            let permanent = match &result {
-                Ok(report) => report.permanent_error.is_some(),
-                Err(e) => e.is_permanent(),
-            };
-            let ok = match &result {
-                Ok(report) => {
-                    let mut findings = crate::notify::findings(report);
-                    if let Some(e) = &load_error {
-                        findings.push(Finding {
-                            object: "desired-state".into(),
-                            kind: Kind::Failed,
-                            difference: format!(
-                                "does not load, the last good state is enforced: {e}"
-                            ),
-                        });
-                    }
-                    let m = PassMetrics {
-                        api_calls: calls,
-                        ..PassMetrics::from_report(report, throttled)
-                    };
-                    self.publish(env, &m, Some(report.verdict())).await;
-                    self.alert(env, told, &findings).await;
-                    self.record_history(env, report).await;
-                    let mut status = self.shared.status();
-                    let s = status.entry(self.name.to_owned()).or_default();
-                    s.passes += 1;
-                    s.revision = Some(env.revision.clone());
-                    s.last_pass_at = Some(unix_now());
-                    s.last_pass_seconds = Some(report.seconds);
-                    s.result = Some(report.verdict());
-                    s.error = report.permanent_error.clone();
-                    s.desired_state_error = load_error.clone();
-                    s.objects = crate::outcome::outcomes(report);
-                    s.suspended = suspension.clone();
-                    s.open_alerts = told.episodes.open().cloned().collect();
-                    tracing::info!(message = "Pass done.", environment = self.name, verdict = ?report.verdict(), seconds = report.seconds, operations = report.changed());
-                    report.verdict() != Verdict::Failed
-                }
-                Err(e) => {
-                    tracing::error!(message = "Pass failed.", environment = self.name, error = %e);
-                    let m = PassMetrics {
-                        api_calls: calls,
-                        ..PassMetrics::from_error(
-                            self.name,
-                            started.elapsed().as_secs_f64(),
-                            throttled,
-                        )
-                    };
-                    self.publish(env, &m, None).await;
-                    let findings = vec![Finding {
-                        object: "environment".into(),
-                        kind: Kind::Failed,
-                        difference: e.to_string(),
-                    }];
-                    self.alert(env, told, &findings).await;
-                    self.record_error(
-                        Some(e.to_string()),
-                        load_error.clone(),
-                        Some(&told.episodes),
-                    );
-                    false
-                }
-            };
-            // Success (or a pass of the last good state while the file is
-            // broken: the file watch brings the fix) waits the interval;
-            // a failure backs off.
-            let wait = if permanent {
-                // Retrying cannot help: wait for the desired state (the file
-                // watch) or the credentials (a slow recheck) to change.
-                backoff.reset();
-                self.set_waiting(Some(format!(
-                    "a change of the desired state or of the credentials (rechecked every {})",
-                    humantime::format_duration(PERMANENT_ERROR_RECHECK)
-                )));
-                PERMANENT_ERROR_RECHECK
-            } else if ok {
-                self.set_waiting(None);
-                backoff.reset();
-                let f = 1.0 + self.settings.jitter * rng.gen_range(-1.0..=1.0);
-                self.settings.interval.mul_f64(f.clamp(0.0, 2.0))
-            } else {
-                self.set_waiting(None);
-                backoff.next_backoff().unwrap_or(self.settings.backoff_max)
-            };
-            tracing::debug!(
-                message = "Next pass scheduled.",
-                in_seconds = wait.as_secs_f64()
-            );
-            next = crate::retry::instant_after(wait);
-        }
-        tracing::info!(
-            message = "Environment loop stopped.",
-            environment = self.name
-        );
+        };
+        mem.seen = mem.files.of(&mem.watched);
+        error
     }
 
     fn set_waiting(&self, why: Option<String>) {
@@ -651,19 +741,24 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
         status.entry(self.name.to_owned()).or_default().waiting_for = why;
     }
 
-    fn record_error(
-        &self,
-        error: Option<String>,
-        load_error: Option<String>,
-        episodes: Option<&Episodes>,
-    ) {
+    /// The one place a pass's outcome goes into `/status`.
+    fn record(&self, r: Record<'_>, episodes: Option<&Episodes>) {
         let mut status = self.shared.status();
         let s = status.entry(self.name.to_owned()).or_default();
         s.passes += 1;
         s.last_pass_at = Some(unix_now());
-        s.result = None;
-        s.error = error;
-        s.desired_state_error = load_error;
+        s.error = r.error;
+        s.desired_state_error = r.load_error;
+        s.suspended = r.suspension;
+        match r.report {
+            Some(report) => {
+                s.revision = r.revision.or(s.revision.take());
+                s.last_pass_seconds = Some(report.seconds);
+                s.result = Some(report.verdict());
+                s.objects = crate::outcome::outcomes(report);
+            }
+            None => s.result = None,
+        }
         if let Some(e) = episodes {
             s.open_alerts = e.open().cloned().collect();
         }
@@ -779,6 +874,23 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
             }
         }
     }
+}
+
+/// How long a pass of `env` may take at most: every wait it may do one
+/// after another (each stack's and each service's timeout, and up to
+/// eight orphan prunes), plus ten minutes.
+fn pass_bound(env: &DesiredEnv) -> Duration {
+    let services = env
+        .stacks
+        .values()
+        .flat_map(|s| s.ecs_services.iter().map(move |_| s.timeout));
+    let orphans = std::iter::repeat_n(spec::DEFAULT_OPERATION_TIMEOUT, 8);
+    env.stacks
+        .values()
+        .map(|s| s.timeout)
+        .chain(services)
+        .chain(orphans)
+        .fold(Duration::from_secs(600), Duration::saturating_add)
 }
 
 /// Resolves `grace` after `shutdown` turns true; never before.

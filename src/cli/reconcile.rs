@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::state::{StateArgs, caller_arn};
@@ -45,15 +45,10 @@ pub(super) async fn once(
     };
 
     // One bound per account (role) and region, shared by its environments.
-    let mut limits: BTreeMap<(String, String), Arc<Semaphore>> = BTreeMap::new();
-    for env in &envs {
-        limits
-            .entry(env.account_region())
-            .or_insert_with(|| Arc::new(Semaphore::new(max_parallel)));
-    }
+    let limits = apply::Limits::new(max_parallel);
     let state = state_args.open().await.map(Arc::new);
     let runs = envs.iter().map(|env| {
-        let limit = limits[&env.account_region()].clone();
+        let limit = limits.of(env);
         let mut options = options.clone();
         let state = state.as_ref();
         async move {
