@@ -433,13 +433,13 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
             Some(c) => c.fence(self.name),
             None => Arc::new(Fence::open()),
         };
+        let mut takes = fence.takes();
         loop {
             if *shutdown.borrow() {
                 break;
             }
             self.shared
                 .expect_progress_by(self.name, crate::retry::instant_after(idle_bound));
-            let awaiting_lease = !fence.holds();
             let trigger = tokio::select! {
                 _ = tokio::time::sleep_until(next) => Trigger::Scheduled,
                 r = hup.recv() => match r {
@@ -452,7 +452,8 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
                     }
                     Trigger::DesiredStateChanged
                 }
-                _ = fence.gained(), if awaiting_lease => Trigger::LeaseTaken,
+                // Taken (again): a pass at once, whatever was scheduled.
+                Ok(()) = takes.changed() => Trigger::LeaseTaken,
                 _ = shutdown.changed() => break,
             };
             let Some(answer) = self.reconcile(trigger, &mut mem, &fence, &shutdown).await else {
@@ -543,6 +544,13 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
             p = self.envs_limit.acquire() => p.expect("never closed"),
             _ = stop.changed() => return None,
         };
+        // The lease may have gone while this environment queued.
+        if !fence.holds() {
+            return Some(Next::AwaitChange {
+                what: "the environment's lease (held by another replica, or not yet taken)".into(),
+                recheck: None,
+            });
+        }
         self.shared.expect_progress_by(
             self.name,
             crate::retry::instant_after(pass_bound(env).saturating_mul(2)),
@@ -592,9 +600,9 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
         // lease falls (between two calls; nothing more is sent).
         let fenced = Fenced::new(c, fence, self.name);
         let pass = apply::reconcile(&fenced, env, &limit, &options).instrument(span);
-        if let Some(l) = self.leases {
-            l.set_busy(self.name, true);
-        }
+        // While the pass runs, a shutdown keeps this lease (renewed) until
+        // the pass ends or its grace runs out, however it ends.
+        let busy = self.leases.map(|l| Busy::new(l, self.name));
         let result = tokio::select! {
             r = pass => Some(r),
             _ = fence.lost() => None,
@@ -603,9 +611,7 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
                 return None;
             }
         };
-        if let Some(l) = self.leases {
-            l.set_busy(self.name, false);
-        }
+        drop(busy);
         drop(permit);
         let Some(result) = result else {
             tracing::warn!(
@@ -749,9 +755,9 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
         s.last_pass_at = Some(unix_now());
         s.error = r.error;
         s.desired_state_error = r.load_error;
-        s.suspended = r.suspension;
         match r.report {
             Some(report) => {
+                s.suspended = r.suspension;
                 s.revision = r.revision.or(s.revision.take());
                 s.last_pass_seconds = Some(report.seconds);
                 s.result = Some(report.verdict());
@@ -873,6 +879,25 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
                 tracing::warn!(message = "Alert not sent.", subject = %alert.subject, error = %e)
             }
         }
+    }
+}
+
+/// Marks an environment as in a pass for as long as it lives.
+struct Busy<'c> {
+    leases: &'c Coordinator<Backend>,
+    env: &'c str,
+}
+
+impl<'c> Busy<'c> {
+    fn new(leases: &'c Coordinator<Backend>, env: &'c str) -> Busy<'c> {
+        leases.set_busy(env, true);
+        Busy { leases, env }
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.leases.set_busy(self.env, false);
     }
 }
 

@@ -76,12 +76,15 @@ impl LeaseSettings {
 #[derive(Debug)]
 pub struct Fence {
     until: watch::Sender<Option<Instant>>,
+    /// Counts the times the lease was taken (not renewed).
+    takes: watch::Sender<u64>,
 }
 
 impl Default for Fence {
     fn default() -> Fence {
         Fence {
             until: watch::channel(None).0,
+            takes: watch::channel(0).0,
         }
     }
 }
@@ -91,6 +94,7 @@ impl Fence {
     pub fn open() -> Fence {
         Fence {
             until: watch::channel(Some(crate::retry::instant_after(Duration::MAX))).0,
+            takes: watch::channel(0).0,
         }
     }
 
@@ -116,21 +120,18 @@ impl Fence {
         }
     }
 
-    /// Resolves when the lease becomes valid (at once if it is).
-    pub async fn gained(&self) {
-        let mut rx = self.until.subscribe();
-        loop {
-            if rx.borrow_and_update().is_some_and(|t| Instant::now() < t) {
-                return;
-            }
-            if rx.changed().await.is_err() {
-                return std::future::pending().await;
-            }
-        }
+    /// Changes each time this replica takes the lease: a loop waiting on
+    /// it starts a pass then, whatever it was waiting for.
+    pub fn takes(&self) -> watch::Receiver<u64> {
+        self.takes.subscribe()
     }
 
     fn set(&self, until: Option<Instant>) {
         self.until.send_replace(until);
+    }
+
+    fn took(&self) {
+        self.takes.send_modify(|n| *n += 1);
     }
 }
 
@@ -259,39 +260,58 @@ impl<S: Store> Coordinator<S> {
         mut shutdown: watch::Receiver<bool>,
         after_round: impl Fn(&Coordinator<S>),
     ) {
+        // Rounds at a fixed rate: a slow round does not push the next
+        // renewal later.
+        let mut rounds = tokio::time::interval(self.settings.renew);
+        rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if *shutdown.borrow() {
                 break;
             }
-            self.tick().await;
-            after_round(self);
             tokio::select! {
-                _ = tokio::time::sleep(self.settings.renew) => {}
-                _ = shutdown.changed() => {}
+                _ = rounds.tick() => {}
+                _ = shutdown.changed() => break,
             }
+            tokio::select! {
+                _ = self.tick() => {}
+                _ = shutdown.changed() => break,
+            }
+            after_round(self);
         }
-        self.release_all().await;
+        // Shutting down: idle leases go at once; one whose pass is finishing
+        // (within the shutdown grace) stays held and renewed until that
+        // environment's loop lets it go.
+        let mut last_renewal = Instant::now();
+        loop {
+            self.release_idle("shutting down").await;
+            if self.inner().held.is_empty() {
+                break;
+            }
+            if last_renewal.elapsed() >= self.settings.renew {
+                last_renewal = Instant::now();
+                self.renew_held().await;
+            }
+            after_round(self);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.leave().await;
+        after_round(self);
     }
 
-    /// One round: heartbeat, read the leases, renew what is held, release
-    /// above the share, take up to it.
+    /// One round: renew what is held (first, so a slow table delays it
+    /// least), heartbeat, read the leases, release above the share, take up
+    /// to it.
     pub async fn tick(&self) {
-        let heartbeat = self.inner().heartbeat;
-        match self
-            .state
-            .heartbeat(&self.me, heartbeat.map_or(Expect::Absent, Expect::Version))
-            .await
-        {
-            Ok(v) => self.inner().heartbeat = Some(v),
-            // Our own item changed under us (or vanished): start again.
-            Err(StateError::Conflict(_)) => self.inner().heartbeat = None,
+        self.renew_held().await;
+        let beat = self.inner().heartbeat.map_or(1, |v| v + 1);
+        match self.state.heartbeat(&self.me, beat).await {
+            Ok(()) => self.inner().heartbeat = Some(beat),
             Err(e) => tracing::warn!(message = "Heartbeat not written.", error = %e),
         }
         let (leases, replicas) = match (self.state.leases().await, self.state.replicas().await) {
             (Ok(l), Ok(r)) => (l, r),
             (Err(e), _) | (_, Err(e)) => {
-                // Nothing is renewed: held leases lapse on their own clock.
-                tracing::warn!(message = "Leases not read; held ones lapse unless renewed.", error = %e);
+                tracing::warn!(message = "Leases not read; none is taken this round.", error = %e);
                 return;
             }
         };
@@ -319,38 +339,22 @@ impl<S: Store> Coordinator<S> {
                 .filter(|s| now.duration_since(s.since) < self.settings.duration)
                 .count()
         };
-
-        // Renew what is held; notice what was lost.
-        let held: Vec<(String, u64)> = self
-            .inner()
-            .held
-            .iter()
-            .map(|(e, h)| (e.clone(), h.version))
-            .collect();
-        for (env, version) in held {
-            let current = leases.get(&env);
-            let ours = current.is_some_and(|l| l.version == version && l.value.holder == self.me);
-            if !ours {
-                self.lose(&env, "taken by another replica");
-                continue;
-            }
-            let sent = Instant::now();
-            match self
-                .state
-                .put_lease(&env, &self.lease(), Expect::Version(version))
-                .await
-            {
-                Ok(v) => {
-                    if let Some(h) = self.inner().held.get_mut(&env) {
-                        h.version = v;
-                    }
-                    self.fence(&env).set(Some(self.valid_from(sent)));
-                }
-                Err(StateError::Conflict(_)) => self.lose(&env, "renewal refused"),
-                Err(e) => {
-                    tracing::warn!(message = "Lease not renewed; it lapses unless the next renewal succeeds.", environment = %env, error = %e);
-                }
-            }
+        // A lease we hold that another replica now holds was lost.
+        let lost: Vec<String> = {
+            let inner = self.inner();
+            inner
+                .held
+                .iter()
+                .filter(|(env, h)| {
+                    leases
+                        .get(*env)
+                        .is_some_and(|l| l.version > h.version || l.value.holder != self.me)
+                })
+                .map(|(env, _)| env.clone())
+                .collect()
+        };
+        for env in lost {
+            self.lose(&env, "taken by another replica");
         }
 
         // Others' leases: when their version last moved.
@@ -384,6 +388,75 @@ impl<S: Store> Coordinator<S> {
         let share = total.div_ceil(live.max(1));
         self.rebalance(share).await;
         self.take(share, &leases, now).await;
+    }
+
+    /// Renews every lease held. A renewal refused may have landed all the
+    /// same (an answer lost, a retried request): the lease is read again
+    /// and kept when it is ours at the next version.
+    async fn renew_held(&self) {
+        let held: Vec<(String, u64)> = self
+            .inner()
+            .held
+            .iter()
+            .map(|(e, h)| (e.clone(), h.version))
+            .collect();
+        for (env, version) in held {
+            let sent = Instant::now();
+            let written = match self
+                .state
+                .put_lease(&env, &self.lease(), Expect::Version(version))
+                .await
+            {
+                Ok(v) => Some(v),
+                Err(StateError::Conflict(_)) => self.own_at(&env, version + 1).await,
+                Err(e) => {
+                    tracing::warn!(message = "Lease not renewed; it lapses unless the next renewal succeeds.", environment = %env, error = %e);
+                    continue;
+                }
+            };
+            match written {
+                Some(v) => {
+                    if let Some(h) = self.inner().held.get_mut(&env) {
+                        h.version = v;
+                    }
+                    self.fence(&env).set(Some(self.valid_from(sent)));
+                }
+                None => self.lose(&env, "renewal refused"),
+            }
+        }
+    }
+
+    /// `Some(version)` when the lease of `env` is this replica's at
+    /// `version` (a write of ours whose answer said otherwise).
+    async fn own_at(&self, env: &str, version: u64) -> Option<u64> {
+        let leases = self.state.leases().await.ok()?;
+        let l = leases.get(env)?;
+        (l.value.holder == self.me && l.version == version).then_some(version)
+    }
+
+    /// Releases the leases held whose environment is not in a pass.
+    async fn release_idle(&self, why: &str) {
+        let idle: Vec<(String, u64)> = {
+            let inner = self.inner();
+            inner
+                .held
+                .iter()
+                .filter(|(e, _)| !inner.busy.contains(*e))
+                .map(|(e, h)| (e.clone(), h.version))
+                .collect()
+        };
+        for (env, version) in idle {
+            self.release(&env, version, why).await;
+        }
+    }
+
+    /// Removes this replica's heartbeat, so the others count it gone.
+    async fn leave(&self) {
+        if self.inner().heartbeat.take().is_some()
+            && let Err(e) = self.state.leave(&self.me).await
+        {
+            tracing::warn!(message = "Heartbeat not removed.", error = %e);
+        }
     }
 
     /// Releases leases above the share, those not in a pass first.
@@ -448,7 +521,18 @@ impl<S: Store> Coordinator<S> {
                 }
             };
             let sent = Instant::now();
-            match self.state.put_lease(env, &self.lease(), expect).await {
+            let next = match expect {
+                Expect::Absent | Expect::Any => 1,
+                Expect::Version(v) => v + 1,
+            };
+            let written = match self.state.put_lease(env, &self.lease(), expect).await {
+                Err(StateError::Conflict(_)) => match self.own_at(env, next).await {
+                    Some(v) => Ok(v),
+                    None => Err(StateError::Conflict(env.clone())),
+                },
+                other => other,
+            };
+            match written {
                 Ok(version) => {
                     let mut inner = self.inner();
                     inner.held.insert(
@@ -465,6 +549,7 @@ impl<S: Store> Coordinator<S> {
                     }
                     drop(inner);
                     self.fence(env).set(Some(self.valid_from(sent)));
+                    self.fence(env).took();
                     tracing::info!(message = "Lease taken.", environment = %env, replica = %self.me, from = from.as_deref().unwrap_or("nobody"));
                 }
                 Err(StateError::Conflict(_)) => {}
@@ -514,7 +599,7 @@ impl<S: Store> Coordinator<S> {
         }
     }
 
-    /// Releases every lease held and removes the heartbeat (shutdown).
+    /// Releases every lease held and removes the heartbeat.
     pub async fn release_all(&self) {
         let held: Vec<(String, u64)> = self
             .inner()
@@ -525,12 +610,7 @@ impl<S: Store> Coordinator<S> {
         for (env, version) in held {
             self.release(&env, version, "shutting down").await;
         }
-        let heartbeat = self.inner().heartbeat.take();
-        if let Some(v) = heartbeat
-            && let Err(e) = self.state.leave(&self.me, v).await
-        {
-            tracing::warn!(message = "Heartbeat not removed.", error = %e);
-        }
+        self.leave().await;
     }
 }
 

@@ -259,13 +259,17 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_connect_budget_counts_from_the_first_connection_failure() {
         let started = tokio::time::Instant::now();
-        let r: CloudResult<()> = call(|| async {
-            if started.elapsed() < Duration::from_secs(30) {
-                Err(CloudError::Throttled("Rate exceeded".into()))
-            } else {
-                Err(CloudError::Unreachable("http://127.0.0.1:1".into()))
-            }
-        })
+        // Seeded: the jitter replays, so the bounds below hold every run.
+        let r: CloudResult<()> = with_jitter_seed(
+            Some(42),
+            call(|| async {
+                if started.elapsed() < Duration::from_secs(30) {
+                    Err(CloudError::Throttled("Rate exceeded".into()))
+                } else {
+                    Err(CloudError::Unreachable("http://127.0.0.1:1".into()))
+                }
+            }),
+        )
         .await;
         assert!(matches!(r, Err(CloudError::Unreachable(_))));
         let took = started.elapsed();

@@ -44,7 +44,16 @@ impl DynamoStore {
     /// emulator). Retries: the SDK's standard mode, since these are few
     /// and small calls outside the stack operations' budget.
     pub async fn connect(table: &str) -> DynamoStore {
+        // Bounded calls: a hung request must not stall lease renewals
+        // (every round renews within a few seconds, or lets the lease lapse
+        // on its own clock).
+        let timeouts = aws_config::timeout::TimeoutConfig::builder()
+            .connect_timeout(std::time::Duration::from_secs(3))
+            .operation_attempt_timeout(std::time::Duration::from_secs(3))
+            .operation_timeout(std::time::Duration::from_secs(8))
+            .build();
         let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .timeout_config(timeouts)
             .load()
             .await;
         DynamoStore::new(&config, table)
@@ -222,6 +231,7 @@ impl Store for DynamoStore {
             req = req.item(TTL_ATTRIBUTE, n(t));
         }
         req = match expect {
+            Expect::Any => req,
             Expect::Absent => req.condition_expression("attribute_not_exists(pk)"),
             Expect::Version(v) => req
                 .condition_expression("version = :v")
@@ -231,17 +241,21 @@ impl Store for DynamoStore {
         Ok(())
     }
 
-    async fn delete(&self, pk: &str, sk: &str, version: u64) -> Result<(), StateError> {
-        self.client
+    async fn delete(&self, pk: &str, sk: &str, expect: Expect) -> Result<(), StateError> {
+        let req = self
+            .client
             .delete_item()
             .table_name(&self.table)
             .key("pk", s(pk))
-            .key("sk", s(sk))
-            .condition_expression("version = :v")
-            .expression_attribute_values(":v", n(version))
-            .send()
-            .await
-            .map_err(|e| error(&self.table, e))?;
+            .key("sk", s(sk));
+        let req = match expect {
+            Expect::Any => req,
+            Expect::Absent => req.condition_expression("attribute_not_exists(pk)"),
+            Expect::Version(v) => req
+                .condition_expression("version = :v")
+                .expression_attribute_values(":v", n(v)),
+        };
+        req.send().await.map_err(|e| error(&self.table, e))?;
         Ok(())
     }
 

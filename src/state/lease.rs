@@ -63,7 +63,7 @@ impl<S: Store> State<S> {
         expect: Expect,
     ) -> Result<u64, StateError> {
         let version = match expect {
-            Expect::Absent => 1,
+            Expect::Absent | Expect::Any => 1,
             Expect::Version(v) => v + 1,
         };
         self.store
@@ -92,13 +92,11 @@ impl<S: Store> State<S> {
             .collect())
     }
 
-    /// One heartbeat of replica `id`: its version grows by one. `expect`
-    /// is what it wrote last (`Absent` at start); returns the new version.
-    pub async fn heartbeat(&self, id: &str, expect: Expect) -> Result<u64, StateError> {
-        let version = match expect {
-            Expect::Absent => 1,
-            Expect::Version(v) => v + 1,
-        };
+    /// One heartbeat of replica `id`, at `version` (a count that changes
+    /// every round; others only look for change). The item is the
+    /// replica's own: written without a condition, so a write whose answer
+    /// was lost, or a restart under the same id, never wedges it.
+    pub async fn heartbeat(&self, id: &str, version: u64) -> Result<(), StateError> {
         self.store
             .put(
                 &Item {
@@ -109,16 +107,15 @@ impl<S: Store> State<S> {
                     // Left behind by a replica that died: gone within days.
                     expires_at: Some(super::unix(std::time::SystemTime::now()) + 7 * 24 * 3600),
                 },
-                expect,
+                Expect::Any,
             )
-            .await?;
-        Ok(version)
+            .await
     }
 
-    /// Removes replica `id`'s heartbeat (at shutdown), if still at `version`.
-    pub async fn leave(&self, id: &str, version: u64) -> Result<(), StateError> {
+    /// Removes replica `id`'s heartbeat (at shutdown).
+    pub async fn leave(&self, id: &str) -> Result<(), StateError> {
         self.store
-            .delete(REPLICAS, &format!("replica#{id}"), version)
+            .delete(REPLICAS, &format!("replica#{id}"), Expect::Any)
             .await
     }
 }

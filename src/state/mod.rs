@@ -51,6 +51,8 @@ pub enum Expect {
     Absent,
     /// It is at this version.
     Version(u64),
+    /// Whatever it is (an item only its writer writes).
+    Any,
 }
 
 /// One item of the table.
@@ -80,12 +82,12 @@ pub trait Store: Send + Sync {
         expect: Expect,
     ) -> impl Future<Output = Result<(), StateError>> + Send;
 
-    /// Deletes the item if it is at `version`.
+    /// Deletes the item if it is as `expect` says.
     fn delete(
         &self,
         pk: &str,
         sk: &str,
-        version: u64,
+        expect: Expect,
     ) -> impl Future<Output = Result<(), StateError>> + Send;
 
     /// Every item of `pk` whose sort key starts with `prefix`, in sort-key
@@ -119,10 +121,10 @@ impl Store for Backend {
         }
     }
 
-    async fn delete(&self, pk: &str, sk: &str, version: u64) -> Result<(), StateError> {
+    async fn delete(&self, pk: &str, sk: &str, expect: Expect) -> Result<(), StateError> {
         match self {
-            Backend::Dynamo(s) => s.delete(pk, sk, version).await,
-            Backend::Memory(s) => s.delete(pk, sk, version).await,
+            Backend::Dynamo(s) => s.delete(pk, sk, expect).await,
+            Backend::Memory(s) => s.delete(pk, sk, expect).await,
         }
     }
 
@@ -376,7 +378,7 @@ impl<S: Store> State<S> {
         expect: Expect,
     ) -> Result<Expect, StateError> {
         let version = match expect {
-            Expect::Absent => 1,
+            Expect::Absent | Expect::Any => 1,
             Expect::Version(v) => v + 1,
         };
         let item = Item {
@@ -504,7 +506,7 @@ impl Store for MemoryStore {
         let mut items = self.items();
         let key = (item.pk.clone(), item.sk.clone());
         let ok = match (items.get(&key), expect) {
-            (None, Expect::Absent) => true,
+            (_, Expect::Any) | (None, Expect::Absent) => true,
             (Some(i), Expect::Version(v)) => i.version == v,
             _ => false,
         };
@@ -515,12 +517,17 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn delete(&self, pk: &str, sk: &str, version: u64) -> Result<(), StateError> {
+    async fn delete(&self, pk: &str, sk: &str, expect: Expect) -> Result<(), StateError> {
         tokio::task::yield_now().await;
         self.fault()?;
         let mut items = self.items();
         let key = (pk.to_owned(), sk.to_owned());
-        if items.get(&key).map(|i| i.version) != Some(version) {
+        let ok = match (items.get(&key), expect) {
+            (_, Expect::Any) | (None, Expect::Absent) => true,
+            (Some(i), Expect::Version(v)) => i.version == v,
+            _ => false,
+        };
+        if !ok {
             return Err(StateError::Conflict(format!("{pk} {sk}")));
         }
         items.remove(&key);
