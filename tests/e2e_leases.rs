@@ -164,6 +164,7 @@ async fn two_daemons_share_three_environments_one_replica_at_a_time_and_hand_ove
     })
     .await;
     let took_over = elapsed(killed);
+    assert!(took_over <= LEASE * 2, "taken over after {took_over:?}");
     until(
         "the change in A's environment converged",
         Duration::from_secs(60),
@@ -187,6 +188,11 @@ async fn two_daemons_share_three_environments_one_replica_at_a_time_and_hand_ove
     })
     .await;
     let handed_over = elapsed(stopping);
+    // Released, not expired: C took none of them over from a holder.
+    let c_status = status(&c);
+    for e in ENVS {
+        assert_eq!(c_status[e]["lease"]["handovers"], 0, "{c_status}");
+    }
     assert_eq!(
         b.wait(Duration::from_secs(20)).and_then(|s| s.code()),
         Some(0)

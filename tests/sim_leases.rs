@@ -175,6 +175,28 @@ async fn replicas_spread_environments_and_a_stopping_replica_hands_over_at_once(
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_replica_restarted_under_the_same_id_takes_its_share_again() {
+    let envs = ["dev", "staging"];
+    let table = MemoryStore::default();
+    let (a, _, _) = replica(&table, "a", &envs);
+    let (b, _, _) = replica(&table, "b", &envs);
+    a.tick().await;
+    b.tick().await;
+    a.tick().await;
+    b.tick().await;
+    assert_eq!((count_held(&a), count_held(&b)), (1, 1));
+    // A dies (its items stay) and comes back as "a".
+    drop(a);
+    let (a, _, _) = replica(&table, "a", &envs);
+    for _ in 0..10 {
+        a.tick().await;
+        b.tick().await;
+        advance(Duration::from_secs(10)).await;
+    }
+    assert_eq!((count_held(&a), count_held(&b)), (1, 1));
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_fence_that_fell_refuses_every_write_before_it_is_sent() {
     let cloud = SimCloud::new(SimConfig::default());
     let fence = Fence::default(); // never held
