@@ -32,11 +32,12 @@ use crate::apply::{self, Options};
 use crate::cloud::{Cloud, Fenced};
 use crate::lease::{Coordinator, Fence, LeaseStatus};
 use crate::metrics::{MetricsSink, PassMetrics, Registry};
-use crate::notify::{Alert, Episodes, Finding, Kind, Notifier};
+use crate::notify::{Episodes, Finding, Kind, Notifier};
 use crate::observe::Depth;
 use crate::plan::Verdict;
 use crate::spec::{self, DesiredEnv};
-use crate::state::{Backend, Expect, State, Suspension};
+use crate::state::told::Told;
+use crate::state::{Backend, State, Suspension};
 
 /// How the controller schedules.
 #[derive(Debug, Clone)]
@@ -317,13 +318,6 @@ struct EnvLoop<'a, K, N, M> {
     leases: Option<&'a Coordinator<Backend>>,
 }
 
-/// Alert episodes of one environment, and where they are kept.
-struct Told {
-    episodes: Episodes,
-    /// The stored version they were read at (with a state table).
-    stored: Option<Expect>,
-}
-
 /// Why a pass of an environment starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trigger {
@@ -528,7 +522,11 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
             });
         };
         if mem.told.is_none() {
-            mem.told = Some(self.load_episodes(env).await);
+            let repeat = env
+                .alerts
+                .as_ref()
+                .map_or(Duration::from_secs(6 * 3600), |a| a.repeat_after);
+            mem.told = Some(Told::load(self.state.map(|s| &**s), self.name, repeat).await);
         }
         let told = mem.told.as_mut().expect("loaded above");
 
@@ -781,75 +779,6 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
         }
     }
 
-    /// The open episodes as the state table has them (so a restart does
-    /// not tell again what was told), or none.
-    async fn load_episodes(&self, env: &DesiredEnv) -> Told {
-        let repeat = env
-            .alerts
-            .as_ref()
-            .map_or(Duration::from_secs(6 * 3600), |a| a.repeat_after);
-        let Some(state) = self.state else {
-            return Told {
-                episodes: Episodes::new(repeat),
-                stored: None,
-            };
-        };
-        match state.episodes(self.name).await {
-            Ok((stored, expect)) => Told {
-                episodes: Episodes::restore(repeat, &stored, Instant::now(), SystemTime::now()),
-                stored: Some(expect),
-            },
-            Err(e) => {
-                // Alerts still go out; at worst one is told twice.
-                tracing::warn!(message = "Alert episodes not read from the state table.", error = %e);
-                Told {
-                    episodes: Episodes::new(repeat),
-                    stored: None,
-                }
-            }
-        }
-    }
-
-    /// The alert a pass's findings make, if any. With a state table the
-    /// episodes are read (when not known), updated and written back
-    /// conditionally, and only an alert whose write won is returned: when
-    /// another writer (a replica, a CI run) got there first, its episodes
-    /// are read and the findings judged against them, so nothing is told
-    /// twice. A table that cannot be written does not silence alerts.
-    async fn tell(&self, env: &DesiredEnv, told: &mut Told, findings: &[Finding]) -> Option<Alert> {
-        let Some(state) = self.state else {
-            return told.episodes.update(&env.name, findings, Instant::now());
-        };
-        for _ in 0..4 {
-            if told.stored.is_none() {
-                *told = self.load_episodes(env).await;
-            }
-            let Some(expect) = told.stored else {
-                // Unreadable table: alert from memory.
-                return told.episodes.update(&env.name, findings, Instant::now());
-            };
-            let alert = told.episodes.update(&env.name, findings, Instant::now())?;
-            let stored = told.episodes.stored(Instant::now(), SystemTime::now());
-            match state.save_episodes(self.name, &stored, expect).await {
-                Ok(next) => {
-                    told.stored = Some(next);
-                    return Some(alert);
-                }
-                Err(crate::state::StateError::Conflict(_)) => {
-                    tracing::info!(
-                        message = "Alert episodes changed by another writer; judging again against theirs."
-                    );
-                    told.stored = None;
-                }
-                Err(e) => {
-                    tracing::warn!(message = "Alert episodes not saved; the alert is sent anyway.", error = %e);
-                    return Some(alert);
-                }
-            }
-        }
-        None
-    }
-
     /// A pass that wrote something goes into the history.
     async fn record_history(&self, env: &DesiredEnv, report: &apply::Report) {
         let Some(state) = self.state else { return };
@@ -863,7 +792,10 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
     }
 
     async fn alert(&self, env: &DesiredEnv, told: &mut Told, findings: &[Finding]) {
-        let Some(alert) = self.tell(env, told, findings).await else {
+        let Some(alert) = told
+            .tell(self.state.map(|s| &**s), self.name, findings)
+            .await
+        else {
             return;
         };
         let Some(topic) = env.alerts.as_ref().map(|a| a.sns_topic_arn.clone()) else {

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -150,7 +150,8 @@ async fn send_alerts(
     results: &[(&DesiredEnv, Result<Report, String>, u64)],
     state: Option<&State<Backend>>,
 ) {
-    use crate::notify::{Episodes, Finding, Kind, Notifier, SnsNotifier};
+    use crate::notify::{Finding, Kind, Notifier, SnsNotifier};
+    use crate::state::told::Told;
     let notifier = SnsNotifier::connect().await;
     for (env, result, _) in results {
         let Some(topic) = env.alerts.as_ref().map(|a| &a.sns_topic_arn) else {
@@ -164,35 +165,14 @@ async fn send_alerts(
                 difference: e.clone(),
             }],
         };
-        let now = tokio::time::Instant::now();
         let repeat = env
             .alerts
             .as_ref()
             .map_or(Duration::MAX, |a| a.repeat_after);
-        let (mut episodes, expect) = match state.map(|s| s.episodes(&env.name)) {
-            Some(read) => match read.await {
-                Ok((stored, expect)) => (
-                    Episodes::restore(repeat, &stored, now, SystemTime::now()),
-                    Some(expect),
-                ),
-                Err(e) => {
-                    eprintln!("warning: {}: alert episodes not read: {e}", env.name);
-                    (Episodes::new(Duration::MAX), None)
-                }
-            },
-            None => (Episodes::new(Duration::MAX), None),
-        };
-        let Some(alert) = episodes.update(&env.name, &findings, now) else {
+        let mut told = Told::load(state, &env.name, repeat).await;
+        let Some(alert) = told.tell(state, &env.name, &findings).await else {
             continue;
         };
-        if let (Some(state), Some(expect)) = (state, expect) {
-            let stored = episodes.stored(now, SystemTime::now());
-            if let Err(e) = state.save_episodes(&env.name, &stored, expect).await {
-                // Another run told it first.
-                eprintln!("warning: {}: alert not sent: {e}", env.name);
-                continue;
-            }
-        }
         if let Err(e) = notifier.publish(topic, &alert).await {
             eprintln!("warning: {}: alert not sent: {e}", env.name);
         }

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 pub mod dynamo;
 pub mod history;
 pub mod lease;
+pub mod told;
 
 /// How long history is kept by default (the TTL of its items).
 pub const DEFAULT_HISTORY_TTL: Duration = Duration::from_secs(400 * 24 * 3600);
