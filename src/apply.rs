@@ -156,7 +156,7 @@ async fn read_executing<C: Cloud>(
             .stacks
             .get(&stack.name)
             .is_some_and(|s| s.status == StackStatus::UpdateInProgress);
-        if !updating || !(request.stacks.is_empty() || request.stacks.contains(&stack.key)) {
+        if !updating || !request.selects(&stack.key) {
             continue;
         }
         if let Some(cs) = cloud
@@ -474,9 +474,10 @@ impl ServiceResult {
         matches!(self, ServiceResult::Failed { .. })
     }
 
-    pub fn label(&self) -> String {
+    /// One line for people: the report's and the history's.
+    pub fn describe(&self) -> String {
         match self {
-            ServiceResult::InSync => "in-sync".into(),
+            ServiceResult::InSync => "in sync".into(),
             ServiceResult::Scaled { from, to } => format!("scaled {from} -> {to}"),
             ServiceResult::Redeployed { task_definition } => {
                 format!("redeployed {task_definition}")

@@ -521,10 +521,7 @@ impl<S: Store> Coordinator<S> {
                 }
             };
             let sent = Instant::now();
-            let next = match expect {
-                Expect::Absent | Expect::Any => 1,
-                Expect::Version(v) => v + 1,
-            };
+            let next = expect.next_version();
             let written = match self.state.put_lease(env, &self.lease(), expect).await {
                 Err(StateError::Conflict(_)) => match self.own_at(env, next).await {
                     Some(v) => Ok(v),

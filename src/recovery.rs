@@ -68,7 +68,8 @@ impl Request {
         Ok(self)
     }
 
-    fn selects(&self, key: &str) -> bool {
+    /// Whether the stack `key` is among those asked for.
+    pub fn selects(&self, key: &str) -> bool {
         self.stacks.is_empty() || self.stacks.contains(key)
     }
 }

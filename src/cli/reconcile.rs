@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use super::state::{StateArgs, caller_arn};
 use super::{Format, Outcome, Select, load_selected};
-use crate::apply::{self, Options, Progress, Report, ServiceResult, StackResult};
+use crate::apply::{self, Options, Progress, Report, StackResult};
 use crate::cloud::Retrying;
 use crate::cloud::StackStatus;
 use crate::cloud::aws::AwsCloud;
@@ -275,17 +275,7 @@ pub(super) fn print_report(env: &DesiredEnv, report: &Report) {
         );
     }
     for s in &report.services {
-        let what = match &s.result {
-            ServiceResult::InSync => "in sync".to_owned(),
-            ServiceResult::Scaled { from, to } => format!("scaled {from} -> {to}"),
-            ServiceResult::Redeployed { task_definition } => {
-                format!("redeployed {task_definition}")
-            }
-            ServiceResult::Skipped { reason } => format!("skipped: {reason}"),
-            ServiceResult::Blocked { reason, .. } => format!("blocked: {reason}"),
-            ServiceResult::TimedOut => "timed out waiting for the rollout".to_owned(),
-            ServiceResult::Failed { reason } => format!("failed: {reason}"),
-        };
+        let what = s.result.describe();
         println!("  ecs:{}  {what}", s.service.as_deref().unwrap_or("?"),);
     }
     if let Some(e) = &report.final_observation_error {

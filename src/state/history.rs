@@ -46,7 +46,7 @@ pub fn of_report(
                 .map(|d| d.revision.clone())
                 .unwrap_or_default(),
             change_set: None,
-            result: s.result.label(),
+            result: s.result.describe(),
         });
     let stacks = stacks.into_iter().chain(services).collect::<Vec<_>>();
     HistoryEntry {

@@ -62,10 +62,7 @@ impl<S: Store> State<S> {
         lease: &Lease,
         expect: Expect,
     ) -> Result<u64, StateError> {
-        let version = match expect {
-            Expect::Absent | Expect::Any => 1,
-            Expect::Version(v) => v + 1,
-        };
+        let version = expect.next_version();
         self.store
             .put(
                 &Item {

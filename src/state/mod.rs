@@ -56,6 +56,16 @@ pub enum Expect {
     Any,
 }
 
+impl Expect {
+    /// The version of an item written over what this expects.
+    pub fn next_version(self) -> u64 {
+        match self {
+            Expect::Absent | Expect::Any => 1,
+            Expect::Version(v) => v + 1,
+        }
+    }
+}
+
 /// One item of the table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Item {
@@ -286,7 +296,7 @@ impl<S: Store> State<S> {
             let item = Item {
                 pk: pk.clone(),
                 sk: "suspension".into(),
-                version: current.map_or(1, |i| i.version + 1),
+                version: expect.next_version(),
                 body: encode(suspension),
                 expires_at: None,
             };
@@ -378,10 +388,7 @@ impl<S: Store> State<S> {
         episodes: &[StoredEpisode],
         expect: Expect,
     ) -> Result<Expect, StateError> {
-        let version = match expect {
-            Expect::Absent | Expect::Any => 1,
-            Expect::Version(v) => v + 1,
-        };
+        let version = expect.next_version();
         let item = Item {
             pk: env_key(env),
             sk: "episodes".into(),
