@@ -630,6 +630,35 @@ fn push_event(
     }
 }
 
+/// Starts a rollback of `stack` (continued, asked for, or a cancelled
+/// update): `status` now, `target` after `takes`, with the stack-level
+/// event AWS writes.
+fn roll_back(
+    st: &mut State,
+    stack: &str,
+    status: &str,
+    target: &'static str,
+    takes: Duration,
+    reason: &str,
+) {
+    if let Some(s) = st.stacks.get_mut(stack) {
+        s.stack.status = status.into();
+        s.operation = Some(Operation {
+            target,
+            done_at: Instant::now() + takes,
+            apply: None,
+        });
+    }
+    push_event(
+        st,
+        stack,
+        stack,
+        "AWS::CloudFormation::Stack",
+        status,
+        Some(reason.to_owned()),
+    );
+}
+
 /// Completes every operation and ECS deployment whose time has come.
 fn advance(st: &mut State, now: Instant) {
     advance_stacks(st, now);
@@ -1511,23 +1540,18 @@ impl Cloud for SimCloud {
                 s.stack.status
             )));
         }
-        s.stack.status = StackStatus::UpdateRollbackInProgress;
-        s.operation = Some(Operation {
-            target: if failing.is_empty() {
-                "UPDATE_ROLLBACK_COMPLETE"
-            } else {
-                "UPDATE_ROLLBACK_FAILED"
-            },
-            done_at: Instant::now() + latency / 2,
-            apply: None,
-        });
-        push_event(
+        let target = if failing.is_empty() {
+            "UPDATE_ROLLBACK_COMPLETE"
+        } else {
+            "UPDATE_ROLLBACK_FAILED"
+        };
+        roll_back(
             &mut st,
             stack,
-            stack,
-            "AWS::CloudFormation::Stack",
             "UPDATE_ROLLBACK_IN_PROGRESS",
-            Some("User Initiated".into()),
+            target,
+            latency / 2,
+            "User Initiated",
         );
         Ok(())
     }
@@ -1552,20 +1576,14 @@ impl Cloud for SimCloud {
                 )));
             }
         };
-        s.stack.status = status.into();
         s.stack.status_reason = Some("User Initiated".into());
-        s.operation = Some(Operation {
-            target,
-            done_at: Instant::now() + latency / 2,
-            apply: None,
-        });
-        push_event(
+        roll_back(
             &mut st,
             stack,
-            stack,
-            "AWS::CloudFormation::Stack",
             status,
-            Some("User Initiated".into()),
+            target,
+            latency / 2,
+            "User Initiated",
         );
         Ok(())
     }
@@ -1585,21 +1603,15 @@ impl Cloud for SimCloud {
         }
         // The update stops where it is and rolls back: nothing of it is
         // applied, and the stack is left as before it.
-        s.stack.status = StackStatus::UpdateRollbackInProgress;
         s.stack.status_reason = Some("User Initiated".into());
-        s.operation = Some(Operation {
-            target: "UPDATE_ROLLBACK_COMPLETE",
-            done_at: Instant::now() + latency / 2,
-            apply: None,
-        });
         st.stuck.remove(stack);
-        push_event(
+        roll_back(
             &mut st,
             stack,
-            stack,
-            "AWS::CloudFormation::Stack",
             "UPDATE_ROLLBACK_IN_PROGRESS",
-            Some("Stack update cancelled".into()),
+            "UPDATE_ROLLBACK_COMPLETE",
+            latency / 2,
+            "Stack update cancelled",
         );
         Ok(())
     }
