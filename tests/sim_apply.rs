@@ -8,7 +8,7 @@ use stackwarden::cloud::StackStatus;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::Workspace;
+use common::{Workspace, dev_new_revision};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use stackwarden::apply::{self, Options, Report, ServiceResult, StackResult};
 use stackwarden::cloud::Retrying;
@@ -37,18 +37,6 @@ fn load(ws: &Workspace) -> DesiredEnv {
 
 fn dev() -> DesiredEnv {
     load(&Workspace::new())
-}
-
-/// dev with one more environment tag: every stack gets a new revision (what
-/// an operator's fix-and-push looks like).
-fn dev_new_revision() -> DesiredEnv {
-    let ws = Workspace::new();
-    ws.edit(
-        "desired-state/dev.yaml",
-        "CostCenter: hr-platform",
-        "CostCenter: hr-platform\n  Attempt: \"2\"",
-    );
-    load(&ws)
 }
 
 /// dev whose ReviewCycles table gets a new key schema: a replacement.

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-use common::Workspace;
+use common::{Workspace, dev_new_revision};
 use stackwarden::apply::{self, Gate, Intent, Options, Report, StackResult};
 use stackwarden::cloud::sim::{self, SERVICE_MINUTES, SimCloud, SimConfig};
 use stackwarden::cloud::{Retrying, StackStatus};
@@ -233,13 +233,7 @@ async fn our_update_in_flight_is_cancelled_only_with_cancel_and_never_someone_el
     let cloud = cloud_for(&env, 5);
     converge(&cloud, &env).await;
     // A new revision; the pass is cut off while network's update runs.
-    let ws = Workspace::new();
-    ws.edit(
-        "desired-state/dev.yaml",
-        "CostCenter: hr-platform",
-        "CostCenter: hr-platform\n  Attempt: \"2\"",
-    );
-    let next = spec::load(&ws.path("desired-state/dev.yaml")).unwrap();
+    let next = dev_new_revision();
     let cut = tokio::time::timeout(Duration::from_secs(60), converge(&cloud, &next)).await;
     assert!(cut.is_err(), "the pass ended within a minute");
     assert_eq!(
@@ -347,13 +341,7 @@ async fn a_suspension_made_during_a_pass_stops_it_at_its_next_write() {
     let env = dev();
     let cloud = cloud_for(&env, 7);
     converge(&cloud, &env).await;
-    let ws = Workspace::new();
-    ws.edit(
-        "desired-state/dev.yaml",
-        "CostCenter: hr-platform",
-        "CostCenter: hr-platform\n  Attempt: \"2\"",
-    );
-    let next = spec::load(&ws.path("desired-state/dev.yaml")).unwrap();
+    let next = dev_new_revision();
     let executed = calls(&cloud, "ExecuteChangeSet");
     // Suspended right after network's change set was executed.
     let gate = Arc::new(SuspendedAfter {

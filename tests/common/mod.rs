@@ -226,6 +226,18 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// The shipped dev with one more environment tag: every stack gets a new
+/// revision (what an operator's fix-and-push looks like).
+pub fn dev_new_revision() -> stackwarden::spec::DesiredEnv {
+    let ws = Workspace::new();
+    ws.edit(
+        "desired-state/dev.yaml",
+        "CostCenter: hr-platform",
+        "CostCenter: hr-platform\n  Attempt: \"2\"",
+    );
+    stackwarden::spec::load(&ws.path("desired-state/dev.yaml")).expect("dev loads")
+}
+
 /// A copy of the shipped desired state and templates in a temporary folder,
 /// for tests that edit it.
 pub struct Workspace {
