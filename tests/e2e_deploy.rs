@@ -88,21 +88,22 @@ async fn the_operators_stack_deploys_and_upgrades_through_stackwarden_itself() {
     let file = dir.path().join("desired-state/management.yaml");
     std::fs::copy(repo().join("deploy/management.example.yaml"), &file).unwrap();
     let folder = dir.path().join("desired-state").display().to_string();
-    let reconcile = || {
-        run(emu
+    // One pass, which must end in sync (exit 0); its JSON report.
+    let reconcile = || -> serde_json::Value {
+        let out = run(emu
             .command()
             .args(["reconcile", "--once", "-e", "management", "-o", "json"])
-            .args(["--desired-state", &folder]))
+            .args(["--desired-state", &folder]));
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}\n{}",
+            stdout(&out),
+            stderr(&out)
+        );
+        serde_json::from_str(&stdout(&out)).unwrap()
     };
-    let out = reconcile();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}\n{}",
-        stdout(&out),
-        stderr(&out)
-    );
-    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let v = reconcile();
     assert_eq!(
         v[0]["report"]["stacks"][0]["result"]["kind"], "created",
         "{v}"
@@ -142,24 +143,14 @@ async fn the_operators_stack_deploys_and_upgrades_through_stackwarden_itself() {
         text.replace("stackwarden:1.4.0", "stackwarden:1.5.0"),
     )
     .unwrap();
-    let out = reconcile();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}\n{}",
-        stdout(&out),
-        stderr(&out)
-    );
-    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let v = reconcile();
     assert_eq!(
         v[0]["report"]["stacks"][0]["result"]["kind"], "updated",
         "{v}"
     );
     assert!(image_of_service(&config).await.ends_with(":1.5.0"));
     // And then nothing to do.
-    let out = reconcile();
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let v = reconcile();
     assert_eq!(
         v[0]["report"]["stacks"][0]["result"]["kind"], "in_sync",
         "{v}"
