@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::daemon::{Daemon, subscribe, until};
 use common::{Emulator, Workspace, desired_count, run, stderr, stdout};
 use stackwarden::state::dynamo::DynamoStore;
-use stackwarden::state::{Backend, Expect, State, StateError, StoredEpisode, Suspension};
+use stackwarden::state::{Backend, State};
 
 const TABLE: &str = "stackwarden-state";
 const SERVICE: &str = "dev-performance-mgmt";
@@ -316,50 +316,6 @@ async fn two_writers_racing_on_the_state_table_lose_no_update() {
     let state = State::new(Backend::Dynamo(store));
     let state = &state;
 
-    // Ten suspensions at once: exactly one is made, nine see it.
-    let who = |i: usize| Suspension {
-        by: format!("arn:aws:iam::123456789012:user/u{i}"),
-        since: 1,
-        reason: format!("r{i}"),
-    };
-    let tries = (0..10).map(|i| async move { state.suspend("dev", &who(i), false).await });
-    let answers = futures::future::join_all(tries).await;
-    let made = answers.iter().filter(|a| matches!(a, Ok(None))).count();
-    assert_eq!(made, 1, "{answers:?}");
-    let kept = state.suspension("dev").await.unwrap().unwrap();
-    assert!(
-        answers
-            .iter()
-            .all(|a| matches!(a, Ok(None)) || a == &Ok(Some(kept.clone()))),
-        "{answers:?}"
-    );
-
-    // Eight writers each add an episode by read-modify-write: a writer that
-    // lost the race reads again; none of the eight is lost.
-    let add = |i: usize| async move {
-        loop {
-            let (mut open, expect) = state.episodes("dev").await.unwrap();
-            open.push(StoredEpisode {
-                finding: stackwarden::notify::Finding {
-                    object: format!("stack:s{i}"),
-                    kind: stackwarden::notify::Kind::Drift,
-                    difference: "differs".into(),
-                },
-                last_alert: 1,
-            });
-            match state.save_episodes("dev", &open, expect).await {
-                Ok(_) => return,
-                Err(StateError::Conflict(_)) => continue,
-                Err(e) => panic!("{e}"),
-            }
-        }
-    };
-    futures::future::join_all((0..8).map(add)).await;
-    let (open, _) = state.episodes("dev").await.unwrap();
-    assert_eq!(open.len(), 8, "{open:#?}");
-    // A stale version is refused.
-    assert!(matches!(
-        state.save_episodes("dev", &[], Expect::Version(1)).await,
-        Err(StateError::Conflict(_))
-    ));
+    common::races::one_suspension_of_ten_is_made(state).await;
+    common::races::no_episode_of_eight_writers_is_lost(state).await;
 }

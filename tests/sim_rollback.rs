@@ -19,7 +19,7 @@ use stackwarden::observe::Depth;
 use stackwarden::plan::{BlockedBy, Verdict};
 use stackwarden::recovery::Request;
 use stackwarden::spec::{self, DesiredEnv};
-use stackwarden::state::Suspension;
+use stackwarden::state::{Backend, MemoryStore, State, Suspension};
 use tokio::sync::Semaphore;
 
 fn dev() -> DesiredEnv {
@@ -384,4 +384,11 @@ async fn a_suspension_made_during_a_pass_stops_it_at_its_next_write() {
         "{r:#?}"
     );
     assert_eq!(r.verdict(), Verdict::Differences);
+}
+
+#[tokio::test]
+async fn two_writers_racing_on_the_state_table_lose_no_update() {
+    let state = State::new(Backend::Memory(MemoryStore::default()));
+    common::races::one_suspension_of_ten_is_made(&state).await;
+    common::races::no_episode_of_eight_writers_is_lost(&state).await;
 }

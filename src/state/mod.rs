@@ -589,20 +589,9 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn racing_writers_one_suspension_wins_and_no_episode_is_lost() {
+    async fn a_resumed_suspension_keeps_its_version_growing() {
         let state = State::new(MemoryStore::default());
-        let state = &state;
-        let tries = (0..10).map(|i| async move {
-            state
-                .suspend("dev", &suspension(&format!("r{i}")), false)
-                .await
-        });
-        let answers = futures::future::join_all(tries).await;
-        assert_eq!(
-            answers.iter().filter(|a| matches!(a, Ok(None))).count(),
-            1,
-            "{answers:?}"
-        );
+        state.suspend("dev", &suspension("a"), false).await.unwrap();
         // Resumed, then suspended again: the version goes on growing.
         state.resume("dev").await.unwrap();
         state
@@ -616,27 +605,6 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(item.version, 3);
-
-        let add = |i: usize| async move {
-            loop {
-                let (mut open, expect) = state.episodes("dev").await.unwrap();
-                open.push(StoredEpisode {
-                    finding: crate::notify::Finding {
-                        object: format!("stack:s{i}"),
-                        kind: crate::notify::Kind::Drift,
-                        difference: "differs".into(),
-                    },
-                    last_alert: 1,
-                });
-                match state.save_episodes("dev", &open, expect).await {
-                    Ok(_) => return,
-                    Err(StateError::Conflict(_)) => continue,
-                    Err(e) => panic!("{e}"),
-                }
-            }
-        };
-        futures::future::join_all((0..8).map(add)).await;
-        assert_eq!(state.episodes("dev").await.unwrap().0.len(), 8);
     }
 
     #[tokio::test]

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 pub mod controller;
 pub mod daemon;
+pub mod races;
 
 pub const ACCOUNT: &str = "123456789012";
 pub const REGION: &str = "us-east-1";
