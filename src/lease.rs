@@ -278,9 +278,14 @@ impl<S: Store> Coordinator<S> {
             }
             after_round(self);
         }
-        // Shutting down: idle leases go at once; one whose pass is finishing
-        // (within the shutdown grace) stays held and renewed until that
-        // environment's loop lets it go.
+        self.shut_down(after_round).await;
+    }
+
+    /// Leaves: idle leases go at once; one whose pass is finishing (within
+    /// the shutdown grace) stays held and renewed until that environment's
+    /// loop lets it go; then the heartbeat is removed, so the others count
+    /// this replica gone.
+    pub async fn shut_down(&self, after_round: impl Fn(&Coordinator<S>)) {
         let mut last_renewal = Instant::now();
         loop {
             self.release_idle("shutting down").await;
@@ -390,17 +395,22 @@ impl<S: Store> Coordinator<S> {
         self.take(share, &leases, now).await;
     }
 
+    /// The leases held whose environment `keep` accepts, with their versions.
+    fn held_where(&self, keep: impl Fn(&Inner, &str) -> bool) -> Vec<(String, u64)> {
+        let inner = self.inner();
+        inner
+            .held
+            .iter()
+            .filter(|(e, _)| keep(&inner, e.as_str()))
+            .map(|(e, h)| (e.clone(), h.version))
+            .collect()
+    }
+
     /// Renews every lease held. A renewal refused may have landed all the
     /// same (an answer lost, a retried request): the lease is read again
     /// and kept when it is ours at the next version.
     async fn renew_held(&self) {
-        let held: Vec<(String, u64)> = self
-            .inner()
-            .held
-            .iter()
-            .map(|(e, h)| (e.clone(), h.version))
-            .collect();
-        for (env, version) in held {
+        for (env, version) in self.held_where(|_, _| true) {
             let sent = Instant::now();
             let written = match self
                 .state
@@ -436,16 +446,7 @@ impl<S: Store> Coordinator<S> {
 
     /// Releases the leases held whose environment is not in a pass.
     async fn release_idle(&self, why: &str) {
-        let idle: Vec<(String, u64)> = {
-            let inner = self.inner();
-            inner
-                .held
-                .iter()
-                .filter(|(e, _)| !inner.busy.contains(*e))
-                .map(|(e, h)| (e.clone(), h.version))
-                .collect()
-        };
-        for (env, version) in idle {
+        for (env, version) in self.held_where(|inner, e| !inner.busy.contains(e)) {
             self.release(&env, version, why).await;
         }
     }
@@ -461,18 +462,9 @@ impl<S: Store> Coordinator<S> {
 
     /// Releases leases above the share, those not in a pass first.
     async fn rebalance(&self, share: usize) {
-        let extra: Vec<(String, u64)> = {
-            let inner = self.inner();
-            let n = inner.held.len().saturating_sub(share);
-            inner
-                .held
-                .iter()
-                .filter(|(e, _)| !inner.busy.contains(*e))
-                .take(n)
-                .map(|(e, h)| (e.clone(), h.version))
-                .collect()
-        };
-        for (env, version) in extra {
+        let above = self.inner().held.len().saturating_sub(share);
+        let idle = self.held_where(|inner, e| !inner.busy.contains(e));
+        for (env, version) in idle.into_iter().take(above) {
             self.release(&env, version, "above this replica's share")
                 .await;
         }
@@ -594,20 +586,6 @@ impl<S: Store> Coordinator<S> {
                 tracing::warn!(message = "Lease not released; it lapses.", environment = %env, error = %e)
             }
         }
-    }
-
-    /// Releases every lease held and removes the heartbeat.
-    pub async fn release_all(&self) {
-        let held: Vec<(String, u64)> = self
-            .inner()
-            .held
-            .iter()
-            .map(|(e, h)| (e.clone(), h.version))
-            .collect();
-        for (env, version) in held {
-            self.release(&env, version, "shutting down").await;
-        }
-        self.leave().await;
     }
 }
 

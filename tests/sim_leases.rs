@@ -168,7 +168,7 @@ async fn replicas_spread_environments_and_a_stopping_replica_hands_over_at_once(
     }
     // A stops (SIGTERM): its leases are released, and B takes them at its
     // next round, not a lease duration later.
-    a.release_all().await;
+    a.shut_down(|_| {}).await;
     b.tick().await;
     assert_eq!(count_held(&b), 3);
     assert_eq!(count_held(&a), 0);
