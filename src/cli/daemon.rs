@@ -87,7 +87,7 @@ pub(super) async fn run(
         %listen,
     );
     let state = state.open().await.map(Arc::new);
-    let caller = super::state::caller_arn().await;
+    let caller = super::state::caller_for(state.as_ref()).await;
     // With a state table, replicas share the environments through leases.
     let coordinator = state.as_ref().map(|s| {
         crate::lease::Coordinator::new(s.clone(), &replica, leases, files.keys().cloned())

@@ -8,7 +8,7 @@ use std::time::SystemTime;
 
 use tokio::sync::{Semaphore, mpsc};
 
-use super::state::{StateArgs, caller_arn};
+use super::state::{StateArgs, caller_for};
 use super::{Format, Outcome, Select, load_reported, selected_files};
 use crate::apply::{self, Intent, Options, Report};
 use crate::cloud::Retrying;
@@ -41,7 +41,7 @@ pub(super) async fn run(args: Rollback<'_>) -> anyhow::Result<Outcome> {
             .map_err(|_| anyhow::anyhow!("{name}: invalid desired state: nothing was rolled back"))
     };
     let state = args.state.open().await;
-    let caller = caller_arn().await;
+    let caller = caller_for(state.as_ref()).await;
     if args.to.is_some() || args.to_previous {
         return to_commit(&args, &name, current, state.as_ref(), &caller).await;
     }

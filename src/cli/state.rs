@@ -72,6 +72,15 @@ pub(super) async fn caller_arn() -> String {
     }
 }
 
+/// The caller's ARN where a state table will record it (history,
+/// suspensions); without one nothing records it, and STS is not asked.
+pub(super) async fn caller_for<T>(state: Option<&T>) -> String {
+    match state {
+        Some(_) => caller_arn().await,
+        None => String::new(),
+    }
+}
+
 pub(super) async fn init(table: &str) -> anyhow::Result<Outcome> {
     let store = DynamoStore::connect(table).await;
     let created = store.create_table().await?;
