@@ -214,6 +214,7 @@ mod tests {
             outputs: BTreeMap::new(),
             termination_protection: false,
             last_updated: None,
+            drift: Default::default(),
         }
     }
 

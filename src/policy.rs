@@ -328,6 +328,7 @@ mod tests {
             replacement,
             scope: vec![],
             nested_change_set: None,
+            drift: None,
         }
     }
 

@@ -411,6 +411,7 @@ impl DesiredStack {
                 .resources
                 .values()
                 .any(|r| crate::cloud::NESTED_STACK_TYPES.contains(&r.kind.as_str())),
+            revert_drift: false,
         }
     }
 

@@ -1328,6 +1328,7 @@ fn table_replacement(logical_id: &str) -> stackwarden::cloud::ResourceChange {
         replacement: Some(stackwarden::cloud::Replacement::True),
         scope: vec!["Properties".into()],
         nested_change_set: None,
+        drift: None,
     }
 }
 

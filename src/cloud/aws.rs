@@ -457,6 +457,15 @@ fn map_stack(s: &cfn::types::Stack) -> Stack {
             .collect(),
         termination_protection: s.enable_termination_protection().unwrap_or(false),
         last_updated: system_time(s.last_updated_time()),
+        drift: s
+            .drift_information()
+            .map(|d| crate::cloud::StackDrift {
+                status: crate::cloud::DriftStatus::parse(
+                    d.stack_drift_status().map_or("", |x| x.as_str()),
+                ),
+                last_check: system_time(d.last_check_timestamp()),
+            })
+            .unwrap_or_default(),
     }
 }
 
@@ -634,6 +643,10 @@ impl Cloud for AwsCloud {
             .capabilities(cfn::types::Capability::CapabilityAutoExpand)
             .description(&r.description)
             .set_include_nested_stacks(r.include_nested_stacks.then_some(true))
+            .set_deployment_mode(
+                r.revert_drift
+                    .then_some(cfn::types::DeploymentMode::RevertDrift),
+            )
             .send()
             .await
             .map_err(|e| self.error(e))?;
@@ -650,6 +663,9 @@ impl Cloud for AwsCloud {
                 // A nested change set is named by its ARN alone.
                 .set_stack_name((!name.starts_with("arn:")).then(|| stack.to_owned()))
                 .change_set_name(name)
+                // Drift-aware change sets report each resource's drift
+                // status only with the property values.
+                .include_property_values(true)
                 .set_next_token(token.take())
                 .send()
                 .await
@@ -664,6 +680,9 @@ impl Cloud for AwsCloud {
                         Some(cfn::types::ChangeAction::Remove) => ChangeAction::Remove,
                         Some(cfn::types::ChangeAction::Import) => ChangeAction::Import,
                         Some(cfn::types::ChangeAction::Dynamic) => ChangeAction::Dynamic,
+                        Some(cfn::types::ChangeAction::SyncWithActual) => {
+                            ChangeAction::SyncWithActual
+                        }
                         _ => ChangeAction::Modify,
                     },
                     logical_id: rc.logical_resource_id().unwrap_or_default().to_owned(),
@@ -678,6 +697,9 @@ impl Cloud for AwsCloud {
                     },
                     scope: rc.scope().iter().map(|s| s.as_str().to_owned()).collect(),
                     nested_change_set: rc.change_set_id().map(str::to_owned),
+                    drift: rc
+                        .resource_drift_status()
+                        .map(|d| crate::cloud::ResourceDriftStatus::parse(d.as_str())),
                 });
             }
             let reason = out.status_reason().unwrap_or_default().to_owned();
@@ -717,6 +739,8 @@ impl Cloud for AwsCloud {
                     changes,
                     parameters: parameter_map(out.parameters()),
                     tags: tag_map(out.tags()),
+                    revert_drift: out.deployment_mode()
+                        == Some(&cfn::types::DeploymentMode::RevertDrift),
                 });
             }
         }
@@ -862,6 +886,89 @@ impl Cloud for AwsCloud {
             .await
             .map_err(|e| self.error(e))?;
         Ok(())
+    }
+
+    async fn detect_stack_drift(&self, stack: &str) -> CloudResult<String> {
+        let out = self
+            .cfn
+            .detect_stack_drift()
+            .stack_name(stack)
+            .send()
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(out.stack_drift_detection_id().unwrap_or_default().to_owned())
+    }
+
+    async fn drift_detection(&self, id: &str) -> CloudResult<crate::cloud::Detection> {
+        use cfn::types::StackDriftDetectionStatus as S;
+        let out = self
+            .cfn
+            .describe_stack_drift_detection_status()
+            .stack_drift_detection_id(id)
+            .send()
+            .await
+            .map_err(|e| self.error(e))?;
+        let reason = || {
+            out.detection_status_reason()
+                .unwrap_or("no reason given")
+                .to_owned()
+        };
+        Ok(crate::cloud::Detection {
+            status: match out.detection_status() {
+                Some(S::DetectionComplete) => crate::cloud::DetectionStatus::Complete,
+                Some(S::DetectionFailed) => crate::cloud::DetectionStatus::Failed(reason()),
+                Some(S::DetectionInProgress) => crate::cloud::DetectionStatus::InProgress,
+                // A status added later: not an ended detection to read.
+                Some(other) => crate::cloud::DetectionStatus::Failed(format!(
+                    "unknown detection status {}: {}",
+                    other.as_str(),
+                    reason()
+                )),
+                None => crate::cloud::DetectionStatus::InProgress,
+            },
+            stack_drift: crate::cloud::DriftStatus::parse(
+                out.stack_drift_status().map_or("", |x| x.as_str()),
+            ),
+            drifted_resources: out.drifted_stack_resource_count(),
+        })
+    }
+
+    async fn resource_drifts(&self, stack: &str) -> CloudResult<Vec<crate::cloud::ResourceDrift>> {
+        use crate::cloud::{DifferenceKind, PropertyDifference, ResourceDrift, ResourceDriftStatus};
+        let mut pages = self
+            .cfn
+            .describe_stack_resource_drifts()
+            .stack_name(stack)
+            .into_paginator()
+            .send();
+        let mut out = Vec::new();
+        while let Some(page) = pages.try_next().await.map_err(|e| self.error(e))? {
+            for d in page.stack_resource_drifts() {
+                out.push(ResourceDrift {
+                    logical_id: d.logical_resource_id().unwrap_or_default().to_owned(),
+                    physical_id: d.physical_resource_id().map(str::to_owned),
+                    resource_type: d.resource_type().unwrap_or_default().to_owned(),
+                    status: ResourceDriftStatus::parse(
+                        d.stack_resource_drift_status().map_or("", |x| x.as_str()),
+                    ),
+                    differences: d
+                        .property_differences()
+                        .iter()
+                        .map(|p| PropertyDifference {
+                            path: p.property_path().unwrap_or_default().to_owned(),
+                            expected: p.expected_value().map(str::to_owned),
+                            actual: p.actual_value().map(str::to_owned),
+                            kind: match p.difference_type() {
+                                Some(cfn::types::DifferenceType::Add) => DifferenceKind::Add,
+                                Some(cfn::types::DifferenceType::Remove) => DifferenceKind::Remove,
+                                _ => DifferenceKind::NotEqual,
+                            },
+                        })
+                        .collect(),
+                });
+            }
+        }
+        Ok(out)
     }
 
     async fn set_termination_protection(&self, stack: &str, enabled: bool) -> CloudResult<()> {

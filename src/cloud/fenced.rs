@@ -122,6 +122,21 @@ impl<C: Cloud> Cloud for Fenced<'_, C> {
         self.inner.delete_stack(stack).await
     }
 
+    /// Not a write to the stack, but an operation AWS runs one of per stack
+    /// at a time: only the lease holder starts one.
+    async fn detect_stack_drift(&self, stack: &str) -> CloudResult<String> {
+        self.check("detect_stack_drift")?;
+        self.inner.detect_stack_drift(stack).await
+    }
+
+    async fn drift_detection(&self, id: &str) -> CloudResult<super::Detection> {
+        self.inner.drift_detection(id).await
+    }
+
+    async fn resource_drifts(&self, stack: &str) -> CloudResult<Vec<super::ResourceDrift>> {
+        self.inner.resource_drifts(stack).await
+    }
+
     async fn set_termination_protection(&self, stack: &str, enabled: bool) -> CloudResult<()> {
         self.check("set_termination_protection")?;
         self.inner.set_termination_protection(stack, enabled).await

@@ -203,6 +203,153 @@ pub struct Stack {
     pub termination_protection: bool,
     #[serde(skip)]
     pub last_updated: Option<SystemTime>,
+    /// DriftInformation: the outcome of the stack's latest drift detection,
+    /// free with every DescribeStacks.
+    pub drift: StackDrift,
+}
+
+/// A stack's drift as DescribeStacks reports it (`DriftInformation`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StackDrift {
+    pub status: DriftStatus,
+    /// When its drift was last detected (absent until a detection ended).
+    #[serde(skip)]
+    pub last_check: Option<SystemTime>,
+}
+
+/// `StackDriftStatus`: DRIFTED, IN_SYNC, NOT_CHECKED; `UNKNOWN` (reserved)
+/// and values AWS adds later are [`DriftStatus::Unknown`], never in sync.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum DriftStatus {
+    Drifted,
+    InSync,
+    #[default]
+    NotChecked,
+    Unknown,
+}
+
+impl DriftStatus {
+    pub fn parse(s: &str) -> DriftStatus {
+        match s {
+            "DRIFTED" => DriftStatus::Drifted,
+            "IN_SYNC" => DriftStatus::InSync,
+            "NOT_CHECKED" | "" => DriftStatus::NotChecked,
+            _ => DriftStatus::Unknown,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DriftStatus::Drifted => "DRIFTED",
+            DriftStatus::InSync => "IN_SYNC",
+            DriftStatus::NotChecked => "NOT_CHECKED",
+            DriftStatus::Unknown => "UNKNOWN",
+        }
+    }
+}
+
+/// The stack statuses DetectStackDrift accepts (AWS API reference).
+pub const DRIFT_DETECTABLE: &[&str] = &[
+    "CREATE_COMPLETE",
+    "UPDATE_COMPLETE",
+    "UPDATE_ROLLBACK_COMPLETE",
+    "UPDATE_ROLLBACK_FAILED",
+];
+
+/// Where a drift detection stands (DescribeStackDriftDetectionStatus).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DetectionStatus {
+    InProgress,
+    Complete,
+    /// DETECTION_FAILED, with its DetectionStatusReason: the resources it
+    /// could check are reported, the others are not.
+    Failed(String),
+}
+
+/// A drift detection, as DescribeStackDriftDetectionStatus reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Detection {
+    pub status: DetectionStatus,
+    /// Set once the detection ended.
+    pub stack_drift: DriftStatus,
+    pub drifted_resources: Option<i32>,
+}
+
+/// `StackResourceDriftStatus` (and a change set's `ResourceDriftStatus`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ResourceDriftStatus {
+    InSync,
+    Modified,
+    Deleted,
+    /// Not checked: a type without drift support, a resource skipped by a
+    /// continued rollback, or a detection that failed before reaching it.
+    NotChecked,
+    /// UNKNOWN, UNSUPPORTED, or a value AWS adds later.
+    #[serde(untagged)]
+    Other(String),
+}
+
+impl ResourceDriftStatus {
+    pub fn parse(s: &str) -> ResourceDriftStatus {
+        match s {
+            "IN_SYNC" => ResourceDriftStatus::InSync,
+            "MODIFIED" => ResourceDriftStatus::Modified,
+            "DELETED" => ResourceDriftStatus::Deleted,
+            "NOT_CHECKED" => ResourceDriftStatus::NotChecked,
+            other => ResourceDriftStatus::Other(other.to_owned()),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            ResourceDriftStatus::InSync => "IN_SYNC",
+            ResourceDriftStatus::Modified => "MODIFIED",
+            ResourceDriftStatus::Deleted => "DELETED",
+            ResourceDriftStatus::NotChecked => "NOT_CHECKED",
+            ResourceDriftStatus::Other(s) => s,
+        }
+    }
+
+    /// The resource differs from its template (changed or deleted).
+    pub fn drifted(&self) -> bool {
+        matches!(
+            self,
+            ResourceDriftStatus::Modified | ResourceDriftStatus::Deleted
+        )
+    }
+}
+
+/// `DifferenceType` of a property difference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum DifferenceKind {
+    /// A value (an item of a list) was added out of band.
+    Add,
+    Remove,
+    NotEqual,
+}
+
+/// One `PropertyDifference` of a drifted resource.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+pub struct PropertyDifference {
+    /// As AWS writes it: `/VisibilityTimeout`, `/SecurityGroupIngress/1`.
+    pub path: String,
+    pub expected: Option<String>,
+    pub actual: Option<String>,
+    pub kind: DifferenceKind,
+}
+
+/// One `StackResourceDrift` of DescribeStackResourceDrifts.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ResourceDrift {
+    pub logical_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub physical_id: Option<String>,
+    pub resource_type: String,
+    pub status: ResourceDriftStatus,
+    pub differences: Vec<PropertyDifference>,
 }
 
 impl Stack {
@@ -261,6 +408,10 @@ pub struct ChangeSetRequest {
     /// IncludeNestedStacks, so what changes inside them can be inspected
     /// (and gated) before anything is executed.
     pub include_nested_stacks: bool,
+    /// A drift-aware change set (`DeploymentMode: REVERT_DRIFT`): it
+    /// compares the template with the resources' actual state, so drifted
+    /// properties are written back. UPDATE only, no nested stacks.
+    pub revert_drift: bool,
 }
 
 /// Lifecycle of a change set.
@@ -320,6 +471,9 @@ pub enum ChangeAction {
     Remove,
     Import,
     Dynamic,
+    /// Drift-aware change sets only: the resource is not changed, only
+    /// CloudFormation's record of it (the template now matches reality).
+    SyncWithActual,
 }
 
 /// Whether a modification replaces the resource.
@@ -345,6 +499,11 @@ pub struct ResourceChange {
     /// change sets included.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nested_change_set: Option<String>,
+    /// Drift-aware change sets: the resource's drift status when the change
+    /// set was made (a non-empty drift-aware change set proves no drift:
+    /// AWS reports phantom changes on stacks in sync).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drift: Option<ResourceDriftStatus>,
 }
 
 /// Resource types that are stacks of their own: a change to one is a
@@ -363,6 +522,8 @@ pub struct ChangeSet {
     pub parameters: BTreeMap<String, String>,
     /// The stack tags it was made with.
     pub tags: BTreeMap<String, String>,
+    /// Made with `DeploymentMode: REVERT_DRIFT`.
+    pub revert_drift: bool,
 }
 
 /// One entry of a stack's event log.
@@ -530,6 +691,21 @@ pub trait Cloud: Send + Sync {
     ) -> impl Future<Output = CloudResult<()>> + Send;
 
     fn delete_stack(&self, stack: &str) -> impl Future<Output = CloudResult<()>> + Send;
+
+    /// DetectStackDrift: starts a detection of the whole stack and returns
+    /// its id. AWS runs one detection per stack at a time and accepts only
+    /// the statuses in [`DRIFT_DETECTABLE`].
+    fn detect_stack_drift(&self, stack: &str) -> impl Future<Output = CloudResult<String>> + Send;
+
+    /// DescribeStackDriftDetectionStatus.
+    fn drift_detection(&self, id: &str) -> impl Future<Output = CloudResult<Detection>> + Send;
+
+    /// DescribeStackResourceDrifts, every page: the resources of the
+    /// stack's latest detection, whatever their status.
+    fn resource_drifts(
+        &self,
+        stack: &str,
+    ) -> impl Future<Output = CloudResult<Vec<ResourceDrift>>> + Send;
 
     /// UpdateTerminationProtection.
     fn set_termination_protection(

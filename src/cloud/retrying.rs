@@ -113,6 +113,18 @@ impl<C: Cloud> Cloud for Retrying<C> {
         retry::call(|| self.0.delete_stack(stack)).await
     }
 
+    async fn detect_stack_drift(&self, stack: &str) -> CloudResult<String> {
+        retry::call(|| self.0.detect_stack_drift(stack)).await
+    }
+
+    async fn drift_detection(&self, id: &str) -> CloudResult<super::Detection> {
+        retry::call(|| self.0.drift_detection(id)).await
+    }
+
+    async fn resource_drifts(&self, stack: &str) -> CloudResult<Vec<super::ResourceDrift>> {
+        retry::call(|| self.0.resource_drifts(stack)).await
+    }
+
     async fn set_termination_protection(&self, stack: &str, enabled: bool) -> CloudResult<()> {
         retry::call(|| self.0.set_termination_protection(stack, enabled)).await
     }

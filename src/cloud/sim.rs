@@ -22,8 +22,9 @@ use tokio::time::Instant;
 
 use super::{
     ChangeAction, ChangeSet, ChangeSetKind, ChangeSetRequest, ChangeSetStatus, ChangeSetSummary,
-    Cloud, CloudError, CloudResult, Deployment, FailedDeployment, Replacement, ResourceChange,
-    Service, Stack, StackEvent, StackStatus,
+    Cloud, CloudError, CloudResult, Deployment, Detection, DetectionStatus, DifferenceKind,
+    DriftStatus, FailedDeployment, PropertyDifference, Replacement, ResourceChange, ResourceDrift,
+    ResourceDriftStatus, Service, Stack, StackEvent, StackStatus,
 };
 use crate::template::{Template, references_parameter};
 
@@ -80,6 +81,9 @@ pub struct SimConfig {
     /// UPDATE_COMPLETE_CLEANUP_IN_PROGRESS (deleting replaced resources)
     /// before UPDATE_COMPLETE, as on AWS.
     pub cleanup_latency: Duration,
+    /// How long a drift detection runs before it ends (DetectStackDrift
+    /// "can take up to several minutes").
+    pub drift_detection_latency: Duration,
 }
 
 impl Default for SimConfig {
@@ -94,6 +98,7 @@ impl Default for SimConfig {
             hide_replacement: false,
             cleanup_latency: Duration::ZERO,
             rollout_latency: Duration::from_secs(120),
+            drift_detection_latency: Duration::from_secs(90),
         }
     }
 }
@@ -125,6 +130,20 @@ struct Applied {
     template_body: String,
     parameters: BTreeMap<String, String>,
     tags: BTreeMap<String, String>,
+    /// A drift-aware change set: drifted properties are written back.
+    revert_drift: bool,
+}
+
+/// A drift detection of one stack.
+#[derive(Debug, Clone)]
+struct SimDetection {
+    stack: String,
+    done_at: Instant,
+    /// Ends DETECTION_FAILED with this reason, having checked only the
+    /// first half of the resources.
+    fail: Option<String>,
+    /// Set when it ended.
+    result: Option<(DriftStatus, i32)>,
 }
 
 #[derive(Debug, Clone)]
@@ -207,6 +226,15 @@ struct State {
     /// S3 buckets (name to region) and their objects, by (bucket, key).
     buckets: BTreeMap<String, String>,
     objects: BTreeMap<(String, String), String>,
+    /// Out-of-band edits by (stack, logical id): property path (as drift
+    /// detection writes it, `/VisibilityTimeout`) to the live value.
+    edits: BTreeMap<(String, String), BTreeMap<String, String>>,
+    /// Drift detections by id.
+    detections: BTreeMap<String, SimDetection>,
+    /// By stack: the resources of its latest ended detection.
+    resource_drifts: BTreeMap<String, Vec<ResourceDrift>>,
+    /// By stack: its next detection fails with this reason.
+    fail_detection: BTreeMap<String, String>,
 }
 
 /// A finished ECS service deployment: when it was created, how it ended
@@ -357,6 +385,36 @@ impl SimCloud {
     /// error for a request AWS carried out.
     pub fn lose_next_answer(&self, op: &'static str) {
         self.lock().lost_answers.insert(op);
+    }
+
+    /// Someone changes a property of a stack's resource out of band (the
+    /// console, the service's API): `path` as drift detection writes it
+    /// (`/VisibilityTimeout`), `actual` the live value now. Detection
+    /// reports it; a drift-aware change set writes the template's value
+    /// back unless the property is create-only.
+    pub fn edit_out_of_band(&self, stack: &str, logical_id: &str, path: &str, actual: &str) {
+        self.lock()
+            .edits
+            .entry((stack.to_owned(), logical_id.to_owned()))
+            .or_default()
+            .insert(path.to_owned(), actual.to_owned());
+    }
+
+    /// The out-of-band values still live on a resource, by property path.
+    pub fn live_edits(&self, stack: &str, logical_id: &str) -> BTreeMap<String, String> {
+        self.lock()
+            .edits
+            .get(&(stack.to_owned(), logical_id.to_owned()))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The stack's next drift detection ends DETECTION_FAILED (as when
+    /// reading a resource was throttled), having checked half the resources.
+    pub fn fail_next_detection(&self, stack: &str, reason: &str) {
+        self.lock()
+            .fail_detection
+            .insert(stack.to_owned(), reason.to_owned());
     }
 
     /// An update of `stack` fails and its rollback fails too, on
@@ -663,6 +721,107 @@ fn roll_back(
 fn advance(st: &mut State, now: Instant) {
     advance_stacks(st, now);
     advance_rollouts(st, now);
+    advance_detections(st, now);
+}
+
+/// Ends every drift detection whose time has come: compares each resource's
+/// template properties with its out-of-band edits, as CloudFormation
+/// compares the template with the live resource (only properties the
+/// template sets; types without drift support are NOT_CHECKED).
+fn advance_detections(st: &mut State, now: Instant) {
+    let due: Vec<String> = st
+        .detections
+        .iter()
+        .filter(|(_, d)| d.result.is_none() && d.done_at <= now)
+        .map(|(id, _)| id.clone())
+        .collect();
+    let wall = wall_clock(st, now);
+    for id in due {
+        let d = st.detections[&id].clone();
+        let Some(s) = st.stacks.get(&d.stack) else {
+            continue;
+        };
+        let mut resources = Vec::new();
+        if let Some(t) = parsed(&s.template_body) {
+            let checkable = if d.fail.is_some() {
+                t.resources.len() / 2
+            } else {
+                t.resources.len()
+            };
+            for (i, (logical, r)) in t.resources.iter().enumerate() {
+                let edits = st.edits.get(&(d.stack.clone(), logical.clone()));
+                let (status, differences) = if i >= checkable
+                    || !super::sim_truth::drift_supported(&r.kind)
+                {
+                    (ResourceDriftStatus::NotChecked, vec![])
+                } else {
+                    let differences: Vec<PropertyDifference> = edits
+                        .into_iter()
+                        .flatten()
+                        .map(|(path, actual)| PropertyDifference {
+                            path: path.clone(),
+                            expected: template_value(&r.properties, path, &s.stack.parameters),
+                            actual: Some(actual.clone()),
+                            kind: DifferenceKind::NotEqual,
+                        })
+                        .collect();
+                    if differences.is_empty() {
+                        (ResourceDriftStatus::InSync, differences)
+                    } else {
+                        (ResourceDriftStatus::Modified, differences)
+                    }
+                };
+                resources.push(ResourceDrift {
+                    logical_id: logical.clone(),
+                    physical_id: Some(format!("{}-{logical}", d.stack)),
+                    resource_type: r.kind.clone(),
+                    status,
+                    differences,
+                });
+            }
+        }
+        let drifted = resources.iter().filter(|r| r.status.drifted()).count();
+        let status = if drifted > 0 {
+            DriftStatus::Drifted
+        } else {
+            DriftStatus::InSync
+        };
+        st.detections.get_mut(&id).expect("listed").result = Some((status, drifted as i32));
+        if let Some(s) = st.stacks.get_mut(&d.stack) {
+            // A failed detection leaves the stack's drift status as it was.
+            if d.fail.is_none() {
+                s.stack.drift = crate::cloud::StackDrift {
+                    status,
+                    last_check: Some(wall),
+                };
+            }
+        }
+        st.resource_drifts.insert(d.stack.clone(), resources);
+    }
+}
+
+/// The value a template gives the property at a drift path, as text
+/// (`Ref` of a parameter resolved; anything else as JSON).
+fn template_value(
+    properties: &serde_json::Value,
+    path: &str,
+    parameters: &BTreeMap<String, String>,
+) -> Option<String> {
+    let mut v = properties;
+    for seg in path.trim_start_matches('/').split('/') {
+        v = match v {
+            serde_json::Value::Array(items) => items.get(seg.parse::<usize>().ok()?)?,
+            other => other.get(seg)?,
+        };
+    }
+    Some(match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Object(m) if m.len() == 1 && m.contains_key("Ref") => {
+            let name = m["Ref"].as_str().unwrap_or_default();
+            parameters.get(name).cloned().unwrap_or_else(|| v.to_string())
+        }
+        other => other.to_string(),
+    })
 }
 
 /// Settles ECS deployments: the new task definition runs, or its tasks
@@ -787,6 +946,9 @@ fn advance_stacks(st: &mut State, now: Instant) {
                 };
                 s.template_body = a.template_body;
                 s.stack.tags = a.tags;
+                if a.revert_drift {
+                    revert_edits(&mut st.edits, &name, &s.template_body);
+                }
                 s.stack.outputs = outputs_of(&name, &s.template_body, &s.stack.parameters);
                 if op.target == "UPDATE_COMPLETE" {
                     s.stack.last_updated = Some(wall);
@@ -1020,6 +1182,7 @@ fn diff_templates(
                 replacement: None,
                 scope: vec![],
                 nested_change_set: None,
+                drift: None,
             }),
             Some(b) => {
                 let old_params = old.as_ref().map(|(_, p)| *p).expect("old exists");
@@ -1048,6 +1211,7 @@ fn diff_templates(
                         }),
                         scope: vec!["Properties".into()],
                         nested_change_set: None,
+                        drift: None,
                     });
                 }
             }
@@ -1063,11 +1227,70 @@ fn diff_templates(
                     replacement: None,
                     scope: vec![],
                     nested_change_set: None,
+                    drift: None,
                 });
             }
         }
     }
     changes
+}
+
+/// What a drift-aware change set adds for the stack's out-of-band edits:
+/// a Modify (ResourceDriftStatus MODIFIED) for each resource with drift
+/// outside create-only properties, which AWS does not reconcile.
+fn revert_changes(st: &State, r: &ChangeSetRequest, changes: &mut Vec<ResourceChange>) {
+    let Some(t) = parsed(&r.template_body) else {
+        return;
+    };
+    for ((stack, logical), edits) in &st.edits {
+        let Some(res) = t.resources.get(logical) else {
+            continue;
+        };
+        if *stack != r.stack_name
+            || !super::sim_truth::drift_supported(&res.kind)
+            || edits
+                .keys()
+                .all(|p| super::sim_truth::create_only_path(&res.kind, p))
+        {
+            continue;
+        }
+        match changes.iter_mut().find(|c| c.logical_id == *logical) {
+            Some(c) => c.drift = Some(ResourceDriftStatus::Modified),
+            None => changes.push(ResourceChange {
+                action: ChangeAction::Modify,
+                logical_id: logical.clone(),
+                resource_type: res.kind.clone(),
+                replacement: Some(Replacement::False),
+                scope: vec!["Properties".into()],
+                nested_change_set: None,
+                drift: Some(ResourceDriftStatus::Modified),
+            }),
+        }
+    }
+}
+
+/// A drift-aware change set executed: every drifted property of the
+/// stack's resources has the template's value again, except create-only
+/// ones (still drifted) and types without drift support.
+fn revert_edits(
+    edits: &mut BTreeMap<(String, String), BTreeMap<String, String>>,
+    stack: &str,
+    template_body: &str,
+) {
+    let Some(t) = parsed(template_body) else {
+        return;
+    };
+    for ((s, logical), props) in edits.iter_mut() {
+        if s != stack {
+            continue;
+        }
+        if let Some(r) = t.resources.get(logical)
+            && super::sim_truth::drift_supported(&r.kind)
+        {
+            props.retain(|path, _| super::sim_truth::create_only_path(&r.kind, path));
+        }
+    }
+    edits.retain(|_, props| !props.is_empty());
 }
 
 impl Cloud for SimCloud {
@@ -1181,6 +1404,16 @@ impl Cloud for SimCloud {
         );
         let tags_changed = old.as_ref().is_some_and(|(_, _, t)| t != &r.tags);
         let mut changes = changes;
+        if r.revert_drift {
+            // AWS: drift-aware change sets are UPDATE change sets of stacks
+            // without nested stacks.
+            if r.kind != ChangeSetKind::Update || r.include_nested_stacks {
+                return Err(CloudError::Validation(
+                    "DeploymentMode REVERT_DRIFT is supported only for UPDATE change sets without nested stacks".into(),
+                ));
+            }
+            revert_changes(&st, r, &mut changes);
+        }
         let nested: Vec<(String, Option<Vec<ResourceChange>>)> = st
             .nested_plans
             .iter()
@@ -1203,6 +1436,7 @@ impl Cloud for SimCloud {
                 replacement: Some(Replacement::False),
                 scope: vec!["Properties".into()],
                 nested_change_set: Some(nested_id),
+                drift: None,
             });
         }
         let cs = SimChangeSet {
@@ -1232,6 +1466,7 @@ impl Cloud for SimCloud {
                     outputs: BTreeMap::new(),
                     termination_protection: false,
                     last_updated: None,
+                    drift: Default::default(),
                 },
                 template_body: String::new(),
                 operation: None,
@@ -1257,6 +1492,7 @@ impl Cloud for SimCloud {
                 changes,
                 parameters: BTreeMap::new(),
                 tags: BTreeMap::new(),
+                revert_drift: false,
             });
         }
         let s = st
@@ -1308,6 +1544,7 @@ impl Cloud for SimCloud {
                 })
                 .collect(),
             tags: cs.request.tags.clone(),
+            revert_drift: cs.request.revert_drift,
         })
     }
 
@@ -1434,6 +1671,7 @@ impl Cloud for SimCloud {
                 template_body: cs.request.template_body.clone(),
                 parameters: cs.request.parameters.clone(),
                 tags: cs.request.tags.clone(),
+                revert_drift: cs.request.revert_drift,
             }),
         });
         // AWS deletes every other change set of the stack on execution.
@@ -1642,6 +1880,76 @@ impl Cloud for SimCloud {
             apply: None,
         });
         Ok(())
+    }
+
+    async fn detect_stack_drift(&self, stack: &str) -> CloudResult<String> {
+        let done_at = Instant::now() + self.config.drift_detection_latency;
+        let mut st = self.enter("DetectStackDrift")?;
+        let s = st
+            .stacks
+            .get(stack)
+            .ok_or_else(|| CloudError::NotFound(format!("Stack [{stack}] does not exist")))?;
+        if !crate::cloud::DRIFT_DETECTABLE.contains(&s.stack.status.as_str()) {
+            return Err(CloudError::Validation(format!(
+                "Stack [{stack}] is in {} state and can not be checked for drift",
+                s.stack.status
+            )));
+        }
+        if st
+            .detections
+            .values()
+            .any(|d| d.stack == stack && d.result.is_none())
+        {
+            st.violations
+                .push(format!("DetectStackDrift on {stack} while one runs"));
+            return Err(CloudError::Validation(format!(
+                "Drift detection is already in progress for stack [{stack}]"
+            )));
+        }
+        st.next_id += 1;
+        let id = format!("sim-detection-{}", st.next_id);
+        let fail = st.fail_detection.remove(stack);
+        st.detections.insert(
+            id.clone(),
+            SimDetection {
+                stack: stack.to_owned(),
+                done_at,
+                fail,
+                result: None,
+            },
+        );
+        Ok(id)
+    }
+
+    async fn drift_detection(&self, id: &str) -> CloudResult<Detection> {
+        let st = self.enter("DescribeStackDriftDetectionStatus")?;
+        let d = st
+            .detections
+            .get(id)
+            .ok_or_else(|| CloudError::Validation(format!("Drift detection [{id}] not found")))?;
+        Ok(match (&d.result, &d.fail) {
+            (None, _) => Detection {
+                status: DetectionStatus::InProgress,
+                stack_drift: DriftStatus::NotChecked,
+                drifted_resources: None,
+            },
+            (Some((status, n)), fail) => Detection {
+                status: match fail {
+                    Some(why) => DetectionStatus::Failed(why.clone()),
+                    None => DetectionStatus::Complete,
+                },
+                stack_drift: *status,
+                drifted_resources: Some(*n),
+            },
+        })
+    }
+
+    async fn resource_drifts(&self, stack: &str) -> CloudResult<Vec<ResourceDrift>> {
+        let st = self.enter("DescribeStackResourceDrifts")?;
+        if !st.stacks.contains_key(stack) {
+            return Err(CloudError::NotFound(format!("Stack [{stack}] does not exist")));
+        }
+        Ok(st.resource_drifts.get(stack).cloned().unwrap_or_default())
     }
 
     async fn set_termination_protection(&self, stack: &str, enabled: bool) -> CloudResult<()> {

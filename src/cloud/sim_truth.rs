@@ -122,6 +122,27 @@ fn create_only(resource_type: &str) -> Vec<Vec<String>> {
         .clone()
 }
 
+/// Whether a drift's property path (`/KeySchema/0/AttributeName`, as
+/// DetectStackDrift writes it) lies under a create-only property of the
+/// type: drift there is not reconciled by a drift-aware change set.
+pub fn create_only_path(resource_type: &str, path: &str) -> bool {
+    let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    create_only(resource_type).iter().any(|co| {
+        co.len() <= segs.len() && co.iter().zip(&segs).all(|(c, s)| c == "*" || c == s)
+    })
+}
+
+/// Whether the type supports drift detection: its provider schema has a
+/// read handler (CloudFormation reads the live resource through it).
+/// Types without a schema (legacy, custom) are NOT_CHECKED.
+pub fn drift_supported(resource_type: &str) -> bool {
+    let t = truth();
+    t.providers.get(resource_type).is_some_and(|digest| {
+        read_json(&t.data.join(format!("schemas/resources/{digest}.json")))["handlers"]["read"]
+            .is_object()
+    })
+}
+
 /// The values a path reaches, flattened (lists expanded at `*`); a value
 /// the path cannot look into stands for itself.
 fn reach<'a>(v: &'a Json, path: &[String], out: &mut Vec<&'a Json>) {
