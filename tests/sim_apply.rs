@@ -377,6 +377,7 @@ async fn a_pass_that_crashed_before_executing_reuses_its_change_set_and_cleans_s
         tags: BTreeMap::new(),
         description: String::new(),
         include_nested_stacks: false,
+        revert_drift: false,
     };
     cloud.create_change_set(&stale).await.unwrap();
     // Made well before this pass: no concurrent run can be using it.
@@ -835,6 +836,7 @@ async fn another_runs_fresh_change_set_is_left_alone_until_it_is_stale() {
         tags: BTreeMap::new(),
         description: String::new(),
         include_nested_stacks: false,
+        revert_drift: false,
     };
     cloud.create_change_set(&theirs).await.unwrap();
     let ws = Workspace::new();
@@ -927,6 +929,7 @@ async fn foreign_stack(cloud: &Retrying<SimCloud>, name: &str, body: &str, tags:
             .collect(),
         description: String::new(),
         include_nested_stacks: false,
+        revert_drift: false,
     };
     cloud.create_change_set(&request).await.unwrap();
     tokio::time::advance(Duration::from_secs(10)).await;
@@ -1087,6 +1090,7 @@ async fn a_change_set_made_for_other_values_is_never_executed_but_made_anew() {
             tags: d.tags_with_ownership(&env.name),
             description: String::new(),
             include_nested_stacks: false,
+            revert_drift: false,
         })
         .await
         .unwrap();

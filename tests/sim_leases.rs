@@ -212,6 +212,7 @@ async fn a_fence_that_fell_refuses_every_write_before_it_is_sent() {
         tags: BTreeMap::new(),
         description: String::new(),
         include_nested_stacks: false,
+        revert_drift: false,
     };
     assert!(matches!(
         fenced.create_change_set(&request).await,

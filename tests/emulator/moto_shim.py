@@ -703,6 +703,10 @@ _FAULT_KEYS = {
     "actions": [],
     "seed": 0,
     "strict": False,
+    # Drift detection (19): how long a detection stays in progress, and
+    # whether it ends DETECTION_FAILED (true, or the logical ids that fail).
+    "drift_delay_ms": 0,
+    "drift_fail": False,
 }
 _faults_lock = threading.Lock()
 _faults = dict(_FAULT_KEYS)
