@@ -195,6 +195,7 @@ mod tests {
             termination_protection: false,
             timeout: Duration::from_secs(60),
             ecs_services: vec![],
+            drift: Default::default(),
             revision: "r1".into(),
             owner: None,
         }

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod cloud;
 pub mod controller;
 pub mod diff;
+pub mod drift;
 pub mod endpoints;
 pub mod files;
 pub mod git;

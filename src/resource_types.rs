@@ -33,6 +33,17 @@ impl PropertyPath {
     pub fn project(&self, properties: &Json) -> Json {
         project(properties, &self.0)
     }
+
+    /// Whether a property at `segments` (a drift's property path split at
+    /// `/`, list indexes included) lies at or under this path.
+    pub fn covers(&self, segments: &[&str]) -> bool {
+        self.0.len() <= segments.len()
+            && self
+                .0
+                .iter()
+                .zip(segments)
+                .all(|(mine, theirs)| *mine == "*" || mine == theirs)
+    }
 }
 
 impl std::fmt::Display for PropertyPath {

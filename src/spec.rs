@@ -192,7 +192,23 @@ struct RawEnv {
     allow_templates_outside_repository: bool,
     #[serde(default)]
     artifacts: Option<RawArtifacts>,
+    #[serde(default)]
+    drift: Option<RawDrift>,
     stacks: serde_yaml::Mapping,
+}
+
+/// `drift:` of an environment (ignore entries `stack.LogicalId[.Path]`)
+/// or of a stack (entries `LogicalId[.Path]`; mode and interval override
+/// the environment's, ignore entries add to them).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDrift {
+    #[serde(default)]
+    mode: Option<crate::drift::DriftMode>,
+    #[serde(default)]
+    interval: Option<HumanDuration>,
+    #[serde(default)]
+    ignore: Vec<String>,
 }
 
 /// `artifacts:`: the S3 bucket templates are uploaded to.
@@ -273,6 +289,8 @@ struct RawStack {
     timeout: Option<HumanDuration>,
     #[serde(default)]
     ecs_services: Vec<RawEcsService>,
+    #[serde(default)]
+    drift: Option<RawDrift>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -363,6 +381,8 @@ pub struct DesiredStack {
     pub termination_protection: bool,
     pub timeout: Duration,
     pub ecs_services: Vec<EcsServiceSpec>,
+    /// Resource drift: detection cadence, alert or revert, what to ignore.
+    pub drift: crate::drift::DriftSettings,
     /// Content hash of everything that defines this stack.
     pub revision: String,
     /// The environment's `owner`, tagged on the stack.
@@ -696,6 +716,7 @@ impl Loader {
             }
         }
         let policy = self.check_policy(&doc, &raw.policy, &raw_stacks, &templates);
+        let mut drift = self.check_drift(&doc, raw.drift.as_ref(), &raw_stacks, &templates);
         if let Some(d) = raw.operation_timeout {
             self.check_duration(&doc, "operation_timeout", d.0, OPERATION_TIMEOUT_RANGE);
         }
@@ -882,6 +903,7 @@ impl Loader {
                 .collect::<Vec<_>>();
             let revision = stack_revision(&template, &s.parameters, &tags);
             let package = self.packages.remove(&key).unwrap_or_default();
+            let drift_settings = drift.remove(&key).unwrap_or_default();
             stacks.insert(
                 key.clone(),
                 DesiredStack {
@@ -899,6 +921,7 @@ impl Loader {
                     termination_protection: s.termination_protection,
                     timeout,
                     ecs_services,
+                    drift: drift_settings,
                     revision,
                     owner: raw.owner.clone(),
                 },
@@ -1399,6 +1422,80 @@ impl Loader {
                 }
             }
         }
+    }
+
+    /// Each stack's drift settings: the environment's, overridden by the
+    /// stack's own. Every ignore entry must name a declared stack and a
+    /// resource of its template.
+    fn check_drift(
+        &mut self,
+        doc: &Document,
+        env: Option<&RawDrift>,
+        stacks: &BTreeMap<String, RawStack>,
+        templates: &BTreeMap<String, (PathBuf, String, Template)>,
+    ) -> BTreeMap<String, crate::drift::DriftSettings> {
+        use crate::drift::{DriftSettings, INTERVAL_RANGE, Ignore};
+        let mut out: BTreeMap<String, DriftSettings> = BTreeMap::new();
+        let ignore_in = |this: &mut Loader, key: &str, text: &str, path: &str| -> Option<Ignore> {
+            let known = templates.get(key).map(|(_, _, t)| t);
+            match Ignore::parse(text) {
+                Err(e) => this.error_at(doc, path, e),
+                Ok(i) if known.is_some_and(|t| {
+                    t.fully_known() && !t.resources.contains_key(&i.logical_id)
+                }) =>
+                {
+                    this.error_at(
+                        doc,
+                        path,
+                        format!("stack `{key}` has no resource `{}`", i.logical_id),
+                    );
+                }
+                Ok(i) => return Some(i),
+            }
+            None
+        };
+        let env_mode = env.and_then(|d| d.mode).unwrap_or_default();
+        let env_interval = env
+            .and_then(|d| d.interval)
+            .map_or(crate::drift::DEFAULT_INTERVAL, |d| d.0);
+        if let Some(d) = env.and_then(|d| d.interval) {
+            self.check_duration(doc, "drift.interval", d.0, INTERVAL_RANGE);
+        }
+        for (i, entry) in env.map(|d| d.ignore.as_slice()).unwrap_or_default().iter().enumerate() {
+            let path = format!("drift.ignore.{i}");
+            match entry.split_once('.') {
+                Some((stack, rest)) if stacks.contains_key(stack) => {
+                    if let Some(i) = ignore_in(self, stack, rest, &path) {
+                        out.entry(stack.to_owned()).or_default().ignore.push(i);
+                    }
+                }
+                Some((stack, _)) => self.error_at(doc, &path, format!("unknown stack `{stack}`")),
+                None => self.error_at(
+                    doc,
+                    &path,
+                    format!("`{entry}` must be <stack>.<LogicalId>[.<Property>...]"),
+                ),
+            }
+        }
+        for (key, s) in stacks {
+            let own = s.drift.as_ref();
+            if let Some(d) = own.and_then(|d| d.interval) {
+                let path = format!("stacks.{key}.drift.interval");
+                self.check_duration(doc, &path, d.0, INTERVAL_RANGE);
+            }
+            for (i, entry) in own.map(|d| d.ignore.as_slice()).unwrap_or_default().iter().enumerate() {
+                let path = format!("stacks.{key}.drift.ignore.{i}");
+                if let Some(i) = ignore_in(self, key, entry, &path) {
+                    out.entry(key.clone()).or_default().ignore.push(i);
+                }
+            }
+            let settings = out.entry(key.clone()).or_default();
+            settings.mode = own.and_then(|d| d.mode).unwrap_or(env_mode);
+            settings.interval = own
+                .and_then(|d| d.interval)
+                .map_or(env_interval, |d| d.0);
+        }
+        out
     }
 
     fn check_policy(
@@ -2303,6 +2400,52 @@ stacks:
         assert!(errs[0].contains("is also used by stack"), "{errs:?}");
         let errs = f.errors("dev", &GOOD.replace("dev-app", "1bad_name"));
         assert_eq!(errs.len(), 2, "{errs:?}");
+    }
+
+    #[test]
+    fn drift_settings_resolve_per_stack_and_name_real_resources() {
+        let f = Fixture::new();
+        let text = format!(
+            "{GOOD}drift: {{mode: revert, interval: 2h, ignore: [data.T.ProvisionedThroughput]}}\n"
+        )
+        .replace(
+            "    parameters: {Env: dev}\n",
+            "    parameters: {Env: dev}\n    drift: {mode: alert, ignore: [T.BillingMode]}\n",
+        );
+        let env = f.load("dev", &text).unwrap();
+        let data = &env.stacks["data"].drift;
+        assert_eq!(data.mode, crate::drift::DriftMode::Alert);
+        assert_eq!(data.interval, Duration::from_secs(7200));
+        let ignored: Vec<String> = data.ignore.iter().map(ToString::to_string).collect();
+        assert_eq!(ignored, ["T.ProvisionedThroughput", "T.BillingMode"]);
+        let queue = &env.stacks["queue"].drift;
+        assert_eq!(queue.mode, crate::drift::DriftMode::Revert);
+        assert!(queue.ignore.is_empty());
+
+        let bad = format!(
+            "{GOOD}drift:\n  mode: sometimes\n"
+        );
+        let errs = f.errors("dev", &bad);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].starts_with("desired-state/dev.yaml:15:"), "{errs:?}");
+        assert!(errs[0].contains("sometimes"), "{errs:?}");
+        let bad = format!(
+            "{GOOD}drift:\n  interval: 1s\n  ignore: [data.Missing, nowhere.X, data]\n  every: 1h\n"
+        );
+        let errs = f.errors("dev", &bad);
+        assert_eq!(errs.len(), 1, "unknown key first: {errs:?}");
+        assert!(errs[0].contains("every"), "{errs:?}");
+        let bad = format!("{GOOD}drift:\n  interval: 1s\n  ignore: [data.Missing, nowhere.X, data]\n");
+        let errs = f.errors("dev", &bad);
+        assert_eq!(
+            errs,
+            vec![
+                "desired-state/dev.yaml:15:3: drift.interval: 1s is out of range: must be between 5m and 7days",
+                "desired-state/dev.yaml:16:12: drift.ignore.0: stack `data` has no resource `Missing`",
+                "desired-state/dev.yaml:16:26: drift.ignore.1: unknown stack `nowhere`",
+                "desired-state/dev.yaml:16:37: drift.ignore.2: `data` must be <stack>.<LogicalId>[.<Property>...]",
+            ]
+        );
     }
 
     #[test]
