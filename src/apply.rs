@@ -101,6 +101,13 @@ impl Options {
     /// rollback, an operator's own act, does not heed).
     fn annotate(&self, o: &mut Observed) {
         o.failed_redeploys.extend(self.failed_redeploys());
+        o.revert_attempted.extend(
+            self.revert_attempted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .cloned(),
+        );
         if self.intent == Intent::Converge {
             o.suspension = self.suspension.clone();
         }
@@ -242,7 +249,18 @@ pub struct Options {
     pub suspension: Option<crate::state::Suspension>,
     /// Asked before every write (see [`Gate`]).
     pub gate: Option<std::sync::Arc<dyn Gate>>,
+    /// Drift a drift-aware change set of this process reverted and a
+    /// detection afterwards still found, as (stack name, logical id,
+    /// property path): never tried again. Share one between the passes of
+    /// an environment, like `failed_redeploys`.
+    pub revert_attempted: RevertAttempted,
+    /// Drift detections in flight in the account and region (the re-check
+    /// after a revert); `None`: a bound of this pass's own.
+    pub detections: Option<std::sync::Arc<Semaphore>>,
 }
+
+pub type RevertAttempted =
+    std::sync::Arc<Mutex<std::collections::BTreeSet<(String, String, String)>>>;
 
 impl std::fmt::Debug for dyn Gate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -402,6 +420,10 @@ pub struct StackReport {
     pub seconds: f64,
     /// Status after the pass (None: does not exist).
     pub final_status: Option<StackStatus>,
+    /// After a drift-aware change set: the detection that followed it (what
+    /// drift stayed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drift_after: Option<crate::detect::Detected>,
 }
 
 impl StackReport {
@@ -646,7 +668,8 @@ async fn reconcile_pass<C: Cloud>(
         touched: AtomicBool::new(false),
         started_at,
     };
-    let stacks = pass.run_stacks().await?;
+    let mut stacks = pass.run_stacks().await?;
+    redetect(cloud, env, options, &initial, &mut stacks).await;
     // A rollback is about stacks: services are left as they are.
     let services = match options.intent {
         Intent::Converge => pass.run_services(&stacks).await?,
@@ -702,6 +725,62 @@ async fn reconcile_pass<C: Cloud>(
     })
 }
 
+/// Detects again the drift of every stack a drift-aware change set of this
+/// pass updated, so the report says what was reverted and what stayed
+/// (create-only properties, types the revert fell back on an ordinary
+/// comparison for). What stayed is not tried again by this process.
+async fn redetect<C: Cloud>(
+    cloud: &C,
+    env: &DesiredEnv,
+    options: &Options,
+    initial: &Plan,
+    stacks: &mut [StackReport],
+) {
+    let reverted: Vec<String> = stacks
+        .iter()
+        .filter(|r| r.result == StackResult::Updated)
+        .filter_map(|r| {
+            let key = r.key.clone()?;
+            initial
+                .stacks
+                .iter()
+                .any(|p| {
+                    p.is(&key)
+                        && matches!(
+                            p.action,
+                            StackAction::Update {
+                                revert_drift: true,
+                                ..
+                            }
+                        )
+                })
+                .then_some(key)
+        })
+        .collect();
+    if reverted.is_empty() {
+        return;
+    }
+    let own = std::sync::Arc::new(Semaphore::new(crate::detect::DEFAULT_MAX_DETECTIONS));
+    let limit = options.detections.clone().unwrap_or(own);
+    let found =
+        crate::detect::detect_env(cloud, env, &reverted, &limit, crate::detect::DEFAULT_WAIT).await;
+    for r in stacks.iter_mut() {
+        let Some(d) = r.key.as_ref().and_then(|k| found.get(k)) else {
+            continue;
+        };
+        if let crate::detect::Detected::Done { drift } = d {
+            let mut attempted = options
+                .revert_attempted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            for (res, diff) in drift.revertible() {
+                attempted.insert((r.name.clone(), res.logical_id.clone(), diff.path.clone()));
+            }
+        }
+        r.drift_after = Some(d.clone());
+    }
+}
+
 struct Pass<'a, C> {
     cloud: &'a C,
     env: &'a DesiredEnv,
@@ -752,6 +831,7 @@ fn same_request(
     secrets: &std::collections::BTreeSet<String>,
 ) -> bool {
     cs.tags == request.tags
+        && cs.revert_drift == request.revert_drift
         && request
             .parameters
             .iter()
@@ -946,6 +1026,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
             change_set,
             seconds: elapsed.as_secs_f64(),
             final_status: None,
+            drift_after: None,
         }
     }
 
@@ -1042,6 +1123,11 @@ impl<'a, C: Cloud> Pass<'a, C> {
                 .map(|c| (name.clone(), c.clone()))
                 .into_iter()
                 .collect(),
+            resource_drifts: (self.first.resource_drifts.get(name))
+                .map(|d| (name.clone(), d.clone()))
+                .into_iter()
+                .collect(),
+            revert_attempted: self.first.revert_attempted.clone(),
         }
     }
 
@@ -1147,7 +1233,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
                     Err(Waited::Error(e)) => Step::Done(failed(e.to_string())),
                 },
                 StackAction::Create | StackAction::Update { .. } => {
-                    change_set = Some(stack.change_set_name());
+                    change_set = Some(change_set_for(stack, sp).0);
                     self.converge(stack, sp, &observed, deadline).await
                 }
                 StackAction::ContinueRollback { skip, token } => {
@@ -1241,7 +1327,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
         } else {
             ChangeSetKind::Create
         };
-        let name = stack.change_set_name();
+        let (name, revert_drift) = change_set_for(stack, sp);
         let reused = if live.is_some() {
             match self
                 .clean_change_sets(stack, &name, observed.stacks_read_at)
@@ -1270,13 +1356,14 @@ impl<'a, C: Cloud> Pass<'a, C> {
         } else {
             false
         };
-        let request = stack.change_set_request(
+        let mut request = stack.change_set_request(
             &self.env.name,
             name.clone(),
             kind,
             parameters.clone(),
             format!("stackwarden revision {}", stack.revision),
         );
+        request.revert_drift = revert_drift;
         // A change set this step did not make itself is checked against
         // what would be sent now before it is used.
         let mut made_here = false;
@@ -2099,6 +2186,18 @@ enum Waited {
 async fn settle_pause(deadline: Instant) {
     let wait = retry::jittered(Duration::from_secs(15), retry::POLL_JITTER);
     tokio::time::sleep(wait.min(deadline.saturating_duration_since(Instant::now()))).await;
+}
+
+/// The change set a Create or Update plan makes, and whether it is a
+/// drift-aware one. A drift-aware change set has a name of its own: the
+/// revision's ordinary one may exist, and is another request.
+fn change_set_for(stack: &DesiredStack, sp: &StackPlan) -> (String, bool) {
+    match sp.action {
+        StackAction::Update {
+            revert_drift: true, ..
+        } => (format!("{}-revert-drift", stack.change_set_name()), true),
+        _ => (stack.change_set_name(), false),
+    }
 }
 
 fn failed(reason: String) -> StackResult {

@@ -51,6 +51,8 @@ pub struct Settings {
     pub max_envs: usize,
     /// Stack operations at once per account and region.
     pub max_parallel: usize,
+    /// Drift detections in flight per account and region.
+    pub max_detections: usize,
     pub shutdown_grace: Duration,
     /// First wait after a failed pass; doubles up to `backoff_max`.
     pub backoff_initial: Duration,
@@ -69,6 +71,7 @@ impl Default for Settings {
             watch_every: Duration::from_secs(2),
             max_envs: 4,
             max_parallel: apply::DEFAULT_MAX_PARALLEL,
+            max_detections: crate::detect::DEFAULT_MAX_DETECTIONS,
             shutdown_grace: Duration::from_secs(30),
             backoff_initial: Duration::from_secs(30),
             backoff_max: Duration::from_secs(15 * 60),
@@ -262,6 +265,7 @@ impl<K: Connect, N: Notifier, M: MetricsSink> Controller<'_, K, N, M> {
     ) {
         let envs_limit = Semaphore::new(self.settings.max_envs.max(1));
         let limits = apply::Limits::new(self.settings.max_parallel);
+        let detections = apply::Limits::new(self.settings.max_detections);
         for (name, file) in &files {
             self.shared.status().insert(
                 name.clone(),
@@ -282,6 +286,7 @@ impl<K: Connect, N: Notifier, M: MetricsSink> Controller<'_, K, N, M> {
                 shared: self.shared,
                 envs_limit: &envs_limit,
                 limits: &limits,
+                detections: &detections,
                 state: self.state,
                 caller: self.caller,
                 leases: self.leases,
@@ -313,6 +318,7 @@ struct EnvLoop<'a, K, N, M> {
     shared: &'a Shared,
     envs_limit: &'a Semaphore,
     limits: &'a apply::Limits,
+    detections: &'a apply::Limits,
     state: Option<&'a Arc<State<Backend>>>,
     caller: &'a str,
     leases: Option<&'a Coordinator<Backend>>,
@@ -328,6 +334,8 @@ pub enum Trigger {
     DesiredStateChanged,
     /// This replica took its lease.
     LeaseTaken,
+    /// A drift detection ended with a different answer than before.
+    DriftDetected,
 }
 
 impl Trigger {
@@ -337,9 +345,16 @@ impl Trigger {
             Trigger::Sighup => "SIGHUP",
             Trigger::DesiredStateChanged => "desired state changed",
             Trigger::LeaseTaken => "lease taken",
+            Trigger::DriftDetected => "drift detected",
         }
     }
 }
+
+/// Bounds of the wait between two rounds of drift detection: a stack that
+/// could not be checked is looked at again after the first; the loop also
+/// comes round after the second whatever the intervals.
+const DRIFT_RECHECK_MIN: Duration = Duration::from_secs(60);
+const DRIFT_RECHECK_MAX: Duration = Duration::from_secs(3600);
 
 /// What an environment's loop does after a pass: the answer of
 /// [`EnvLoop::reconcile`], as a kube-runtime reconciler answers an action.
@@ -383,17 +398,151 @@ struct Memory<C> {
     cloud: Option<((String, String), C)>,
     /// Redeploys that rolled back, remembered for the process's life.
     failed_redeploys: apply::FailedRedeploys,
+    revert_attempted: apply::RevertAttempted,
     rng: StdRng,
 }
 
 impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
     /// Waits for a trigger, reconciles, schedules what the pass answered;
     /// until shutdown.
-    async fn run(
-        self,
+    async fn run(self, hup: broadcast::Receiver<()>, shutdown: watch::Receiver<bool>, seed: u64) {
+        let fence = match self.leases {
+            Some(c) => c.fence(self.name),
+            None => Arc::new(Fence::open()),
+        };
+        let (env_tx, env_rx) = watch::channel(None);
+        let (wake_tx, wake_rx) = tokio::sync::mpsc::unbounded_channel();
+        futures::future::join(
+            self.passes(hup, shutdown.clone(), seed, &fence, env_tx, wake_rx),
+            self.detect_drift(shutdown, env_rx, wake_tx, &fence),
+        )
+        .await;
+    }
+
+    /// Detects the drift of the environment's stacks on their own cadence
+    /// (`drift.interval`), beside the passes and never delaying one: at
+    /// most `max_detections` in flight per account and region, only while
+    /// this replica holds the lease, skipping stacks in a status detection
+    /// does not accept. A detection whose answer differs from the last
+    /// wakes a pass, which reads it (alerts, reverts).
+    async fn detect_drift(
+        &self,
+        mut shutdown: watch::Receiver<bool>,
+        mut envs: watch::Receiver<Option<Arc<DesiredEnv>>>,
+        wake: tokio::sync::mpsc::UnboundedSender<()>,
+        fence: &Fence,
+    ) {
+        let mut cloud: Option<((String, String), K::Cloud)> = None;
+        let mut last: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        loop {
+            let env = envs.borrow_and_update().clone();
+            let mut wait = DRIFT_RECHECK_MAX;
+            if let Some(env) = env.filter(|_| fence.holds()) {
+                let key = env.account_region();
+                if cloud.as_ref().is_none_or(|(k, _)| *k != key) {
+                    cloud = Some((key, self.connect.connect(&env).await));
+                }
+                let (_, c) = cloud.as_ref().expect("connected above");
+                let fenced = Fenced::new(c, fence, &env.name);
+                let limit = self.detections.of(&env);
+                let round = self.drift_round(&fenced, &env, &limit, &mut last);
+                let woke = tokio::select! {
+                    r = round => r,
+                    _ = shutdown.changed() => break,
+                };
+                wait = woke.1;
+                if woke.0 {
+                    let _ = wake.send(());
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                r = envs.changed() => if r.is_err() { break },
+                _ = shutdown.changed() => break,
+            }
+            if *shutdown.borrow() {
+                break;
+            }
+        }
+    }
+
+    /// One round of drift detection: the stacks whose last detection is
+    /// older than their interval are detected. Answers whether an answer
+    /// changed, and how long until the next stack is due.
+    async fn drift_round<C: Cloud>(
+        &self,
+        cloud: &C,
+        env: &DesiredEnv,
+        limit: &Semaphore,
+        last: &mut BTreeMap<String, Vec<String>>,
+    ) -> (bool, Duration) {
+        let names = env.stacks.values().map(|s| s.name.clone()).collect();
+        let live = match cloud
+            .describe_stacks(&names, (spec::ENVIRONMENT_TAG, &env.name))
+            .await
+        {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(message = "Cannot read stacks for drift detection.", environment = %env.name, error = %e);
+                return (false, DRIFT_RECHECK_MIN);
+            }
+        };
+        let now = cloud.now();
+        let mut next = DRIFT_RECHECK_MAX;
+        let mut due = Vec::new();
+        for s in env.stacks.values() {
+            let Some(l) = live.get(&s.name) else { continue };
+            if let Some(why) = crate::detect::not_detectable(Some(l)) {
+                tracing::debug!(message = "Drift detection skipped.", environment = %env.name, stack = %s.key, reason = %why);
+                next = next.min(DRIFT_RECHECK_MIN);
+                continue;
+            }
+            let age = l
+                .drift
+                .last_check
+                .map_or(Duration::MAX, |t| now.duration_since(t).unwrap_or_default());
+            if age >= s.drift.interval {
+                due.push(s.key.clone());
+                next = next.min(s.drift.interval);
+            } else {
+                next = next.min(s.drift.interval - age);
+            }
+        }
+        let mut changed = false;
+        let found =
+            crate::detect::detect_env(cloud, env, &due, limit, crate::detect::DEFAULT_WAIT).await;
+        for (key, d) in found {
+            match &d {
+                crate::detect::Detected::Done { drift } => {
+                    tracing::info!(message = "Drift detected.", environment = %env.name, stack = %key, status = drift.status.as_str(), drifted = drift.each().count(), failed = ?drift.detection_failed);
+                    // New drift, drift gone, or other drift: the pass tells it
+                    // (and reverts it, in revert mode).
+                    let lines = drift.lines();
+                    let before = last.insert(key, lines.clone()).unwrap_or_default();
+                    changed |= before != lines;
+                }
+                crate::detect::Detected::Skipped { reason } => {
+                    tracing::debug!(message = "Drift detection skipped.", environment = %env.name, stack = %key, %reason);
+                }
+                crate::detect::Detected::Failed { reason } => {
+                    tracing::warn!(message = "Drift detection failed.", environment = %env.name, stack = %key, %reason);
+                    next = next.min(DRIFT_RECHECK_MIN);
+                }
+            }
+        }
+        (changed, next.max(DRIFT_RECHECK_MIN))
+    }
+
+    /// Waits for a trigger, reconciles, schedules what the pass answered;
+    /// until shutdown.
+    async fn passes(
+        &self,
         mut hup: broadcast::Receiver<()>,
         mut shutdown: watch::Receiver<bool>,
         seed: u64,
+        fence: &Fence,
+        envs: watch::Sender<Option<Arc<DesiredEnv>>>,
+        mut drift: tokio::sync::mpsc::UnboundedReceiver<()>,
     ) {
         let mut backoff = ExponentialBackoff {
             current_interval: self.settings.backoff_initial,
@@ -416,6 +565,7 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
             told: None,
             cloud: None,
             failed_redeploys: apply::FailedRedeploys::default(),
+            revert_attempted: apply::RevertAttempted::default(),
             rng: StdRng::seed_from_u64(seed),
         };
         let mut next = Instant::now();
@@ -423,10 +573,6 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
         watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // While idle the loop comes round at least every `watch_every`.
         let idle_bound = self.settings.watch_every * 3 + Duration::from_secs(60);
-        let fence = match self.leases {
-            Some(c) => c.fence(self.name),
-            None => Arc::new(Fence::open()),
-        };
         let mut takes = fence.takes();
         loop {
             if *shutdown.borrow() {
@@ -448,11 +594,21 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
                 }
                 // Taken (again): a pass at once, whatever was scheduled.
                 Ok(()) = takes.changed() => Trigger::LeaseTaken,
+                Some(()) = drift.recv() => Trigger::DriftDetected,
                 _ = shutdown.changed() => break,
             };
-            let Some(answer) = self.reconcile(trigger, &mut mem, &fence, &shutdown).await else {
+            let Some(answer) = self.reconcile(trigger, &mut mem, fence, &shutdown).await else {
                 break;
             };
+            // Drift detection follows the desired state that loaded.
+            if let Some(env) = &mem.last_good
+                && envs
+                    .borrow()
+                    .as_ref()
+                    .is_none_or(|e| e.revision != env.revision || e.file != env.file)
+            {
+                envs.send_replace(Some(Arc::new(env.clone())));
+            }
             let wait = match &answer {
                 Next::RequeueAfter(d) => {
                     backoff.reset();
@@ -583,6 +739,8 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
             depth: self.settings.depth,
             progress: None,
             failed_redeploys: mem.failed_redeploys.clone(),
+            revert_attempted: mem.revert_attempted.clone(),
+            detections: Some(self.detections.of(env)),
             // From the loop's seeded generator: a test replays exactly.
             jitter_seed: Some(mem.rng.r#gen()),
             intent: apply::Intent::Converge,
@@ -637,6 +795,7 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
                 let mut findings = crate::notify::findings(report);
                 if let Some(e) = &load_error {
                     findings.push(Finding {
+                        detail: None,
                         object: "desired-state".into(),
                         kind: Kind::Failed,
                         difference: format!("does not load, the last good state is enforced: {e}"),
@@ -670,6 +829,7 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
                 };
                 self.publish(env, &m, None).await;
                 let findings = vec![Finding {
+                    detail: None,
                     object: "environment".into(),
                     kind: Kind::Failed,
                     difference: e.to_string(),

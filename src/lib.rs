@@ -10,6 +10,7 @@ pub mod changeset;
 pub mod cli;
 pub mod cloud;
 pub mod controller;
+pub mod detect;
 pub mod diff;
 pub mod drift;
 pub mod endpoints;

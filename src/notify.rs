@@ -78,6 +78,10 @@ pub struct Finding {
     pub kind: Kind,
     /// What differs or what went wrong, stable across passes.
     pub difference: String,
+    /// What it is now (a drifted property's expected and actual values):
+    /// told, but not part of what identifies the episode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 impl Finding {
@@ -102,14 +106,38 @@ pub fn findings(report: &Report) -> Vec<Finding> {
                 _ => return None,
             };
             Some(Finding {
+                detail: None,
                 object: o.object,
                 kind,
                 difference: o.reason,
             })
         })
         .collect();
+    out.extend(drift_findings(report));
     out.sort();
     out
+}
+
+/// One finding per drifted property of the stacks' latest detections:
+/// an episode is a (stack, resource, property), whatever its values.
+fn drift_findings(report: &Report) -> Vec<Finding> {
+    report
+        .final_plan
+        .stacks
+        .iter()
+        .filter_map(|p| Some((p.key.as_ref()?, p.drift.as_ref()?)))
+        .flat_map(|(key, d)| {
+            d.each().map(move |(r, diff)| Finding {
+                object: format!("stack:{key}"),
+                kind: Kind::Drift,
+                difference: format!(
+                    "resource drift: {} ({}) {}",
+                    r.logical_id, r.resource_type, diff.path
+                ),
+                detail: Some(diff.describe()),
+            })
+        })
+        .collect()
 }
 
 /// A message to send.
@@ -224,6 +252,7 @@ impl Episodes {
             // recovered: its new finding is told above.
             if !still_open.contains(&f.object) {
                 tell.push(Finding {
+                    detail: None,
                     object: f.object,
                     kind: Kind::Recovered,
                     difference: format!("was {}: {}", f.kind.label(), f.difference),
@@ -264,10 +293,13 @@ fn compose(environment: &str, mut findings: Vec<Finding>) -> Alert {
     let mut text = format!("{subject}\n\n");
     for f in &findings {
         text.push_str(&format!(
-            "- {} {}: {}\n",
+            "- {} {}: {}{}\n",
             f.object,
             f.kind.verb(),
-            f.difference
+            f.difference,
+            f.detail
+                .as_ref()
+                .map_or(String::new(), |d| format!(" ({d})"))
         ));
     }
     let suggested = format!("stackwarden plan -e {environment}");
@@ -415,6 +447,7 @@ mod tests {
     async fn the_subject_counts_and_the_message_carries_json() {
         let mut e = Episodes::new(Duration::from_secs(3600));
         let failed = Finding {
+            detail: None,
             object: "stack:msk".into(),
             kind: Kind::Failed,
             difference: "UPDATE_ROLLBACK_COMPLETE: Broker failed".into(),
@@ -443,6 +476,7 @@ mod tests {
         let mut e = Episodes::new(Duration::from_secs(3600));
         e.update("dev", &[drift("stack:a")], Instant::now());
         let failed = Finding {
+            detail: None,
             object: "stack:a".into(),
             kind: Kind::Failed,
             difference: "x".into(),

@@ -43,6 +43,13 @@ pub struct Observed {
     /// running operation (read only by `rollback`, for stacks in
     /// UPDATE_IN_PROGRESS).
     pub executing: BTreeMap<String, String>,
+    /// By stack name, for stacks whose latest drift detection found drift:
+    /// the resources it reported.
+    pub resource_drifts: BTreeMap<String, Vec<crate::cloud::ResourceDrift>>,
+    /// (stack name, logical id, property path) of drift a drift-aware
+    /// change set of this process already tried to revert, and that a
+    /// detection since still found: not tried again in this episode.
+    pub revert_attempted: std::collections::BTreeSet<(String, String, String)>,
 }
 
 /// A stack's stuck rollback, as its latest operation's events tell it.
@@ -127,6 +134,10 @@ pub enum StackAction {
     Create,
     Update {
         what: Vec<String>,
+        /// With a drift-aware change set (`DeploymentMode: REVERT_DRIFT`):
+        /// drifted properties get the template's values back.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        revert_drift: bool,
     },
     /// Someone else's operation is in flight: wait, never start a second one.
     Wait {
@@ -214,6 +225,9 @@ pub struct StackPlan {
     pub reason: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub diff: Option<StackDiff>,
+    /// Resource drift from the latest detection (absent until one ran).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drift: Option<crate::drift::StackDrift>,
 }
 
 impl StackPlan {
@@ -319,8 +333,12 @@ impl Plan {
         if failed {
             return Verdict::Failed;
         }
+        // Resource drift counts too, even where it is only reported.
         let clean = self.stacks.iter().all(|s| {
-            s.sync == Sync::InSync && s.health == Health::Healthy && s.action == StackAction::None
+            s.sync == Sync::InSync
+                && s.health == Health::Healthy
+                && s.action == StackAction::None
+                && !s.drift.as_ref().is_some_and(crate::drift::StackDrift::drifted)
         }) && self.services.iter().all(|s| {
             s.sync == Sync::InSync && s.health == Health::Healthy && s.action == ServiceAction::None
         });
@@ -545,6 +563,7 @@ pub fn plan(env: &DesiredEnv, observed: &Observed) -> Plan {
             action,
             reason,
             diff: None,
+            drift: None,
         });
     }
     let services = env
@@ -733,6 +752,7 @@ fn plan_stack(
         action: StackAction::None,
         reason: String::new(),
         diff: None,
+        drift: None,
     };
     let not_ready = upstream_not_ready(stack, done);
     // An upstream that will not change in this pass (failed, blocked, in
@@ -813,6 +833,8 @@ fn plan_stack(
             return p;
         }
     };
+    p.drift = stack_drift(stack, live, observed);
+    let revert = revert_drift(stack, p.drift.as_ref(), observed, rolled_back && failed_here);
     let tags = stack.tags_with_ownership(&env.name);
     let diff = diff_stack(
         stack,
@@ -822,12 +844,36 @@ fn plan_stack(
         observed.templates.get(&stack.name),
     );
     if diff.is_empty() {
-        p.sync = Sync::InSync;
-        p.reason = if p.health == Health::Degraded {
-            "in sync, but the last update rolled back".into()
-        } else {
-            "in sync".into()
-        };
+        let drift = p.drift.as_ref().filter(|d| d.drifted());
+        match (&revert, drift) {
+            (Ok(lines), Some(_)) if upstream.is_none() && !cleaning => {
+                p.sync = Sync::OutOfSync;
+                p.action = StackAction::Update {
+                    what: vec!["resource drift".into()],
+                    revert_drift: true,
+                };
+                p.reason = format!(
+                    "resource drift, reverted with a drift-aware change set: {}",
+                    lines.join("; ")
+                );
+            }
+            (Err(why), Some(d)) => {
+                p.sync = Sync::InSync;
+                p.reason = format!(
+                    "in sync, but resources drifted ({}){}",
+                    d.lines().join("; "),
+                    why.as_ref().map_or(String::new(), |w| format!("; {w}"))
+                );
+            }
+            _ => {
+                p.sync = Sync::InSync;
+                p.reason = if p.health == Health::Degraded {
+                    "in sync, but the last update rolled back".into()
+                } else {
+                    "in sync".into()
+                };
+            }
+        }
         return p;
     }
     p.sync = Sync::OutOfSync;
@@ -864,9 +910,89 @@ fn plan_stack(
             format!("differs: {summary}; {why}"),
         )
     } else {
-        (StackAction::Update { what }, format!("differs: {summary}"))
+        let revert_drift = revert.is_ok();
+        let mut what = what;
+        if revert_drift {
+            what.push("resource drift".into());
+        }
+        (
+            StackAction::Update { what, revert_drift },
+            format!("differs: {summary}"),
+        )
     };
     p
+}
+
+/// The stack's drift from its latest detection, judged by its settings;
+/// `None` while it was never checked.
+fn stack_drift(
+    stack: &DesiredStack,
+    live: &Stack,
+    observed: &Observed,
+) -> Option<crate::drift::StackDrift> {
+    use crate::cloud::DriftStatus;
+    let checked = live.drift.last_check?;
+    let drifts = observed
+        .resource_drifts
+        .get(&stack.name)
+        .map_or(&[][..], Vec::as_slice);
+    let mut d = crate::drift::assess(stack, &stack.drift, Some(checked), None, drifts);
+    if live.drift.status == DriftStatus::Unknown {
+        d.status = DriftStatus::Unknown;
+    }
+    Some(d)
+}
+
+/// Whether the stack's drift is to be reverted, with what (one line per
+/// property); `Err` with why not, when there is drift that stays
+/// (`Err(None)`: alert mode, nothing to say).
+fn revert_drift(
+    stack: &DesiredStack,
+    drift: Option<&crate::drift::StackDrift>,
+    observed: &Observed,
+    failed_here: bool,
+) -> Result<Vec<String>, Option<String>> {
+    let Some(drift) = drift.filter(|d| d.drifted()) else {
+        return Err(None);
+    };
+    if stack.drift.mode != crate::drift::DriftMode::Revert {
+        return Err(None);
+    }
+    if stack
+        .template
+        .resources
+        .values()
+        .any(|r| crate::cloud::NESTED_STACK_TYPES.contains(&r.kind.as_str()))
+    {
+        return Err(Some(
+            "not reverted: drift-aware change sets do not support nested stacks".into(),
+        ));
+    }
+    if failed_here {
+        return Err(Some(
+            "not reverted: the update to this revision rolled back".into(),
+        ));
+    }
+    let lines: Vec<String> = drift
+        .revertible()
+        .filter(|(r, d)| {
+            !observed.revert_attempted.contains(&(
+                stack.name.clone(),
+                r.logical_id.clone(),
+                d.path.clone(),
+            ))
+        })
+        .map(|(r, d)| format!("{} {}", r.logical_id, d.describe()))
+        .collect();
+    if lines.is_empty() {
+        let tried = drift.revertible().count();
+        return Err(Some(if tried > 0 {
+            "a revert already ran and a detection since still finds it: not tried again".into()
+        } else {
+            "nothing revertible (create-only properties are not reverted by CloudFormation)".into()
+        }));
+    }
+    Ok(lines)
 }
 
 /// What to do about a stack stopped in a failed state, and why.

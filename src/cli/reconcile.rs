@@ -160,6 +160,7 @@ async fn send_alerts(
         let findings = match result {
             Ok(report) => crate::notify::findings(report),
             Err(e) => vec![Finding {
+                detail: None,
                 object: "environment".into(),
                 kind: Kind::Failed,
                 difference: e.clone(),

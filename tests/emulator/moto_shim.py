@@ -89,7 +89,14 @@ Patches
    - `strict`: answer as AWS where moto is laxer: a second ExecuteChangeSet
      of one change set is refused (`InvalidChangeSetStatus`, its status is
      EXECUTE_COMPLETE), and CreateChangeSet with the name of an existing
-     change set of the stack is refused (`AlreadyExistsException`).
+     change set of the stack is refused (`AlreadyExistsException`);
+   - `drift_delay_ms`: a drift detection (19) stays DETECTION_IN_PROGRESS
+     this long, and is computed when it completes;
+   - `drift_fail`: a drift detection ends DETECTION_FAILED (with a
+     DetectionStatusReason naming the resources): `true` fails the last
+     resource of a type 19 checks, a list (or one logical id) fails those;
+     the other resources' results are kept, as AWS keeps partial results.
+     Both apply to detections started while set, whatever `actions` says.
    The answer holds the settings and the counts of faults injected (by
    kind and action) under the previous settings (GET: so far, unchanged).
    In strict mode a CREATE change set for a stack that exists is refused
@@ -112,6 +119,46 @@ Patches
    /stackwarden/requests answers every CloudFormation request that reached
    moto since the last reset, in order, as `{action, stack, change_set}`
    (from the query-protocol form). Not a moto behaviour: a test probe.
+19. Drift detection is not implemented at all (no DetectStackDrift,
+   DescribeStackDriftDetectionStatus, DescribeStackResourceDrifts, and no
+   DriftInformation in DescribeStacks). We add them as the API reference
+   describes: a detection compares, per resource, the properties the
+   template sets explicitly (resolved as moto resolved them at creation:
+   parameters, Refs, GetAtts) with the live resource in moto's backends:
+   AWS::SQS::Queue VisibilityTimeout, MessageRetentionPeriod, DelaySeconds,
+   MaximumMessageSize, ReceiveMessageWaitTimeSeconds (QueueName, FifoQueue
+   create-only); AWS::SNS::Topic DisplayName (TopicName create-only);
+   AWS::Logs::LogGroup RetentionInDays (LogGroupName create-only);
+   AWS::DynamoDB::Table BillingMode, ProvisionedThroughput (TableName,
+   KeySchema create-only); AWS::EC2::SecurityGroup SecurityGroupIngress as
+   a set of rules (protocol, ports, CidrIp/CidrIpv6/SourceSecurityGroupId/
+   SourcePrefixListId; an extra rule is ADD, a missing one REMOVE),
+   GroupDescription create-only; AWS::ECS::Service DesiredCount. Other
+   properties of these types are not compared; other types are
+   NOT_CHECKED; a resource gone from its backend is DELETED. A detection
+   completes at once unless faulted (11: `drift_delay_ms`, `drift_fail`);
+   a second one on a stack whose detection is in progress is refused
+   (ValidationError). DescribeStackResourceDrifts answers each resource's
+   latest result (in template order, paginated by MaxResults/NextToken);
+   DescribeStacks (and ListStacks) carry NOT_CHECKED until a detection
+   completed, then its status and LastCheckTimestamp, until the next one
+   completes (a failed detection leaves them).
+20. CreateChangeSet's DeploymentMode is ignored. With REVERT_DRIFT (UPDATE
+   only; CREATE, IMPORT or IncludeNestedStacks are refused) the change set
+   also reverts the drift found as 19 finds it at creation: a Modify per
+   drifted resource (Add for a deleted one) with ResourceDriftStatus,
+   Replacement False, Scope Properties, and a detail per drifted property
+   (BeforeValue the actual value from ACTUAL_STATE, AfterValue the
+   template's, Drift with both); DescribeChangeSet answers DeploymentMode
+   and StackDriftStatus. Create-only properties are not reverted. Drift
+   alone is a change: with the template and parameters unchanged the
+   change set is CREATE_COMPLETE (not 10's "No updates", nor moto's
+   "didn't contain changes") when something drifted. ExecuteChangeSet runs
+   the ordinary execution (1), creates deleted resources again and writes
+   the template's values back to the drifted properties (SQS attributes,
+   SNS DisplayName, log retention, DynamoDB billing mode and throughput,
+   security group ingress, ECS desired count). DriftInformation keeps the
+   last detection's status until the next detection, as AWS documents.
 """
 
 import argparse
@@ -967,6 +1014,882 @@ ecs_responses.EC2ContainerServiceResponse.list_service_deployments = (
 ecs_responses.EC2ContainerServiceResponse.describe_service_revisions = (
     _describe_service_revisions
 )
+
+
+# --- 19. Drift detection ----------------------------------------------------------------
+# moto has no drift detection at all: DetectStackDrift and friends are not
+# implemented and DescribeStacks carries no DriftInformation. CloudFormation
+# compares, per resource, the properties the template sets explicitly
+# (resolved with the stack's parameters and its resources' ids) with the
+# live resource. We do that for the types and properties stackwarden's
+# stacks drift in (_DRIFT_TYPES); every other type is NOT_CHECKED, as
+# CloudFormation answers for a type without drift support.
+import uuid  # noqa: E402
+import base64  # noqa: E402
+
+from moto.core.utils import camelcase_to_underscores  # noqa: E402
+from moto.dynamodb.models import dynamodb_backends  # noqa: E402
+from moto.ec2.models import ec2_backends  # noqa: E402
+from moto.logs.models import logs_backends  # noqa: E402
+from moto.sns.models import sns_backends  # noqa: E402
+from moto.sqs.models import sqs_backends  # noqa: E402
+
+# Stack statuses DetectStackDrift accepts (API reference, DetectStackDrift).
+_DRIFT_STACK_STATUSES = (
+    "CREATE_COMPLETE",
+    "UPDATE_COMPLETE",
+    "UPDATE_ROLLBACK_COMPLETE",
+    "UPDATE_ROLLBACK_FAILED",
+)
+_drift_lock = threading.RLock()
+
+
+class _Prop:
+    """How one template property is read from the live resource and written
+    back to it. kind: `scalar` (compared as text: 30 == "30"), `object`
+    (each key the template sets is a leaf: /ProvisionedThroughput/ReadCapacityUnits),
+    `json` (compared whole), `rules` (a set of security group rules: added
+    and removed rules are ADD and REMOVE). A create-only property is compared
+    but never reverted (CloudFormation cannot change it in place)."""
+
+    def __init__(self, read, kind="scalar", write=None, create_only=False):
+        self.read = read
+        self.kind = kind
+        self.write = write
+        self.create_only = create_only
+
+
+def _sqs_backend(stack):
+    return sqs_backends[stack.account_id][stack.region_name]
+
+
+def _sqs_live(stack, physical_id):
+    # The physical id is the queue URL; moto keys queues by name.
+    return _sqs_backend(stack).queues.get(str(physical_id).rsplit("/", 1)[-1])
+
+
+def _sqs_attribute(name):
+    def write(stack, queue, value):
+        _sqs_backend(stack).set_queue_attributes(queue.name, {name: str(value)})
+
+    attribute = camelcase_to_underscores(name)
+    return _Prop(lambda q: getattr(q, attribute, None), write=write)
+
+
+def _sns_live(stack, physical_id):
+    return sns_backends[stack.account_id][stack.region_name].topics.get(physical_id)
+
+
+def _sns_set_display_name(stack, topic, value):
+    topic.display_name = str(value)
+
+
+def _logs_backend(stack):
+    return logs_backends[stack.account_id][stack.region_name]
+
+
+def _logs_live(stack, physical_id):
+    return _logs_backend(stack).groups.get(physical_id)
+
+
+def _logs_put_retention(stack, group, value):
+    _logs_backend(stack).put_retention_policy(group.name, int(value))
+
+
+def _ddb_backend(stack):
+    return dynamodb_backends[stack.account_id][stack.region_name]
+
+
+def _ddb_live(stack, physical_id):
+    return _ddb_backend(stack).tables.get(physical_id)
+
+
+def _ddb_throughput(table):
+    t = table.throughput or {}
+    return {k: t.get(k) for k in ("ReadCapacityUnits", "WriteCapacityUnits") if k in t}
+
+
+def _ddb_update(stack, table, billing_mode=None, throughput=None):
+    _ddb_backend(stack).update_table(
+        name=table.name,
+        attr_definitions=None,
+        global_index=None,
+        throughput=throughput,
+        billing_mode=billing_mode,
+        stream_spec=None,
+        deletion_protection_enabled=None,
+        warm_throughput=None,
+    )
+
+
+def _ddb_set_billing_mode(stack, table, value):
+    _ddb_update(stack, table, billing_mode=str(value))
+
+
+def _ddb_set_throughput(stack, table, value):
+    merged = dict(table.throughput or {})
+    merged.update({k: int(v) for k, v in (value or {}).items()})
+    _ddb_update(stack, table, throughput=merged)
+
+
+def _ec2_backend(stack):
+    return ec2_backends[stack.account_id][stack.region_name]
+
+
+def _sg_live(stack, physical_id):
+    return _ec2_backend(stack).get_security_group_from_id(physical_id)
+
+
+_PROTOCOLS = {"6": "tcp", "17": "udp", "1": "icmp", "all": "-1", "58": "icmpv6"}
+
+
+def _sg_rule(protocol, from_port, to_port, target):
+    """One ingress rule as the template writes it, reduced to what is
+    compared: protocol, ports (none for all protocols) and one target."""
+    proto = str(protocol).lower()
+    proto = _PROTOCOLS.get(proto, proto)
+    rule = {"IpProtocol": proto}
+    if proto != "-1":
+        if from_port is not None:
+            rule["FromPort"] = int(from_port)
+        if to_port is not None:
+            rule["ToPort"] = int(to_port)
+    rule.update(target)
+    return rule
+
+
+def _sg_template_rules(rules):
+    out = []
+    for r in rules or []:
+        target = {
+            k: r[k]
+            for k in ("CidrIp", "CidrIpv6", "SourceSecurityGroupId", "SourcePrefixListId")
+            if r.get(k) is not None
+        }
+        out.append(_sg_rule(r.get("IpProtocol"), r.get("FromPort"), r.get("ToPort"), target))
+    return out
+
+
+def _sg_live_rule(rule):
+    target = {}
+    if rule.ip_range.get("CidrIp"):
+        target["CidrIp"] = rule.ip_range["CidrIp"]
+    if rule.ip_range.get("CidrIpv6"):
+        target["CidrIpv6"] = rule.ip_range["CidrIpv6"]
+    if rule.source_group.get("GroupId"):
+        target["SourceSecurityGroupId"] = rule.source_group["GroupId"]
+    if rule.prefix_list_id:
+        target["SourcePrefixListId"] = rule.prefix_list_id
+    return _sg_rule(rule.ip_protocol, rule.from_port, rule.to_port, target)
+
+
+def _sg_set_ingress(stack, group, value):
+    """Revoke the live rules the template lacks, authorize the template's
+    rules the group lacks (AWS reverts SecurityGroupIngress as a whole)."""
+    backend = _ec2_backend(stack)
+    wanted = [_rule_key(r) for r in _sg_template_rules(value)]
+    extra = [rule.id for rule in group.ingress_rules if _rule_key(_sg_live_rule(rule)) not in wanted]
+    if extra:
+        backend.revoke_security_group_ingress(
+            group.id, None, None, None, [], security_rule_ids=extra, vpc_id=group.vpc_id
+        )
+    have = [_rule_key(_sg_live_rule(rule)) for rule in group.ingress_rules]
+    for rule in _sg_template_rules(value):
+        if _rule_key(rule) in have:
+            continue
+        ip_ranges = [{k: rule[k]} for k in ("CidrIp", "CidrIpv6") if k in rule]
+        sources = [{"GroupId": rule["SourceSecurityGroupId"]}] if "SourceSecurityGroupId" in rule else []
+        prefixes = [{"PrefixListId": rule["SourcePrefixListId"]}] if "SourcePrefixListId" in rule else []
+        backend.authorize_security_group_ingress(
+            group.id,
+            rule["IpProtocol"],
+            rule.get("FromPort"),
+            rule.get("ToPort"),
+            ip_ranges,
+            source_groups=sources,
+            prefix_list_ids=prefixes,
+            vpc_id=group.vpc_id,
+        )
+
+
+def _rule_key(rule):
+    return json.dumps(rule, sort_keys=True)
+
+
+def _ecs_live(stack, physical_id):
+    backend = ecs_models.ecs_backends[stack.account_id][stack.region_name]
+    for service in backend.services.values():
+        if service.arn == physical_id and service.status == "ACTIVE":
+            return service
+    return None
+
+
+def _ecs_set_desired_count(stack, service, value):
+    backend = ecs_models.ecs_backends[stack.account_id][stack.region_name]
+    backend.update_service(
+        {"cluster": service.cluster_name, "service": service.name, "desired_count": int(value)}
+    )
+
+
+# Resource type -> (how to find the live resource from its physical id,
+# the properties compared). Only properties the template sets are compared.
+_DRIFT_TYPES = {
+    "AWS::SQS::Queue": (
+        _sqs_live,
+        {
+            "VisibilityTimeout": _sqs_attribute("VisibilityTimeout"),
+            "MessageRetentionPeriod": _sqs_attribute("MessageRetentionPeriod"),
+            "DelaySeconds": _sqs_attribute("DelaySeconds"),
+            "MaximumMessageSize": _sqs_attribute("MaximumMessageSize"),
+            "ReceiveMessageWaitTimeSeconds": _sqs_attribute("ReceiveMessageWaitTimeSeconds"),
+            "QueueName": _Prop(lambda q: q.name, create_only=True),
+            "FifoQueue": _Prop(lambda q: bool(q.fifo_queue), create_only=True),
+        },
+    ),
+    "AWS::SNS::Topic": (
+        _sns_live,
+        {
+            "DisplayName": _Prop(lambda t: t.display_name, write=_sns_set_display_name),
+            "TopicName": _Prop(lambda t: t.name, create_only=True),
+        },
+    ),
+    "AWS::Logs::LogGroup": (
+        _logs_live,
+        {
+            "RetentionInDays": _Prop(lambda g: g.retention_in_days, write=_logs_put_retention),
+            "LogGroupName": _Prop(lambda g: g.name, create_only=True),
+        },
+    ),
+    "AWS::DynamoDB::Table": (
+        _ddb_live,
+        {
+            "BillingMode": _Prop(lambda t: t.billing_mode, write=_ddb_set_billing_mode),
+            "ProvisionedThroughput": _Prop(_ddb_throughput, kind="object", write=_ddb_set_throughput),
+            "TableName": _Prop(lambda t: t.name, create_only=True),
+            "KeySchema": _Prop(lambda t: t.schema, kind="json", create_only=True),
+        },
+    ),
+    "AWS::EC2::SecurityGroup": (
+        _sg_live,
+        {
+            "SecurityGroupIngress": _Prop(
+                lambda g: [_sg_live_rule(r) for r in g.ingress_rules], kind="rules", write=_sg_set_ingress
+            ),
+            "GroupDescription": _Prop(lambda g: g.description, create_only=True),
+        },
+    ),
+    "AWS::ECS::Service": (
+        _ecs_live,
+        {"DesiredCount": _Prop(lambda s: s.desired_count, write=_ecs_set_desired_count)},
+    ),
+}
+
+_NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
+
+
+def _canonical(value):
+    """Text to compare scalars by: the template's 30 and SQS's "30" match,
+    as do true and "true"."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        f = float(value)
+        return str(int(f)) if f.is_integer() else repr(f)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() in ("true", "false"):
+            return text.lower()
+        if _NUMBER.match(text):
+            return _canonical(float(text))
+        return value
+    return json.dumps(value, sort_keys=True)
+
+
+def _same(a, b):
+    return _canonical(a) == _canonical(b)
+
+
+def _text(value):
+    """A value as PropertyDifference and ResourceTargetDefinition carry it:
+    scalars as text, objects and lists as JSON, an absent value as null."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, separators=(",", ":"), sort_keys=True)
+    return str(value)
+
+
+def _like(expected, actual):
+    # ActualProperties in the template's types: an SQS attribute "60" is 60.
+    if isinstance(expected, int) and not isinstance(expected, bool) and isinstance(actual, str):
+        if _NUMBER.match(actual.strip()) and float(actual).is_integer():
+            return int(float(actual))
+    return actual
+
+
+def _compare(props_spec, expected, live):
+    """(differences, actual properties) of one live resource against the
+    resolved template properties. Each difference also names its top-level
+    property, which patch 20 reverts."""
+    diffs = []
+    actual = copy.deepcopy(expected)
+    for name, prop in props_spec.items():
+        if name not in expected:
+            continue  # only explicitly set properties are checked
+        want = expected[name]
+        have = prop.read(live)
+        base = {"prop": name, "create_only": prop.create_only}
+        if prop.kind == "object":
+            have = have or {}
+            actual[name] = {}
+            for key, leaf in (want or {}).items():
+                path = f"/{name}/{key}"
+                if have.get(key) is None:
+                    diffs.append(dict(base, path=path, expected=leaf, actual=None, type="REMOVE"))
+                    continue
+                actual[name][key] = _like(leaf, have[key])
+                if not _same(leaf, have[key]):
+                    diffs.append(dict(base, path=path, expected=leaf, actual=actual[name][key], type="NOT_EQUAL"))
+        elif prop.kind == "rules":
+            wanted = _sg_template_rules(want)
+            wanted_keys = [_rule_key(r) for r in wanted]
+            have_keys = [_rule_key(r) for r in have]
+            for i, rule in enumerate(wanted):
+                if wanted_keys[i] not in have_keys:
+                    diffs.append(dict(base, path=f"/{name}/{i}", expected=rule, actual=None, type="REMOVE"))
+            for i, rule in enumerate(have):
+                if have_keys[i] not in wanted_keys:
+                    diffs.append(dict(base, path=f"/{name}/{i}", expected=None, actual=rule, type="ADD"))
+            actual[name] = have
+        elif prop.kind == "json":
+            if json.dumps(want, sort_keys=True) != json.dumps(have, sort_keys=True):
+                diffs.append(dict(base, path=f"/{name}", expected=want, actual=have, type="NOT_EQUAL"))
+            actual[name] = have
+        else:
+            if have is None:
+                diffs.append(dict(base, path=f"/{name}", expected=want, actual=None, type="REMOVE"))
+                actual.pop(name, None)
+            elif not _same(want, have):
+                actual[name] = _like(want, have)
+                diffs.append(dict(base, path=f"/{name}", expected=want, actual=actual[name], type="NOT_EQUAL"))
+    return diffs, actual
+
+
+def _template_resources(stack):
+    """(logical id, resource json) of the stack's resources, in template
+    order, leaving out those whose Condition is false (not in the stack)."""
+    rm = stack.resource_map
+    for lid, res in rm._resource_json_map.items():
+        cond = res.get("Condition") if isinstance(res, dict) else None
+        if cond is not None:
+            try:
+                if not rm.lazy_condition_map[cond]:
+                    continue
+            except Exception:
+                pass
+        yield lid, res
+
+
+def _resolve(stack, res_json):
+    # moto keeps no resolved copy of a resource's properties; it resolves
+    # them with clean_json against the stack's resource map at creation.
+    # Resolving again against the same map (parameters, created resources'
+    # ids and attributes) gives the values it created the resource with.
+    props = copy.deepcopy(res_json.get("Properties") or {})
+    return cfn_parsing.clean_json(props, stack.resource_map)
+
+
+def _physical_id(stack, lid):
+    model = stack.resource_map._parsed_resources.get(lid)
+    return getattr(model, "physical_resource_id", None) if model is not None else None
+
+
+def _check_resource(stack, lid, res_json, now):
+    """One StackResourceDrift (dict, serialized as is) plus the internal
+    differences under `_diffs` (never serialized: not a shape member)."""
+    rtype = res_json.get("Type", "")
+    record = {
+        "StackId": stack.stack_id,
+        "LogicalResourceId": lid,
+        "PhysicalResourceId": _physical_id(stack, lid),
+        "ResourceType": rtype,
+        "Timestamp": now,
+        "_diffs": [],
+    }
+    if rtype not in _DRIFT_TYPES or record["PhysicalResourceId"] is None:
+        record["StackResourceDriftStatus"] = "NOT_CHECKED"
+        return record
+    find, props_spec = _DRIFT_TYPES[rtype]
+    try:
+        expected = _resolve(stack, res_json)
+    except Exception as e:  # CloudFormation: "could not run drift detection"
+        record["StackResourceDriftStatus"] = "UNKNOWN"
+        record["DriftStatusReason"] = f"Failed to resolve the resource's properties: {e}"
+        return record
+    record["ExpectedProperties"] = json.dumps(expected, sort_keys=True, separators=(",", ":"))
+    record["_expected"] = expected
+    live = find(stack, record["PhysicalResourceId"])
+    if live is None:
+        record["StackResourceDriftStatus"] = "DELETED"
+        return record
+    diffs, actual = _compare(props_spec, expected, live)
+    record["ActualProperties"] = json.dumps(actual, sort_keys=True, separators=(",", ":"))
+    record["_actual"] = actual
+    record["_diffs"] = diffs
+    record["PropertyDifferences"] = [
+        {
+            "PropertyPath": d["path"],
+            "ExpectedValue": _text(d["expected"]),
+            "ActualValue": _text(d["actual"]),
+            "DifferenceType": d["type"],
+        }
+        for d in diffs
+    ]
+    record["StackResourceDriftStatus"] = "MODIFIED" if diffs else "IN_SYNC"
+    return record
+
+
+def _check_stack(stack, logical_ids=None, fail=None):
+    """Checks the stack's resources (all, or those named). `fail` (the
+    drift_fail fault) makes some resources fail: true fails the last one of
+    a checked type, a list fails the logical ids listed. Returns
+    (records of the resources checked, logical ids that failed)."""
+    now = utcnow()
+    resources = [(lid, res) for lid, res in _template_resources(stack) if not logical_ids or lid in logical_ids]
+    if isinstance(fail, str):
+        fail = [fail]
+    failing = set()
+    if fail is True:
+        checkable = [lid for lid, res in resources if res.get("Type") in _DRIFT_TYPES]
+        failing = set((checkable or [lid for lid, _ in resources])[-1:])
+    elif isinstance(fail, (list, tuple)):
+        failing = {lid for lid, _ in resources if lid in fail}
+    records = [_check_resource(stack, lid, res, now) for lid, res in resources if lid not in failing]
+    return records, [lid for lid, _ in resources if lid in failing]
+
+
+def _drift_detections(backend):
+    # Kept on the backend, so /moto-api/reset forgets them with the stacks.
+    return backend.__dict__.setdefault("_stackwarden_drift_detections", {})
+
+
+def _finish_detection(detection):
+    """Computes a detection's results (at once, or when its delay is over)
+    and records them on the stack."""
+    with _drift_lock:
+        if detection["DetectionStatus"] != "DETECTION_IN_PROGRESS":
+            return
+        stack = detection["_stack"]
+        records, failed = _check_stack(stack, detection["_logical_ids"], detection["_fail"])
+        drifted = [r for r in records if r["StackResourceDriftStatus"] in ("MODIFIED", "DELETED")]
+        detection["StackDriftStatus"] = "DRIFTED" if drifted else "IN_SYNC"
+        detection["DriftedStackResourceCount"] = len(drifted)
+        # Resources that were checked keep their latest result, whatever
+        # the detection's outcome (AWS: results are available for the
+        # resources it completed; unchecked resources are not listed).
+        latest = stack.__dict__.setdefault("_stackwarden_resource_drifts", {})
+        for record in records:
+            latest[record["LogicalResourceId"]] = record
+        if failed:
+            detection["DetectionStatus"] = "DETECTION_FAILED"
+            detection["DetectionStatusReason"] = (
+                f"Failed to detect drift on resources [{', '.join(str(f) for f in failed)}]: "
+                "stackwarden fault (drift_fail)"
+            )
+        else:
+            detection["DetectionStatus"] = "DETECTION_COMPLETE"
+            detection.pop("DetectionStatusReason", None)
+            # DescribeStacks reports the latest detection that completed.
+            stack._stackwarden_drift_information = {
+                "StackDriftStatus": detection["StackDriftStatus"],
+                "LastCheckTimestamp": detection["Timestamp"],
+            }
+
+
+def _settle(detection):
+    # A delayed detection completes on its timer; a reader arriving first
+    # completes it (the timer thread may not have run yet).
+    if detection["DetectionStatus"] == "DETECTION_IN_PROGRESS" and time.monotonic() >= detection["_due"]:
+        _finish_detection(detection)
+    return detection
+
+
+def _settle_stack(backend, stack):
+    for detection in list(_drift_detections(backend).values()):
+        if detection["_stack"] is stack:
+            _settle(detection)
+
+
+def _detect_stack_drift(self):
+    backend = self.cloudformation_backend
+    stack = backend.get_stack(self._get_param("StackName"))
+    if stack.status not in _DRIFT_STACK_STATUSES:
+        raise ValidationError(
+            message=(
+                f"Stack [{stack.name}] is in status [{stack.status}]: drift detection is "
+                f"supported for stacks in {', '.join(_DRIFT_STACK_STATUSES)} only"
+            )
+        )
+    logical_ids = self._get_param("LogicalResourceIds") or []
+    known = {lid for lid, _ in _template_resources(stack)}
+    for lid in logical_ids:
+        if lid not in known:
+            raise ValidationError(message=f"Resource [{lid}] does not exist in stack [{stack.name}]")
+    with _drift_lock:
+        _settle_stack(backend, stack)
+        for other in _drift_detections(backend).values():
+            if other["_stack"] is stack and other["DetectionStatus"] == "DETECTION_IN_PROGRESS":
+                raise ValidationError(
+                    message=(
+                        f"Drift detection is already in progress for stack [{stack.name}] "
+                        f"(StackDriftDetectionId {other['StackDriftDetectionId']})"
+                    )
+                )
+        with _faults_lock:
+            delay_ms = float(_faults.get("drift_delay_ms") or 0)
+            fail = _faults.get("drift_fail") or None
+        detection = {
+            "StackId": stack.stack_id,
+            "StackDriftDetectionId": str(uuid.uuid4()),
+            "DetectionStatus": "DETECTION_IN_PROGRESS",
+            "DetectionStatusReason": "User Initiated",
+            "Timestamp": utcnow(),
+            "_stack": stack,
+            "_logical_ids": set(logical_ids),
+            "_fail": fail,
+            "_due": time.monotonic() + delay_ms / 1000.0,
+        }
+        _drift_detections(backend)[detection["StackDriftDetectionId"]] = detection
+    if delay_ms > 0:
+        timer = threading.Timer(delay_ms / 1000.0, _finish_detection, args=(detection,))
+        timer.daemon = True
+        timer.start()
+    else:
+        _finish_detection(detection)
+    return ActionResult({"StackDriftDetectionId": detection["StackDriftDetectionId"]})
+
+
+def _describe_stack_drift_detection_status(self):
+    detection_id = self._get_param("StackDriftDetectionId")
+    detection = _drift_detections(self.cloudformation_backend).get(detection_id)
+    if detection is None:
+        raise ValidationError(message=f"Drift detection [{detection_id}] does not exist")
+    with _drift_lock:
+        _settle(detection)
+        answer = {k: v for k, v in detection.items() if not k.startswith("_")}
+    return ActionResult(answer)
+
+
+_DRIFTS_PAGE = 100
+
+
+def _describe_stack_resource_drifts(self):
+    backend = self.cloudformation_backend
+    stack = backend.get_stack(self._get_param("StackName"))
+    filters = set(self._get_param("StackResourceDriftStatusFilters") or [])
+    max_results = self._get_param("MaxResults")
+    max_results = int(max_results) if max_results not in (None, "") else _DRIFTS_PAGE
+    if not 1 <= max_results <= 100:
+        raise ValidationError(
+            message="1 validation error detected: Value at 'maxResults' failed to satisfy "
+            "constraint: Member must have value less than or equal to 100"
+            if max_results > 100
+            else "1 validation error detected: Value at 'maxResults' failed to satisfy "
+            "constraint: Member must have value greater than or equal to 1"
+        )
+    with _drift_lock:
+        _settle_stack(backend, stack)
+        latest = dict(getattr(stack, "_stackwarden_resource_drifts", {}))
+    # In template order; a resource no longer in the template is left out.
+    order = [lid for lid, _ in _template_resources(stack)]
+    records = [latest[lid] for lid in order if lid in latest]
+    if filters:
+        records = [r for r in records if r["StackResourceDriftStatus"] in filters]
+    start = 0
+    token = self._get_param("NextToken")
+    if token:
+        try:
+            sid, offset = base64.urlsafe_b64decode(token.encode()).decode().rsplit("|", 1)
+            start = int(offset)
+            if sid != stack.stack_id or start < 0:
+                raise ValueError(token)
+        except Exception:
+            raise ValidationError(message="Invalid NextToken")
+    page = records[start : start + max_results]
+    answer = {
+        "StackResourceDrifts": [{k: v for k, v in r.items() if not k.startswith("_")} for r in page]
+    }
+    if start + max_results < len(records):
+        answer["NextToken"] = base64.urlsafe_b64encode(
+            f"{stack.stack_id}|{start + max_results}".encode()
+        ).decode()
+    return ActionResult(answer)
+
+
+cfn_responses.CloudFormationResponse.detect_stack_drift = _detect_stack_drift
+cfn_responses.CloudFormationResponse.describe_stack_drift_detection_status = (
+    _describe_stack_drift_detection_status
+)
+cfn_responses.CloudFormationResponse.describe_stack_resource_drifts = _describe_stack_resource_drifts
+
+
+def _stack_drift_information(self):
+    # DescribeStacks' DriftInformation: NOT_CHECKED until a detection
+    # completed, then that detection's status and when it was initiated.
+    # An update does not reset it (AWS keeps it until the next detection).
+    backend = cfn_models.cloudformation_backends[self.account_id][self.region_name]
+    with _drift_lock:
+        _settle_stack(backend, self)
+    return getattr(self, "_stackwarden_drift_information", None) or {"StackDriftStatus": "NOT_CHECKED"}
+
+
+cfn_models.Stack.drift_information = property(_stack_drift_information)
+
+
+# --- 20. Drift-aware (REVERT_DRIFT) change sets ---------------------------------------
+# moto ignores CreateChangeSet's DeploymentMode. With REVERT_DRIFT,
+# CloudFormation compares the live resources with the template (as 19) and
+# the change set also brings every drifted property back to the template:
+# a Modify per drifted resource (Add for a deleted one) whose details carry
+# the actual value (BeforeValue, from ACTUAL_STATE), the template's
+# (AfterValue) and the drift. Create-only properties are not reverted.
+# Such a change set has changes even when the template and parameters are
+# unchanged, so neither patch 10's "No updates" nor moto's "didn't contain
+# changes" applies then.
+_revert_local = threading.local()
+cfn_models.ChangeSet.deployment_mode = None
+cfn_models.ChangeSet.stack_drift_status = None
+
+
+def _revert_targets(records):
+    """The drift a REVERT_DRIFT change set reverts: per resource, the
+    differences of properties that are not create-only (or the resource's
+    deletion)."""
+    targets = []
+    for r in records:
+        status = r["StackResourceDriftStatus"]
+        if status == "DELETED":
+            targets.append((r, []))
+        elif status == "MODIFIED":
+            diffs = [d for d in r["_diffs"] if not d["create_only"]]
+            if diffs:
+                targets.append((r, diffs))
+    return targets
+
+
+_original_create_change_set_response = cfn_responses.CloudFormationResponse.create_change_set
+
+
+def _create_change_set_response(self):
+    mode = self._get_param("DeploymentMode")
+    if not mode:
+        return _original_create_change_set_response(self)
+    if mode != "REVERT_DRIFT":
+        raise ValidationError(message=f"Invalid DeploymentMode [{mode}]")
+    kind = self._get_param("ChangeSetType", "CREATE")
+    if kind in ("CREATE", "IMPORT"):
+        raise ValidationError(
+            message=f"DeploymentMode REVERT_DRIFT is not supported for ChangeSetType {kind}"
+        )
+    if self._get_bool_param("IncludeNestedStacks", False):
+        raise ValidationError(
+            message="DeploymentMode REVERT_DRIFT is not supported with IncludeNestedStacks"
+        )
+    stack = self.cloudformation_backend.get_stack(self._get_param("StackName"))
+    # The drift as it is now (CloudFormation detects it for the change set).
+    records, _ = _check_stack(stack)
+    _revert_local.ctx = {"records": records, "targets": _revert_targets(records), "at": utcnow()}
+    try:
+        return _original_create_change_set_response(self)
+    finally:
+        _revert_local.ctx = None
+
+
+cfn_responses.CloudFormationResponse.create_change_set = _create_change_set_response
+_pre_revert_validate = cfn_responses.CloudFormationResponse._validate_different_update
+
+
+def _validate_different_update_revert(self, incoming_params, stack_body, old_stack):
+    ctx = getattr(_revert_local, "ctx", None)
+    if ctx is not None and ctx["targets"]:
+        return  # drift to revert is a change (see 20)
+    _pre_revert_validate(self, incoming_params, stack_body, old_stack)
+
+
+cfn_responses.CloudFormationResponse._validate_different_update = _validate_different_update_revert
+
+
+def _value_at(props, path):
+    value = props
+    for part in path.strip("/").split("/"):
+        if isinstance(value, dict):
+            value = value.get(part)
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return None
+    return value
+
+
+def _revert_details(record, diffs, after_props, at):
+    """ResourceChangeDetail members for one drifted resource: one per
+    differing leaf; a rule set (SecurityGroupIngress) as a whole."""
+    details = []
+    seen = set()
+    for d in diffs:
+        rules = _DRIFT_TYPES[record["ResourceType"]][1][d["prop"]].kind == "rules"
+        path = f"/{d['prop']}" if rules else d["path"]
+        if path in seen:
+            continue
+        seen.add(path)
+        if rules:
+            before = record["_actual"].get(d["prop"])
+            previous = _sg_template_rules(record["_expected"].get(d["prop"]))
+            after = _sg_template_rules(after_props.get(d["prop"]))
+            if _rule_key(sorted(map(_rule_key, before or []))) == _rule_key(sorted(map(_rule_key, after))):
+                continue
+        else:
+            before = d["actual"]
+            previous = d["expected"]
+            after = _value_at(after_props, path)
+            if after is not None and before is not None and _same(after, before):
+                continue  # the new template asks for what the resource has
+        details.append(
+            {
+                "Target": {
+                    "Attribute": "Properties",
+                    "Name": d["prop"],
+                    "Path": "/Properties" + path,
+                    "RequiresRecreation": "Never",
+                    "BeforeValue": _text(before),
+                    "AfterValue": _text(after),
+                    "BeforeValueFrom": "ACTUAL_STATE",
+                    "AfterValueFrom": "TEMPLATE",
+                    "AttributeChangeType": "Modify",
+                    "Drift": {
+                        "PreviousValue": _text(previous),
+                        "ActualValue": _text(before),
+                        "DriftDetectionTimestamp": at,
+                    },
+                },
+                "Evaluation": "Static",
+                "ChangeSource": "DirectModification",
+            }
+        )
+    return details
+
+
+def _add_drift_changes(backend, change_set, ctx):
+    stack = change_set.stack
+    new_resources = (change_set.template_dict or {}).get("Resources") or {}
+    old_resources = stack.resource_map._resource_json_map
+    by_id = {c.logical_resource_id: c for c in change_set.changes}
+    reverts = []
+    for record, diffs in ctx["targets"]:
+        lid = record["LogicalResourceId"]
+        if lid not in new_resources:
+            continue  # the change set removes it
+        change = by_id.get(lid)
+        if record["StackResourceDriftStatus"] == "DELETED":
+            if change is None:
+                change = cfn_models.Change("Add", lid, record["ResourceType"])
+                change_set.changes.append(change)
+            change.action = "Add"
+            change.resource_drift_status = "DELETED"
+            change.physical_resource_id = record["PhysicalResourceId"]
+            reverts.append((lid, None))
+            continue
+        after = record["_expected"]
+        if new_resources[lid] != old_resources.get(lid):
+            try:  # the template changes it too: revert to the new values
+                after = _resolve(stack, new_resources[lid])
+            except Exception:
+                pass
+        details = _revert_details(record, diffs, after, ctx["at"])
+        if not details:
+            continue
+        if change is None:
+            change = cfn_models.Change("Modify", lid, record["ResourceType"])
+            change_set.changes.append(change)
+        change.physical_resource_id = record["PhysicalResourceId"]
+        change.replacement = getattr(change, "replacement", None) or "False"
+        change.scope = sorted(set(getattr(change, "scope", None) or []) | {"Properties"})
+        change.resource_drift_status = "MODIFIED"
+        change.details = (getattr(change, "details", None) or []) + details
+        change.before_context = json.dumps({"Properties": record["_actual"]}, sort_keys=True)
+        change.after_context = json.dumps({"Properties": after}, sort_keys=True)
+        reverts.extend(dict.fromkeys((lid, d["Target"]["Name"]) for d in details))
+    # Every other resource's change (from the template) reports its drift
+    # status too, as a drift-aware change set does.
+    status = {r["LogicalResourceId"]: r["StackResourceDriftStatus"] for r in ctx["records"]}
+    for change in change_set.changes:
+        if getattr(change, "resource_drift_status", None) is None and change.logical_resource_id in status:
+            change.resource_drift_status = status[change.logical_resource_id]
+    return reverts
+
+
+_pre_revert_create_change_set = cfn_models.CloudFormationBackend.create_change_set
+
+
+def _create_change_set_revert(self, *args, **kwargs):
+    change_set_id, stack_id = _pre_revert_create_change_set(self, *args, **kwargs)
+    ctx = getattr(_revert_local, "ctx", None)
+    if ctx is None:
+        return change_set_id, stack_id
+    change_set = self.change_sets[change_set_id]
+    change_set.deployment_mode = "REVERT_DRIFT"
+    drifted = any(r["StackResourceDriftStatus"] in ("MODIFIED", "DELETED") for r in ctx["records"])
+    change_set.stack_drift_status = "DRIFTED" if drifted else "IN_SYNC"
+    change_set._stackwarden_reverts = _add_drift_changes(self, change_set, ctx)
+    if change_set._stackwarden_reverts and change_set.status == "FAILED":
+        # Unchanged template, drifted resources: the change set has changes.
+        change_set.status = "CREATE_COMPLETE"
+        change_set.execution_status = "AVAILABLE"
+        change_set.status_reason = None
+    return change_set_id, stack_id
+
+
+cfn_models.CloudFormationBackend.create_change_set = _create_change_set_revert
+_pre_revert_execute = cfn_models.CloudFormationBackend.execute_change_set
+
+
+def _revert_drift(stack, reverts):
+    """Writes the template's values back to the drifted properties, after
+    the change set's own changes (the template is the change set's now)."""
+    rm = stack.resource_map
+    for lid, prop in reverts:
+        res = rm._resource_json_map.get(lid)
+        if prop is None or res is None:
+            continue
+        find, props_spec = _DRIFT_TYPES[res["Type"]]
+        spec = props_spec.get(prop)
+        live = find(stack, _physical_id(stack, lid))
+        if spec is None or spec.write is None or live is None:
+            continue
+        expected = _resolve(stack, res)
+        if prop in expected:
+            spec.write(stack, live, expected[prop])
+
+
+def _execute_change_set_revert(self, change_set_name, stack_name=None):
+    change_set = self.describe_change_set(change_set_name)
+    reverts = getattr(change_set, "_stackwarden_reverts", None)
+    if change_set.deployment_mode != "REVERT_DRIFT" or change_set.execution_status != "AVAILABLE":
+        return _pre_revert_execute(self, change_set_name, stack_name)
+    stack = self.stacks[change_set.stack_id]
+    # A deleted resource is created again (Action Add) before moto applies
+    # the template, so a template change to it applies to the new one.
+    for lid, prop in reverts or []:
+        if prop is None and lid in stack.resource_map._resource_json_map:
+            stack.resource_map._parsed_resources.pop(lid, None)
+            stack.resource_map[lid]
+    _pre_revert_execute(self, change_set_name, stack_name)
+    _revert_drift(stack, reverts or [])
+
+
+cfn_models.CloudFormationBackend.execute_change_set = _execute_change_set_revert
 
 
 def _exit_when_stdin_closes():
