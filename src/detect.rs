@@ -111,9 +111,7 @@ pub async fn detect_stack<C: Cloud>(
                 reason: format!(
                     "detection {id} still in progress after {}",
                     humantime::format_duration(Duration::from_secs(
-                        deadline
-                            .saturating_duration_since(Instant::now())
-                            .as_secs()
+                        deadline.saturating_duration_since(Instant::now()).as_secs()
                     ))
                 ),
             };
@@ -125,7 +123,13 @@ pub async fn detect_stack<C: Cloud>(
     let checked = cloud.now();
     match cloud.resource_drifts(&stack.name).await {
         Ok(drifts) => Detected::Done {
-            drift: assess(stack, &stack.drift, Some(checked), detection_failed, &drifts),
+            drift: assess(
+                stack,
+                &stack.drift,
+                Some(checked),
+                detection_failed,
+                &drifts,
+            ),
         },
         Err(e) => failed(e),
     }
@@ -141,9 +145,12 @@ pub async fn detect_env<C: Cloud>(
     wait: Duration,
 ) -> BTreeMap<String, Detected> {
     let deadline = Instant::now() + wait;
-    let runs = keys
-        .iter()
-        .map(|k| async move { (k.clone(), detect_stack(cloud, &env.stacks[k], limit, deadline).await) });
+    let runs = keys.iter().map(|k| async move {
+        (
+            k.clone(),
+            detect_stack(cloud, &env.stacks[k], limit, deadline).await,
+        )
+    });
     futures::future::join_all(runs).await.into_iter().collect()
 }
 
@@ -154,10 +161,7 @@ async fn latest_drifts<C: Cloud>(cloud: &C, live: &Stack) -> CloudResult<Vec<Res
     type Cache = Mutex<HashMap<(String, SystemTime), Vec<ResourceDrift>>>;
     static CACHE: OnceLock<Cache> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
-    let key = live
-        .drift
-        .last_check
-        .map(|t| (live.id.clone(), t));
+    let key = live.drift.last_check.map(|t| (live.id.clone(), t));
     if let Some(k) = &key
         && let Some(hit) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(k)
     {

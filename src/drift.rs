@@ -88,8 +88,7 @@ impl Ignore {
             && match segments {
                 None => self.path.is_empty(),
                 Some(segs) => {
-                    self.path.len() <= segs.len()
-                        && self.path.iter().zip(segs).all(|(a, b)| a == b)
+                    self.path.len() <= segs.len() && self.path.iter().zip(segs).all(|(a, b)| a == b)
                 }
             }
     }
@@ -262,7 +261,11 @@ pub fn assess(
             ResourceDriftStatus::InSync => continue,
             ResourceDriftStatus::Modified | ResourceDriftStatus::Deleted => {}
         }
-        if settings.ignore.iter().any(|i| i.covers(&r.logical_id, None)) {
+        if settings
+            .ignore
+            .iter()
+            .any(|i| i.covers(&r.logical_id, None))
+        {
             out.ignored.push(r.logical_id.clone());
             continue;
         }
@@ -294,7 +297,11 @@ pub fn assess(
                     .any(|p| p.covers(&segments)))
             .then(|| "create-only property: CloudFormation does not revert it".to_owned());
             kept.push(Difference {
-                expected: if secret { Some(MASK.into()) } else { d.expected },
+                expected: if secret {
+                    Some(MASK.into())
+                } else {
+                    d.expected
+                },
                 actual: if secret { Some(MASK.into()) } else { d.actual },
                 path: d.path,
                 kind: d.kind,
@@ -344,7 +351,9 @@ fn is_secret(
     let mut v = &resource.properties;
     for seg in segments {
         let next = match v {
-            serde_json::Value::Object(m) if !m.keys().any(|k| k == "Ref" || k.starts_with("Fn::")) => {
+            serde_json::Value::Object(m)
+                if !m.keys().any(|k| k == "Ref" || k.starts_with("Fn::")) =>
+            {
                 m.get(*seg)
             }
             serde_json::Value::Array(items) => seg.parse::<usize>().ok().and_then(|i| items.get(i)),
@@ -374,7 +383,10 @@ mod tests {
         assert!(!count.covers("Service", None));
         assert!(count.covers("Service", Some(&["DesiredCount"])));
         assert!(!count.covers("Service", Some(&["TaskDefinition"])));
-        assert!(nested.covers("Table", Some(&["ProvisionedThroughput", "ReadCapacityUnits"])));
+        assert!(nested.covers(
+            "Table",
+            Some(&["ProvisionedThroughput", "ReadCapacityUnits"])
+        ));
         assert!(!nested.covers("Other", Some(&["ProvisionedThroughput"])));
         assert_eq!(count.to_string(), "Service.DesiredCount");
         for bad in ["", ".X", "Service.", "A..B"] {
@@ -396,7 +408,12 @@ mod tests {
             "/P: expected 30, actual 120"
         );
         assert_eq!(
-            d(DifferenceKind::Add, None, Some("{\"CidrIp\":\"0.0.0.0/0\"}")).describe(),
+            d(
+                DifferenceKind::Add,
+                None,
+                Some("{\"CidrIp\":\"0.0.0.0/0\"}")
+            )
+            .describe(),
             "/P: added {\"CidrIp\":\"0.0.0.0/0\"}"
         );
         assert_eq!(

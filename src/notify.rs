@@ -393,6 +393,7 @@ mod tests {
 
     fn drift(object: &str) -> Finding {
         Finding {
+            detail: None,
             object: object.into(),
             kind: Kind::Drift,
             difference: "differs: parameters (X)".into(),

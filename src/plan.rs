@@ -338,7 +338,10 @@ impl Plan {
             s.sync == Sync::InSync
                 && s.health == Health::Healthy
                 && s.action == StackAction::None
-                && !s.drift.as_ref().is_some_and(crate::drift::StackDrift::drifted)
+                && !s
+                    .drift
+                    .as_ref()
+                    .is_some_and(crate::drift::StackDrift::drifted)
         }) && self.services.iter().all(|s| {
             s.sync == Sync::InSync && s.health == Health::Healthy && s.action == ServiceAction::None
         });
@@ -834,7 +837,12 @@ fn plan_stack(
         }
     };
     p.drift = stack_drift(stack, live, observed);
-    let revert = revert_drift(stack, p.drift.as_ref(), observed, rolled_back && failed_here);
+    let revert = revert_drift(
+        stack,
+        p.drift.as_ref(),
+        observed,
+        rolled_back && failed_here,
+    );
     let tags = stack.tags_with_ownership(&env.name);
     let diff = diff_stack(
         stack,

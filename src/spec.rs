@@ -1440,9 +1440,10 @@ impl Loader {
             let known = templates.get(key).map(|(_, _, t)| t);
             match Ignore::parse(text) {
                 Err(e) => this.error_at(doc, path, e),
-                Ok(i) if known.is_some_and(|t| {
-                    t.fully_known() && !t.resources.contains_key(&i.logical_id)
-                }) =>
+                Ok(i)
+                    if known.is_some_and(|t| {
+                        t.fully_known() && !t.resources.contains_key(&i.logical_id)
+                    }) =>
                 {
                     this.error_at(
                         doc,
@@ -1461,7 +1462,12 @@ impl Loader {
         if let Some(d) = env.and_then(|d| d.interval) {
             self.check_duration(doc, "drift.interval", d.0, INTERVAL_RANGE);
         }
-        for (i, entry) in env.map(|d| d.ignore.as_slice()).unwrap_or_default().iter().enumerate() {
+        for (i, entry) in env
+            .map(|d| d.ignore.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
             let path = format!("drift.ignore.{i}");
             match entry.split_once('.') {
                 Some((stack, rest)) if stacks.contains_key(stack) => {
@@ -1483,7 +1489,12 @@ impl Loader {
                 let path = format!("stacks.{key}.drift.interval");
                 self.check_duration(doc, &path, d.0, INTERVAL_RANGE);
             }
-            for (i, entry) in own.map(|d| d.ignore.as_slice()).unwrap_or_default().iter().enumerate() {
+            for (i, entry) in own
+                .map(|d| d.ignore.as_slice())
+                .unwrap_or_default()
+                .iter()
+                .enumerate()
+            {
                 let path = format!("stacks.{key}.drift.ignore.{i}");
                 if let Some(i) = ignore_in(self, key, entry, &path) {
                     out.entry(key.clone()).or_default().ignore.push(i);
@@ -1491,9 +1502,7 @@ impl Loader {
             }
             let settings = out.entry(key.clone()).or_default();
             settings.mode = own.and_then(|d| d.mode).unwrap_or(env_mode);
-            settings.interval = own
-                .and_then(|d| d.interval)
-                .map_or(env_interval, |d| d.0);
+            settings.interval = own.and_then(|d| d.interval).map_or(env_interval, |d| d.0);
         }
         out
     }
@@ -2422,12 +2431,13 @@ stacks:
         assert_eq!(queue.mode, crate::drift::DriftMode::Revert);
         assert!(queue.ignore.is_empty());
 
-        let bad = format!(
-            "{GOOD}drift:\n  mode: sometimes\n"
-        );
+        let bad = format!("{GOOD}drift:\n  mode: sometimes\n");
         let errs = f.errors("dev", &bad);
         assert_eq!(errs.len(), 1, "{errs:?}");
-        assert!(errs[0].starts_with("desired-state/dev.yaml:15:"), "{errs:?}");
+        assert!(
+            errs[0].starts_with("desired-state/dev.yaml:15:"),
+            "{errs:?}"
+        );
         assert!(errs[0].contains("sometimes"), "{errs:?}");
         let bad = format!(
             "{GOOD}drift:\n  interval: 1s\n  ignore: [data.Missing, nowhere.X, data]\n  every: 1h\n"
@@ -2435,7 +2445,8 @@ stacks:
         let errs = f.errors("dev", &bad);
         assert_eq!(errs.len(), 1, "unknown key first: {errs:?}");
         assert!(errs[0].contains("every"), "{errs:?}");
-        let bad = format!("{GOOD}drift:\n  interval: 1s\n  ignore: [data.Missing, nowhere.X, data]\n");
+        let bad =
+            format!("{GOOD}drift:\n  interval: 1s\n  ignore: [data.Missing, nowhere.X, data]\n");
         let errs = f.errors("dev", &bad);
         assert_eq!(
             errs,

@@ -43,6 +43,22 @@ enum Command {
     Plan(PlanArgs),
     /// Sync status and health of every stack and ECS service.
     Status(ObserveArgs),
+    /// Detect resource drift now (DetectStackDrift) and show, per stack,
+    /// each drifted resource and property. Exit 0 no drift, 2 drift, 1 error
+    /// or a detection that failed.
+    Drift {
+        #[command(flatten)]
+        select: Select,
+        /// Only this stack (its key); repeatable.
+        #[arg(long = "stack", value_name = "KEY")]
+        stacks: Vec<String>,
+        /// Detections in flight at once per account and region.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=20))]
+        max_detections: u16,
+        /// How long to wait for the detections.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        wait: Duration,
+    },
     /// Bring AWS to the desired state: observe, plan, apply what the policy
     /// allows, in dependency order, and report.
     Reconcile(ReconcileArgs),
@@ -362,6 +378,17 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
             Show::Status,
             &args.state,
         )),
+        Command::Drift {
+            select,
+            stacks,
+            max_detections,
+            wait,
+        } => runtime()?.block_on(drift::run(drift::DriftArgs {
+            select: &select,
+            stacks: &stacks,
+            max_detections: usize::from(max_detections),
+            wait,
+        })),
         Command::Rollback(args) => runtime()?.block_on(rollback::run(rollback::Rollback {
             select: &args.select,
             stacks: &args.stacks,
@@ -516,6 +543,7 @@ impl From<crate::plan::Verdict> for Outcome {
 }
 
 mod daemon;
+mod drift;
 mod reconcile;
 mod report;
 mod rollback;

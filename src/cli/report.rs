@@ -356,6 +356,17 @@ fn print_text(env: &DesiredEnv, plan: &Plan, previews: &[Preview], show: Show) {
                 s.reason
             ),
         }
+        if let Some(d) = &s.drift {
+            println!(
+                "  {:<4} {:<w$}    {}",
+                "",
+                "",
+                d.summary(std::time::SystemTime::now())
+            );
+            for line in d.lines() {
+                println!("  {:<4} {:<w$}      {line}", "", "");
+            }
+        }
         if show == Show::Plan
             && let Some(d) = &s.diff
         {

@@ -896,7 +896,10 @@ impl Cloud for AwsCloud {
             .send()
             .await
             .map_err(|e| self.error(e))?;
-        Ok(out.stack_drift_detection_id().unwrap_or_default().to_owned())
+        Ok(out
+            .stack_drift_detection_id()
+            .unwrap_or_default()
+            .to_owned())
     }
 
     async fn drift_detection(&self, id: &str) -> CloudResult<crate::cloud::Detection> {
@@ -934,7 +937,9 @@ impl Cloud for AwsCloud {
     }
 
     async fn resource_drifts(&self, stack: &str) -> CloudResult<Vec<crate::cloud::ResourceDrift>> {
-        use crate::cloud::{DifferenceKind, PropertyDifference, ResourceDrift, ResourceDriftStatus};
+        use crate::cloud::{
+            DifferenceKind, PropertyDifference, ResourceDrift, ResourceDriftStatus,
+        };
         let mut pages = self
             .cfn
             .describe_stack_resource_drifts()

@@ -750,27 +750,26 @@ fn advance_detections(st: &mut State, now: Instant) {
             };
             for (i, (logical, r)) in t.resources.iter().enumerate() {
                 let edits = st.edits.get(&(d.stack.clone(), logical.clone()));
-                let (status, differences) = if i >= checkable
-                    || !super::sim_truth::drift_supported(&r.kind)
-                {
-                    (ResourceDriftStatus::NotChecked, vec![])
-                } else {
-                    let differences: Vec<PropertyDifference> = edits
-                        .into_iter()
-                        .flatten()
-                        .map(|(path, actual)| PropertyDifference {
-                            path: path.clone(),
-                            expected: template_value(&r.properties, path, &s.stack.parameters),
-                            actual: Some(actual.clone()),
-                            kind: DifferenceKind::NotEqual,
-                        })
-                        .collect();
-                    if differences.is_empty() {
-                        (ResourceDriftStatus::InSync, differences)
+                let (status, differences) =
+                    if i >= checkable || !super::sim_truth::drift_supported(&r.kind) {
+                        (ResourceDriftStatus::NotChecked, vec![])
                     } else {
-                        (ResourceDriftStatus::Modified, differences)
-                    }
-                };
+                        let differences: Vec<PropertyDifference> = edits
+                            .into_iter()
+                            .flatten()
+                            .map(|(path, actual)| PropertyDifference {
+                                path: path.clone(),
+                                expected: template_value(&r.properties, path, &s.stack.parameters),
+                                actual: Some(actual.clone()),
+                                kind: DifferenceKind::NotEqual,
+                            })
+                            .collect();
+                        if differences.is_empty() {
+                            (ResourceDriftStatus::InSync, differences)
+                        } else {
+                            (ResourceDriftStatus::Modified, differences)
+                        }
+                    };
                 resources.push(ResourceDrift {
                     logical_id: logical.clone(),
                     physical_id: Some(format!("{}-{logical}", d.stack)),
@@ -818,7 +817,10 @@ fn template_value(
         serde_json::Value::String(s) => s.clone(),
         serde_json::Value::Object(m) if m.len() == 1 && m.contains_key("Ref") => {
             let name = m["Ref"].as_str().unwrap_or_default();
-            parameters.get(name).cloned().unwrap_or_else(|| v.to_string())
+            parameters
+                .get(name)
+                .cloned()
+                .unwrap_or_else(|| v.to_string())
         }
         other => other.to_string(),
     })
@@ -1947,7 +1949,9 @@ impl Cloud for SimCloud {
     async fn resource_drifts(&self, stack: &str) -> CloudResult<Vec<ResourceDrift>> {
         let st = self.enter("DescribeStackResourceDrifts")?;
         if !st.stacks.contains_key(stack) {
-            return Err(CloudError::NotFound(format!("Stack [{stack}] does not exist")));
+            return Err(CloudError::NotFound(format!(
+                "Stack [{stack}] does not exist"
+            )));
         }
         Ok(st.resource_drifts.get(stack).cloned().unwrap_or_default())
     }

@@ -127,9 +127,9 @@ fn create_only(resource_type: &str) -> Vec<Vec<String>> {
 /// type: drift there is not reconciled by a drift-aware change set.
 pub fn create_only_path(resource_type: &str, path: &str) -> bool {
     let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    create_only(resource_type).iter().any(|co| {
-        co.len() <= segs.len() && co.iter().zip(&segs).all(|(c, s)| c == "*" || c == s)
-    })
+    create_only(resource_type)
+        .iter()
+        .any(|co| co.len() <= segs.len() && co.iter().zip(&segs).all(|(c, s)| c == "*" || c == s))
 }
 
 /// Whether the type supports drift detection: its provider schema has a

@@ -32,6 +32,7 @@ pub async fn no_episode_of_eight_writers_is_lost<S: Store>(state: &State<S>) {
             let (mut open, expect) = state.episodes("dev").await.unwrap();
             open.push(StoredEpisode {
                 finding: stackwarden::notify::Finding {
+                    detail: None,
                     object: format!("stack:s{i}"),
                     kind: stackwarden::notify::Kind::Drift,
                     difference: "differs".into(),
