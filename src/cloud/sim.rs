@@ -400,6 +400,13 @@ impl SimCloud {
             .insert(path.to_owned(), actual.to_owned());
     }
 
+    /// Someone puts a resource back as its template has it.
+    pub fn clear_edits(&self, stack: &str, logical_id: &str) {
+        self.lock()
+            .edits
+            .remove(&(stack.to_owned(), logical_id.to_owned()));
+    }
+
     /// The out-of-band values still live on a resource, by property path.
     pub fn live_edits(&self, stack: &str, logical_id: &str) -> BTreeMap<String, String> {
         self.lock()

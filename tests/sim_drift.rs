@@ -1,0 +1,287 @@
+//! Resource drift on the simulated cloud, on tokio's paused clock: a
+//! detection takes its time, may fail with partial results or be
+//! throttled; ignore rules; revert mode writes back what a drift-aware
+//! change set can, under the policy, and never loops on what it cannot;
+//! an alert per drift episode.
+
+mod common;
+
+use std::time::Duration;
+
+use common::Workspace;
+use stackwarden::apply::{self, Options, Report, StackResult};
+use stackwarden::cloud::sim::{self, SERVICE_MINUTES, SimCloud, SimConfig};
+use stackwarden::cloud::{Cloud, DriftStatus, Retrying};
+use stackwarden::detect::{Detected, detect_env, detect_stack};
+use stackwarden::drift::{DriftMode, Ignore};
+use stackwarden::notify::{Episodes, findings};
+use stackwarden::observe::Depth;
+use stackwarden::plan::{BlockedBy, StackAction, Verdict};
+use stackwarden::spec::{self, DesiredEnv};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+const TABLES: &str = "dev-performance-mgmt-dynamodb";
+const CLUSTER: &str = "dev-performance-mgmt-ecs-cluster";
+
+fn load(ws: &Workspace) -> DesiredEnv {
+    spec::load(&ws.path("desired-state/dev.yaml")).expect("dev loads")
+}
+
+fn cloud_for(env: &DesiredEnv) -> Retrying<SimCloud> {
+    Retrying::new(SimCloud::new(SimConfig {
+        latency: sim::latencies(env, &SERVICE_MINUTES),
+        ..SimConfig::default()
+    }))
+}
+
+async fn pass(cloud: &Retrying<SimCloud>, env: &DesiredEnv, options: &Options) -> Report {
+    apply::reconcile(
+        cloud,
+        env,
+        &Semaphore::new(apply::DEFAULT_MAX_PARALLEL),
+        &Options {
+            depth: Depth::Full,
+            jitter_seed: Some(0),
+            ..options.clone()
+        },
+    )
+    .await
+    .expect("the pass observes")
+}
+
+async fn detect(cloud: &Retrying<SimCloud>, env: &DesiredEnv, key: &str) -> Detected {
+    let limit = Semaphore::new(2);
+    detect_stack(
+        cloud,
+        &env.stacks[key],
+        &limit,
+        Instant::now() + Duration::from_secs(300),
+    )
+    .await
+}
+
+fn drift_of(d: &Detected) -> &stackwarden::drift::StackDrift {
+    match d {
+        Detected::Done { drift } => drift,
+        other => panic!("no drift read: {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_detection_takes_its_time_may_fail_partially_and_rides_out_throttling() {
+    let env = load(&Workspace::new());
+    let cloud = cloud_for(&env);
+    let report = pass(&cloud, &env, &Options::default()).await;
+    assert_eq!(report.verdict(), Verdict::InSync);
+    let sim = cloud.inner();
+    sim.edit_out_of_band(TABLES, "ReviewCyclesTable", "/BillingMode", "PROVISIONED");
+
+    // Until a detection ran, nothing is known and DescribeStacks says so.
+    let live = cloud.describe_stack(TABLES).await.unwrap().unwrap();
+    assert_eq!(live.drift.status, DriftStatus::NotChecked);
+    let started = Instant::now();
+    let d = detect(&cloud, &env, "dynamodb").await;
+    assert!(started.elapsed() >= SimConfig::default().drift_detection_latency);
+    let drift = drift_of(&d);
+    assert_eq!(drift.status, DriftStatus::Drifted);
+    assert_eq!(
+        drift.lines(),
+        [
+            "ReviewCyclesTable (AWS::DynamoDB::Table) /BillingMode: expected PAY_PER_REQUEST, actual PROVISIONED"
+        ]
+    );
+    assert!(drift.detection_failed.is_none());
+    let live = cloud.describe_stack(TABLES).await.unwrap().unwrap();
+    assert_eq!(live.drift.status, DriftStatus::Drifted);
+    assert!(live.drift.last_check.is_some());
+
+    // A failed detection is reported as such, with what it could check.
+    sim.fail_next_detection(TABLES, "Rate exceeded reading AWS::DynamoDB::Table");
+    let d = detect(&cloud, &env, "dynamodb").await;
+    assert!(d.failed());
+    assert!(
+        drift_of(&d)
+            .detection_failed
+            .as_deref()
+            .unwrap()
+            .contains("Rate exceeded")
+    );
+    assert!(!drift_of(&d).not_checked.is_empty());
+
+    // Throttled calls are retried; bounded detections all end.
+    sim.set_throttle_rate(0.3);
+    let keys: Vec<String> = env.stacks.keys().cloned().collect();
+    let found = detect_env(
+        &cloud,
+        &env,
+        &keys,
+        &Semaphore::new(2),
+        Duration::from_secs(900),
+    )
+    .await;
+    sim.set_throttle_rate(0.0);
+    assert_eq!(found.len(), keys.len());
+    assert!(
+        found.values().all(|d| matches!(d, Detected::Done { .. })),
+        "{found:?}"
+    );
+    assert!(cloud.throttles() > 0);
+    assert!(drift_of(&found["dynamodb"]).drifted());
+    assert!(!drift_of(&found["network"]).drifted());
+    // Never two detections of a stack at once.
+    assert!(sim.violations().is_empty(), "{:?}", sim.violations());
+}
+
+#[tokio::test(start_paused = true)]
+async fn revert_writes_back_what_it_can_and_never_loops_on_create_only_drift() {
+    let mut env = load(&Workspace::new());
+    let cloud = cloud_for(&env);
+    pass(&cloud, &env, &Options::default()).await;
+    let sim = cloud.inner();
+    sim.edit_out_of_band(TABLES, "ReviewCyclesTable", "/BillingMode", "PROVISIONED");
+    sim.edit_out_of_band(TABLES, "ReviewCyclesTable", "/TableName", "renamed-by-hand");
+    sim.edit_out_of_band(CLUSTER, "TaskLogGroup", "/RetentionInDays", "3");
+    env.stacks.get_mut("dynamodb").unwrap().drift.mode = DriftMode::Revert;
+    // The cluster's log retention is someone else's to set.
+    env.stacks.get_mut("ecs-cluster").unwrap().drift.ignore =
+        vec![Ignore::parse("TaskLogGroup.RetentionInDays").unwrap()];
+    let keys: Vec<String> = env.stacks.keys().cloned().collect();
+    detect_env(
+        &cloud,
+        &env,
+        &keys,
+        &Semaphore::new(2),
+        Duration::from_secs(900),
+    )
+    .await;
+
+    let options = Options::default();
+    let report = pass(&cloud, &env, &options).await;
+    let tables = report.stacks.iter().find(|r| r.is("dynamodb")).unwrap();
+    assert_eq!(tables.result, StackResult::Updated, "{tables:?}");
+    assert!(
+        tables
+            .change_set
+            .as_deref()
+            .unwrap()
+            .ends_with("-revert-drift")
+    );
+    // What stays is the create-only table name, reported, not reverted.
+    assert_eq!(
+        sim.live_edits(TABLES, "ReviewCyclesTable")
+            .keys()
+            .collect::<Vec<_>>(),
+        ["/TableName"]
+    );
+    let after = drift_of(tables.drift_after.as_ref().unwrap());
+    assert_eq!(after.revertible().count(), 0);
+    assert_eq!(after.each().count(), 1);
+    assert!(after.lines()[0].contains("not revertible: create-only"));
+    // Ignored drift is not drift.
+    let cluster = report
+        .final_plan
+        .stacks
+        .iter()
+        .find(|p| p.is("ecs-cluster"))
+        .unwrap();
+    assert!(!cluster.drift.as_ref().unwrap().drifted());
+    assert_eq!(
+        cluster.drift.as_ref().unwrap().ignored,
+        ["TaskLogGroup /RetentionInDays"]
+    );
+
+    // The next passes report it and write nothing.
+    for _ in 0..2 {
+        let again = pass(&cloud, &env, &options).await;
+        assert!(!again.wrote(), "{:?}", again.stacks);
+        assert_eq!(again.verdict(), Verdict::Differences);
+        let p = again
+            .final_plan
+            .stacks
+            .iter()
+            .find(|p| p.is("dynamodb"))
+            .unwrap();
+        assert_eq!(p.action, StackAction::None);
+        assert!(p.reason.contains("nothing revertible"), "{}", p.reason);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_revert_combined_with_a_change_that_replaces_a_protected_table_is_blocked() {
+    let ws = Workspace::new();
+    let env = load(&ws);
+    let cloud = cloud_for(&env);
+    pass(&cloud, &env, &Options::default()).await;
+    let sim = cloud.inner();
+    sim.edit_out_of_band(TABLES, "ReviewCyclesTable", "/BillingMode", "PROVISIONED");
+    // The desired state now also changes the table's key: a replacement.
+    ws.edit(
+        "templates/dynamodb.yaml",
+        "        - {AttributeName: cycleId, KeyType: HASH}",
+        "        - {AttributeName: organizationId, KeyType: HASH}",
+    );
+    let mut env = load(&ws);
+    env.stacks.get_mut("dynamodb").unwrap().drift.mode = DriftMode::Revert;
+    detect(&cloud, &env, "dynamodb").await;
+    let report = pass(&cloud, &env, &Options::default()).await;
+    let tables = report.stacks.iter().find(|r| r.is("dynamodb")).unwrap();
+    match &tables.result {
+        StackResult::Blocked { by, reason } => {
+            assert_eq!(*by, BlockedBy::Policy);
+            assert!(reason.contains("ReviewCyclesTable"), "{reason}");
+        }
+        other => panic!("not blocked: {other:?}"),
+    }
+    assert!(
+        tables
+            .change_set
+            .as_deref()
+            .unwrap()
+            .ends_with("-revert-drift")
+    );
+    assert_eq!(
+        sim.live_edits(TABLES, "ReviewCyclesTable")["/BillingMode"],
+        "PROVISIONED"
+    );
+    assert!(sim.violations().is_empty(), "{:?}", sim.violations());
+}
+
+#[tokio::test(start_paused = true)]
+async fn alert_mode_tells_a_drift_episode_once_and_its_end_once() {
+    let env = load(&Workspace::new());
+    let cloud = cloud_for(&env);
+    pass(&cloud, &env, &Options::default()).await;
+    let sim = cloud.inner();
+    let mut episodes = Episodes::new(Duration::from_secs(6 * 3600));
+    sim.edit_out_of_band(CLUSTER, "TaskLogGroup", "/RetentionInDays", "3");
+    detect(&cloud, &env, "ecs-cluster").await;
+    let mut told = Vec::new();
+    for _ in 0..3 {
+        let report = pass(&cloud, &env, &Options::default()).await;
+        assert!(!report.wrote(), "alert mode writes nothing");
+        told.extend(episodes.update("dev", &findings(&report), Instant::now()));
+        tokio::time::advance(Duration::from_secs(60)).await;
+    }
+    assert_eq!(told.len(), 1, "{told:?}");
+    assert_eq!(told[0].event, "drift");
+    assert!(
+        told[0].message.contains("TaskLogGroup (AWS::Logs::LogGroup) /RetentionInDays (/RetentionInDays: expected 14, actual 3)"),
+        "{}",
+        told[0].message
+    );
+    // Someone puts it back; the next detection ends the episode.
+    sim.clear_edits(CLUSTER, "TaskLogGroup");
+    detect(&cloud, &env, "ecs-cluster").await;
+    let report = pass(&cloud, &env, &Options::default()).await;
+    let end = episodes
+        .update("dev", &findings(&report), Instant::now())
+        .unwrap();
+    assert_eq!(end.event, "recovered");
+    let report = pass(&cloud, &env, &Options::default()).await;
+    assert!(
+        episodes
+            .update("dev", &findings(&report), Instant::now())
+            .is_none()
+    );
+}
