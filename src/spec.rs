@@ -2258,7 +2258,7 @@ stacks:
         assert_eq!(
             f.errors("dev", &text),
             vec![
-                "desired-state/dev.yaml:10:5: stacks.data.colour: unknown field `colour`, expected one of `template`, `name`, `parameters`, `depends_on`, `tags`, `termination_protection`, `timeout`, `ecs_services`"
+                "desired-state/dev.yaml:10:5: stacks.data.colour: unknown field `colour`, expected one of `template`, `name`, `parameters`, `depends_on`, `tags`, `termination_protection`, `timeout`, `ecs_services`, `drift`"
             ]
         );
     }
