@@ -762,8 +762,15 @@ async fn redetect<C: Cloud>(
     }
     let own = std::sync::Arc::new(Semaphore::new(crate::detect::DEFAULT_MAX_DETECTIONS));
     let limit = options.detections.clone().unwrap_or(own);
-    let found =
-        crate::detect::detect_env(cloud, env, &reverted, &limit, crate::detect::DEFAULT_WAIT).await;
+    let found = crate::detect::detect_env(
+        cloud,
+        env,
+        &reverted,
+        &limit,
+        crate::detect::DEFAULT_WAIT,
+        &crate::detect::Pending::default(),
+    )
+    .await;
     for r in stacks.iter_mut() {
         let Some(d) = r.key.as_ref().and_then(|k| found.get(k)) else {
             continue;

@@ -434,6 +434,7 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
     ) {
         let mut cloud: Option<((String, String), K::Cloud)> = None;
         let mut last: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let pending = crate::detect::Pending::default();
         loop {
             let env = envs.borrow_and_update().clone();
             let mut wait = DRIFT_RECHECK_MAX;
@@ -445,7 +446,7 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
                 let (_, c) = cloud.as_ref().expect("connected above");
                 let fenced = Fenced::new(c, fence, &env.name);
                 let limit = self.detections.of(&env);
-                let round = self.drift_round(&fenced, &env, &limit, &mut last);
+                let round = self.drift_round(&fenced, &env, &limit, &mut last, &pending);
                 let woke = tokio::select! {
                     r = round => r,
                     _ = shutdown.changed() => break,
@@ -475,6 +476,7 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
         env: &DesiredEnv,
         limit: &Semaphore,
         last: &mut BTreeMap<String, Vec<String>>,
+        pending: &crate::detect::Pending,
     ) -> (bool, Duration) {
         let names = env.stacks.values().map(|s| s.name.clone()).collect();
         let live = match cloud
@@ -509,8 +511,15 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
             }
         }
         let mut changed = false;
-        let found =
-            crate::detect::detect_env(cloud, env, &due, limit, crate::detect::DEFAULT_WAIT).await;
+        let found = crate::detect::detect_env(
+            cloud,
+            env,
+            &due,
+            limit,
+            crate::detect::DEFAULT_WAIT,
+            pending,
+        )
+        .await;
         for (key, d) in found {
             match &d {
                 crate::detect::Detected::Done { drift } => {

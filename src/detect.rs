@@ -66,14 +66,20 @@ pub fn not_detectable(live: Option<&Stack>) -> Option<String> {
     }
 }
 
+/// Detections given up waiting for, by stack name: AWS runs one per stack
+/// at a time, so the next attempt waits on that one instead of starting
+/// another.
+pub type Pending = Mutex<BTreeMap<String, String>>;
+
 /// Detects the drift of one stack: starts a detection once a `limit`
-/// permit is free, polls it until it ends or `deadline`, and judges the
-/// resources it reports.
+/// permit is free (or takes up the one `pending` holds for it), polls it
+/// until it ends or `deadline`, and judges the resources it reports.
 pub async fn detect_stack<C: Cloud>(
     cloud: &C,
     stack: &DesiredStack,
     limit: &Semaphore,
     deadline: Instant,
+    pending: &Pending,
 ) -> Detected {
     let failed = |e: CloudError| Detected::Failed {
         reason: e.to_string(),
@@ -91,11 +97,20 @@ pub async fn detect_stack<C: Cloud>(
             return Detected::Failed { reason: "no detection slot free in time (see --max-detections)".into() };
         }
     };
-    let id = match cloud.detect_stack_drift(&stack.name).await {
-        Ok(id) => id,
-        Err(e) => return failed(e),
+    let earlier = pending
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&stack.name);
+    let id = match earlier {
+        Some(id) => id,
+        None => match cloud.detect_stack_drift(&stack.name).await {
+            Ok(id) => {
+                tracing::info!(message = "Drift detection started.", stack = %stack.key, detection = %id);
+                id
+            }
+            Err(e) => return failed(e),
+        },
     };
-    tracing::info!(message = "Drift detection started.", stack = %stack.key, detection = %id);
     let mut pause = Duration::from_secs(1);
     let detection_failed = loop {
         match cloud.drift_detection(&id).await {
@@ -107,6 +122,10 @@ pub async fn detect_stack<C: Cloud>(
             Err(e) => return failed(e),
         }
         if Instant::now() + pause > deadline {
+            pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(stack.name.clone(), id.clone());
             return Detected::Failed {
                 reason: format!(
                     "detection {id} still in progress after {}",
@@ -143,12 +162,13 @@ pub async fn detect_env<C: Cloud>(
     keys: &[String],
     limit: &Semaphore,
     wait: Duration,
+    pending: &Pending,
 ) -> BTreeMap<String, Detected> {
     let deadline = Instant::now() + wait;
     let runs = keys.iter().map(|k| async move {
         (
             k.clone(),
-            detect_stack(cloud, &env.stacks[k], limit, deadline).await,
+            detect_stack(cloud, &env.stacks[k], limit, deadline, pending).await,
         )
     });
     futures::future::join_all(runs).await.into_iter().collect()

@@ -57,6 +57,7 @@ async fn detect(cloud: &Retrying<SimCloud>, env: &DesiredEnv, key: &str) -> Dete
         &env.stacks[key],
         &limit,
         Instant::now() + Duration::from_secs(300),
+        &Default::default(),
     )
     .await
 }
@@ -118,6 +119,7 @@ async fn a_detection_takes_its_time_may_fail_partially_and_rides_out_throttling(
         &keys,
         &Semaphore::new(2),
         Duration::from_secs(900),
+        &Default::default(),
     )
     .await;
     sim.set_throttle_rate(0.0);
@@ -153,6 +155,7 @@ async fn revert_writes_back_what_it_can_and_never_loops_on_create_only_drift() {
         &keys,
         &Semaphore::new(2),
         Duration::from_secs(900),
+        &Default::default(),
     )
     .await;
 

@@ -42,7 +42,15 @@ pub(super) async fn run(args: DriftArgs<'_>) -> anyhow::Result<Outcome> {
             .map(|s| s.key.clone())
             .filter(|k| wanted.is_empty() || wanted.contains(k))
             .collect();
-        let found = detect_env(&cloud, env, &keys, &limits.of(env), args.wait).await;
+        let found = detect_env(
+            &cloud,
+            env,
+            &keys,
+            &limits.of(env),
+            args.wait,
+            &crate::detect::Pending::default(),
+        )
+        .await;
         for d in found.values() {
             outcome = outcome.worst(match d {
                 Detected::Done { drift } if drift.detection_failed.is_some() => Outcome::Failed,
