@@ -120,6 +120,9 @@ pub struct EnvStatus {
     /// Every object's outcome of the last pass.
     pub objects: Vec<crate::outcome::Outcome>,
     pub open_alerts: Vec<Finding>,
+    /// By stack key: the drift of the stacks whose latest detection found
+    /// some (ignored drift left out).
+    pub drift: BTreeMap<String, crate::drift::StackDrift>,
 }
 
 /// What the controller shares with the HTTP endpoints.
@@ -929,6 +932,13 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
                 s.last_pass_seconds = Some(report.seconds);
                 s.result = Some(report.verdict());
                 s.objects = crate::outcome::outcomes(report);
+                s.drift = report
+                    .final_plan
+                    .stacks
+                    .iter()
+                    .filter_map(|p| Some((p.key.clone()?, p.drift.clone()?)))
+                    .filter(|(_, d)| d.drifted())
+                    .collect();
             }
             None => s.result = None,
         }

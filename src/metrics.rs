@@ -32,6 +32,12 @@ pub struct PassMetrics {
     pub api_calls: u64,
     /// Per stack key: 1 in sync and healthy, 0 not.
     pub stack_in_sync: BTreeMap<String, u64>,
+    /// Per stack key, for stacks whose drift was ever detected: drifted
+    /// properties (outside the ignore rules) of the latest detection.
+    pub drifted_resources: BTreeMap<String, u64>,
+    /// Per stack key: when its drift was last detected (AWS's clock).
+    #[serde(skip)]
+    pub drift_checked: BTreeMap<String, std::time::SystemTime>,
 }
 
 impl PassMetrics {
@@ -45,6 +51,15 @@ impl PassMetrics {
             suspended: u64::from(report.final_plan.suspended.is_some()),
             ..PassMetrics::default()
         };
+        for p in &report.final_plan.stacks {
+            if let (Some(key), Some(d)) = (&p.key, &p.drift) {
+                m.drifted_resources
+                    .insert(key.clone(), d.resources.len() as u64);
+                if let Some(t) = d.checked {
+                    m.drift_checked.insert(key.clone(), t);
+                }
+            }
+        }
         for o in outcomes(report) {
             let clean = o.condition == Condition::Clean;
             match o.kind {
@@ -145,6 +160,25 @@ impl MetricsSink for CloudWatchSink {
                     .build()
             })
             .collect();
+        let now = std::time::SystemTime::now();
+        data.extend(m.drifted_resources.iter().map(|(stack, v)| {
+            MetricDatum::builder()
+                .metric_name("DriftedResources")
+                .unit(StandardUnit::Count)
+                .value(*v as f64)
+                .dimensions(dim("Environment", &m.environment))
+                .dimensions(dim("Stack", stack))
+                .build()
+        }));
+        data.extend(m.drift_checked.iter().map(|(stack, t)| {
+            MetricDatum::builder()
+                .metric_name("DriftDetectionAge")
+                .unit(StandardUnit::Seconds)
+                .value(now.duration_since(*t).unwrap_or_default().as_secs_f64())
+                .dimensions(dim("Environment", &m.environment))
+                .dimensions(dim("Stack", stack))
+                .build()
+        }));
         data.extend(m.stack_in_sync.iter().map(|(stack, v)| {
             MetricDatum::builder()
                 .metric_name("StackInSync")
@@ -251,6 +285,39 @@ impl Registry {
                         (
                             format!("{},stack=\"{}\"", env(&m.environment), escape(k)),
                             *v as f64,
+                        )
+                    })
+                })
+                .collect(),
+        );
+        family(
+            "stackwarden_drifted_resources",
+            "gauge",
+            "Drifted resources of the stack at its latest drift detection (ignored drift left out).",
+            self.last
+                .values()
+                .flat_map(|m| {
+                    m.drifted_resources.iter().map(|(k, v)| {
+                        (
+                            format!("{},stack=\"{}\"", env(&m.environment), escape(k)),
+                            *v as f64,
+                        )
+                    })
+                })
+                .collect(),
+        );
+        let now = std::time::SystemTime::now();
+        family(
+            "stackwarden_drift_detection_age_seconds",
+            "gauge",
+            "Seconds since the stack's drift was last detected.",
+            self.last
+                .values()
+                .flat_map(|m| {
+                    m.drift_checked.iter().map(|(k, t)| {
+                        (
+                            format!("{},stack=\"{}\"", env(&m.environment), escape(k)),
+                            now.duration_since(*t).unwrap_or_default().as_secs_f64(),
                         )
                     })
                 })

@@ -502,3 +502,64 @@ async fn a_restart_does_not_tell_again_an_episode_still_open() {
     assert_eq!(rec.alerts()[1].event, "recovered");
     assert!(state.episodes("dev").await.unwrap().0.is_empty());
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_daemon_detects_drift_on_each_stacks_interval_within_its_bound_and_tells_it_once() {
+    const CLUSTER: &str = "dev-performance-mgmt-ecs-cluster";
+    let ws = Workspace::new();
+    ws.edit(
+        "desired-state/dev.yaml",
+        "operation_timeout: 60m\n",
+        "operation_timeout: 60m\ndrift: {interval: 30m}\n",
+    );
+    let cloud = Retrying::new(SimCloud::new(SimConfig::default()));
+    let rec = Recorder::default();
+    let (ws, cloud, rec) = (&ws, &cloud, &rec);
+    with_controller(ws, cloud, rec, &settings(60), |shared, _| async move {
+        until("dev created", Duration::from_secs(3600), || {
+            in_sync(&shared)
+        })
+        .await;
+        let sim = cloud.inner();
+        sim.edit_out_of_band(CLUSTER, "TaskLogGroup", "/RetentionInDays", "3");
+        let start = tokio::time::Instant::now();
+        until("a drift alert", Duration::from_secs(3600), || {
+            rec.alerts().iter().any(|a| a.event == "drift")
+        })
+        .await;
+        // Found by the next round due (every stack's interval is 30m).
+        assert!(start.elapsed() <= Duration::from_secs(45 * 60));
+        tokio::time::sleep(Duration::from_secs(3 * 3600)).await;
+        let drift: Vec<_> = rec
+            .alerts()
+            .into_iter()
+            .filter(|a| a.event == "drift")
+            .collect();
+        assert_eq!(drift.len(), 1, "one alert per episode: {drift:#?}");
+        assert!(
+            drift[0]
+                .message
+                .contains("/RetentionInDays: expected 14, actual 3"),
+            "{}",
+            drift[0].message
+        );
+        // About 8 stacks every 30 minutes, never more than 2 at once.
+        let detections = sim.calls().get("DetectStackDrift").copied().unwrap_or(0);
+        let hours = 4 + 1;
+        assert!(detections <= 8 * 2 * hours, "{detections}");
+        assert!(detections >= 8 * 2 * 2, "{detections}");
+        assert!(sim.max_detections_in_flight() <= 2);
+        assert!(sim.max_detections_in_flight() >= 1);
+        let status = shared.env("dev").unwrap();
+        assert_eq!(
+            status.drift["ecs-cluster"].lines(),
+            ["TaskLogGroup (AWS::Logs::LogGroup) /RetentionInDays: expected 14, actual 3"]
+        );
+        let last = rec.metrics.lock().unwrap().last().cloned().unwrap();
+        assert_eq!(last.drifted_resources["ecs-cluster"], 1);
+        assert_eq!(last.drifted_resources["network"], 0);
+        assert_eq!(last.drift_checked.len(), 8);
+    })
+    .await;
+    assert!(cloud.violations().is_empty(), "{:?}", cloud.violations());
+}

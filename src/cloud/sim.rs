@@ -235,6 +235,8 @@ struct State {
     resource_drifts: BTreeMap<String, Vec<ResourceDrift>>,
     /// By stack: its next detection fails with this reason.
     fail_detection: BTreeMap<String, String>,
+    /// The most detections ever running at once.
+    detections_in_flight_max: usize,
 }
 
 /// A finished ECS service deployment: when it was created, how it ended
@@ -398,6 +400,11 @@ impl SimCloud {
             .entry((stack.to_owned(), logical_id.to_owned()))
             .or_default()
             .insert(path.to_owned(), actual.to_owned());
+    }
+
+    /// The most drift detections that ever ran at once.
+    pub fn max_detections_in_flight(&self) -> usize {
+        self.lock().detections_in_flight_max
     }
 
     /// Someone puts a resource back as its template has it.
@@ -1932,6 +1939,12 @@ impl Cloud for SimCloud {
                 result: None,
             },
         );
+        let running = st
+            .detections
+            .values()
+            .filter(|d| d.result.is_none())
+            .count();
+        st.detections_in_flight_max = st.detections_in_flight_max.max(running);
         Ok(id)
     }
 
