@@ -254,9 +254,9 @@ pub struct Options {
     /// property path): never tried again. Share one between the passes of
     /// an environment, like `failed_redeploys`.
     pub revert_attempted: RevertAttempted,
-    /// Drift detections in flight in the account and region (the re-check
-    /// after a revert); `None`: a bound of this pass's own.
-    pub detections: Option<std::sync::Arc<Semaphore>>,
+    /// The drift detection slots of the account and region (for the
+    /// re-check after a revert); `None`: slots of this pass's own.
+    pub detections: Option<crate::detect::Detections>,
 }
 
 pub type RevertAttempted =
@@ -271,10 +271,13 @@ impl std::fmt::Debug for dyn Gate {
 /// Stack operations at once per account and region, shared by the
 /// environments in it: the one bound of the controller and of `reconcile
 /// --once` (AWS's API rate limits are per account and region).
+/// Also the drift detections in flight there (see [`crate::detect`]).
 #[derive(Debug)]
 pub struct Limits {
     max: usize,
     per: Mutex<std::collections::BTreeMap<(String, String), std::sync::Arc<Semaphore>>>,
+    max_detections: usize,
+    detections: Mutex<std::collections::BTreeMap<(String, String), crate::detect::Detections>>,
 }
 
 impl Limits {
@@ -282,7 +285,27 @@ impl Limits {
         Limits {
             max: max.max(1),
             per: Mutex::default(),
+            max_detections: crate::detect::DEFAULT_MAX_DETECTIONS,
+            detections: Mutex::default(),
         }
+    }
+
+    /// With at most `max` drift detections in flight per account and region.
+    pub fn with_detections(self, max: usize) -> Limits {
+        Limits {
+            max_detections: max.max(1),
+            ..self
+        }
+    }
+
+    /// The drift detection slots of `env`'s account (role) and region.
+    pub fn detections_of(&self, env: &DesiredEnv) -> crate::detect::Detections {
+        self.detections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(env.account_region())
+            .or_insert_with(|| crate::detect::Detections::new(self.max_detections))
+            .clone()
     }
 
     /// The bound of `env`'s account (role) and region.
@@ -424,6 +447,10 @@ pub struct StackReport {
     /// drift stayed).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drift_after: Option<crate::detect::Detected>,
+    /// After a drift-aware change set: the drifted properties the detection
+    /// after it no longer finds.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub drift_reverted: Vec<String>,
 }
 
 impl StackReport {
@@ -713,6 +740,7 @@ async fn reconcile_pass<C: Cloud>(
             r
         })
         .collect();
+    forget_reverted(options, &final_plan);
     Ok(Report {
         environment: env.name.clone(),
         revision: env.revision.clone(),
@@ -728,7 +756,7 @@ async fn reconcile_pass<C: Cloud>(
 /// Detects again the drift of every stack a drift-aware change set of this
 /// pass updated, so the report says what was reverted and what stayed
 /// (create-only properties, types the revert fell back on an ordinary
-/// comparison for). What stayed is not tried again by this process.
+/// comparison for).
 async fn redetect<C: Cloud>(
     cloud: &C,
     env: &DesiredEnv,
@@ -736,55 +764,75 @@ async fn redetect<C: Cloud>(
     initial: &Plan,
     stacks: &mut [StackReport],
 ) {
-    let reverted: Vec<String> = stacks
+    let before: BTreeMap<String, &crate::drift::StackDrift> = stacks
         .iter()
         .filter(|r| r.result == StackResult::Updated)
         .filter_map(|r| {
             let key = r.key.clone()?;
-            initial
-                .stacks
-                .iter()
-                .any(|p| {
-                    p.is(&key)
-                        && matches!(
-                            p.action,
-                            StackAction::Update {
-                                revert_drift: true,
-                                ..
-                            }
-                        )
-                })
-                .then_some(key)
+            let p = initial.stacks.iter().find(|p| p.is(&key))?;
+            let reverting = matches!(
+                p.action,
+                StackAction::Update {
+                    revert_drift: true,
+                    ..
+                }
+            );
+            Some((key, p.drift.as_ref().filter(|_| reverting)?))
         })
         .collect();
-    if reverted.is_empty() {
+    if before.is_empty() {
         return;
     }
-    let own = std::sync::Arc::new(Semaphore::new(crate::detect::DEFAULT_MAX_DETECTIONS));
-    let limit = options.detections.clone().unwrap_or(own);
-    let found = crate::detect::detect_env(
-        cloud,
-        env,
-        &reverted,
-        &limit,
-        crate::detect::DEFAULT_WAIT,
-        &crate::detect::Pending::default(),
-    )
-    .await;
+    let keys: Vec<String> = before.keys().cloned().collect();
+    let detections = options
+        .detections
+        .clone()
+        .unwrap_or_else(|| crate::detect::Detections::new(crate::detect::DEFAULT_MAX_DETECTIONS));
+    let deadline = Instant::now() + crate::detect::DEFAULT_WAIT;
+    let found = crate::detect::detect_env(cloud, env, &keys, &detections, deadline).await;
     for r in stacks.iter_mut() {
-        let Some(d) = r.key.as_ref().and_then(|k| found.get(k)) else {
+        let (Some(d), Some(was)) = (
+            r.key.as_ref().and_then(|k| found.get(k)),
+            r.key.as_ref().and_then(|k| before.get(k)),
+        ) else {
             continue;
         };
         if let crate::detect::Detected::Done { drift } = d {
-            let mut attempted = options
-                .revert_attempted
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            for (res, diff) in drift.revertible() {
-                attempted.insert((r.name.clone(), res.logical_id.clone(), diff.path.clone()));
-            }
+            let stayed: std::collections::BTreeSet<(&str, &str)> = drift
+                .each()
+                .map(|(res, diff)| (res.logical_id.as_str(), diff.path.as_str()))
+                .collect();
+            r.drift_reverted = was
+                .revertible()
+                .filter(|(res, diff)| {
+                    !stayed.contains(&(res.logical_id.as_str(), diff.path.as_str()))
+                })
+                .map(|(res, diff)| format!("{} {}", res.logical_id, diff.describe()))
+                .collect();
         }
         r.drift_after = Some(d.clone());
+    }
+}
+
+/// Keeps of the reverts tried only those whose drift the latest
+/// detection still finds: drift that went away and comes back later is a
+/// new episode, reverted again.
+fn forget_reverted(options: &Options, plan: &Plan) {
+    let mut attempted = options
+        .revert_attempted
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    for p in &plan.stacks {
+        let Some(d) = p.drift.as_ref().filter(|d| d.checked.is_some() && !d.stale) else {
+            continue;
+        };
+        let current: std::collections::BTreeSet<(&str, &str)> = d
+            .each()
+            .map(|(res, diff)| (res.logical_id.as_str(), diff.path.as_str()))
+            .collect();
+        attempted.retain(|(stack, logical, path)| {
+            *stack != p.name || current.contains(&(logical.as_str(), path.as_str()))
+        });
     }
 }
 
@@ -1034,6 +1082,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
             seconds: elapsed.as_secs_f64(),
             final_status: None,
             drift_after: None,
+            drift_reverted: Vec::new(),
         }
     }
 
@@ -1132,6 +1181,10 @@ impl<'a, C: Cloud> Pass<'a, C> {
                 .collect(),
             resource_drifts: (self.first.resource_drifts.get(name))
                 .map(|d| (name.clone(), d.clone()))
+                .into_iter()
+                .collect(),
+            drift_errors: (self.first.drift_errors.get(name))
+                .map(|e| (name.clone(), e.clone()))
                 .into_iter()
                 .collect(),
             revert_attempted: self.first.revert_attempted.clone(),
@@ -1407,6 +1460,16 @@ impl<'a, C: Cloud> Pass<'a, C> {
             Err(CloudError::NotFound(_)) => return Step::Replan,
             Err(e) => return Step::Done(failed(format!("change set: {e}"))),
         };
+        if revert_drift
+            && matches!(
+                cs.status,
+                ChangeSetStatus::NoChanges | ChangeSetStatus::Failed(_)
+            )
+        {
+            // Nothing to revert after all (or AWS refused the mode): the
+            // next pass does not try it again for this drift.
+            self.tried_revert(stack, sp);
+        }
         match &cs.status {
             ChangeSetStatus::NoChanges => {
                 let _ = self.cloud.delete_change_set(&stack.name, &name).await;
@@ -1493,6 +1556,30 @@ impl<'a, C: Cloud> Pass<'a, C> {
             }),
             &parameters,
         );
+        // A drift-aware change set writes back every drifted property of
+        // the stack, ignored ones too: one that would touch a resource with
+        // ignored drift is left for review.
+        if revert_drift
+            && let Some(c) = cs.changes.iter().find(|c| {
+                c.drift
+                    .as_ref()
+                    .is_some_and(crate::cloud::ResourceDriftStatus::drifted)
+                    && stack
+                        .drift
+                        .ignore
+                        .iter()
+                        .any(|i| i.logical_id == c.logical_id)
+            })
+        {
+            self.tried_revert(stack, sp);
+            return Step::Done(StackResult::Blocked {
+                by: BlockedBy::Policy,
+                reason: format!(
+                    "drift-aware change set {name} would also revert {}, whose drift is ignored (drift.ignore); left for review",
+                    c.logical_id
+                ),
+            });
+        }
         if !violations.is_empty() {
             let list: Vec<String> = violations.iter().map(ToString::to_string).collect();
             return Step::Done(StackResult::Blocked {
@@ -1511,6 +1598,9 @@ impl<'a, C: Cloud> Pass<'a, C> {
         }
         let mark = self.event_mark(&stack.name).await;
         let token = crate::cloud::client_token(&["execute", &cs.id]);
+        if revert_drift {
+            self.tried_revert(stack, sp);
+        }
         match self
             .cloud
             .execute_change_set(&stack.name, &name, Some(&token))
@@ -1539,6 +1629,24 @@ impl<'a, C: Cloud> Pass<'a, C> {
         }
         tracing::info!(message = "Change set executed.", environment = %self.env.name, stack = %stack.key, change_set = %name, what = %sp.reason);
         self.follow(stack, kind, mark, deadline).await
+    }
+
+    /// Remembers that the drift `sp` planned to revert was tried: whatever
+    /// a detection still finds of it afterwards is not tried again.
+    fn tried_revert(&self, stack: &DesiredStack, sp: &StackPlan) {
+        let Some(d) = &sp.drift else { return };
+        let mut attempted = self
+            .options
+            .revert_attempted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for (res, diff) in d.revertible() {
+            attempted.insert((
+                stack.name.clone(),
+                res.logical_id.clone(),
+                diff.path.clone(),
+            ));
+        }
     }
 
     /// Waits for our operation on a stack to end and judges the outcome.

@@ -267,8 +267,8 @@ impl<K: Connect, N: Notifier, M: MetricsSink> Controller<'_, K, N, M> {
         shutdown: watch::Receiver<bool>,
     ) {
         let envs_limit = Semaphore::new(self.settings.max_envs.max(1));
-        let limits = apply::Limits::new(self.settings.max_parallel);
-        let detections = apply::Limits::new(self.settings.max_detections);
+        let limits = apply::Limits::new(self.settings.max_parallel)
+            .with_detections(self.settings.max_detections);
         for (name, file) in &files {
             self.shared.status().insert(
                 name.clone(),
@@ -289,7 +289,6 @@ impl<K: Connect, N: Notifier, M: MetricsSink> Controller<'_, K, N, M> {
                 shared: self.shared,
                 envs_limit: &envs_limit,
                 limits: &limits,
-                detections: &detections,
                 state: self.state,
                 caller: self.caller,
                 leases: self.leases,
@@ -321,7 +320,6 @@ struct EnvLoop<'a, K, N, M> {
     shared: &'a Shared,
     envs_limit: &'a Semaphore,
     limits: &'a apply::Limits,
-    detections: &'a apply::Limits,
     state: Option<&'a Arc<State<Backend>>>,
     caller: &'a str,
     leases: Option<&'a Coordinator<Backend>>,
@@ -437,7 +435,7 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
     ) {
         let mut cloud: Option<((String, String), K::Cloud)> = None;
         let mut last: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        let pending = crate::detect::Pending::default();
+        let mut takes = fence.takes();
         loop {
             let env = envs.borrow_and_update().clone();
             let mut wait = DRIFT_RECHECK_MAX;
@@ -448,8 +446,8 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
                 }
                 let (_, c) = cloud.as_ref().expect("connected above");
                 let fenced = Fenced::new(c, fence, &env.name);
-                let limit = self.detections.of(&env);
-                let round = self.drift_round(&fenced, &env, &limit, &mut last, &pending);
+                let slots = self.limits.detections_of(&env);
+                let round = self.drift_round(&fenced, &env, &slots, &mut last);
                 let woke = tokio::select! {
                     r = round => r,
                     _ = shutdown.changed() => break,
@@ -462,6 +460,8 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
                 r = envs.changed() => if r.is_err() { break },
+                // Taken (again): what is due is detected now.
+                Ok(()) = takes.changed() => {}
                 _ = shutdown.changed() => break,
             }
             if *shutdown.borrow() {
@@ -471,15 +471,17 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
     }
 
     /// One round of drift detection: the stacks whose last detection is
-    /// older than their interval are detected. Answers whether an answer
-    /// changed, and how long until the next stack is due.
+    /// older than their interval are detected, and so are drifted stacks
+    /// updated since their detection began (a revert, an update: what was
+    /// found may not hold) and detections given up waiting for last round.
+    /// Answers whether an answer changed, and how long until the next
+    /// stack is due.
     async fn drift_round<C: Cloud>(
         &self,
         cloud: &C,
         env: &DesiredEnv,
-        limit: &Semaphore,
+        slots: &crate::detect::Detections,
         last: &mut BTreeMap<String, Vec<String>>,
-        pending: &crate::detect::Pending,
     ) -> (bool, Duration) {
         let names = env.stacks.values().map(|s| s.name.clone()).collect();
         let live = match cloud
@@ -506,7 +508,9 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
                 .drift
                 .last_check
                 .map_or(Duration::MAX, |t| now.duration_since(t).unwrap_or_default());
-            if age >= s.drift.interval {
+            let stale = l.drift.status == crate::cloud::DriftStatus::Drifted
+                && matches!((l.last_updated, l.drift.last_check), (Some(u), Some(c)) if u > c);
+            if age >= s.drift.interval || stale || slots.parked(&s.name) {
                 due.push(s.key.clone());
                 next = next.min(s.drift.interval);
             } else {
@@ -514,15 +518,8 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
             }
         }
         let mut changed = false;
-        let found = crate::detect::detect_env(
-            cloud,
-            env,
-            &due,
-            limit,
-            crate::detect::DEFAULT_WAIT,
-            pending,
-        )
-        .await;
+        let deadline = Instant::now() + crate::detect::DEFAULT_WAIT;
+        let found = crate::detect::detect_env(cloud, env, &due, slots, deadline).await;
         for (key, d) in found {
             match &d {
                 crate::detect::Detected::Done { drift } => {
@@ -752,7 +749,7 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
             progress: None,
             failed_redeploys: mem.failed_redeploys.clone(),
             revert_attempted: mem.revert_attempted.clone(),
-            detections: Some(self.detections.of(env)),
+            detections: Some(self.limits.detections_of(env)),
             // From the loop's seeded generator: a test replays exactly.
             jitter_seed: Some(mem.rng.r#gen()),
             intent: apply::Intent::Converge,

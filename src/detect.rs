@@ -2,17 +2,14 @@
 //! account and region), waiting for them (bounded in time), and reading
 //! the results of the latest one. What the results mean is `drift`'s.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, SystemTime};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::cloud::{
-    Cloud, CloudError, CloudResult, DRIFT_DETECTABLE, DetectionStatus, DriftStatus, ResourceDrift,
-    Stack,
-};
+use crate::cloud::{Cloud, CloudError, DRIFT_DETECTABLE, DetectionStatus, DriftStatus, Stack};
 use crate::drift::{StackDrift, assess};
 use crate::plan::Observed;
 use crate::spec::{DesiredEnv, DesiredStack};
@@ -66,50 +63,144 @@ pub fn not_detectable(live: Option<&Stack>) -> Option<String> {
     }
 }
 
-/// Detections given up waiting for, by stack name: AWS runs one per stack
-/// at a time, so the next attempt waits on that one instead of starting
-/// another.
-pub type Pending = Mutex<BTreeMap<String, String>>;
+/// A stack's detection as this process knows it.
+enum Slot {
+    /// Someone here is waiting on it (or starting it).
+    Running,
+    /// Given up waiting for while AWS still ran it: the next attempt polls
+    /// it instead of starting another (AWS runs one per stack at a time).
+    /// It keeps its permit: it is still in flight.
+    Parked {
+        id: String,
+        permit: OwnedSemaphorePermit,
+    },
+}
 
-/// Detects the drift of one stack: starts a detection once a `limit`
-/// permit is free (or takes up the one `pending` holds for it), polls it
-/// until it ends or `deadline`, and judges the resources it reports.
+/// The detection slots of an account and region, shared by everything in
+/// the process that detects there: at most `limit` detections in flight,
+/// and at most one per stack.
+#[derive(Clone)]
+pub struct Detections {
+    limit: Arc<Semaphore>,
+    stacks: Arc<Mutex<BTreeMap<String, Slot>>>,
+}
+
+impl std::fmt::Debug for Detections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Detections")
+            .field("available", &self.limit.available_permits())
+            .finish()
+    }
+}
+
+impl Detections {
+    pub fn new(max: usize) -> Detections {
+        Detections {
+            limit: Arc::new(Semaphore::new(max.max(1))),
+            stacks: Arc::default(),
+        }
+    }
+
+    /// Whether a detection of `stack` was given up waiting for and may have
+    /// ended since: worth polling at once.
+    pub fn parked(&self, stack: &str) -> bool {
+        matches!(self.lock().get(stack), Some(Slot::Parked { .. }))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Slot>> {
+        self.stacks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Claims the stack: `None` when a detection of it is running here;
+    /// else the claim, with the parked detection to poll, if any.
+    fn claim(&self, stack: &str) -> Option<(Claim<'_>, Option<(String, OwnedSemaphorePermit)>)> {
+        let mut map = self.lock();
+        let parked = match map.remove(stack) {
+            Some(Slot::Running) => {
+                map.insert(stack.to_owned(), Slot::Running);
+                return None;
+            }
+            Some(Slot::Parked { id, permit }) => Some((id, permit)),
+            None => None,
+        };
+        map.insert(stack.to_owned(), Slot::Running);
+        Some((
+            Claim {
+                detections: self,
+                stack: stack.to_owned(),
+                armed: true,
+            },
+            parked,
+        ))
+    }
+}
+
+/// A stack claimed for detection; released when dropped (also when the
+/// detection's future is cancelled), unless parked.
+struct Claim<'a> {
+    detections: &'a Detections,
+    stack: String,
+    armed: bool,
+}
+
+impl Claim<'_> {
+    fn park(mut self, id: String, permit: OwnedSemaphorePermit) {
+        self.armed = false;
+        self.detections
+            .lock()
+            .insert(self.stack.clone(), Slot::Parked { id, permit });
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.detections.lock().remove(&self.stack);
+        }
+    }
+}
+
+/// Detects the drift of one stack: starts a detection once a slot is free
+/// (or polls the one parked for it), polls it until it ends or `deadline`,
+/// and judges the resources it reports.
 pub async fn detect_stack<C: Cloud>(
     cloud: &C,
     stack: &DesiredStack,
-    limit: &Semaphore,
+    detections: &Detections,
     deadline: Instant,
-    pending: &Pending,
 ) -> Detected {
     let failed = |e: CloudError| Detected::Failed {
         reason: e.to_string(),
     };
-    let live = match cloud.describe_stack(&stack.name).await {
-        Ok(l) => l,
-        Err(e) => return failed(e),
+    let Some((claim, parked)) = detections.claim(&stack.name) else {
+        return Detected::Skipped {
+            reason: "a detection of this stack is already running".into(),
+        };
     };
-    if let Some(reason) = not_detectable(live.as_ref()) {
-        return Detected::Skipped { reason };
-    }
-    let permit = tokio::select! {
-        p = limit.acquire() => p.expect("never closed"),
-        () = tokio::time::sleep_until(deadline) => {
-            return Detected::Failed { reason: "no detection slot free in time (see --max-detections)".into() };
-        }
-    };
-    let earlier = pending
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&stack.name);
-    let id = match earlier {
-        Some(id) => id,
-        None => match cloud.detect_stack_drift(&stack.name).await {
-            Ok(id) => {
-                tracing::info!(message = "Drift detection started.", stack = %stack.key, detection = %id);
-                id
+    let (id, permit) = match parked {
+        Some(p) => p,
+        None => {
+            let live = match cloud.describe_stack(&stack.name).await {
+                Ok(l) => l,
+                Err(e) => return failed(e),
+            };
+            if let Some(reason) = not_detectable(live.as_ref()) {
+                return Detected::Skipped { reason };
             }
-            Err(e) => return failed(e),
-        },
+            let permit = tokio::select! {
+                p = detections.limit.clone().acquire_owned() => p.expect("never closed"),
+                () = tokio::time::sleep_until(deadline) => {
+                    return Detected::Failed { reason: "no detection slot free in time (see --max-detections)".into() };
+                }
+            };
+            match cloud.detect_stack_drift(&stack.name).await {
+                Ok(id) => {
+                    tracing::info!(message = "Drift detection started.", stack = %stack.key, detection = %id);
+                    (id, permit)
+                }
+                Err(e) => return failed(e),
+            }
+        }
     };
     let mut pause = Duration::from_secs(1);
     let detection_failed = loop {
@@ -122,87 +213,53 @@ pub async fn detect_stack<C: Cloud>(
             Err(e) => return failed(e),
         }
         if Instant::now() + pause > deadline {
-            pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(stack.name.clone(), id.clone());
-            return Detected::Failed {
-                reason: format!(
-                    "detection {id} still in progress after {}",
-                    humantime::format_duration(Duration::from_secs(
-                        deadline.saturating_duration_since(Instant::now()).as_secs()
-                    ))
-                ),
-            };
+            let reason = format!("detection {id} still in progress; polled again next time");
+            claim.park(id, permit);
+            return Detected::Failed { reason };
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(POLL_MAX);
     };
     drop(permit);
-    let checked = cloud.now();
-    match cloud.resource_drifts(&stack.name).await {
-        Ok(drifts) => Detected::Done {
-            drift: assess(
-                stack,
-                &stack.drift,
-                Some(checked),
-                detection_failed,
-                &drifts,
-            ),
-        },
-        Err(e) => failed(e),
+    let drifts = match cloud.resource_drifts(&stack.name).await {
+        Ok(d) => d,
+        Err(e) => return failed(e),
+    };
+    // When the detection began, as DescribeStacks tells it.
+    let checked = match cloud.describe_stack(&stack.name).await {
+        Ok(Some(l)) => l.drift.last_check,
+        _ => None,
+    }
+    .or_else(|| Some(cloud.now()));
+    drop(claim);
+    Detected::Done {
+        drift: assess(stack, &stack.drift, checked, detection_failed, &drifts),
     }
 }
 
-/// Detects the drift of the given stacks of an environment at once, each
-/// waiting for a `limit` permit, all bounded by `wait`.
+/// Detects the drift of the given stacks of an environment at once, all
+/// by `deadline`.
 pub async fn detect_env<C: Cloud>(
     cloud: &C,
     env: &DesiredEnv,
     keys: &[String],
-    limit: &Semaphore,
-    wait: Duration,
-    pending: &Pending,
+    detections: &Detections,
+    deadline: Instant,
 ) -> BTreeMap<String, Detected> {
-    let deadline = Instant::now() + wait;
     let runs = keys.iter().map(|k| async move {
         (
             k.clone(),
-            detect_stack(cloud, &env.stacks[k], limit, deadline, pending).await,
+            detect_stack(cloud, &env.stacks[k], detections, deadline).await,
         )
     });
     futures::future::join_all(runs).await.into_iter().collect()
 }
 
-/// The resources of a stack's latest detection. Cached by stack id and
-/// detection time: a detection's results never change, so a daemon reads
-/// them once per detection, not once per pass.
-async fn latest_drifts<C: Cloud>(cloud: &C, live: &Stack) -> CloudResult<Vec<ResourceDrift>> {
-    type Cache = Mutex<HashMap<(String, SystemTime), Vec<ResourceDrift>>>;
-    static CACHE: OnceLock<Cache> = OnceLock::new();
-    let cache = CACHE.get_or_init(Default::default);
-    let key = live.drift.last_check.map(|t| (live.id.clone(), t));
-    if let Some(k) = &key
-        && let Some(hit) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(k)
-    {
-        return Ok(hit.clone());
-    }
-    let drifts = cloud.resource_drifts(&live.name).await?;
-    if let Some(k) = key {
-        let mut c = cache.lock().unwrap_or_else(|p| p.into_inner());
-        // Old detections are never asked for again; bound the memory.
-        if c.len() > 10_000 {
-            c.clear();
-        }
-        c.insert(k, drifts.clone());
-    }
-    Ok(drifts)
-}
-
 /// Adds to an observation the results of each declared stack's latest
 /// detection that found drift (DescribeStacks already says which did, at
-/// no cost): one DescribeStackResourceDrifts per drifted stack and
-/// detection.
+/// no cost): one DescribeStackResourceDrifts per drifted stack. Not
+/// cached: AWS's LastCheckTimestamp is when a detection *began*, so it
+/// does not name one detection's results.
 ///
 /// # Errors
 /// A cloud error that persisted through retries.
@@ -218,8 +275,20 @@ pub async fn read_latest<C: Cloud>(
         if live.drift.status != DriftStatus::Drifted {
             continue;
         }
-        let drifts = latest_drifts(cloud, live).await?;
-        observed.resource_drifts.insert(stack.name.clone(), drifts);
+        match cloud.resource_drifts(&live.name).await {
+            Ok(drifts) => {
+                observed.resource_drifts.insert(stack.name.clone(), drifts);
+            }
+            // Drift unknown is no reason not to converge (a role without
+            // DescribeStackResourceDrifts, throttling that outlasted the
+            // retries): the stack's drift shows as unknown.
+            Err(e) => {
+                tracing::warn!(message = "Cannot read the stack's drift.", stack = %stack.key, error = %e);
+                observed
+                    .drift_errors
+                    .insert(stack.name.clone(), e.to_string());
+            }
+        }
     }
     Ok(())
 }

@@ -151,9 +151,14 @@ pub struct DriftedResource {
 pub struct StackDrift {
     /// DRIFTED only when a resource drifted outside the ignore rules.
     pub status: DriftStatus,
-    /// When the detection ran (AWS's clock).
+    /// When the detection began (DescribeStacks' LastCheckTimestamp).
     #[serde(serialize_with = "serialize_time")]
     pub checked: Option<SystemTime>,
+    /// The stack was updated after this detection began: what it found may
+    /// not hold any more (a revert since, an update). Shown, never reverted;
+    /// the daemon detects such a stack again.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub stale: bool,
     /// Set when the detection ended DETECTION_FAILED: what it reported is
     /// partial.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -178,6 +183,7 @@ impl StackDrift {
         StackDrift {
             status: DriftStatus::NotChecked,
             checked: None,
+            stale: false,
             detection_failed: None,
             resources: Vec::new(),
             ignored: Vec::new(),
@@ -347,7 +353,9 @@ fn is_secret(
     };
     let secrets = stack.secret_parameters();
     // The property as far as the path reaches into the template; a value
-    // computed by a function stands for everything below it.
+    // computed by a function stands for everything below it, and so does a
+    // list: AWS may compare lists as sets, so its index need not be the
+    // template's.
     let mut v = &resource.properties;
     for seg in segments {
         let next = match v {
@@ -356,7 +364,6 @@ fn is_secret(
             {
                 m.get(*seg)
             }
-            serde_json::Value::Array(items) => seg.parse::<usize>().ok().and_then(|i| items.get(i)),
             _ => None,
         };
         match next {

@@ -33,7 +33,7 @@ pub struct PassMetrics {
     /// Per stack key: 1 in sync and healthy, 0 not.
     pub stack_in_sync: BTreeMap<String, u64>,
     /// Per stack key, for stacks whose drift was ever detected: drifted
-    /// properties (outside the ignore rules) of the latest detection.
+    /// resources (outside the ignore rules) of the latest detection.
     pub drifted_resources: BTreeMap<String, u64>,
     /// Per stack key: when its drift was last detected (AWS's clock).
     #[serde(skip)]

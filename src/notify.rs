@@ -73,7 +73,8 @@ impl Kind {
 /// One thing wrong with one object of an environment.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct Finding {
-    /// `stack:<key>`, `ecs:<service>`, or `desired-state`.
+    /// `stack:<key>`, `ecs:<service>`, `resource:<key>/<LogicalId><path>`
+    /// (a drifted property), or `desired-state`.
     pub object: String,
     pub kind: Kind,
     /// What differs or what went wrong, stable across passes.
@@ -119,7 +120,8 @@ pub fn findings(report: &Report) -> Vec<Finding> {
 }
 
 /// One finding per drifted property of the stacks' latest detections:
-/// an episode is a (stack, resource, property), whatever its values.
+/// an episode is a (stack, resource, property), whatever its values, so
+/// each property's end is told as it comes.
 fn drift_findings(report: &Report) -> Vec<Finding> {
     report
         .final_plan
@@ -128,7 +130,7 @@ fn drift_findings(report: &Report) -> Vec<Finding> {
         .filter_map(|p| Some((p.key.as_ref()?, p.drift.as_ref()?)))
         .flat_map(|(key, d)| {
             d.each().map(move |(r, diff)| Finding {
-                object: format!("stack:{key}"),
+                object: format!("resource:{key}/{}{}", r.logical_id, diff.path),
                 kind: Kind::Drift,
                 difference: format!(
                     "resource drift: {} ({}) {}",
@@ -276,9 +278,11 @@ fn compose(environment: &str, mut findings: Vec<Finding>) -> Alert {
             if fs.len() == 1 {
                 format!("{} {}", fs[0].object, kind.verb())
             } else {
-                let stacks = fs.iter().filter(|f| f.object.starts_with("stack:")).count();
-                let noun = if stacks == fs.len() {
+                let all = |prefix: &str| fs.iter().all(|f| f.object.starts_with(prefix));
+                let noun = if all("stack:") {
                     "stacks"
+                } else if all("resource:") {
+                    "resource properties"
                 } else {
                     "objects"
                 };

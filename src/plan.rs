@@ -46,6 +46,8 @@ pub struct Observed {
     /// By stack name, for stacks whose latest drift detection found drift:
     /// the resources it reported.
     pub resource_drifts: BTreeMap<String, Vec<crate::cloud::ResourceDrift>>,
+    /// By stack name: why its drift results could not be read.
+    pub drift_errors: BTreeMap<String, String>,
     /// (stack name, logical id, property path) of drift a drift-aware
     /// change set of this process already tried to revert, and that a
     /// detection since still found: not tried again in this episode.
@@ -770,6 +772,11 @@ fn plan_stack(
     let upstream = not_ready.first();
     let failed_here = observed.failed_revisions.get(&stack.name) == Some(&stack.revision);
 
+    // What the last detection found holds whatever the stack is doing now.
+    p.drift = observed
+        .stacks
+        .get(&stack.name)
+        .and_then(|live| stack_drift(stack, live, observed));
     let (live, cleaning, rolled_back) = match classify(observed.stacks.get(&stack.name)) {
         Live::Missing(placeholder) => {
             p.sync = Sync::Missing;
@@ -836,7 +843,6 @@ fn plan_stack(
             return p;
         }
     };
-    p.drift = stack_drift(stack, live, observed);
     let revert = revert_drift(
         stack,
         p.drift.as_ref(),
@@ -865,12 +871,19 @@ fn plan_stack(
                     lines.join("; ")
                 );
             }
-            (Err(why), Some(d)) => {
+            (_, Some(d)) => {
+                let why = match &revert {
+                    Err(Some(w)) => format!("; {w}"),
+                    Err(None) => String::new(),
+                    Ok(_) => match &upstream {
+                        Some((_, up)) => format!("; reverted once {up}"),
+                        None => "; reverted once the last update's cleanup ends".into(),
+                    },
+                };
                 p.sync = Sync::InSync;
                 p.reason = format!(
-                    "in sync, but resources drifted ({}){}",
-                    d.lines().join("; "),
-                    why.as_ref().map_or(String::new(), |w| format!("; {w}"))
+                    "in sync, but resources drifted ({}){why}",
+                    d.lines().join("; ")
                 );
             }
             _ => {
@@ -945,7 +958,11 @@ fn stack_drift(
         .get(&stack.name)
         .map_or(&[][..], Vec::as_slice);
     let mut d = crate::drift::assess(stack, &stack.drift, Some(checked), None, drifts);
-    if live.drift.status == DriftStatus::Unknown {
+    d.stale = live.last_updated.is_some_and(|u| u > checked);
+    if let Some(e) = observed.drift_errors.get(&stack.name) {
+        d.status = DriftStatus::Unknown;
+        d.detection_failed = Some(format!("cannot read the detection's results: {e}"));
+    } else if live.drift.status == DriftStatus::Unknown {
         d.status = DriftStatus::Unknown;
     }
     Some(d)
@@ -980,6 +997,20 @@ fn revert_drift(
         return Err(Some(
             "not reverted: the update to this revision rolled back".into(),
         ));
+    }
+    if drift.stale {
+        return Err(Some(
+            "not reverted yet: the stack changed since the detection began; the next detection tells"
+                .into(),
+        ));
+    }
+    // A drift-aware change set writes back every drifted property of the
+    // stack: ignored drift would be reverted with the rest.
+    if !drift.ignored.is_empty() {
+        return Err(Some(format!(
+            "not reverted: a drift-aware change set would also revert ignored drift ({})",
+            drift.ignored.join(", ")
+        )));
     }
     let lines: Vec<String> = drift
         .revertible()

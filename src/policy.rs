@@ -67,7 +67,11 @@ pub fn check_changes(
         })
         .filter_map(|c| {
             let why = match (c.action, c.replacement) {
-                (ChangeAction::Add | ChangeAction::Import, _) => return None,
+                // SyncWithActual changes only CloudFormation's record of the
+                // resource, never the resource.
+                (ChangeAction::Add | ChangeAction::Import | ChangeAction::SyncWithActual, _) => {
+                    return None;
+                }
                 (ChangeAction::Remove, _) if removes_nested_stack(policy, stack_key, c) => {
                     "would be removed with every resource in it".to_owned()
                 }

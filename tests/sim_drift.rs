@@ -12,7 +12,7 @@ use common::Workspace;
 use stackwarden::apply::{self, Options, Report, StackResult};
 use stackwarden::cloud::sim::{self, SERVICE_MINUTES, SimCloud, SimConfig};
 use stackwarden::cloud::{Cloud, DriftStatus, Retrying};
-use stackwarden::detect::{Detected, detect_env, detect_stack};
+use stackwarden::detect::{Detected, Detections, detect_env, detect_stack};
 use stackwarden::drift::{DriftMode, Ignore};
 use stackwarden::notify::{Episodes, findings};
 use stackwarden::observe::Depth;
@@ -51,13 +51,11 @@ async fn pass(cloud: &Retrying<SimCloud>, env: &DesiredEnv, options: &Options) -
 }
 
 async fn detect(cloud: &Retrying<SimCloud>, env: &DesiredEnv, key: &str) -> Detected {
-    let limit = Semaphore::new(2);
     detect_stack(
         cloud,
         &env.stacks[key],
-        &limit,
+        &Detections::new(2),
         Instant::now() + Duration::from_secs(300),
-        &Default::default(),
     )
     .await
 }
@@ -117,9 +115,8 @@ async fn a_detection_takes_its_time_may_fail_partially_and_rides_out_throttling(
         &cloud,
         &env,
         &keys,
-        &Semaphore::new(2),
-        Duration::from_secs(900),
-        &Default::default(),
+        &Detections::new(2),
+        Instant::now() + Duration::from_secs(900),
     )
     .await;
     sim.set_throttle_rate(0.0);
@@ -153,9 +150,8 @@ async fn revert_writes_back_what_it_can_and_never_loops_on_create_only_drift() {
         &cloud,
         &env,
         &keys,
-        &Semaphore::new(2),
-        Duration::from_secs(900),
-        &Default::default(),
+        &Detections::new(2),
+        Instant::now() + Duration::from_secs(900),
     )
     .await;
 
@@ -287,4 +283,104 @@ async fn alert_mode_tells_a_drift_episode_once_and_its_end_once() {
             .update("dev", &findings(&report), Instant::now())
             .is_none()
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn ignored_drift_is_never_written_back_by_a_revert() {
+    let mut env = load(&Workspace::new());
+    let cloud = cloud_for(&env);
+    pass(&cloud, &env, &Options::default()).await;
+    let sim = cloud.inner();
+    let tables = env.stacks.get_mut("dynamodb").unwrap();
+    tables.drift.mode = DriftMode::Revert;
+    tables.drift.ignore = vec![Ignore::parse("FeedbackRecordsTable.BillingMode").unwrap()];
+
+    // Ignored drift in the stack: a drift-aware change set would revert it
+    // with the rest, so there is none.
+    sim.edit_out_of_band(TABLES, "ReviewCyclesTable", "/BillingMode", "PROVISIONED");
+    sim.edit_out_of_band(
+        TABLES,
+        "FeedbackRecordsTable",
+        "/BillingMode",
+        "PROVISIONED",
+    );
+    detect(&cloud, &env, "dynamodb").await;
+    let report = pass(&cloud, &env, &Options::default()).await;
+    assert!(!report.wrote(), "{:?}", report.stacks);
+    let p = report
+        .final_plan
+        .stacks
+        .iter()
+        .find(|p| p.is("dynamodb"))
+        .unwrap();
+    assert!(
+        p.reason.contains("would also revert ignored drift"),
+        "{}",
+        p.reason
+    );
+    assert_eq!(sim.live_edits(TABLES, "FeedbackRecordsTable").len(), 1);
+
+    // Ignored drift that appears after the detection: the change set shows
+    // it, and it is left for review.
+    sim.clear_edits(TABLES, "FeedbackRecordsTable");
+    detect(&cloud, &env, "dynamodb").await;
+    sim.edit_out_of_band(
+        TABLES,
+        "FeedbackRecordsTable",
+        "/BillingMode",
+        "PROVISIONED",
+    );
+    let report = pass(&cloud, &env, &Options::default()).await;
+    let r = report.stacks.iter().find(|r| r.is("dynamodb")).unwrap();
+    match &r.result {
+        StackResult::Blocked { by, reason } => {
+            assert_eq!(*by, BlockedBy::Policy);
+            assert!(reason.contains("FeedbackRecordsTable"), "{reason}");
+        }
+        other => panic!("not blocked: {other:?}"),
+    }
+    assert_eq!(sim.live_edits(TABLES, "FeedbackRecordsTable").len(), 1);
+    assert_eq!(sim.live_edits(TABLES, "ReviewCyclesTable").len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_revert_with_nothing_left_to_revert_is_not_tried_every_pass() {
+    let mut env = load(&Workspace::new());
+    let cloud = cloud_for(&env);
+    pass(&cloud, &env, &Options::default()).await;
+    let sim = cloud.inner();
+    env.stacks.get_mut("dynamodb").unwrap().drift.mode = DriftMode::Revert;
+    sim.edit_out_of_band(TABLES, "ReviewCyclesTable", "/BillingMode", "PROVISIONED");
+    detect(&cloud, &env, "dynamodb").await;
+    // Put back by hand before the pass: the drift-aware change set is empty.
+    sim.clear_edits(TABLES, "ReviewCyclesTable");
+    let options = Options::default();
+    let first = pass(&cloud, &env, &options).await;
+    let r = first.stacks.iter().find(|r| r.is("dynamodb")).unwrap();
+    assert_eq!(r.result, StackResult::NoChanges, "{r:?}");
+    let made = sim.calls()["CreateChangeSet"];
+    for _ in 0..3 {
+        let again = pass(&cloud, &env, &options).await;
+        assert!(!again.wrote());
+        let p = again
+            .final_plan
+            .stacks
+            .iter()
+            .find(|p| p.is("dynamodb"))
+            .unwrap();
+        assert!(p.reason.contains("a revert already ran"), "{}", p.reason);
+    }
+    assert_eq!(sim.calls()["CreateChangeSet"], made);
+    // The next detection finds nothing: the episode is over, and drift that
+    // comes back later is reverted again.
+    detect(&cloud, &env, "dynamodb").await;
+    let report = pass(&cloud, &env, &options).await;
+    assert_eq!(report.verdict(), Verdict::InSync);
+    sim.edit_out_of_band(TABLES, "ReviewCyclesTable", "/BillingMode", "PROVISIONED");
+    detect(&cloud, &env, "dynamodb").await;
+    let report = pass(&cloud, &env, &options).await;
+    let r = report.stacks.iter().find(|r| r.is("dynamodb")).unwrap();
+    assert_eq!(r.result, StackResult::Updated, "{r:?}");
+    assert!(sim.live_edits(TABLES, "ReviewCyclesTable").is_empty());
+    assert_eq!(r.drift_reverted.len(), 1, "{r:?}");
 }

@@ -26,14 +26,14 @@ pub(super) async fn run(args: DriftArgs<'_>) -> anyhow::Result<Outcome> {
         Outcome::InSync
     };
     let wanted: BTreeSet<&String> = args.stacks.iter().collect();
-    for env in &envs {
-        for k in &wanted {
-            if !env.stacks.contains_key(*k) {
-                anyhow::bail!("{}: no stack `{k}` in {}", env.name, env.file.display());
-            }
+    for k in &wanted {
+        if !envs.iter().any(|e| e.stacks.contains_key(*k)) {
+            anyhow::bail!("no selected environment has a stack `{k}`");
         }
     }
-    let limits = crate::apply::Limits::new(args.max_detections);
+    let limits = crate::apply::Limits::new(1).with_detections(args.max_detections);
+    // One bound for the whole run, whatever the environments.
+    let deadline = tokio::time::Instant::now() + args.wait;
     let mut json = Vec::new();
     for env in &envs {
         let cloud = Retrying::new(AwsCloud::connect(&env.region, env.assume_role.as_ref()).await);
@@ -42,21 +42,15 @@ pub(super) async fn run(args: DriftArgs<'_>) -> anyhow::Result<Outcome> {
             .map(|s| s.key.clone())
             .filter(|k| wanted.is_empty() || wanted.contains(k))
             .collect();
-        let found = detect_env(
-            &cloud,
-            env,
-            &keys,
-            &limits.of(env),
-            args.wait,
-            &crate::detect::Pending::default(),
-        )
-        .await;
+        let found = detect_env(&cloud, env, &keys, &limits.detections_of(env), deadline).await;
         for d in found.values() {
             outcome = outcome.worst(match d {
                 Detected::Done { drift } if drift.detection_failed.is_some() => Outcome::Failed,
                 Detected::Done { drift } if drift.drifted() => Outcome::Differences,
-                Detected::Failed { .. } => Outcome::Failed,
-                _ => Outcome::InSync,
+                Detected::Done { .. } => Outcome::InSync,
+                // Not checked (missing, in progress, failed): its drift is
+                // unknown, which is not "no drift".
+                Detected::Failed { .. } | Detected::Skipped { .. } => Outcome::Failed,
             });
         }
         match args.select.output {
@@ -123,10 +117,7 @@ fn print_stack(key: &str, mode: &crate::drift::DriftMode, d: &Detected) {
                 println!("    ignored: {}", drift.ignored.join(", "));
             }
             if !drift.not_checked.is_empty() {
-                println!(
-                    "    not checked (no drift support): {}",
-                    drift.not_checked.join(", ")
-                );
+                println!("    not checked: {}", drift.not_checked.join(", "));
             }
         }
     }

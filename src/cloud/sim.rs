@@ -754,7 +754,6 @@ fn advance_detections(st: &mut State, now: Instant) {
         .filter(|(_, d)| d.result.is_none() && d.done_at <= now)
         .map(|(id, _)| id.clone())
         .collect();
-    let wall = wall_clock(st, now);
     for id in due {
         let d = st.detections[&id].clone();
         let Some(s) = st.stacks.get(&d.stack) else {
@@ -808,10 +807,7 @@ fn advance_detections(st: &mut State, now: Instant) {
         if let Some(s) = st.stacks.get_mut(&d.stack) {
             // A failed detection leaves the stack's drift status as it was.
             if d.fail.is_none() {
-                s.stack.drift = crate::cloud::StackDrift {
-                    status,
-                    last_check: Some(wall),
-                };
+                s.stack.drift.status = status;
             }
         }
         st.resource_drifts.insert(d.stack.clone(), resources);
@@ -1930,6 +1926,12 @@ impl Cloud for SimCloud {
         st.next_id += 1;
         let id = format!("sim-detection-{}", st.next_id);
         let fail = st.fail_detection.remove(stack);
+        // AWS's LastCheckTimestamp is "the most recent time a drift
+        // detection operation was initiated on the stack".
+        let started = wall_clock(&st, Instant::now());
+        if let Some(s) = st.stacks.get_mut(stack) {
+            s.stack.drift.last_check = Some(started);
+        }
         st.detections.insert(
             id.clone(),
             SimDetection {

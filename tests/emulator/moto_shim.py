@@ -141,8 +141,9 @@ Patches
    (ValidationError). DescribeStackResourceDrifts answers each resource's
    latest result (in template order, paginated by MaxResults/NextToken);
    DescribeStacks (and ListStacks) carry NOT_CHECKED until a detection
-   completed, then its status and LastCheckTimestamp, until the next one
-   completes (a failed detection leaves them).
+   completed, then its status; LastCheckTimestamp is when the latest
+   detection began, as AWS documents (a failed detection leaves the
+   status).
 20. CreateChangeSet's DeploymentMode is ignored. With REVERT_DRIFT (UPDATE
    only; CREATE, IMPORT or IncludeNestedStacks are refused) the change set
    also reverts the drift found as 19 finds it at creation: a Modify per
@@ -1562,6 +1563,16 @@ def _detect_stack_drift(self):
             "_due": time.monotonic() + delay_ms / 1000.0,
         }
         _drift_detections(backend)[detection["StackDriftDetectionId"]] = detection
+        # AWS: LastCheckTimestamp is "the most recent time when a drift
+        # detection operation was initiated on the stack"; the status stays
+        # the last completed detection's until this one completes.
+        previous = getattr(stack, "_stackwarden_drift_information", None) or {
+            "StackDriftStatus": "NOT_CHECKED"
+        }
+        stack._stackwarden_drift_information = {
+            "StackDriftStatus": previous["StackDriftStatus"],
+            "LastCheckTimestamp": detection["Timestamp"],
+        }
     if delay_ms > 0:
         timer = threading.Timer(delay_ms / 1000.0, _finish_detection, args=(detection,))
         timer.daemon = True
