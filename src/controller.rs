@@ -815,7 +815,8 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
                     ..PassMetrics::from_report(report, throttled)
                 };
                 self.publish(env, &m, Some(report.verdict())).await;
-                self.alert(env, told, &findings).await;
+                self.alert(env, told, &findings, &crate::notify::unknown(report))
+                    .await;
                 self.record_history(env, report).await;
                 tracing::info!(message = "Pass done.", environment = self.name, verdict = ?report.verdict(), seconds = report.seconds, operations = report.changed());
                 self.record(
@@ -843,7 +844,7 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
                     kind: Kind::Failed,
                     difference: e.to_string(),
                 }];
-                self.alert(env, told, &findings).await;
+                self.alert(env, told, &findings, &[]).await;
                 self.record(
                     Record {
                         error: Some(e.to_string()),
@@ -967,9 +968,15 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
         }
     }
 
-    async fn alert(&self, env: &DesiredEnv, told: &mut Told, findings: &[Finding]) {
+    async fn alert(
+        &self,
+        env: &DesiredEnv,
+        told: &mut Told,
+        findings: &[Finding],
+        unknown: &[String],
+    ) {
         let Some(alert) = told
-            .tell(self.state.map(|s| &**s), self.name, findings)
+            .tell(self.state.map(|s| &**s), self.name, findings, unknown)
             .await
         else {
             return;

@@ -119,6 +119,23 @@ pub fn findings(report: &Report) -> Vec<Finding> {
     out
 }
 
+/// The objects whose findings a pass could not know: the drifted
+/// properties of stacks whose drift results could not be read (their open
+/// episodes stay open rather than being told recovered).
+pub fn unknown(report: &Report) -> Vec<String> {
+    report
+        .final_plan
+        .stacks
+        .iter()
+        .filter(|p| {
+            p.drift
+                .as_ref()
+                .is_some_and(|d| d.status == crate::cloud::DriftStatus::Unknown)
+        })
+        .filter_map(|p| Some(format!("resource:{}/", p.key.as_ref()?)))
+        .collect()
+}
+
 /// One finding per drifted property of the stacks' latest detections:
 /// an episode is a (stack, resource, property), whatever its values, so
 /// each property's end is told as it comes.
@@ -216,11 +233,14 @@ impl Episodes {
 
     /// Takes the findings of a pass and returns the alert to send, if any:
     /// new findings, findings unresolved for `repeat_after` since their last
-    /// alert, and findings that ended (recovered). Pure apart from `now`.
+    /// alert, and findings that ended (recovered). Open episodes of objects
+    /// starting with one of `unknown` (whose state the pass could not
+    /// know) neither end nor repeat. Pure apart from `now`.
     pub fn update(
         &mut self,
         environment: &str,
         current: &[Finding],
+        unknown: &[String],
         now: Instant,
     ) -> Option<Alert> {
         let mut tell: Vec<Finding> = Vec::new();
@@ -243,7 +263,7 @@ impl Episodes {
         let ended: Vec<_> = self
             .open
             .keys()
-            .filter(|k| !seen.contains(*k))
+            .filter(|k| !seen.contains(*k) && !unknown.iter().any(|u| k.0.starts_with(u.as_str())))
             .cloned()
             .collect();
         let still_open: std::collections::BTreeSet<&String> =
@@ -409,7 +429,7 @@ mod tests {
         let mut e = Episodes::new(Duration::from_secs(6 * 3600));
         let mut alerts = Vec::new();
         for _ in 0..100 {
-            alerts.extend(e.update("prod", &[drift("stack:network")], Instant::now()));
+            alerts.extend(e.update("prod", &[drift("stack:network")], &[], Instant::now()));
             tokio::time::advance(Duration::from_secs(60)).await;
         }
         assert_eq!(alerts.len(), 1);
@@ -419,12 +439,14 @@ mod tests {
         );
         assert_eq!(alerts[0].event, "drift");
         assert_eq!(alerts[0].severity, "warning");
-        let recovered = e.update("prod", &[], Instant::now()).expect("recovered");
+        let recovered = e
+            .update("prod", &[], &[], Instant::now())
+            .expect("recovered");
         assert_eq!(recovered.event, "recovered");
-        assert_eq!(e.update("prod", &[], Instant::now()), None);
+        assert_eq!(e.update("prod", &[], &[], Instant::now()), None);
         // Drifting again is a new episode.
         assert!(
-            e.update("prod", &[drift("stack:network")], Instant::now())
+            e.update("prod", &[drift("stack:network")], &[], Instant::now())
                 .is_some()
         );
     }
@@ -433,18 +455,41 @@ mod tests {
     async fn an_unresolved_episode_is_repeated_after_repeat_after() {
         let mut e = Episodes::new(Duration::from_secs(3600));
         assert!(
-            e.update("dev", &[drift("stack:a")], Instant::now())
+            e.update("dev", &[drift("stack:a")], &[], Instant::now())
                 .is_some()
         );
         tokio::time::advance(Duration::from_secs(3599)).await;
         assert!(
-            e.update("dev", &[drift("stack:a")], Instant::now())
+            e.update("dev", &[drift("stack:a")], &[], Instant::now())
                 .is_none()
         );
         tokio::time::advance(Duration::from_secs(1)).await;
         assert!(
-            e.update("dev", &[drift("stack:a")], Instant::now())
+            e.update("dev", &[drift("stack:a")], &[], Instant::now())
                 .is_some()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_episode_whose_state_is_unknown_neither_ends_nor_repeats() {
+        let mut e = Episodes::new(Duration::from_secs(60));
+        let prop = drift("resource:queues/Jobs/VisibilityTimeout");
+        assert!(
+            e.update("dev", &[prop.clone()], &[], Instant::now())
+                .is_some()
+        );
+        let unknown = ["resource:queues/".to_owned()];
+        for _ in 0..3 {
+            tokio::time::advance(Duration::from_secs(120)).await;
+            assert_eq!(e.update("dev", &[], &unknown, Instant::now()), None);
+        }
+        let end = e
+            .update("dev", &[], &[], Instant::now())
+            .expect("recovered");
+        assert_eq!(end.event, "recovered");
+        assert_eq!(
+            end.subject,
+            "[stackwarden] dev: resource:queues/Jobs/VisibilityTimeout recovered"
         );
     }
 
@@ -461,6 +506,7 @@ mod tests {
             .update(
                 "prod",
                 &[drift("stack:a"), drift("stack:b"), failed],
+                &[],
                 Instant::now(),
             )
             .unwrap();
@@ -479,14 +525,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_drift_that_turns_into_a_failure_is_told_as_a_failure_not_a_recovery() {
         let mut e = Episodes::new(Duration::from_secs(3600));
-        e.update("dev", &[drift("stack:a")], Instant::now());
+        e.update("dev", &[drift("stack:a")], &[], Instant::now());
         let failed = Finding {
             detail: None,
             object: "stack:a".into(),
             kind: Kind::Failed,
             difference: "x".into(),
         };
-        let a = e.update("dev", &[failed], Instant::now()).unwrap();
+        let a = e.update("dev", &[failed], &[], Instant::now()).unwrap();
         assert_eq!(a.findings.len(), 1);
         assert_eq!(a.event, "failed");
     }

@@ -259,7 +259,7 @@ async fn alert_mode_tells_a_drift_episode_once_and_its_end_once() {
     for _ in 0..3 {
         let report = pass(&cloud, &env, &Options::default()).await;
         assert!(!report.wrote(), "alert mode writes nothing");
-        told.extend(episodes.update("dev", &findings(&report), Instant::now()));
+        told.extend(episodes.update("dev", &findings(&report), &[], Instant::now()));
         tokio::time::advance(Duration::from_secs(60)).await;
     }
     assert_eq!(told.len(), 1, "{told:?}");
@@ -274,13 +274,13 @@ async fn alert_mode_tells_a_drift_episode_once_and_its_end_once() {
     detect(&cloud, &env, "ecs-cluster").await;
     let report = pass(&cloud, &env, &Options::default()).await;
     let end = episodes
-        .update("dev", &findings(&report), Instant::now())
+        .update("dev", &findings(&report), &[], Instant::now())
         .unwrap();
     assert_eq!(end.event, "recovered");
     let report = pass(&cloud, &env, &Options::default()).await;
     assert!(
         episodes
-            .update("dev", &findings(&report), Instant::now())
+            .update("dev", &findings(&report), &[], Instant::now())
             .is_none()
     );
 }

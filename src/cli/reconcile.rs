@@ -157,21 +157,27 @@ async fn send_alerts(
         let Some(topic) = env.alerts.as_ref().map(|a| &a.sns_topic_arn) else {
             continue;
         };
-        let findings = match result {
-            Ok(report) => crate::notify::findings(report),
-            Err(e) => vec![Finding {
-                detail: None,
-                object: "environment".into(),
-                kind: Kind::Failed,
-                difference: e.clone(),
-            }],
+        let (findings, unknown) = match result {
+            Ok(report) => (
+                crate::notify::findings(report),
+                crate::notify::unknown(report),
+            ),
+            Err(e) => (
+                vec![Finding {
+                    detail: None,
+                    object: "environment".into(),
+                    kind: Kind::Failed,
+                    difference: e.clone(),
+                }],
+                Vec::new(),
+            ),
         };
         let repeat = env
             .alerts
             .as_ref()
             .map_or(Duration::MAX, |a| a.repeat_after);
         let mut told = Told::load(state, &env.name, repeat).await;
-        let Some(alert) = told.tell(state, &env.name, &findings).await else {
+        let Some(alert) = told.tell(state, &env.name, &findings, &unknown).await else {
             continue;
         };
         if let Err(e) = notifier.publish(topic, &alert).await {

@@ -52,9 +52,10 @@ impl Told {
         state: Option<&State<S>>,
         env: &str,
         findings: &[Finding],
+        unknown: &[String],
     ) -> Option<Alert> {
         let Some(state) = state else {
-            return self.episodes.update(env, findings, Instant::now());
+            return self.episodes.update(env, findings, unknown, Instant::now());
         };
         for _ in 0..RACES {
             if self.stored.is_none() {
@@ -62,9 +63,11 @@ impl Told {
             }
             let Some(expect) = self.stored else {
                 // Unreadable table: alert from memory.
-                return self.episodes.update(env, findings, Instant::now());
+                return self.episodes.update(env, findings, unknown, Instant::now());
             };
-            let alert = self.episodes.update(env, findings, Instant::now())?;
+            let alert = self
+                .episodes
+                .update(env, findings, unknown, Instant::now())?;
             let stored = self.episodes.stored(Instant::now(), SystemTime::now());
             match state.save_episodes(env, &stored, expect).await {
                 Ok(next) => {
