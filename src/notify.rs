@@ -473,11 +473,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_episode_whose_state_is_unknown_neither_ends_nor_repeats() {
         let mut e = Episodes::new(Duration::from_secs(60));
-        let prop = drift("resource:queues/Jobs/VisibilityTimeout");
-        assert!(
-            e.update("dev", &[prop.clone()], &[], Instant::now())
-                .is_some()
-        );
+        let prop = [drift("resource:queues/Jobs/VisibilityTimeout")];
+        assert!(e.update("dev", &prop, &[], Instant::now()).is_some());
         let unknown = ["resource:queues/".to_owned()];
         for _ in 0..3 {
             tokio::time::advance(Duration::from_secs(120)).await;
