@@ -149,12 +149,20 @@ async fn preview_change_sets<C: Cloud>(
                 continue;
             }
         };
-        let request = stack.change_set_request(
+        let mut request = stack.change_set_request(
             &env.name,
             preview_name(&stack.revision),
             kind,
             parameters,
             format!("stackwarden plan preview of revision {}", stack.revision),
+        );
+        // A planned revert is previewed as what it is: a drift-aware change set.
+        request.revert_drift = matches!(
+            p.action,
+            StackAction::Update {
+                revert_drift: true,
+                ..
+            }
         );
         let live = observed.stacks.get(&stack.name).map(|l| LiveSide {
             template: observed.templates.get(&stack.name),
