@@ -225,6 +225,19 @@ async fn a_queue_changed_out_of_band_is_found_told_once_and_reverted() {
     // Revert mode: the next pass writes the template's value back with a
     // drift-aware change set, detects again, and is in sync.
     std::fs::write(ws.path("desired-state/qa.yaml"), desired("revert")).unwrap();
+    // The preview is the drift-aware change set the pass would make.
+    let plan = sw(emu, &ws, &["plan", "--change-sets", "-o", "json"]);
+    assert_eq!(plan.status.code(), Some(2), "{}", explain(&plan));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&plan)).unwrap();
+    let preview = &v[0]["change_sets"][0];
+    assert_eq!(preview["stack"], "queues", "{v}");
+    assert_eq!(preview["changes"][0]["logical_id"], "Jobs", "{v}");
+    assert_eq!(preview["changes"][0]["drift"], "MODIFIED", "{v}");
+    assert_eq!(
+        visibility_timeout(&sqs, &url).await,
+        "120",
+        "a preview changes nothing"
+    );
     let out = sw(emu, &ws, &["reconcile", "--once", "-o", "json"]);
     assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
     let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
