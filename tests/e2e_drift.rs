@@ -9,7 +9,7 @@ mod common;
 use std::process::Output;
 use std::time::Duration;
 
-use common::daemon::{Daemon, subscribe, until};
+use common::daemon::{Daemon, drain, subscribe, until};
 use common::{Emulator, Workspace, run, stderr, stdout};
 
 const TEMPLATE: &str = "\
@@ -74,32 +74,9 @@ async fn visibility_timeout(sqs: &aws_sdk_sqs::Client, url: &str) -> String {
 
 /// Alert messages on the queue now that are about drift (each received once).
 async fn drift_alerts(sqs: &aws_sdk_sqs::Client, queue: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    loop {
-        let got = sqs
-            .receive_message()
-            .queue_url(queue)
-            .max_number_of_messages(10)
-            .wait_time_seconds(1)
-            .send()
-            .await
-            .unwrap();
-        if got.messages().is_empty() {
-            return out;
-        }
-        for m in got.messages() {
-            let body = m.body().unwrap_or_default().to_owned();
-            if body.contains("resource drift") {
-                out.push(body);
-            }
-            sqs.delete_message()
-                .queue_url(queue)
-                .receipt_handle(m.receipt_handle().unwrap())
-                .send()
-                .await
-                .unwrap();
-        }
-    }
+    let mut all = drain(sqs, queue).await;
+    all.retain(|m| m.contains("resource drift"));
+    all
 }
 
 fn passes(d: &Daemon) -> u64 {

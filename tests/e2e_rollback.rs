@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::daemon::{Daemon, subscribe, until};
+use common::daemon::{Daemon, drain, subscribe, until};
 use common::{Emulator, Workspace, desired_count, run, stderr, stdout};
 use stackwarden::state::dynamo::DynamoStore;
 use stackwarden::state::{Backend, State};
@@ -73,33 +73,6 @@ async fn retention(config: &aws_config::SdkConfig) -> String {
         .and_then(|p| p.parameter_value())
         .unwrap_or_default()
         .to_owned()
-}
-
-/// Messages on the alert queue now (each is received once).
-async fn drain(sqs: &aws_sdk_sqs::Client, queue: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    loop {
-        let got = sqs
-            .receive_message()
-            .queue_url(queue)
-            .max_number_of_messages(10)
-            .wait_time_seconds(1)
-            .send()
-            .await
-            .unwrap();
-        if got.messages().is_empty() {
-            return out;
-        }
-        for m in got.messages() {
-            out.push(m.body().unwrap_or_default().to_owned());
-            sqs.delete_message()
-                .queue_url(queue)
-                .receipt_handle(m.receipt_handle().unwrap())
-                .send()
-                .await
-                .unwrap();
-        }
-    }
 }
 
 fn passes(d: &Daemon) -> u64 {

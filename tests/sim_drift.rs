@@ -8,15 +8,15 @@ mod common;
 
 use std::time::Duration;
 
-use common::Workspace;
-use stackwarden::apply::{self, Options, Report, StackResult};
-use stackwarden::cloud::sim::{self, SERVICE_MINUTES, SimCloud, SimConfig};
+use common::{Workspace, sim_cloud};
+use stackwarden::apply::{self, Options, Report, StackReport, StackResult};
+use stackwarden::cloud::sim::{SimCloud, SimConfig};
 use stackwarden::cloud::{Cloud, DriftStatus, Retrying};
 use stackwarden::detect::{Detected, Detections, detect_env, detect_stack};
 use stackwarden::drift::{DriftMode, Ignore};
 use stackwarden::notify::{Episodes, findings};
 use stackwarden::observe::Depth;
-use stackwarden::plan::{BlockedBy, StackAction, Verdict};
+use stackwarden::plan::{BlockedBy, StackAction, StackPlan, Verdict};
 use stackwarden::spec::{self, DesiredEnv};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -26,13 +26,6 @@ const CLUSTER: &str = "dev-performance-mgmt-ecs-cluster";
 
 fn load(ws: &Workspace) -> DesiredEnv {
     spec::load(&ws.path("desired-state/dev.yaml")).expect("dev loads")
-}
-
-fn cloud_for(env: &DesiredEnv) -> Retrying<SimCloud> {
-    Retrying::new(SimCloud::new(SimConfig {
-        latency: sim::latencies(env, &SERVICE_MINUTES),
-        ..SimConfig::default()
-    }))
 }
 
 async fn pass(cloud: &Retrying<SimCloud>, env: &DesiredEnv, options: &Options) -> Report {
@@ -60,6 +53,30 @@ async fn detect(cloud: &Retrying<SimCloud>, env: &DesiredEnv, key: &str) -> Dete
     .await
 }
 
+fn result_of<'r>(report: &'r Report, key: &str) -> &'r StackReport {
+    report.stacks.iter().find(|r| r.is(key)).expect("reported")
+}
+
+fn plan_of<'r>(report: &'r Report, key: &str) -> &'r StackPlan {
+    report
+        .final_plan
+        .stacks
+        .iter()
+        .find(|p| p.is(key))
+        .expect("planned")
+}
+
+/// The reason of a stack blocked by the policy.
+fn blocked_by_policy(r: &StackReport) -> &str {
+    match &r.result {
+        StackResult::Blocked {
+            by: BlockedBy::Policy,
+            reason,
+        } => reason,
+        other => panic!("not blocked by the policy: {other:?}"),
+    }
+}
+
 fn drift_of(d: &Detected) -> &stackwarden::drift::StackDrift {
     match d {
         Detected::Done { drift } => drift,
@@ -70,7 +87,7 @@ fn drift_of(d: &Detected) -> &stackwarden::drift::StackDrift {
 #[tokio::test(start_paused = true)]
 async fn a_detection_takes_its_time_may_fail_partially_and_rides_out_throttling() {
     let env = load(&Workspace::new());
-    let cloud = cloud_for(&env);
+    let cloud = sim_cloud(&env, 0);
     let report = pass(&cloud, &env, &Options::default()).await;
     assert_eq!(report.verdict(), Verdict::InSync);
     let sim = cloud.inner();
@@ -135,7 +152,7 @@ async fn a_detection_takes_its_time_may_fail_partially_and_rides_out_throttling(
 #[tokio::test(start_paused = true)]
 async fn revert_writes_back_what_it_can_and_never_loops_on_create_only_drift() {
     let mut env = load(&Workspace::new());
-    let cloud = cloud_for(&env);
+    let cloud = sim_cloud(&env, 0);
     pass(&cloud, &env, &Options::default()).await;
     let sim = cloud.inner();
     sim.edit_out_of_band(TABLES, "ReviewCyclesTable", "/BillingMode", "PROVISIONED");
@@ -157,7 +174,7 @@ async fn revert_writes_back_what_it_can_and_never_loops_on_create_only_drift() {
 
     let options = Options::default();
     let report = pass(&cloud, &env, &options).await;
-    let tables = report.stacks.iter().find(|r| r.is("dynamodb")).unwrap();
+    let tables = result_of(&report, "dynamodb");
     assert_eq!(tables.result, StackResult::Updated, "{tables:?}");
     assert!(
         tables
@@ -178,12 +195,7 @@ async fn revert_writes_back_what_it_can_and_never_loops_on_create_only_drift() {
     assert_eq!(after.each().count(), 1);
     assert!(after.lines()[0].contains("not revertible: create-only"));
     // Ignored drift is not drift.
-    let cluster = report
-        .final_plan
-        .stacks
-        .iter()
-        .find(|p| p.is("ecs-cluster"))
-        .unwrap();
+    let cluster = plan_of(&report, "ecs-cluster");
     assert!(!cluster.drift.as_ref().unwrap().drifted());
     assert_eq!(
         cluster.drift.as_ref().unwrap().ignored,
@@ -195,12 +207,7 @@ async fn revert_writes_back_what_it_can_and_never_loops_on_create_only_drift() {
         let again = pass(&cloud, &env, &options).await;
         assert!(!again.wrote(), "{:?}", again.stacks);
         assert_eq!(again.verdict(), Verdict::Differences);
-        let p = again
-            .final_plan
-            .stacks
-            .iter()
-            .find(|p| p.is("dynamodb"))
-            .unwrap();
+        let p = plan_of(&again, "dynamodb");
         assert_eq!(p.action, StackAction::None);
         assert!(p.reason.contains("nothing revertible"), "{}", p.reason);
     }
@@ -210,7 +217,7 @@ async fn revert_writes_back_what_it_can_and_never_loops_on_create_only_drift() {
 async fn a_revert_combined_with_a_change_that_replaces_a_protected_table_is_blocked() {
     let ws = Workspace::new();
     let env = load(&ws);
-    let cloud = cloud_for(&env);
+    let cloud = sim_cloud(&env, 0);
     pass(&cloud, &env, &Options::default()).await;
     let sim = cloud.inner();
     sim.edit_out_of_band(TABLES, "ReviewCyclesTable", "/BillingMode", "PROVISIONED");
@@ -224,14 +231,9 @@ async fn a_revert_combined_with_a_change_that_replaces_a_protected_table_is_bloc
     env.stacks.get_mut("dynamodb").unwrap().drift.mode = DriftMode::Revert;
     detect(&cloud, &env, "dynamodb").await;
     let report = pass(&cloud, &env, &Options::default()).await;
-    let tables = report.stacks.iter().find(|r| r.is("dynamodb")).unwrap();
-    match &tables.result {
-        StackResult::Blocked { by, reason } => {
-            assert_eq!(*by, BlockedBy::Policy);
-            assert!(reason.contains("ReviewCyclesTable"), "{reason}");
-        }
-        other => panic!("not blocked: {other:?}"),
-    }
+    let tables = result_of(&report, "dynamodb");
+    let reason = blocked_by_policy(tables);
+    assert!(reason.contains("ReviewCyclesTable"), "{reason}");
     assert!(
         tables
             .change_set
@@ -249,7 +251,7 @@ async fn a_revert_combined_with_a_change_that_replaces_a_protected_table_is_bloc
 #[tokio::test(start_paused = true)]
 async fn alert_mode_tells_a_drift_episode_once_and_its_end_once() {
     let env = load(&Workspace::new());
-    let cloud = cloud_for(&env);
+    let cloud = sim_cloud(&env, 0);
     pass(&cloud, &env, &Options::default()).await;
     let sim = cloud.inner();
     let mut episodes = Episodes::new(Duration::from_secs(6 * 3600));
@@ -288,7 +290,7 @@ async fn alert_mode_tells_a_drift_episode_once_and_its_end_once() {
 #[tokio::test(start_paused = true)]
 async fn ignored_drift_is_never_written_back_by_a_revert() {
     let mut env = load(&Workspace::new());
-    let cloud = cloud_for(&env);
+    let cloud = sim_cloud(&env, 0);
     pass(&cloud, &env, &Options::default()).await;
     let sim = cloud.inner();
     let tables = env.stacks.get_mut("dynamodb").unwrap();
@@ -307,12 +309,7 @@ async fn ignored_drift_is_never_written_back_by_a_revert() {
     detect(&cloud, &env, "dynamodb").await;
     let report = pass(&cloud, &env, &Options::default()).await;
     assert!(!report.wrote(), "{:?}", report.stacks);
-    let p = report
-        .final_plan
-        .stacks
-        .iter()
-        .find(|p| p.is("dynamodb"))
-        .unwrap();
+    let p = plan_of(&report, "dynamodb");
     assert!(
         p.reason.contains("would also revert ignored drift"),
         "{}",
@@ -331,14 +328,9 @@ async fn ignored_drift_is_never_written_back_by_a_revert() {
         "PROVISIONED",
     );
     let report = pass(&cloud, &env, &Options::default()).await;
-    let r = report.stacks.iter().find(|r| r.is("dynamodb")).unwrap();
-    match &r.result {
-        StackResult::Blocked { by, reason } => {
-            assert_eq!(*by, BlockedBy::Policy);
-            assert!(reason.contains("FeedbackRecordsTable"), "{reason}");
-        }
-        other => panic!("not blocked: {other:?}"),
-    }
+    let r = result_of(&report, "dynamodb");
+    let reason = blocked_by_policy(r);
+    assert!(reason.contains("FeedbackRecordsTable"), "{reason}");
     assert_eq!(sim.live_edits(TABLES, "FeedbackRecordsTable").len(), 1);
     assert_eq!(sim.live_edits(TABLES, "ReviewCyclesTable").len(), 1);
 }
@@ -346,7 +338,7 @@ async fn ignored_drift_is_never_written_back_by_a_revert() {
 #[tokio::test(start_paused = true)]
 async fn a_revert_with_nothing_left_to_revert_is_not_tried_every_pass() {
     let mut env = load(&Workspace::new());
-    let cloud = cloud_for(&env);
+    let cloud = sim_cloud(&env, 0);
     pass(&cloud, &env, &Options::default()).await;
     let sim = cloud.inner();
     env.stacks.get_mut("dynamodb").unwrap().drift.mode = DriftMode::Revert;
@@ -356,18 +348,13 @@ async fn a_revert_with_nothing_left_to_revert_is_not_tried_every_pass() {
     sim.clear_edits(TABLES, "ReviewCyclesTable");
     let options = Options::default();
     let first = pass(&cloud, &env, &options).await;
-    let r = first.stacks.iter().find(|r| r.is("dynamodb")).unwrap();
+    let r = result_of(&first, "dynamodb");
     assert_eq!(r.result, StackResult::NoChanges, "{r:?}");
     let made = sim.calls()["CreateChangeSet"];
     for _ in 0..3 {
         let again = pass(&cloud, &env, &options).await;
         assert!(!again.wrote());
-        let p = again
-            .final_plan
-            .stacks
-            .iter()
-            .find(|p| p.is("dynamodb"))
-            .unwrap();
+        let p = plan_of(&again, "dynamodb");
         assert!(p.reason.contains("a revert already ran"), "{}", p.reason);
     }
     assert_eq!(sim.calls()["CreateChangeSet"], made);
@@ -379,7 +366,7 @@ async fn a_revert_with_nothing_left_to_revert_is_not_tried_every_pass() {
     sim.edit_out_of_band(TABLES, "ReviewCyclesTable", "/BillingMode", "PROVISIONED");
     detect(&cloud, &env, "dynamodb").await;
     let report = pass(&cloud, &env, &options).await;
-    let r = report.stacks.iter().find(|r| r.is("dynamodb")).unwrap();
+    let r = result_of(&report, "dynamodb");
     assert_eq!(r.result, StackResult::Updated, "{r:?}");
     assert!(sim.live_edits(TABLES, "ReviewCyclesTable").is_empty());
     assert_eq!(r.drift_reverted.len(), 1, "{r:?}");

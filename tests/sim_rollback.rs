@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-use common::{Workspace, dev_new_revision};
+use common::{Workspace, dev_new_revision, sim_cloud};
 use stackwarden::apply::{self, Gate, Intent, Options, Report, StackResult};
-use stackwarden::cloud::sim::{self, SERVICE_MINUTES, SimCloud, SimConfig};
+use stackwarden::cloud::sim::SimCloud;
 use stackwarden::cloud::{Retrying, StackStatus};
 use stackwarden::observe::Depth;
 use stackwarden::plan::{BlockedBy, Verdict};
@@ -24,14 +24,6 @@ use tokio::sync::Semaphore;
 
 fn dev() -> DesiredEnv {
     spec::load(&Workspace::new().path("desired-state/dev.yaml")).expect("dev loads")
-}
-
-fn cloud_for(env: &DesiredEnv, seed: u64) -> Retrying<SimCloud> {
-    Retrying::new(SimCloud::new(SimConfig {
-        seed,
-        latency: sim::latencies(env, &SERVICE_MINUTES),
-        ..SimConfig::default()
-    }))
 }
 
 async fn run(cloud: &Retrying<SimCloud>, env: &DesiredEnv, options: Options) -> Report {
@@ -104,7 +96,7 @@ fn status(cloud: &Retrying<SimCloud>, env: &DesiredEnv, key: &str) -> Option<Sta
 #[tokio::test(start_paused = true)]
 async fn update_failed_is_rolled_back_to_its_last_stable_state_once() {
     let env = dev();
-    let cloud = cloud_for(&env, 1);
+    let cloud = sim_cloud(&env, 1);
     let created = converge(&cloud, &env).await;
     let svc = &created.services[0];
     let (cluster, service) = (svc.cluster.clone().unwrap(), svc.service.clone().unwrap());
@@ -138,7 +130,7 @@ async fn update_failed_is_rolled_back_to_its_last_stable_state_once() {
 #[tokio::test(start_paused = true)]
 async fn a_failed_creation_is_rolled_back_by_deleting_it_unless_it_holds_protected_resources() {
     let env = dev();
-    let cloud = cloud_for(&env, 2);
+    let cloud = sim_cloud(&env, 2);
     converge(&cloud, &env).await;
     cloud.force_status(&env.stacks["iam"].name, "CREATE_FAILED", "Role failed");
     cloud.force_status(
@@ -166,7 +158,7 @@ async fn a_failed_creation_is_rolled_back_by_deleting_it_unless_it_holds_protect
 #[tokio::test(start_paused = true)]
 async fn update_rollback_failed_is_continued_and_skips_only_what_failed() {
     let env = dev();
-    let cloud = cloud_for(&env, 3);
+    let cloud = sim_cloud(&env, 3);
     converge(&cloud, &env).await;
     let network = env.stacks["network"].name.clone();
     cloud.fail_update_rollback(&network, &["FlowLogGroup"]);
@@ -205,7 +197,7 @@ async fn update_rollback_failed_is_continued_and_skips_only_what_failed() {
 #[tokio::test(start_paused = true)]
 async fn rollback_failed_and_delete_failed_are_refused_with_the_manual_remedy() {
     let env = dev();
-    let cloud = cloud_for(&env, 4);
+    let cloud = sim_cloud(&env, 4);
     converge(&cloud, &env).await;
     cloud.force_status(&env.stacks["iam"].name, "ROLLBACK_FAILED", "Role stuck");
     cloud.force_status(&env.stacks["alb"].name, "DELETE_FAILED", "Bucket not empty");
@@ -230,7 +222,7 @@ async fn rollback_failed_and_delete_failed_are_refused_with_the_manual_remedy() 
 #[tokio::test(start_paused = true)]
 async fn our_update_in_flight_is_cancelled_only_with_cancel_and_never_someone_elses() {
     let env = dev();
-    let cloud = cloud_for(&env, 5);
+    let cloud = sim_cloud(&env, 5);
     converge(&cloud, &env).await;
     // A new revision; the pass is cut off while network's update runs.
     let next = dev_new_revision();
@@ -275,7 +267,7 @@ async fn our_update_in_flight_is_cancelled_only_with_cancel_and_never_someone_el
 #[tokio::test(start_paused = true)]
 async fn a_suspended_environment_is_planned_and_reported_but_never_written() {
     let env = dev();
-    let cloud = cloud_for(&env, 6);
+    let cloud = sim_cloud(&env, 6);
     converge(&cloud, &env).await;
     cloud.edit_parameter(&env.stacks["network"].name, "FlowLogRetentionDays", "90");
     let writes = cloud.write_calls();
@@ -339,7 +331,7 @@ impl Gate for SuspendedAfter {
 #[tokio::test(start_paused = true)]
 async fn a_suspension_made_during_a_pass_stops_it_at_its_next_write() {
     let env = dev();
-    let cloud = cloud_for(&env, 7);
+    let cloud = sim_cloud(&env, 7);
     converge(&cloud, &env).await;
     let next = dev_new_revision();
     let executed = calls(&cloud, "ExecuteChangeSet");

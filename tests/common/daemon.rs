@@ -168,3 +168,30 @@ pub async fn subscribe(config: &aws_config::SdkConfig, topic: &str) -> String {
         .unwrap();
     url
 }
+
+/// Messages on the alert queue now (each is received once).
+pub async fn drain(sqs: &aws_sdk_sqs::Client, queue: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    loop {
+        let got = sqs
+            .receive_message()
+            .queue_url(queue)
+            .max_number_of_messages(10)
+            .wait_time_seconds(1)
+            .send()
+            .await
+            .unwrap();
+        if got.messages().is_empty() {
+            return out;
+        }
+        for m in got.messages() {
+            out.push(m.body().unwrap_or_default().to_owned());
+            sqs.delete_message()
+                .queue_url(queue)
+                .receipt_handle(m.receipt_handle().unwrap())
+                .send()
+                .await
+                .unwrap();
+        }
+    }
+}

@@ -304,3 +304,16 @@ fn http_post_body(port: u16, path: &str, body: &str) -> String {
     s.read_to_string(&mut out).expect("read");
     out
 }
+
+/// A simulated cloud with the shipped service's stack latencies.
+pub fn sim_cloud(
+    env: &stackwarden::spec::DesiredEnv,
+    seed: u64,
+) -> stackwarden::cloud::Retrying<stackwarden::cloud::sim::SimCloud> {
+    use stackwarden::cloud::sim::{self, SERVICE_MINUTES, SimCloud, SimConfig};
+    stackwarden::cloud::Retrying::new(SimCloud::new(SimConfig {
+        seed,
+        latency: sim::latencies(env, &SERVICE_MINUTES),
+        ..SimConfig::default()
+    }))
+}
