@@ -73,8 +73,14 @@ enum Slot {
     Parked {
         id: String,
         permit: OwnedSemaphorePermit,
+        since: Instant,
     },
 }
+
+/// How long a parked detection keeps its slot when nobody polls it (its
+/// stack left the desired state, its environment's loop stopped): longer
+/// than any detection runs, so the slot is not held for ever.
+const PARKED_MAX: Duration = Duration::from_secs(30 * 60);
 
 /// The detection slots of an account and region, shared by everything in
 /// the process that detects there: at most `limit` detections in flight,
@@ -115,12 +121,13 @@ impl Detections {
     /// else the claim, with the parked detection to poll, if any.
     fn claim(&self, stack: &str) -> Option<(Claim<'_>, Option<(String, OwnedSemaphorePermit)>)> {
         let mut map = self.lock();
+        map.retain(|_, s| !matches!(s, Slot::Parked { since, .. } if since.elapsed() > PARKED_MAX));
         let parked = match map.remove(stack) {
             Some(Slot::Running) => {
                 map.insert(stack.to_owned(), Slot::Running);
                 return None;
             }
-            Some(Slot::Parked { id, permit }) => Some((id, permit)),
+            Some(Slot::Parked { id, permit, .. }) => Some((id, permit)),
             None => None,
         };
         map.insert(stack.to_owned(), Slot::Running);
@@ -146,9 +153,14 @@ struct Claim<'a> {
 impl Claim<'_> {
     fn park(mut self, id: String, permit: OwnedSemaphorePermit) {
         self.armed = false;
-        self.detections
-            .lock()
-            .insert(self.stack.clone(), Slot::Parked { id, permit });
+        self.detections.lock().insert(
+            self.stack.clone(),
+            Slot::Parked {
+                id,
+                permit,
+                since: Instant::now(),
+            },
+        );
     }
 }
 

@@ -371,3 +371,32 @@ async fn a_revert_with_nothing_left_to_revert_is_not_tried_every_pass() {
     assert!(sim.live_edits(TABLES, "ReviewCyclesTable").is_empty());
     assert_eq!(r.drift_reverted.len(), 1, "{r:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_detection_given_up_waiting_for_keeps_its_slot_and_is_polled_not_started_again() {
+    let env = load(&Workspace::new());
+    let cloud = sim_cloud(&env, 0);
+    pass(&cloud, &env, &Options::default()).await;
+    let sim = cloud.inner();
+    sim.edit_out_of_band(TABLES, "ReviewCyclesTable", "/BillingMode", "PROVISIONED");
+    let slots = Detections::new(1);
+    let soon = |s| Instant::now() + Duration::from_secs(s);
+    let d = detect_stack(&cloud, &env.stacks["dynamodb"], &slots, soon(10)).await;
+    assert!(
+        matches!(&d, Detected::Failed { reason } if reason.contains("still in progress")),
+        "{d:?}"
+    );
+    // Still in flight at AWS: it keeps the one slot.
+    let other = detect_stack(&cloud, &env.stacks["network"], &slots, soon(5)).await;
+    assert!(
+        matches!(&other, Detected::Failed { reason } if reason.contains("no detection slot")),
+        "{other:?}"
+    );
+    // The next attempt polls it rather than starting a second one.
+    let d = detect_stack(&cloud, &env.stacks["dynamodb"], &slots, soon(300)).await;
+    assert!(drift_of(&d).drifted());
+    assert_eq!(sim.calls()["DetectStackDrift"], 1);
+    let other = detect_stack(&cloud, &env.stacks["network"], &slots, soon(300)).await;
+    assert!(!drift_of(&other).drifted());
+    assert!(sim.violations().is_empty(), "{:?}", sim.violations());
+}
