@@ -823,7 +823,13 @@ fn forget_reverted(options: &Options, plan: &Plan) {
         .lock()
         .unwrap_or_else(|p| p.into_inner());
     for p in &plan.stacks {
-        let Some(d) = p.drift.as_ref().filter(|d| d.checked.is_some() && !d.stale) else {
+        // Only a complete, current answer ends what it does not find.
+        let Some(d) = p.drift.as_ref().filter(|d| {
+            d.checked.is_some()
+                && !d.stale
+                && d.detection_failed.is_none()
+                && d.status != crate::cloud::DriftStatus::Unknown
+        }) else {
             continue;
         };
         let current: std::collections::BTreeSet<(&str, &str)> = d
@@ -831,7 +837,9 @@ fn forget_reverted(options: &Options, plan: &Plan) {
             .map(|(res, diff)| (res.logical_id.as_str(), diff.path.as_str()))
             .collect();
         attempted.retain(|(stack, logical, path)| {
-            *stack != p.name || current.contains(&(logical.as_str(), path.as_str()))
+            *stack != p.name
+                || current.contains(&(logical.as_str(), path.as_str()))
+                || d.not_checked.contains(logical)
         });
     }
 }
@@ -1187,7 +1195,16 @@ impl<'a, C: Cloud> Pass<'a, C> {
                 .map(|e| (name.clone(), e.clone()))
                 .into_iter()
                 .collect(),
-            revert_attempted: self.first.revert_attempted.clone(),
+            // What this pass tried so far counts too.
+            revert_attempted: self
+                .options
+                .revert_attempted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .chain(&self.first.revert_attempted)
+                .cloned()
+                .collect(),
         }
     }
 
@@ -1393,6 +1410,14 @@ impl<'a, C: Cloud> Pass<'a, C> {
                 .clean_change_sets(stack, &name, observed.stacks_read_at)
                 .await
             {
+                // A drift-aware change set describes the drift as it was
+                // when made: never taken up again, made anew.
+                Ok(Existing::Reusable) if revert_drift => {
+                    return match self.cloud.delete_change_set(&stack.name, &name).await {
+                        Ok(()) | Err(CloudError::NotFound(_)) => Step::Replan,
+                        Err(e) => Step::Done(failed(format!("DeleteChangeSet: {e}"))),
+                    };
+                }
                 Ok(Existing::Reusable) => true,
                 Ok(Existing::None) => false,
                 // A concurrent run of this revision got there first: its
@@ -1439,6 +1464,9 @@ impl<'a, C: Cloud> Pass<'a, C> {
                 Err(CloudError::Conflict(_)) => {}
                 // Some endpoints refuse an empty change set outright.
                 Err(CloudError::NoChanges) => {
+                    if revert_drift {
+                        self.tried_revert(stack, sp);
+                    }
                     return Step::Done(match self.protect_termination(stack, None).await {
                         Ok(()) => StackResult::NoChanges,
                         Err(e) => failed(format!("UpdateTerminationProtection: {e}")),

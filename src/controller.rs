@@ -351,6 +351,17 @@ impl Trigger {
     }
 }
 
+/// The pass loop's side of what it and the drift detection loop of an
+/// environment tell each other.
+struct DriftLink<'n> {
+    /// The desired state that loaded, for detection to follow.
+    envs: watch::Sender<Option<Arc<DesiredEnv>>>,
+    /// A detection's answer changed: a pass reads it.
+    detected: tokio::sync::mpsc::UnboundedReceiver<()>,
+    /// A pass wrote: detection looks again.
+    wrote: &'n tokio::sync::Notify,
+}
+
 /// Bounds of the wait between two rounds of drift detection: a stack that
 /// could not be checked is looked at again after the first; the loop also
 /// comes round after the second whatever the intervals.
@@ -400,6 +411,8 @@ struct Memory<C> {
     /// Redeploys that rolled back, remembered for the process's life.
     failed_redeploys: apply::FailedRedeploys,
     revert_attempted: apply::RevertAttempted,
+    /// The last pass wrote something.
+    wrote: bool,
     rng: StdRng,
 }
 
@@ -413,9 +426,17 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
         };
         let (env_tx, env_rx) = watch::channel(None);
         let (wake_tx, wake_rx) = tokio::sync::mpsc::unbounded_channel();
+        // A pass that wrote (a revert, an update) may have changed what the
+        // last detection found: detection looks at once.
+        let wrote = tokio::sync::Notify::new();
+        let link = DriftLink {
+            envs: env_tx,
+            detected: wake_rx,
+            wrote: &wrote,
+        };
         futures::future::join(
-            self.passes(hup, shutdown.clone(), seed, &fence, env_tx, wake_rx),
-            self.detect_drift(shutdown, env_rx, wake_tx, &fence),
+            self.passes(hup, shutdown.clone(), seed, &fence, link),
+            self.detect_drift(shutdown, env_rx, wake_tx, &fence, &wrote),
         )
         .await;
     }
@@ -432,6 +453,7 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
         mut envs: watch::Receiver<Option<Arc<DesiredEnv>>>,
         wake: tokio::sync::mpsc::UnboundedSender<()>,
         fence: &Fence,
+        wrote: &tokio::sync::Notify,
     ) {
         let mut cloud: Option<((String, String), K::Cloud)> = None;
         let mut last: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -462,6 +484,7 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
                 r = envs.changed() => if r.is_err() { break },
                 // Taken (again): what is due is detected now.
                 Ok(()) = takes.changed() => {}
+                () = wrote.notified() => {}
                 _ = shutdown.changed() => break,
             }
             if *shutdown.borrow() {
@@ -498,6 +521,12 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
         let mut next = DRIFT_RECHECK_MAX;
         let mut due = Vec::new();
         for s in env.stacks.values() {
+            // A detection given up waiting for is polled whatever the stack
+            // does now: it holds a slot.
+            if slots.parked(&s.name) {
+                due.push(s.key.clone());
+                continue;
+            }
             let Some(l) = live.get(&s.name) else { continue };
             if let Some(why) = crate::detect::not_detectable(Some(l)) {
                 tracing::debug!(message = "Drift detection skipped.", environment = %env.name, stack = %s.key, reason = %why);
@@ -529,9 +558,13 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
                     let lines = drift.lines();
                     let before = last.insert(key, lines.clone()).unwrap_or_default();
                     changed |= before != lines;
+                    if drift.stale {
+                        next = next.min(DRIFT_RECHECK_MIN);
+                    }
                 }
                 crate::detect::Detected::Skipped { reason } => {
                     tracing::debug!(message = "Drift detection skipped.", environment = %env.name, stack = %key, %reason);
+                    next = next.min(DRIFT_RECHECK_MIN);
                 }
                 crate::detect::Detected::Failed { reason } => {
                     tracing::warn!(message = "Drift detection failed.", environment = %env.name, stack = %key, %reason);
@@ -550,8 +583,7 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
         mut shutdown: watch::Receiver<bool>,
         seed: u64,
         fence: &Fence,
-        envs: watch::Sender<Option<Arc<DesiredEnv>>>,
-        mut drift: tokio::sync::mpsc::UnboundedReceiver<()>,
+        mut link: DriftLink<'_>,
     ) {
         let mut backoff = ExponentialBackoff {
             current_interval: self.settings.backoff_initial,
@@ -575,6 +607,7 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
             cloud: None,
             failed_redeploys: apply::FailedRedeploys::default(),
             revert_attempted: apply::RevertAttempted::default(),
+            wrote: false,
             rng: StdRng::seed_from_u64(seed),
         };
         let mut next = Instant::now();
@@ -603,20 +636,24 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
                 }
                 // Taken (again): a pass at once, whatever was scheduled.
                 Ok(()) = takes.changed() => Trigger::LeaseTaken,
-                Some(()) = drift.recv() => Trigger::DriftDetected,
+                Some(()) = link.detected.recv() => Trigger::DriftDetected,
                 _ = shutdown.changed() => break,
             };
             let Some(answer) = self.reconcile(trigger, &mut mem, fence, &shutdown).await else {
                 break;
             };
+            if std::mem::take(&mut mem.wrote) {
+                link.wrote.notify_one();
+            }
             // Drift detection follows the desired state that loaded.
             if let Some(env) = &mem.last_good
-                && envs
+                && link
+                    .envs
                     .borrow()
                     .as_ref()
                     .is_none_or(|e| e.revision != env.revision || e.file != env.file)
             {
-                envs.send_replace(Some(Arc::new(env.clone())));
+                link.envs.send_replace(Some(Arc::new(env.clone())));
             }
             let wait = match &answer {
                 Next::RequeueAfter(d) => {
@@ -801,6 +838,7 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
 
         let (verdict, permanent) = match &result {
             Ok(report) => {
+                mem.wrote = report.wrote();
                 let mut findings = crate::notify::findings(report);
                 if let Some(e) = &load_error {
                     findings.push(Finding {
@@ -844,7 +882,8 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
                     kind: Kind::Failed,
                     difference: e.to_string(),
                 }];
-                self.alert(env, told, &findings, &[]).await;
+                let unknown = crate::notify::unknown_without_a_pass();
+                self.alert(env, told, &findings, &unknown).await;
                 self.record(
                     Record {
                         error: Some(e.to_string()),

@@ -119,6 +119,7 @@ impl Detections {
 
     /// Claims the stack: `None` when a detection of it is running here;
     /// else the claim, with the parked detection to poll, if any.
+    #[allow(clippy::type_complexity)]
     fn claim(&self, stack: &str) -> Option<(Claim<'_>, Option<(String, OwnedSemaphorePermit)>)> {
         let mut map = self.lock();
         map.retain(|_, s| !matches!(s, Slot::Parked { since, .. } if since.elapsed() > PARKED_MAX));
@@ -135,39 +136,40 @@ impl Detections {
             Claim {
                 detections: self,
                 stack: stack.to_owned(),
-                armed: true,
+                running: None,
             },
             parked,
         ))
     }
 }
 
-/// A stack claimed for detection; released when dropped (also when the
-/// detection's future is cancelled), unless parked.
+/// A stack claimed for detection. When it ends (also when the detection's
+/// future is cancelled, or a poll fails) while AWS still runs the
+/// detection it started, that detection is parked with its slot, never
+/// forgotten: the next attempt polls it.
 struct Claim<'a> {
     detections: &'a Detections,
     stack: String,
-    armed: bool,
-}
-
-impl Claim<'_> {
-    fn park(mut self, id: String, permit: OwnedSemaphorePermit) {
-        self.armed = false;
-        self.detections.lock().insert(
-            self.stack.clone(),
-            Slot::Parked {
-                id,
-                permit,
-                since: Instant::now(),
-            },
-        );
-    }
+    running: Option<(String, OwnedSemaphorePermit)>,
 }
 
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
-        if self.armed {
-            self.detections.lock().remove(&self.stack);
+        let mut map = self.detections.lock();
+        match self.running.take() {
+            Some((id, permit)) => {
+                map.insert(
+                    self.stack.clone(),
+                    Slot::Parked {
+                        id,
+                        permit,
+                        since: Instant::now(),
+                    },
+                );
+            }
+            None => {
+                map.remove(&self.stack);
+            }
         }
     }
 }
@@ -184,14 +186,15 @@ pub async fn detect_stack<C: Cloud>(
     let failed = |e: CloudError| Detected::Failed {
         reason: e.to_string(),
     };
-    let Some((claim, parked)) = detections.claim(&stack.name) else {
+    let Some((mut claim, parked)) = detections.claim(&stack.name) else {
         return Detected::Skipped {
             reason: "a detection of this stack is already running".into(),
         };
     };
-    let (id, permit) = match parked {
-        Some(p) => p,
-        None => {
+    let mut resumed = parked.is_some();
+    claim.running = parked;
+    loop {
+        if claim.running.is_none() {
             let live = match cloud.describe_stack(&stack.name).await {
                 Ok(l) => l,
                 Err(e) => return failed(e),
@@ -200,52 +203,69 @@ pub async fn detect_stack<C: Cloud>(
                 return Detected::Skipped { reason };
             }
             let permit = tokio::select! {
-                p = detections.limit.clone().acquire_owned() => p.expect("never closed"),
+                biased;
                 () = tokio::time::sleep_until(deadline) => {
                     return Detected::Failed { reason: "no detection slot free in time (see --max-detections)".into() };
                 }
+                p = detections.limit.clone().acquire_owned() => p.expect("never closed"),
             };
             match cloud.detect_stack_drift(&stack.name).await {
                 Ok(id) => {
                     tracing::info!(message = "Drift detection started.", stack = %stack.key, detection = %id);
-                    (id, permit)
+                    claim.running = Some((id, permit));
                 }
                 Err(e) => return failed(e),
             }
         }
-    };
-    let mut pause = Duration::from_secs(1);
-    let detection_failed = loop {
-        match cloud.drift_detection(&id).await {
-            Ok(d) => match d.status {
-                DetectionStatus::Complete => break None,
-                DetectionStatus::Failed(why) => break Some(why),
-                DetectionStatus::InProgress => {}
-            },
+        let id = claim.running.as_ref().expect("started above").0.clone();
+        let mut pause = Duration::from_secs(1);
+        let detection_failed = loop {
+            match cloud.drift_detection(&id).await {
+                Ok(d) => match d.status {
+                    DetectionStatus::Complete => break None,
+                    DetectionStatus::Failed(why) => break Some(why),
+                    DetectionStatus::InProgress => {}
+                },
+                Err(e) => return failed(e),
+            }
+            if Instant::now() + pause > deadline {
+                return Detected::Failed {
+                    reason: format!("detection {id} still in progress; polled again next time"),
+                };
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(POLL_MAX);
+        };
+        // It ended: its slot is free.
+        claim.running = None;
+        let drifts = match cloud.resource_drifts(&stack.name).await {
+            Ok(d) => d,
             Err(e) => return failed(e),
+        };
+        let live = match cloud.describe_stack(&stack.name).await {
+            Ok(l) => l,
+            Err(e) => return failed(e),
+        };
+        // When the detection began, as DescribeStacks tells it.
+        let began = live.as_ref().and_then(|l| l.drift.last_check);
+        let stale = live
+            .as_ref()
+            .is_some_and(|l| crate::drift::outdated(l, &drifts, began));
+        // A detection parked before the stack's last update (a revert since)
+        // says nothing of it now: detect again.
+        if resumed && stale {
+            resumed = false;
+            continue;
         }
-        if Instant::now() + pause > deadline {
-            let reason = format!("detection {id} still in progress; polled again next time");
-            claim.park(id, permit);
-            return Detected::Failed { reason };
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(POLL_MAX);
-    };
-    drop(permit);
-    let drifts = match cloud.resource_drifts(&stack.name).await {
-        Ok(d) => d,
-        Err(e) => return failed(e),
-    };
-    // When the detection began, as DescribeStacks tells it.
-    let checked = match cloud.describe_stack(&stack.name).await {
-        Ok(Some(l)) => l.drift.last_check,
-        _ => None,
-    }
-    .or_else(|| Some(cloud.now()));
-    drop(claim);
-    Detected::Done {
-        drift: assess(stack, &stack.drift, checked, detection_failed, &drifts),
+        let mut drift = assess(
+            stack,
+            &stack.drift,
+            began.or_else(|| Some(cloud.now())),
+            detection_failed,
+            &drifts,
+        );
+        drift.stale = stale;
+        return Detected::Done { drift };
     }
 }
 

@@ -244,6 +244,19 @@ impl StackDrift {
     }
 }
 
+/// Whether a detection's results predate the stack's last update (a
+/// revert, an update since): they may not hold any more. The results are
+/// as old as their earliest resource check (`StackResourceDrift.Timestamp`),
+/// else as the detection's start (`began`).
+pub fn outdated(
+    live: &crate::cloud::Stack,
+    drifts: &[ResourceDrift],
+    began: Option<SystemTime>,
+) -> bool {
+    let at = drifts.iter().filter_map(|r| r.checked).min().or(began);
+    matches!((live.last_updated, at), (Some(u), Some(a)) if u > a)
+}
+
 /// Judges a stack's latest detection: ignore rules applied, secret values
 /// masked, and each difference marked revertible or not.
 pub fn assess(

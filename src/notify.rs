@@ -119,21 +119,29 @@ pub fn findings(report: &Report) -> Vec<Finding> {
     out
 }
 
-/// The objects whose findings a pass could not know: the drifted
-/// properties of stacks whose drift results could not be read (their open
-/// episodes stay open rather than being told recovered).
+/// The objects whose findings a pass could not know (their open episodes
+/// stay open rather than being told recovered): the drifted properties of
+/// stacks whose drift results could not be read, and of resources the
+/// latest detection did not check.
 pub fn unknown(report: &Report) -> Vec<String> {
-    report
-        .final_plan
-        .stacks
-        .iter()
-        .filter(|p| {
-            p.drift
-                .as_ref()
-                .is_some_and(|d| d.status == crate::cloud::DriftStatus::Unknown)
-        })
-        .filter_map(|p| Some(format!("resource:{}/", p.key.as_ref()?)))
-        .collect()
+    let mut out = Vec::new();
+    for p in &report.final_plan.stacks {
+        let (Some(key), Some(d)) = (&p.key, &p.drift) else {
+            continue;
+        };
+        if d.status == crate::cloud::DriftStatus::Unknown || d.detection_failed.is_some() {
+            out.push(format!("resource:{key}/"));
+        } else {
+            out.extend(d.not_checked.iter().map(|l| format!("resource:{key}/{l}/")));
+        }
+    }
+    out
+}
+
+/// What a pass that could not run knows of resource drift: nothing, so
+/// no drift episode ends.
+pub fn unknown_without_a_pass() -> Vec<String> {
+    vec!["resource:".to_owned()]
 }
 
 /// One finding per drifted property of the stacks' latest detections:

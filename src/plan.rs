@@ -958,7 +958,7 @@ fn stack_drift(
         .get(&stack.name)
         .map_or(&[][..], Vec::as_slice);
     let mut d = crate::drift::assess(stack, &stack.drift, Some(checked), None, drifts);
-    d.stale = live.last_updated.is_some_and(|u| u > checked);
+    d.stale = crate::drift::outdated(live, drifts, Some(checked));
     if let Some(e) = observed.drift_errors.get(&stack.name) {
         d.status = DriftStatus::Unknown;
         d.detection_failed = Some(format!("cannot read the detection's results: {e}"));

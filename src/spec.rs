@@ -1503,6 +1503,11 @@ impl Loader {
             let settings = out.entry(key.clone()).or_default();
             settings.mode = own.and_then(|d| d.mode).unwrap_or(env_mode);
             settings.interval = own.and_then(|d| d.interval).map_or(env_interval, |d| d.0);
+            if settings.mode == crate::drift::DriftMode::Revert && !settings.ignore.is_empty() {
+                self.warnings.push(format!(
+                    "stack `{key}`: drift mode revert with ignore rules: while any of its drift is ignored, none of it is reverted (a drift-aware change set writes back every drifted property, ignored ones too)"
+                ));
+            }
         }
         out
     }
@@ -2430,6 +2435,22 @@ stacks:
         let queue = &env.stacks["queue"].drift;
         assert_eq!(queue.mode, crate::drift::DriftMode::Revert);
         assert!(queue.ignore.is_empty());
+        assert!(env.warnings.is_empty(), "{:?}", env.warnings);
+        // Revert and ignore on one stack: said, since the ignore rule then
+        // holds back every revert of the stack.
+        let env = f
+            .load(
+                "dev",
+                &text.replace("drift: {mode: alert,", "drift: {mode: revert,"),
+            )
+            .unwrap();
+        assert!(
+            env.warnings
+                .iter()
+                .any(|w| w.starts_with("stack `data`: drift mode revert with ignore rules")),
+            "{:?}",
+            env.warnings
+        );
 
         let bad = format!("{GOOD}drift:\n  mode: sometimes\n");
         let errs = f.errors("dev", &bad);

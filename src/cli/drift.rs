@@ -33,7 +33,7 @@ pub(super) async fn run(args: DriftArgs<'_>) -> anyhow::Result<Outcome> {
     }
     let limits = crate::apply::Limits::new(1).with_detections(args.max_detections);
     // One bound for the whole run, whatever the environments.
-    let deadline = tokio::time::Instant::now() + args.wait;
+    let deadline = crate::retry::instant_after(args.wait);
     let mut json = Vec::new();
     for env in &envs {
         let cloud = Retrying::new(AwsCloud::connect(&env.region, env.assume_role.as_ref()).await);

@@ -50,6 +50,7 @@ pub(super) async fn once(
     let runs = envs.iter().map(|env| {
         let limit = limits.of(env);
         let mut options = options.clone();
+        options.detections = Some(limits.detections_of(env));
         let state = state.as_ref();
         async move {
             // Fail closed: a suspension that cannot be read may be there.
@@ -169,7 +170,7 @@ async fn send_alerts(
                     kind: Kind::Failed,
                     difference: e.clone(),
                 }],
-                Vec::new(),
+                crate::notify::unknown_without_a_pass(),
             ),
         };
         let repeat = env

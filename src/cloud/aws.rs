@@ -970,6 +970,7 @@ impl Cloud for AwsCloud {
                             },
                         })
                         .collect(),
+                    checked: system_time(d.timestamp()),
                 });
             }
         }

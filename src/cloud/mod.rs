@@ -350,6 +350,9 @@ pub struct ResourceDrift {
     pub resource_type: String,
     pub status: ResourceDriftStatus,
     pub differences: Vec<PropertyDifference>,
+    /// When the detection checked it (`Timestamp`).
+    #[serde(skip)]
+    pub checked: Option<SystemTime>,
 }
 
 impl Stack {

@@ -748,6 +748,7 @@ fn advance(st: &mut State, now: Instant) {
 /// compares the template with the live resource (only properties the
 /// template sets; types without drift support are NOT_CHECKED).
 fn advance_detections(st: &mut State, now: Instant) {
+    let wall = wall_clock(st, now);
     let due: Vec<String> = st
         .detections
         .iter()
@@ -794,6 +795,7 @@ fn advance_detections(st: &mut State, now: Instant) {
                     resource_type: r.kind.clone(),
                     status,
                     differences,
+                    checked: Some(wall),
                 });
             }
         }
