@@ -400,3 +400,29 @@ async fn a_detection_given_up_waiting_for_keeps_its_slot_and_is_polled_not_start
     assert!(!drift_of(&other).drifted());
     assert!(sim.violations().is_empty(), "{:?}", sim.violations());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_detection_parked_before_the_stacks_last_update_is_followed_by_a_fresh_one() {
+    const NETWORK: &str = "dev-performance-mgmt-network";
+    let env = load(&Workspace::new());
+    let cloud = sim_cloud(&env, 0);
+    pass(&cloud, &env, &Options::default()).await;
+    let sim = cloud.inner();
+    let slots = Detections::new(2);
+    let soon = |s| Instant::now() + Duration::from_secs(s);
+    let d = detect_stack(&cloud, &env.stacks["network"], &slots, soon(10)).await;
+    assert!(d.failed(), "{d:?}");
+    // The stack is updated meanwhile (drift of a parameter, converged).
+    sim.edit_parameter(NETWORK, "FlowLogRetentionDays", "90");
+    let report = pass(&cloud, &env, &Options::default()).await;
+    assert_eq!(result_of(&report, "network").result, StackResult::Updated);
+    let d = detect_stack(&cloud, &env.stacks["network"], &slots, soon(600)).await;
+    let drift = drift_of(&d);
+    assert!(!drift.stale, "{drift:?}");
+    assert_eq!(
+        sim.calls()["DetectStackDrift"],
+        2,
+        "a fresh detection after the update"
+    );
+    assert!(sim.violations().is_empty(), "{:?}", sim.violations());
+}
