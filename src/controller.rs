@@ -530,7 +530,13 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
             let Some(l) = live.get(&s.name) else { continue };
             if let Some(why) = crate::detect::not_detectable(Some(l)) {
                 tracing::debug!(message = "Drift detection skipped.", environment = %env.name, stack = %s.key, reason = %why);
-                next = next.min(DRIFT_RECHECK_MIN);
+                // Busy: looked at again soon. Stopped in a failed state: it
+                // waits for a person (and a pass that writes wakes this).
+                next = next.min(if l.in_progress() {
+                    DRIFT_RECHECK_MIN
+                } else {
+                    s.drift.interval
+                });
                 continue;
             }
             let age = l

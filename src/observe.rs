@@ -101,7 +101,7 @@ pub async fn observe<C: Cloud>(
     for d in env.stacks.values() {
         read_failures(cloud, d, &mut observed).await?;
     }
-    crate::detect::read_latest(cloud, env, &mut observed).await?;
+    crate::detect::read_latest(cloud, env, &mut observed).await;
     observe_services(cloud, env, &mut observed).await?;
     Ok(observed)
 }
