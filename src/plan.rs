@@ -49,8 +49,8 @@ pub struct Observed {
     /// By stack name: why its drift results could not be read.
     pub drift_errors: BTreeMap<String, String>,
     /// (stack name, logical id, property path) of drift a drift-aware
-    /// change set of this process already tried to revert, and that a
-    /// detection since still found: not tried again in this episode.
+    /// change set of this process already tried to revert: not tried again
+    /// until a complete detection no longer finds it.
     pub revert_attempted: std::collections::BTreeSet<(String, String, String)>,
 }
 
