@@ -96,18 +96,20 @@ impl Options {
             .clone()
     }
 
+    /// The drift reverts tried so far (see [`Options::revert_attempted`]).
+    fn reverts_tried(&self) -> std::collections::BTreeSet<(String, String, String)> {
+        self.revert_attempted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Adds to an observation of the cloud what the pass knows from
     /// elsewhere: redeploys that failed, and the suspension (which a
     /// rollback, an operator's own act, does not heed).
     fn annotate(&self, o: &mut Observed) {
         o.failed_redeploys.extend(self.failed_redeploys());
-        o.revert_attempted.extend(
-            self.revert_attempted
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .cloned(),
-        );
+        o.revert_attempted.extend(self.reverts_tried());
         if self.intent == Intent::Converge {
             o.suspension = self.suspension.clone();
         }
@@ -1167,44 +1169,29 @@ impl<'a, C: Cloud> Pass<'a, C> {
             .map(|t| (stack.name.clone(), t.clone()))
             .into_iter()
             .collect();
-        let name = &stack.name;
+        // The first observation's entry of this stack, if any.
+        fn own<V: Clone>(map: &BTreeMap<String, V>, name: &str) -> BTreeMap<String, V> {
+            map.get_key_value(name)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .into_iter()
+                .collect()
+        }
+        let (first, name) = (self.first, stack.name.as_str());
         Observed {
             stacks,
             templates,
             stacks_read_at: read_at,
-            failed_revisions: (self.first.failed_revisions.get(name))
-                .map(|r| (name.clone(), r.clone()))
-                .into_iter()
-                .collect(),
-            rollback_episodes: (self.first.rollback_episodes.get(name))
-                .map(|e| (name.clone(), e.clone()))
-                .into_iter()
-                .collect(),
+            failed_revisions: own(&first.failed_revisions, name),
+            rollback_episodes: own(&first.rollback_episodes, name),
             failed_redeploys: self.options.failed_redeploys(),
             services: BTreeMap::new(),
-            suspension: self.first.suspension.clone(),
-            executing: (self.first.executing.get(name))
-                .map(|c| (name.clone(), c.clone()))
-                .into_iter()
-                .collect(),
-            resource_drifts: (self.first.resource_drifts.get(name))
-                .map(|d| (name.clone(), d.clone()))
-                .into_iter()
-                .collect(),
-            drift_errors: (self.first.drift_errors.get(name))
-                .map(|e| (name.clone(), e.clone()))
-                .into_iter()
-                .collect(),
-            // What this pass tried so far counts too.
-            revert_attempted: self
-                .options
-                .revert_attempted
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .chain(&self.first.revert_attempted)
-                .cloned()
-                .collect(),
+            suspension: first.suspension.clone(),
+            executing: own(&first.executing, name),
+            resource_drifts: own(&first.resource_drifts, name),
+            drift_errors: own(&first.drift_errors, name),
+            // What this pass tried so far counts too (the first
+            // observation's are among them).
+            revert_attempted: self.options.reverts_tried(),
         }
     }
 

@@ -93,6 +93,27 @@ impl PassMetrics {
         }
     }
 
+    /// (CloudWatch name, unit, stack key, value) of the per-stack metrics,
+    /// ages counted up to `now`.
+    fn stack_values(
+        &self,
+        now: std::time::SystemTime,
+    ) -> Vec<(&'static str, &'static str, &str, f64)> {
+        let in_sync = self
+            .stack_in_sync
+            .iter()
+            .map(|(k, v)| ("StackInSync", "Count", k.as_str(), *v as f64));
+        let drifted = self
+            .drifted_resources
+            .iter()
+            .map(|(k, v)| ("DriftedResources", "Count", k.as_str(), *v as f64));
+        let age = self.drift_checked.iter().map(move |(k, t)| {
+            let secs = now.duration_since(*t).unwrap_or_default().as_secs_f64();
+            ("DriftDetectionAge", "Seconds", k.as_str(), secs)
+        });
+        in_sync.chain(drifted).chain(age).collect()
+    }
+
     /// (name, unit, value) of the environment-level metrics.
     fn values(&self) -> [(&'static str, &'static str, f64); 11] {
         [
@@ -160,34 +181,19 @@ impl MetricsSink for CloudWatchSink {
                     .build()
             })
             .collect();
-        let now = std::time::SystemTime::now();
-        data.extend(m.drifted_resources.iter().map(|(stack, v)| {
-            MetricDatum::builder()
-                .metric_name("DriftedResources")
-                .unit(StandardUnit::Count)
-                .value(*v as f64)
-                .dimensions(dim("Environment", &m.environment))
-                .dimensions(dim("Stack", stack))
-                .build()
-        }));
-        data.extend(m.drift_checked.iter().map(|(stack, t)| {
-            MetricDatum::builder()
-                .metric_name("DriftDetectionAge")
-                .unit(StandardUnit::Seconds)
-                .value(now.duration_since(*t).unwrap_or_default().as_secs_f64())
-                .dimensions(dim("Environment", &m.environment))
-                .dimensions(dim("Stack", stack))
-                .build()
-        }));
-        data.extend(m.stack_in_sync.iter().map(|(stack, v)| {
-            MetricDatum::builder()
-                .metric_name("StackInSync")
-                .unit(StandardUnit::Count)
-                .value(*v as f64)
-                .dimensions(dim("Environment", &m.environment))
-                .dimensions(dim("Stack", stack))
-                .build()
-        }));
+        data.extend(
+            m.stack_values(std::time::SystemTime::now())
+                .into_iter()
+                .map(|(name, unit, stack, value)| {
+                    MetricDatum::builder()
+                        .metric_name(name)
+                        .unit(StandardUnit::from(unit))
+                        .value(value)
+                        .dimensions(dim("Environment", &m.environment))
+                        .dimensions(dim("Stack", stack))
+                        .build()
+                }),
+        );
         // PutMetricData takes up to 1000 data per call.
         for chunk in data.chunks(1000) {
             client
@@ -274,55 +280,46 @@ impl Registry {
                 })
                 .collect(),
         );
-        family(
-            "stackwarden_stack_in_sync",
-            "gauge",
-            "1 when the stack is in sync and healthy after the last pass.",
-            self.last
-                .values()
-                .flat_map(|m| {
-                    m.stack_in_sync.iter().map(|(k, v)| {
-                        (
-                            format!("{},stack=\"{}\"", env(&m.environment), escape(k)),
-                            *v as f64,
-                        )
-                    })
-                })
-                .collect(),
-        );
-        family(
-            "stackwarden_drifted_resources",
-            "gauge",
-            "Drifted resources of the stack at its latest drift detection (ignored drift left out).",
-            self.last
-                .values()
-                .flat_map(|m| {
-                    m.drifted_resources.iter().map(|(k, v)| {
-                        (
-                            format!("{},stack=\"{}\"", env(&m.environment), escape(k)),
-                            *v as f64,
-                        )
-                    })
-                })
-                .collect(),
-        );
+        // The per-stack metrics, as CloudWatch gets them.
         let now = std::time::SystemTime::now();
-        family(
-            "stackwarden_drift_detection_age_seconds",
-            "gauge",
-            "Seconds since the stack's drift was last detected.",
-            self.last
-                .values()
-                .flat_map(|m| {
-                    m.drift_checked.iter().map(|(k, t)| {
-                        (
-                            format!("{},stack=\"{}\"", env(&m.environment), escape(k)),
-                            now.duration_since(*t).unwrap_or_default().as_secs_f64(),
-                        )
+        for (metric, name, help) in [
+            (
+                "StackInSync",
+                "stackwarden_stack_in_sync",
+                "1 when the stack is in sync and healthy after the last pass.",
+            ),
+            (
+                "DriftedResources",
+                "stackwarden_drifted_resources",
+                "Drifted resources of the stack at its latest drift detection (ignored drift left out).",
+            ),
+            (
+                "DriftDetectionAge",
+                "stackwarden_drift_detection_age_seconds",
+                "Seconds since the stack's drift was last detected.",
+            ),
+        ] {
+            family(
+                name,
+                "gauge",
+                help,
+                self.last
+                    .values()
+                    .flat_map(|m| {
+                        m.stack_values(now)
+                            .into_iter()
+                            .filter(|(n, ..)| *n == metric)
+                            .map(|(_, _, stack, v)| {
+                                (
+                                    format!("{},stack=\"{}\"", env(&m.environment), escape(stack)),
+                                    v,
+                                )
+                            })
+                            .collect::<Vec<_>>()
                     })
-                })
-                .collect(),
-        );
+                    .collect(),
+            );
+        }
         family(
             "stackwarden_services",
             "gauge",
