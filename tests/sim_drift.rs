@@ -8,17 +8,15 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Workspace, sim_cloud};
-use stackwarden::apply::{self, Options, Report, StackReport, StackResult};
+use common::{Workspace, sim_cloud, sim_pass};
+use stackwarden::apply::{Options, Report, StackReport, StackResult};
 use stackwarden::cloud::sim::{SimCloud, SimConfig};
 use stackwarden::cloud::{Cloud, DriftStatus, Retrying};
 use stackwarden::detect::{Detected, Detections, detect_env, detect_stack};
 use stackwarden::drift::{DriftMode, Ignore};
 use stackwarden::notify::{Episodes, findings};
-use stackwarden::observe::Depth;
 use stackwarden::plan::{BlockedBy, StackAction, StackPlan, Verdict};
 use stackwarden::spec::{self, DesiredEnv};
-use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 const TABLES: &str = "dev-performance-mgmt-dynamodb";
@@ -26,21 +24,6 @@ const CLUSTER: &str = "dev-performance-mgmt-ecs-cluster";
 
 fn load(ws: &Workspace) -> DesiredEnv {
     spec::load(&ws.path("desired-state/dev.yaml")).expect("dev loads")
-}
-
-async fn pass(cloud: &Retrying<SimCloud>, env: &DesiredEnv, options: &Options) -> Report {
-    apply::reconcile(
-        cloud,
-        env,
-        &Semaphore::new(apply::DEFAULT_MAX_PARALLEL),
-        &Options {
-            depth: Depth::Full,
-            jitter_seed: Some(0),
-            ..options.clone()
-        },
-    )
-    .await
-    .expect("the pass observes")
 }
 
 async fn detect(cloud: &Retrying<SimCloud>, env: &DesiredEnv, key: &str) -> Detected {
@@ -88,7 +71,7 @@ fn drift_of(d: &Detected) -> &stackwarden::drift::StackDrift {
 async fn a_detection_takes_its_time_may_fail_partially_and_rides_out_throttling() {
     let env = load(&Workspace::new());
     let cloud = sim_cloud(&env, 0);
-    let report = pass(&cloud, &env, &Options::default()).await;
+    let report = sim_pass(&cloud, &env, Options::default()).await;
     assert_eq!(report.verdict(), Verdict::InSync);
     let sim = cloud.inner();
     sim.edit_out_of_band(TABLES, "ReviewCyclesTable", "/BillingMode", "PROVISIONED");
@@ -153,7 +136,7 @@ async fn a_detection_takes_its_time_may_fail_partially_and_rides_out_throttling(
 async fn revert_writes_back_what_it_can_and_never_loops_on_create_only_drift() {
     let mut env = load(&Workspace::new());
     let cloud = sim_cloud(&env, 0);
-    pass(&cloud, &env, &Options::default()).await;
+    sim_pass(&cloud, &env, Options::default()).await;
     let sim = cloud.inner();
     sim.edit_out_of_band(TABLES, "ReviewCyclesTable", "/BillingMode", "PROVISIONED");
     sim.edit_out_of_band(TABLES, "ReviewCyclesTable", "/TableName", "renamed-by-hand");
@@ -173,7 +156,7 @@ async fn revert_writes_back_what_it_can_and_never_loops_on_create_only_drift() {
     .await;
 
     let options = Options::default();
-    let report = pass(&cloud, &env, &options).await;
+    let report = sim_pass(&cloud, &env, options.clone()).await;
     let tables = result_of(&report, "dynamodb");
     assert_eq!(tables.result, StackResult::Updated, "{tables:?}");
     assert!(
@@ -204,7 +187,7 @@ async fn revert_writes_back_what_it_can_and_never_loops_on_create_only_drift() {
 
     // The next passes report it and write nothing.
     for _ in 0..2 {
-        let again = pass(&cloud, &env, &options).await;
+        let again = sim_pass(&cloud, &env, options.clone()).await;
         assert!(!again.wrote(), "{:?}", again.stacks);
         assert_eq!(again.verdict(), Verdict::Differences);
         let p = plan_of(&again, "dynamodb");
@@ -218,7 +201,7 @@ async fn a_revert_combined_with_a_change_that_replaces_a_protected_table_is_bloc
     let ws = Workspace::new();
     let env = load(&ws);
     let cloud = sim_cloud(&env, 0);
-    pass(&cloud, &env, &Options::default()).await;
+    sim_pass(&cloud, &env, Options::default()).await;
     let sim = cloud.inner();
     sim.edit_out_of_band(TABLES, "ReviewCyclesTable", "/BillingMode", "PROVISIONED");
     // The desired state now also changes the table's key: a replacement.
@@ -230,7 +213,7 @@ async fn a_revert_combined_with_a_change_that_replaces_a_protected_table_is_bloc
     let mut env = load(&ws);
     env.stacks.get_mut("dynamodb").unwrap().drift.mode = DriftMode::Revert;
     detect(&cloud, &env, "dynamodb").await;
-    let report = pass(&cloud, &env, &Options::default()).await;
+    let report = sim_pass(&cloud, &env, Options::default()).await;
     let tables = result_of(&report, "dynamodb");
     let reason = blocked_by_policy(tables);
     assert!(reason.contains("ReviewCyclesTable"), "{reason}");
@@ -252,14 +235,14 @@ async fn a_revert_combined_with_a_change_that_replaces_a_protected_table_is_bloc
 async fn alert_mode_tells_a_drift_episode_once_and_its_end_once() {
     let env = load(&Workspace::new());
     let cloud = sim_cloud(&env, 0);
-    pass(&cloud, &env, &Options::default()).await;
+    sim_pass(&cloud, &env, Options::default()).await;
     let sim = cloud.inner();
     let mut episodes = Episodes::new(Duration::from_secs(6 * 3600));
     sim.edit_out_of_band(CLUSTER, "TaskLogGroup", "/RetentionInDays", "3");
     detect(&cloud, &env, "ecs-cluster").await;
     let mut told = Vec::new();
     for _ in 0..3 {
-        let report = pass(&cloud, &env, &Options::default()).await;
+        let report = sim_pass(&cloud, &env, Options::default()).await;
         assert!(!report.wrote(), "alert mode writes nothing");
         told.extend(episodes.update("dev", &findings(&report), &[], Instant::now()));
         tokio::time::advance(Duration::from_secs(60)).await;
@@ -274,12 +257,12 @@ async fn alert_mode_tells_a_drift_episode_once_and_its_end_once() {
     // Someone puts it back; the next detection ends the episode.
     sim.clear_edits(CLUSTER, "TaskLogGroup");
     detect(&cloud, &env, "ecs-cluster").await;
-    let report = pass(&cloud, &env, &Options::default()).await;
+    let report = sim_pass(&cloud, &env, Options::default()).await;
     let end = episodes
         .update("dev", &findings(&report), &[], Instant::now())
         .unwrap();
     assert_eq!(end.event, "recovered");
-    let report = pass(&cloud, &env, &Options::default()).await;
+    let report = sim_pass(&cloud, &env, Options::default()).await;
     assert!(
         episodes
             .update("dev", &findings(&report), &[], Instant::now())
@@ -291,7 +274,7 @@ async fn alert_mode_tells_a_drift_episode_once_and_its_end_once() {
 async fn ignored_drift_is_never_written_back_by_a_revert() {
     let mut env = load(&Workspace::new());
     let cloud = sim_cloud(&env, 0);
-    pass(&cloud, &env, &Options::default()).await;
+    sim_pass(&cloud, &env, Options::default()).await;
     let sim = cloud.inner();
     let tables = env.stacks.get_mut("dynamodb").unwrap();
     tables.drift.mode = DriftMode::Revert;
@@ -307,7 +290,7 @@ async fn ignored_drift_is_never_written_back_by_a_revert() {
         "PROVISIONED",
     );
     detect(&cloud, &env, "dynamodb").await;
-    let report = pass(&cloud, &env, &Options::default()).await;
+    let report = sim_pass(&cloud, &env, Options::default()).await;
     assert!(!report.wrote(), "{:?}", report.stacks);
     let p = plan_of(&report, "dynamodb");
     assert!(
@@ -327,7 +310,7 @@ async fn ignored_drift_is_never_written_back_by_a_revert() {
         "/BillingMode",
         "PROVISIONED",
     );
-    let report = pass(&cloud, &env, &Options::default()).await;
+    let report = sim_pass(&cloud, &env, Options::default()).await;
     let r = result_of(&report, "dynamodb");
     let reason = blocked_by_policy(r);
     assert!(reason.contains("FeedbackRecordsTable"), "{reason}");
@@ -339,7 +322,7 @@ async fn ignored_drift_is_never_written_back_by_a_revert() {
 async fn a_revert_with_nothing_left_to_revert_is_not_tried_every_pass() {
     let mut env = load(&Workspace::new());
     let cloud = sim_cloud(&env, 0);
-    pass(&cloud, &env, &Options::default()).await;
+    sim_pass(&cloud, &env, Options::default()).await;
     let sim = cloud.inner();
     env.stacks.get_mut("dynamodb").unwrap().drift.mode = DriftMode::Revert;
     sim.edit_out_of_band(TABLES, "ReviewCyclesTable", "/BillingMode", "PROVISIONED");
@@ -347,12 +330,12 @@ async fn a_revert_with_nothing_left_to_revert_is_not_tried_every_pass() {
     // Put back by hand before the pass: the drift-aware change set is empty.
     sim.clear_edits(TABLES, "ReviewCyclesTable");
     let options = Options::default();
-    let first = pass(&cloud, &env, &options).await;
+    let first = sim_pass(&cloud, &env, options.clone()).await;
     let r = result_of(&first, "dynamodb");
     assert_eq!(r.result, StackResult::NoChanges, "{r:?}");
     let made = sim.calls()["CreateChangeSet"];
     for _ in 0..3 {
-        let again = pass(&cloud, &env, &options).await;
+        let again = sim_pass(&cloud, &env, options.clone()).await;
         assert!(!again.wrote());
         let p = plan_of(&again, "dynamodb");
         assert!(p.reason.contains("a revert already ran"), "{}", p.reason);
@@ -361,11 +344,11 @@ async fn a_revert_with_nothing_left_to_revert_is_not_tried_every_pass() {
     // The next detection finds nothing: the episode is over, and drift that
     // comes back later is reverted again.
     detect(&cloud, &env, "dynamodb").await;
-    let report = pass(&cloud, &env, &options).await;
+    let report = sim_pass(&cloud, &env, options.clone()).await;
     assert_eq!(report.verdict(), Verdict::InSync);
     sim.edit_out_of_band(TABLES, "ReviewCyclesTable", "/BillingMode", "PROVISIONED");
     detect(&cloud, &env, "dynamodb").await;
-    let report = pass(&cloud, &env, &options).await;
+    let report = sim_pass(&cloud, &env, options.clone()).await;
     let r = result_of(&report, "dynamodb");
     assert_eq!(r.result, StackResult::Updated, "{r:?}");
     assert!(sim.live_edits(TABLES, "ReviewCyclesTable").is_empty());
@@ -376,7 +359,7 @@ async fn a_revert_with_nothing_left_to_revert_is_not_tried_every_pass() {
 async fn a_detection_given_up_waiting_for_keeps_its_slot_and_is_polled_not_started_again() {
     let env = load(&Workspace::new());
     let cloud = sim_cloud(&env, 0);
-    pass(&cloud, &env, &Options::default()).await;
+    sim_pass(&cloud, &env, Options::default()).await;
     let sim = cloud.inner();
     sim.edit_out_of_band(TABLES, "ReviewCyclesTable", "/BillingMode", "PROVISIONED");
     let slots = Detections::new(1);
@@ -406,7 +389,7 @@ async fn a_detection_parked_before_the_stacks_last_update_is_followed_by_a_fresh
     const NETWORK: &str = "dev-performance-mgmt-network";
     let env = load(&Workspace::new());
     let cloud = sim_cloud(&env, 0);
-    pass(&cloud, &env, &Options::default()).await;
+    sim_pass(&cloud, &env, Options::default()).await;
     let sim = cloud.inner();
     let slots = Detections::new(2);
     let soon = |s| Instant::now() + Duration::from_secs(s);
@@ -414,7 +397,7 @@ async fn a_detection_parked_before_the_stacks_last_update_is_followed_by_a_fresh
     assert!(d.failed(), "{d:?}");
     // The stack is updated meanwhile (drift of a parameter, converged).
     sim.edit_parameter(NETWORK, "FlowLogRetentionDays", "90");
-    let report = pass(&cloud, &env, &Options::default()).await;
+    let report = sim_pass(&cloud, &env, Options::default()).await;
     assert_eq!(result_of(&report, "network").result, StackResult::Updated);
     let d = detect_stack(&cloud, &env.stacks["network"], &slots, soon(600)).await;
     let drift = drift_of(&d);

@@ -11,38 +11,21 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-use common::{Workspace, dev_new_revision, sim_cloud};
-use stackwarden::apply::{self, Gate, Intent, Options, Report, StackResult};
+use common::{Workspace, dev_new_revision, sim_cloud, sim_pass};
+use stackwarden::apply::{Gate, Intent, Options, Report, StackResult};
 use stackwarden::cloud::sim::SimCloud;
 use stackwarden::cloud::{Retrying, StackStatus};
-use stackwarden::observe::Depth;
 use stackwarden::plan::{BlockedBy, Verdict};
 use stackwarden::recovery::Request;
 use stackwarden::spec::{self, DesiredEnv};
 use stackwarden::state::{Backend, MemoryStore, State, Suspension};
-use tokio::sync::Semaphore;
 
 fn dev() -> DesiredEnv {
     spec::load(&Workspace::new().path("desired-state/dev.yaml")).expect("dev loads")
 }
 
-async fn run(cloud: &Retrying<SimCloud>, env: &DesiredEnv, options: Options) -> Report {
-    apply::reconcile(
-        cloud,
-        env,
-        &Semaphore::new(apply::DEFAULT_MAX_PARALLEL),
-        &Options {
-            depth: Depth::Full,
-            jitter_seed: Some(0),
-            ..options
-        },
-    )
-    .await
-    .expect("the pass observes")
-}
-
 async fn converge(cloud: &Retrying<SimCloud>, env: &DesiredEnv) -> Report {
-    run(cloud, env, Options::default()).await
+    sim_pass(cloud, env, Options::default()).await
 }
 
 /// `stackwarden rollback -e dev [--stack KEY] [--skip ...] [--cancel]`.
@@ -66,7 +49,7 @@ async fn rollback(
         &skips.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>(),
     )
     .expect("valid skips");
-    run(
+    sim_pass(
         cloud,
         env,
         Options {
@@ -276,7 +259,7 @@ async fn a_suspended_environment_is_planned_and_reported_but_never_written() {
         since: 1_767_225_600,
         reason: "rolled back to v1 (abc)".into(),
     };
-    let r = run(
+    let r = sim_pass(
         &cloud,
         &env,
         Options {
@@ -299,7 +282,7 @@ async fn a_suspended_environment_is_planned_and_reported_but_never_written() {
         stacks: BTreeSet::from(["network".to_owned()]),
         ..Request::default()
     };
-    let r = run(
+    let r = sim_pass(
         &cloud,
         &env,
         Options {
@@ -341,7 +324,7 @@ async fn a_suspension_made_during_a_pass_stops_it_at_its_next_write() {
         after: executed,
         asked: AtomicUsize::new(0),
     });
-    let r = run(
+    let r = sim_pass(
         &cloud,
         &next,
         Options {

@@ -317,3 +317,25 @@ pub fn sim_cloud(
         ..SimConfig::default()
     }))
 }
+
+/// One pass of `reconcile` on a simulated cloud, comparing every template,
+/// with seeded jitter (a history replays exactly).
+pub async fn sim_pass(
+    cloud: &stackwarden::cloud::Retrying<stackwarden::cloud::sim::SimCloud>,
+    env: &stackwarden::spec::DesiredEnv,
+    options: stackwarden::apply::Options,
+) -> stackwarden::apply::Report {
+    use stackwarden::apply;
+    apply::reconcile(
+        cloud,
+        env,
+        &tokio::sync::Semaphore::new(apply::DEFAULT_MAX_PARALLEL),
+        &apply::Options {
+            depth: stackwarden::observe::Depth::Full,
+            jitter_seed: Some(0),
+            ..options
+        },
+    )
+    .await
+    .expect("the pass observes")
+}
