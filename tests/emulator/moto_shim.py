@@ -160,6 +160,14 @@ Patches
    SNS DisplayName, log retention, DynamoDB billing mode and throughput,
    security group ingress, ECS desired count). DriftInformation keeps the
    last detection's status until the next detection, as AWS documents.
+21. moto serves requests on threads and its CloudFormation backend has no
+   locking, and ExecuteChangeSet (moto's, then 1) sets the stack's
+   CREATE_COMPLETE before 1 has built its Outputs: a DescribeStacks
+   answered in between shows a complete stack without outputs, which AWS
+   never does (a stack's outputs are there when it is complete). Each
+   CloudFormation request is handled (and its answer serialized) whole,
+   one at a time, so a reader sees a change set executed entirely or not
+   at all. Injected latency (11) is outside the lock.
 """
 
 import argparse
@@ -1901,6 +1909,19 @@ def _execute_change_set_revert(self, change_set_name, stack_name=None):
 
 
 cfn_models.CloudFormationBackend.execute_change_set = _execute_change_set_revert
+
+
+# --- 21. One CloudFormation request at a time ------------------------------------------
+_cfn_request_lock = threading.RLock()
+_cfn_call_action = cfn_responses.CloudFormationResponse.call_action
+
+
+def _call_action_whole(self):
+    with _cfn_request_lock:
+        return _cfn_call_action(self)
+
+
+cfn_responses.CloudFormationResponse.call_action = _call_action_whole
 
 
 def _exit_when_stdin_closes():
