@@ -60,6 +60,9 @@ pub enum ApplyError {
     /// The environment was suspended during the pass.
     #[error("{0}")]
     Suspended(String),
+    /// The environment's sync window closed during the pass.
+    #[error("{0}")]
+    OutsideWindow(String),
     /// Whether the environment may be written cannot be known (the state
     /// table cannot be read): nothing is written.
     #[error("cannot read the suspension from the state table: {0}")]
@@ -79,12 +82,9 @@ pub trait Gate: Send + std::marker::Sync {
 /// What a refused write makes of a stack's result: a suspension is a
 /// block, anything else a failure.
 fn refused(e: ApplyError) -> StackResult {
-    match e {
-        ApplyError::Suspended(reason) => StackResult::Blocked {
-            by: BlockedBy::Suspended,
-            reason,
-        },
-        e => failed(e.to_string()),
+    match e.held() {
+        Some((by, reason)) => StackResult::Blocked { by, reason },
+        None => failed(e.to_string()),
     }
 }
 
@@ -107,12 +107,29 @@ impl Options {
     /// Adds to an observation of the cloud what the pass knows from
     /// elsewhere: redeploys that failed, and the suspension (which a
     /// rollback, an operator's own act, does not heed).
-    fn annotate(&self, o: &mut Observed) {
+    fn annotate(&self, env: &DesiredEnv, now: std::time::SystemTime, o: &mut Observed) {
         o.failed_redeploys.extend(self.failed_redeploys());
         o.revert_attempted.extend(self.reverts_tried());
         if self.intent == Intent::Converge {
             o.suspension = self.suspension.clone();
         }
+        o.sync_window = self.sync_window(env, now);
+    }
+
+    /// The environment's sync window at `now`, for a pass that converges
+    /// (a rollback is a person's own act, like a suspension it does not
+    /// heed).
+    fn sync_window(
+        &self,
+        env: &DesiredEnv,
+        now: std::time::SystemTime,
+    ) -> Option<crate::window::WindowState> {
+        if self.intent != Intent::Converge {
+            return None;
+        }
+        let mut w = env.policy.windows.state(now)?;
+        w.ignored = self.ignore_windows && !w.open;
+        Some(w)
     }
 
     /// The plan of a whole environment for this pass's intent.
@@ -192,13 +209,24 @@ pub enum Intent {
 }
 
 impl ApplyError {
+    /// A refusal that holds a write back (a block, not a failure).
+    fn held(&self) -> Option<(BlockedBy, String)> {
+        match self {
+            ApplyError::Suspended(why) => Some((BlockedBy::Suspended, why.clone())),
+            ApplyError::OutsideWindow(why) => Some((BlockedBy::SyncWindow, why.clone())),
+            _ => None,
+        }
+    }
+
     /// An error no retry cures: the wrong account, or credentials AWS
     /// refuses. It waits for the desired state or the credentials to
     /// change, not on the failure backoff.
     pub fn is_permanent(&self) -> bool {
         match self {
             ApplyError::AccountMismatch { .. } => true,
-            ApplyError::Suspended(_) | ApplyError::GateUnknown(_) => false,
+            ApplyError::Suspended(_)
+            | ApplyError::OutsideWindow(_)
+            | ApplyError::GateUnknown(_) => false,
             ApplyError::AccountCheck(e) | ApplyError::Observe(e) => {
                 // No credentials is not among them: the instance or
                 // container credentials may simply not be ready yet.
@@ -251,6 +279,9 @@ pub struct Options {
     pub suspension: Option<crate::state::Suspension>,
     /// Asked before every write (see [`Gate`]).
     pub gate: Option<std::sync::Arc<dyn Gate>>,
+    /// Write outside the environment's sync windows (`reconcile --once
+    /// --ignore-windows`, an emergency override).
+    pub ignore_windows: bool,
     /// Drift a drift-aware change set of this process reverted and a
     /// detection afterwards still found, as (stack name, logical id,
     /// property path): never tried again. Share one between the passes of
@@ -665,7 +696,7 @@ async fn reconcile_pass<C: Cloud>(
     let mut observed = observe(cloud, env, options.depth)
         .await
         .map_err(ApplyError::Observe)?;
-    options.annotate(&mut observed);
+    options.annotate(env, cloud.now(), &mut observed);
     if let Intent::Recover(request) = &options.intent {
         read_executing(cloud, env, request, &mut observed)
             .await
@@ -716,7 +747,7 @@ async fn reconcile_pass<C: Cloud>(
     let (final_observed, final_plan, final_observation_error) = if pass.touched() {
         match observe(cloud, env, Depth::Fast).await {
             Ok(mut o) => {
-                options.annotate(&mut o);
+                options.annotate(env, cloud.now(), &mut o);
                 let p = plan(env, &o);
                 (Some(o), p, None)
             }
@@ -1111,6 +1142,14 @@ impl<'a, C: Cloud> Pass<'a, C> {
                 Err(e) => return Err(ApplyError::GateUnknown(e)),
             }
         }
+        // A window that closed since the pass began stops its next write;
+        // an operation already running finishes.
+        if let Some(w) = self.options.sync_window(self.env, self.cloud.now())
+            && !w.open
+            && !w.ignored
+        {
+            return Err(ApplyError::OutsideWindow(w.describe()));
+        }
         Ok(())
     }
 
@@ -1186,6 +1225,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
             failed_redeploys: self.options.failed_redeploys(),
             services: BTreeMap::new(),
             suspension: first.suspension.clone(),
+            sync_window: first.sync_window.clone(),
             executing: own(&first.executing, name),
             resource_drifts: own(&first.resource_drifts, name),
             drift_errors: own(&first.drift_errors, name),
@@ -2093,7 +2133,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
         let p = if self.touched() {
             match observe(self.cloud, self.env, Depth::Fast).await {
                 Ok(mut o) => {
-                    self.options.annotate(&mut o);
+                    self.options.annotate(self.env, self.cloud.now(), &mut o);
                     plan(self.env, &o)
                 }
                 // What the stacks did stays reported; each service says why
@@ -2195,19 +2235,13 @@ impl<'a, C: Cloud> Pass<'a, C> {
                 },
             ),
         };
-        match self.guard().await {
-            Ok(()) => {}
-            Err(ApplyError::Suspended(reason)) => {
-                return ServiceResult::Blocked {
-                    by: BlockedBy::Suspended,
-                    reason,
-                };
-            }
-            Err(e) => {
-                return ServiceResult::Failed {
+        if let Err(e) = self.guard().await {
+            return match e.held() {
+                Some((by, reason)) => ServiceResult::Blocked { by, reason },
+                None => ServiceResult::Failed {
                     reason: e.to_string(),
-                };
-            }
+                },
+            };
         }
         tracing::info!(message = "Updating an ECS service.", environment = %self.env.name, cluster, service, why = %sp.reason);
         if let Err(e) = self

@@ -114,6 +114,10 @@ pub struct EnvStatus {
     /// Set while the environment is suspended (nothing is written).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub suspended: Option<Suspension>,
+    /// The sync window at the last pass (with `policy.windows`): closed,
+    /// nothing is written until it opens.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sync_window: Option<crate::window::WindowState>,
     /// The environment's lease, when replicas share environments.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lease: Option<LeaseStatus>,
@@ -801,6 +805,8 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
                 Arc::new(crate::state::SuspensionGate::new(s.clone(), self.name))
                     as Arc<dyn apply::Gate>
             }),
+            // The daemon never overrides a window: only a person, once.
+            ignore_windows: false,
         };
         let (throttles, calls) = (c.throttles(), c.api_calls());
         let started = Instant::now();
@@ -842,9 +848,18 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
         let throttled = c.throttles() - throttles;
         let calls = c.api_calls() - calls;
 
+        // A closed window: the next pass when it opens, if that is sooner
+        // than the interval.
+        let mut window_opens_in = None;
         let (verdict, permanent) = match &result {
             Ok(report) => {
                 mem.wrote = report.wrote();
+                window_opens_in = report
+                    .final_plan
+                    .sync_window
+                    .as_ref()
+                    .filter(|w| !w.open)
+                    .and_then(|w| w.next_change?.duration_since(c.now()).ok());
                 let mut findings = crate::notify::findings(report);
                 if let Some(e) = &load_error {
                     findings.push(Finding {
@@ -916,7 +931,10 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
             }
         } else if verdict.is_some_and(|v| v != Verdict::Failed) {
             let f = 1.0 + self.settings.jitter * mem.rng.gen_range(-1.0..=1.0);
-            Next::RequeueAfter(self.settings.interval.mul_f64(f.clamp(0.0, 2.0)))
+            let interval = self.settings.interval.mul_f64(f.clamp(0.0, 2.0));
+            // A second past the opening: then it is open on any clock.
+            let opening = window_opens_in.map(|d| d + Duration::from_secs(1));
+            Next::RequeueAfter(opening.map_or(interval, |o| o.min(interval)))
         } else {
             Next::Backoff
         })
@@ -971,6 +989,7 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
         match r.report {
             Some(report) => {
                 s.suspended = r.suspension;
+                s.sync_window = report.final_plan.sync_window.clone();
                 s.revision = r.revision.or(s.revision.take());
                 s.last_pass_seconds = Some(report.seconds);
                 s.result = Some(report.verdict());

@@ -30,4 +30,5 @@ pub mod retry;
 pub mod spec;
 pub mod state;
 pub mod template;
+pub mod window;
 pub mod yaml;

@@ -39,6 +39,9 @@ pub struct Observed {
     /// The environment's suspension, read from the state table: while
     /// there is one, nothing is written.
     pub suspension: Option<crate::state::Suspension>,
+    /// The environment's sync window when the observation was made (none
+    /// without `policy.windows`): while closed, nothing is written.
+    pub sync_window: Option<crate::window::WindowState>,
     /// By stack name: the change set whose execution is the stack's
     /// running operation (read only by `rollback`, for stacks in
     /// UPDATE_IN_PROGRESS).
@@ -103,6 +106,9 @@ pub enum BlockedBy {
     /// `stackwarden suspend` (or a rollback): nothing is written until
     /// `stackwarden resume`.
     Suspended,
+    /// Outside the environment's sync windows (`policy.windows`): nothing
+    /// is written until one opens.
+    SyncWindow,
     /// The change replaces or removes a protected resource.
     Policy,
     /// The stack stopped in a failed state that needs a decision.
@@ -311,6 +317,10 @@ pub struct Plan {
     /// done, and nothing of it is.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub suspended: Option<crate::state::Suspension>,
+    /// The sync window (`policy.windows`) when planned: closed, the plan
+    /// is what would be done, and nothing of it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sync_window: Option<crate::window::WindowState>,
     /// In dependency order; orphans last.
     pub stacks: Vec<StackPlan>,
     pub services: Vec<ServicePlan>,
@@ -581,6 +591,7 @@ pub fn plan(env: &DesiredEnv, observed: &Observed) -> Plan {
         revision: env.revision.clone(),
         mode: env.policy.mode,
         suspended: observed.suspension.clone(),
+        sync_window: observed.sync_window.clone(),
         stacks,
         services,
     };
@@ -595,6 +606,12 @@ pub fn plan(env: &DesiredEnv, observed: &Observed) -> Plan {
 fn hold(env: &DesiredEnv, observed: &Observed) -> Option<(BlockedBy, String)> {
     if let Some(s) = &observed.suspension {
         return Some((BlockedBy::Suspended, s.describe()));
+    }
+    if let Some(w) = &observed.sync_window
+        && !w.open
+        && !w.ignored
+    {
+        return Some((BlockedBy::SyncWindow, w.describe()));
     }
     (env.policy.mode == Mode::Observe).then(|| (BlockedBy::ObserveMode, "observe mode".into()))
 }

@@ -316,6 +316,7 @@ mod tests {
                 .collect::<BTreeSet<_>>(),
             recreate_failed: false,
             continue_rollback: false,
+            windows: Default::default(),
         }
     }
 

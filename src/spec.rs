@@ -269,6 +269,23 @@ struct RawPolicy {
     recreate_failed: bool,
     #[serde(default)]
     continue_rollback: bool,
+    #[serde(default)]
+    windows: Vec<RawWindow>,
+}
+
+/// One of `policy.windows`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWindow {
+    kind: crate::window::Kind,
+    schedule: String,
+    duration: HumanDuration,
+    #[serde(default = "utc")]
+    timezone: String,
+}
+
+fn utc() -> String {
+    "UTC".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -341,6 +358,8 @@ pub struct Policy {
     pub recreate_failed: bool,
     /// Continue a rollback stuck in UPDATE_ROLLBACK_FAILED.
     pub continue_rollback: bool,
+    /// When passes may write (see [`crate::window`]).
+    pub windows: crate::window::Windows,
 }
 
 /// An ECS service a stack owns, to observe and keep converged.
@@ -1584,7 +1603,23 @@ impl Loader {
                 ),
             }
         }
+        let mut windows = Vec::new();
+        for (i, w) in raw.windows.iter().enumerate() {
+            match crate::window::SyncWindow::new(w.kind, &w.schedule, w.duration.0, &w.timezone) {
+                Ok(w) => windows.push(w),
+                Err(e) => {
+                    let key = match e {
+                        crate::window::WindowError::Schedule { .. }
+                        | crate::window::WindowError::NeverFires(_) => "schedule",
+                        crate::window::WindowError::TimeZone(_) => "timezone",
+                        crate::window::WindowError::ZeroDuration => "duration",
+                    };
+                    self.error_at(doc, &format!("policy.windows.{i}.{key}"), e.to_string());
+                }
+            }
+        }
         Policy {
+            windows: crate::window::Windows(windows),
             mode: raw.mode,
             prune: raw.prune,
             protect,
@@ -2477,6 +2512,39 @@ stacks:
                 "desired-state/dev.yaml:16:26: drift.ignore.1: unknown stack `nowhere`",
                 "desired-state/dev.yaml:16:37: drift.ignore.2: `data` must be <stack>.<LogicalId>[.<Property>...]",
             ]
+        );
+    }
+
+    #[test]
+    fn sync_windows_are_checked_where_they_are_written() {
+        let f = Fixture::new();
+        let text = format!(
+            "{GOOD}policy:\n  windows:\n    - {{kind: allow, schedule: \"0 8 * * 1-5\", duration: 10h, timezone: Europe/Berlin}}\n    - {{kind: deny, schedule: \"0 8 * *\", duration: 1h}}\n    - {{kind: deny, schedule: \"0 8 * * *\", duration: 1h, timezone: Europe/Bxl}}\n    - {{kind: maybe, schedule: \"0 8 * * *\", duration: 1h}}\n"
+        );
+        let errs = f.errors("dev", &text);
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert!(
+            errs[0].starts_with("desired-state/dev.yaml:19:8: policy.windows.3.kind: unknown variant `maybe`"),
+            "{errs:#?}"
+        );
+        let text = text.replace("kind: maybe", "kind: deny");
+        let errs = f.errors("dev", &text);
+        assert_eq!(
+            errs,
+            vec![
+                "desired-state/dev.yaml:17:20: policy.windows.1.schedule: invalid cron schedule `0 8 * *`: Invalid pattern: Pattern must have 5 fields when seconds are disallowed. (5 fields: minute hour day-of-month month day-of-week)",
+                "desired-state/dev.yaml:18:57: policy.windows.2.timezone: unknown time zone `Europe/Bxl` (an IANA name such as Europe/Berlin or UTC)",
+            ]
+        );
+        let good = text
+            .replace("\"0 8 * *\"", "\"0 8 * * *\"")
+            .replace("Europe/Bxl", "UTC");
+        let env = f.load("dev", &good).expect("loads");
+        assert_eq!(env.policy.windows.0.len(), 4);
+        assert_eq!(env.policy.windows.0[1].timezone, "UTC");
+        assert_eq!(
+            env.policy.windows.0[0].describe(),
+            "allow `0 8 * * 1-5` for 10h (Europe/Berlin)"
         );
     }
 

@@ -1431,3 +1431,89 @@ async fn a_stale_read_after_a_redeploy_is_not_taken_for_a_rollback() {
     );
     assert!(options.failed_redeploys.lock().unwrap().is_empty());
 }
+
+fn at(rfc3339: &str) -> std::time::SystemTime {
+    std::time::SystemTime::from(rfc3339.parse::<jiff::Timestamp>().expect("a timestamp"))
+}
+
+/// A window that closes while a pass creates the environment: the stacks
+/// already started finish, no new one starts, and the rest is held with
+/// the window's reason. A pass outside the window writes nothing; one with
+/// the override (`--ignore-windows`) converges and says it was ignored.
+#[tokio::test(start_paused = true)]
+async fn a_window_that_closes_mid_pass_stops_the_next_write_and_the_override_writes_anyway() {
+    let ws = Workspace::new();
+    // Open 2 minutes a day from midnight UTC; the simulation starts then.
+    ws.edit(
+        "desired-state/dev.yaml",
+        "policy:\n  mode: converge\n",
+        "policy:\n  mode: converge\n  windows:\n    - {kind: allow, schedule: \"0 0 * * *\", duration: 2m}\n",
+    );
+    let env = load(&ws);
+    let cloud = Retrying::new(SimCloud::new(SimConfig {
+        wall_clock_start: at("2026-01-01T00:00:00Z"),
+        latency: sim::latencies(&env, &SERVICE_MINUTES),
+        ..SimConfig::default()
+    }));
+    let first = pass(&cloud, &env).await;
+    let created: Vec<&str> = first
+        .stacks
+        .iter()
+        .filter(|s| s.result == StackResult::Created)
+        .map(|s| s.id())
+        .collect();
+    assert!(!created.is_empty() && created.len() < ALL.len(), "{first:#?}");
+    let held: Vec<&str> = first
+        .stacks
+        .iter()
+        .filter(|s| {
+            matches!(&s.result, StackResult::Blocked { by: BlockedBy::SyncWindow, reason }
+                if reason == "outside sync window (opens at 2026-01-02 00:00 UTC)")
+        })
+        .map(|s| s.id())
+        .collect();
+    assert!(!held.is_empty(), "{first:#?}");
+    // Every stack is created, held, or waits on one that is.
+    assert!(
+        first.stacks.iter().all(|s| matches!(
+            s.result,
+            StackResult::Created | StackResult::Blocked { .. } | StackResult::Skipped { .. }
+        )),
+        "{first:#?}"
+    );
+    let w = first.final_plan.sync_window.as_ref().expect("reported");
+    assert!(!w.open && !w.ignored, "{w:?}");
+
+    // Closed: a pass plans, and writes nothing.
+    let writes = cloud.write_calls();
+    let closed = pass(&cloud, &env).await;
+    assert_eq!(cloud.write_calls(), writes);
+    assert_eq!(closed.verdict(), Verdict::Differences);
+    assert!(
+        closed.final_plan.stacks.iter().any(|s| matches!(
+            &s.action,
+            stackwarden::plan::StackAction::Blocked { by: BlockedBy::SyncWindow, .. }
+        )),
+        "{:#?}",
+        closed.final_plan
+    );
+
+    // The override converges, and says the window was ignored.
+    let forced = apply::reconcile(
+        &cloud,
+        &env,
+        &Semaphore::new(apply::DEFAULT_MAX_PARALLEL),
+        &Options {
+            depth: Depth::Full,
+            jitter_seed: Some(0),
+            ignore_windows: true,
+            ..Options::default()
+        },
+    )
+    .await
+    .expect("the pass observes");
+    assert_eq!(forced.verdict(), Verdict::InSync, "{forced:#?}");
+    let w = forced.final_plan.sync_window.as_ref().expect("reported");
+    assert!(!w.open && w.ignored, "{w:?}");
+    assert!(cloud.violations().is_empty(), "{:?}", cloud.violations());
+}

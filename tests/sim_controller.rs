@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::Workspace;
 use common::controller::{Recorder, SimConnect, settings};
-use stackwarden::cloud::Retrying;
+use stackwarden::cloud::{Cloud, Retrying};
 use stackwarden::cloud::sim::{SimCloud, SimConfig};
 use stackwarden::controller::{Controller, Settings, Shared};
 use stackwarden::plan::Verdict;
@@ -559,6 +559,87 @@ async fn the_daemon_detects_drift_on_each_stacks_interval_within_its_bound_and_t
         assert_eq!(last.drifted_resources["ecs-cluster"], 1);
         assert_eq!(last.drifted_resources["network"], 0);
         assert_eq!(last.drift_checked.len(), 8);
+    })
+    .await;
+    assert!(cloud.violations().is_empty(), "{:?}", cloud.violations());
+}
+
+fn at(rfc3339: &str) -> std::time::SystemTime {
+    std::time::SystemTime::from(rfc3339.parse::<jiff::Timestamp>().expect("a timestamp"))
+}
+
+/// An allowed window every day 09:00 to 11:00 Berlin time. The simulation
+/// starts on Saturday 28 March 2026 at 12:00 UTC, after that day's window
+/// (08:00 to 10:00 UTC); in the night Berlin moves to summer time, so
+/// Sunday's window opens at 07:00 UTC, an hour earlier in UTC than
+/// Saturday's.
+#[tokio::test(start_paused = true)]
+async fn outside_its_sync_window_the_daemon_writes_nothing_and_converges_as_it_opens_across_a_dst_change()
+ {
+    let ws = Workspace::new();
+    ws.edit(
+        "desired-state/dev.yaml",
+        "policy:\n  mode: converge\n",
+        "policy:\n  mode: converge\n  windows:\n    - {kind: allow, schedule: \"0 9 * * *\", duration: 2h, timezone: Europe/Berlin}\n",
+    );
+    let cloud = Retrying::new(SimCloud::new(SimConfig {
+        wall_clock_start: at("2026-03-28T12:00:00Z"),
+        ..SimConfig::default()
+    }));
+    let rec = Recorder::default();
+    let (ws, cloud, rec) = (&ws, &cloud, &rec);
+    // A long interval: the pass at the opening comes from the window.
+    let settings = Settings {
+        watch_every: Duration::from_secs(600),
+        ..settings(3600)
+    };
+    with_controller(ws, cloud, rec, &settings, |shared, _hup| async move {
+        until("the first pass", Duration::from_secs(600), || passes(&shared) >= 1).await;
+        let status = shared.env("dev").unwrap();
+        let w = status.sync_window.clone().expect("the window is reported");
+        assert!(!w.open, "{w:?}");
+        assert_eq!(w.next_change, Some(at("2026-03-29T07:00:00Z")));
+        assert_eq!(
+            w.next_change_local.as_deref(),
+            Some("2026-03-29 09:00 CEST")
+        );
+        assert_eq!(status.result, Some(Verdict::Differences));
+        assert!(
+            shared
+                .status_json()
+                .contains("outside sync window (opens at 2026-03-29 09:00 CEST)"),
+            "{}",
+            shared.status_json()
+        );
+        // The stacks are missing: told once, as drift, while held.
+        let alerts = rec.alerts();
+        assert_eq!(alerts.len(), 1, "{alerts:#?}");
+        assert_eq!(alerts[0].event, "drift");
+
+        // Every pass until the opening writes nothing.
+        let opening = at("2026-03-29T07:00:00Z");
+        let a_minute_before = opening.duration_since(cloud.now()).unwrap() - Duration::from_secs(60);
+        tokio::time::sleep(a_minute_before).await;
+        assert_eq!(cloud.write_calls(), 0);
+        let mut first_write = None;
+        until("the first write", Duration::from_secs(24 * 3600), || {
+            if cloud.write_calls() > 0 {
+                first_write = Some(cloud.now());
+            }
+            first_write.is_some()
+        })
+        .await;
+        let first_write = first_write.unwrap();
+        assert!(first_write >= opening, "{first_write:?}");
+        assert!(first_write < at("2026-03-29T07:00:10Z"), "{first_write:?}");
+        assert!(passes(&shared) >= 19, "hourly passes while closed: {}", passes(&shared));
+        until("converged in the window", Duration::from_secs(3600), || {
+            in_sync(&shared)
+        })
+        .await;
+        let w = shared.env("dev").unwrap().sync_window.unwrap();
+        assert!(w.open, "{w:?}");
+        assert_eq!(w.next_change, Some(at("2026-03-29T09:00:00Z")));
     })
     .await;
     assert!(cloud.violations().is_empty(), "{:?}", cloud.violations());

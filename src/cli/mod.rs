@@ -183,6 +183,11 @@ struct ReconcileArgs {
     /// controller always does).
     #[arg(long)]
     alerts: bool,
+    /// Write although the environment's sync windows (`policy.windows`)
+    /// are closed: an emergency override of one pass (--once only). It is
+    /// logged, and recorded in the history with a state table.
+    #[arg(long, requires = "once")]
+    ignore_windows: bool,
     /// Controller: time between passes of an environment (humantime), with
     /// 10% jitter.
     /// Between 10s and 24h: a shorter interval hammers AWS's shared
@@ -436,6 +441,7 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
             args.stats,
             args.quiet,
             args.alerts,
+            args.ignore_windows,
             &args.state,
         )),
         Command::Reconcile(args) => {

@@ -28,6 +28,7 @@ pub(super) async fn once(
     stats: bool,
     quiet: bool,
     alerts: bool,
+    ignore_windows: bool,
     state_args: &StateArgs,
 ) -> anyhow::Result<Outcome> {
     let (envs, load_failed) = load_selected(select)?;
@@ -41,6 +42,7 @@ pub(super) async fn once(
     let options = Options {
         depth: if full { Depth::Full } else { Depth::Fast },
         progress: (!quiet).then_some(tx),
+        ignore_windows,
         ..Options::default()
     };
 
@@ -65,6 +67,16 @@ pub(super) async fn once(
                 Arc::new(crate::state::SuspensionGate::new(s.clone(), &env.name))
                     as Arc<dyn apply::Gate>
             });
+            if let Some(w) = env.policy.windows.state(std::time::SystemTime::now())
+                && !w.open
+                && options.ignore_windows
+            {
+                tracing::warn!(
+                    message = "Sync window ignored (--ignore-windows): this pass writes outside it.",
+                    environment = %env.name,
+                    window = %w.describe(),
+                );
+            }
             let cloud =
                 Retrying::new(AwsCloud::connect(&env.region, env.assume_role.as_ref()).await);
             let result = apply::reconcile(&cloud, env, &limit, &options)
@@ -79,14 +91,17 @@ pub(super) async fn once(
         // Who acted, asked only when something was written.
         let mut caller = None;
         for (env, result, _) in &results {
+            // A closed window overridden is recorded even when nothing
+            // needed writing: someone decided to write then.
+            let overridden = result.as_ref().ok().and_then(window_overridden);
             if let Ok(report) = result
-                && report.wrote()
+                && (report.wrote() || overridden.is_some())
             {
                 if caller.is_none() {
                     caller = Some(caller_arn().await);
                 }
                 let caller = caller.as_deref().unwrap_or_default();
-                let entry = history::of_pass(env, report, caller, None);
+                let entry = history::of_pass(env, report, caller, overridden);
                 if let Err(e) = state.record(&env.name, &entry).await {
                     eprintln!("warning: {}: history not written: {e}", env.name);
                 }
@@ -106,6 +121,15 @@ pub(super) async fn once(
         match result {
             Ok(report) => {
                 outcome = outcome.worst(report.verdict().into());
+                // Held by a closed window: not converged, whatever it found.
+                if report
+                    .final_plan
+                    .sync_window
+                    .as_ref()
+                    .is_some_and(|w| !w.open && !w.ignored)
+                {
+                    outcome = outcome.worst(Outcome::Differences);
+                }
                 match select.output {
                     Format::Json => json.push(serde_json::json!({
                         "environment": env.name,
@@ -141,6 +165,23 @@ pub(super) async fn once(
         println!("{}", serde_json::to_string_pretty(&json)?);
     }
     Ok(outcome)
+}
+
+/// The history note of a pass that ran outside its sync window on
+/// `--ignore-windows`.
+fn window_overridden(report: &Report) -> Option<String> {
+    let w = report.final_plan.sync_window.as_ref()?;
+    if !w.ignored {
+        return None;
+    }
+    let note = format!(
+        "--ignore-windows: written outside the sync window{}",
+        w.next_change_local
+            .as_ref()
+            .map(|at| format!(" (it opens at {at})"))
+            .unwrap_or_default()
+    );
+    Some(note)
 }
 
 /// One alert per environment with new findings. With a state table, the
@@ -259,6 +300,9 @@ pub(super) fn print_report(env: &DesiredEnv, report: &Report) {
             s.describe(),
             env.name
         );
+    }
+    if let Some(line) = super::report::window_line(&report.final_plan) {
+        println!("  {line}");
     }
     let w = report
         .stacks

@@ -76,6 +76,7 @@ pub(super) async fn plan_command(
             Ok(s) => observed.suspension = s,
             Err(e) => eprintln!("warning: {}: suspension unknown: {e}", env.name),
         }
+        observed.sync_window = env.policy.windows.state(std::time::SystemTime::now());
         let plan = plan(env, &observed);
         let previews = if change_sets {
             preview_change_sets(&cloud, env, &plan, &observed).await
@@ -93,6 +94,7 @@ pub(super) async fn plan_command(
                 "revision": env.revision,
                 "verdict": plan.verdict(),
                 "suspended": plan.suspended,
+                "sync_window": plan.sync_window,
                 "lease_holder": leases.get(&env.name).map(|l| &l.value.holder).filter(|h| !h.is_empty()),
                 "stacks": plan.stacks,
                 "services": plan.services,
@@ -301,6 +303,19 @@ fn paint(text: &str, code: &str) -> String {
     }
 }
 
+/// What the sync window means for this plan, in one line.
+pub(super) fn window_line(plan: &Plan) -> Option<String> {
+    let w = plan.sync_window.as_ref()?;
+    Some(if w.open || w.ignored {
+        w.describe()
+    } else {
+        format!(
+            "{}: nothing is written until then (`reconcile --once --ignore-windows` overrides)",
+            w.describe()
+        )
+    })
+}
+
 fn print_text(env: &DesiredEnv, plan: &Plan, previews: &[Preview], show: Show) {
     println!(
         "{} ({}, revision {}, mode {:?}): {:?}",
@@ -316,6 +331,9 @@ fn print_text(env: &DesiredEnv, plan: &Plan, previews: &[Preview], show: Show) {
             s.describe(),
             env.name
         );
+    }
+    if let Some(line) = window_line(plan) {
+        println!("  {line}");
     }
     let w = plan
         .stacks

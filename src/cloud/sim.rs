@@ -84,6 +84,10 @@ pub struct SimConfig {
     /// How long a drift detection runs before it ends (DetectStackDrift
     /// "can take up to several minutes").
     pub drift_detection_latency: Duration,
+    /// The simulated wall clock at the simulation's start (then tokio's
+    /// pace): tests of dates (sync windows across a daylight-saving change)
+    /// start where they need.
+    pub wall_clock_start: SystemTime,
 }
 
 impl Default for SimConfig {
@@ -99,6 +103,8 @@ impl Default for SimConfig {
             cleanup_latency: Duration::ZERO,
             rollout_latency: Duration::from_secs(120),
             drift_detection_latency: Duration::from_secs(90),
+            // 2026-01-01T00:00:00Z.
+            wall_clock_start: SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600),
         }
     }
 }
@@ -221,6 +227,8 @@ struct State {
     outage_once_stable: Option<usize>,
     /// When the simulation began (see [`SimCloud::now`]); set at creation.
     epoch: Option<Instant>,
+    /// The wall clock at `epoch` (see [`SimConfig::wall_clock_start`]).
+    wall_clock_start: Option<SystemTime>,
     /// ECS's service deployment history, by (cluster, service).
     deployment_history: BTreeMap<(String, String), Vec<PastDeployment>>,
     /// S3 buckets (name to region) and their objects, by (bucket, key).
@@ -243,13 +251,11 @@ struct State {
 /// (`SUCCESSFUL`, `ROLLBACK_SUCCESSFUL`), the task definition it was to run.
 type PastDeployment = (SystemTime, &'static str, String);
 
-/// The simulated wall clock: 2026-01-01T00:00:00Z at the simulation's
-/// start, then tokio's pace, so paused-clock tests age things.
+/// The simulated wall clock: `SimConfig::wall_clock_start` at the
+/// simulation's start, then tokio's pace, so paused-clock tests age things.
 fn wall_clock(st: &State, now: Instant) -> SystemTime {
     let start = st.epoch.unwrap_or(now);
-    SystemTime::UNIX_EPOCH
-        + Duration::from_secs(1_767_225_600)
-        + now.saturating_duration_since(start)
+    st.wall_clock_start.unwrap_or(SystemTime::UNIX_EPOCH) + now.saturating_duration_since(start)
 }
 
 /// The simulated cloud. Cheap to clone; clones share state.
@@ -270,6 +276,7 @@ impl SimCloud {
                 cleanup_latency: config.cleanup_latency,
                 rollout_latency: config.rollout_latency,
                 epoch: Some(Instant::now()),
+                wall_clock_start: Some(config.wall_clock_start),
                 ..State::default()
             })),
             config: Arc::new(config),
