@@ -2524,7 +2524,9 @@ stacks:
         let errs = f.errors("dev", &text);
         assert_eq!(errs.len(), 1, "{errs:#?}");
         assert!(
-            errs[0].starts_with("desired-state/dev.yaml:19:8: policy.windows.3.kind: unknown variant `maybe`"),
+            errs[0].starts_with(
+                "desired-state/dev.yaml:19:8: policy.windows.3.kind: unknown variant `maybe`"
+            ),
             "{errs:#?}"
         );
         let text = text.replace("kind: maybe", "kind: deny");

@@ -61,7 +61,9 @@ impl Eq for SyncWindow {}
 /// Why a window cannot be built; the loader adds the file, line and key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WindowError {
-    #[error("invalid cron schedule `{schedule}`: {reason} (5 fields: minute hour day-of-month month day-of-week)")]
+    #[error(
+        "invalid cron schedule `{schedule}`: {reason} (5 fields: minute hour day-of-month month day-of-week)"
+    )]
     Schedule { schedule: String, reason: String },
     #[error("schedule `{0}` never fires")]
     NeverFires(String),
@@ -181,9 +183,7 @@ impl WindowState {
     /// window open until ...`.
     pub fn describe(&self) -> String {
         match (self.open, &self.next_change_local) {
-            (false, _) if self.ignored => {
-                "outside sync window, ignored (--ignore-windows)".into()
-            }
+            (false, _) if self.ignored => "outside sync window, ignored (--ignore-windows)".into(),
             (false, Some(at)) => format!("outside sync window (opens at {at})"),
             (false, None) => format!(
                 "outside sync window (no opening within {})",
@@ -236,8 +236,11 @@ impl Windows {
             open,
             next_change: next_change.map(SystemTime::from),
             because,
-            next_change_local: next_change
-                .map(|t| t.to_zoned(tz.clone()).strftime("%Y-%m-%d %H:%M %Z").to_string()),
+            next_change_local: next_change.map(|t| {
+                t.to_zoned(tz.clone())
+                    .strftime("%Y-%m-%d %H:%M %Z")
+                    .to_string()
+            }),
             ignored: false,
         })
     }
@@ -290,7 +293,12 @@ mod tests {
 
     fn business_hours() -> Windows {
         // Weekdays 08:00 to 18:00 in Berlin.
-        Windows(vec![window(Kind::Allow, "0 8 * * 1-5", "10h", "Europe/Berlin")])
+        Windows(vec![window(
+            Kind::Allow,
+            "0 8 * * 1-5",
+            "10h",
+            "Europe/Berlin",
+        )])
     }
 
     #[test]
@@ -312,7 +320,10 @@ mod tests {
         let start = w.state(at("2026-11-26T07:00:00Z")).unwrap();
         assert!(start.open);
         assert_eq!(start.next_change, Some(at("2026-11-26T17:00:00Z")));
-        assert_eq!(start.because, vec!["allow `0 8 * * 1-5` for 10h (Europe/Berlin)"]);
+        assert_eq!(
+            start.because,
+            vec!["allow `0 8 * * 1-5` for 10h (Europe/Berlin)"]
+        );
         assert!(w.state(at("2026-11-26T16:59:59Z")).unwrap().open);
         let end = w.state(at("2026-11-26T17:00:00Z")).unwrap();
         assert!(!end.open);
@@ -344,7 +355,10 @@ mod tests {
             vec!["deny `0 12 * * 5` for 3days (Europe/Berlin)"]
         );
         // The freeze ends Monday 12:00, inside Monday's allow window.
-        assert_eq!(friday_afternoon.next_change, Some(at("2026-11-30T11:00:00Z")));
+        assert_eq!(
+            friday_afternoon.next_change,
+            Some(at("2026-11-30T11:00:00Z"))
+        );
     }
 
     #[test]
@@ -374,7 +388,12 @@ mod tests {
     fn the_same_wall_clock_window_moves_in_utc_across_daylight_saving() {
         // 08:00 New York is 13:00 UTC in winter, 12:00 UTC from Sunday 8
         // March 2026.
-        let w = Windows(vec![window(Kind::Allow, "0 8 * * *", "1h", "America/New_York")]);
+        let w = Windows(vec![window(
+            Kind::Allow,
+            "0 8 * * *",
+            "1h",
+            "America/New_York",
+        )]);
         assert!(w.state(at("2026-03-07T13:30:00Z")).unwrap().open);
         assert!(w.state(at("2026-03-08T12:30:00Z")).unwrap().open);
         assert!(!w.state(at("2026-03-08T13:30:00Z")).unwrap().open);
@@ -389,7 +408,12 @@ mod tests {
     #[test]
     fn a_start_skipped_by_spring_forward_opens_right_after_the_gap() {
         // Berlin skips 02:00-03:00 on Sunday 29 March 2026 (01:00 UTC).
-        let w = Windows(vec![window(Kind::Allow, "30 2 * * *", "1h", "Europe/Berlin")]);
+        let w = Windows(vec![window(
+            Kind::Allow,
+            "30 2 * * *",
+            "1h",
+            "Europe/Berlin",
+        )]);
         let s = w.state(at("2026-03-29T00:30:00Z")).unwrap();
         assert!(!s.open);
         assert_eq!(s.next_change, Some(at("2026-03-29T01:00:00Z")));
@@ -402,7 +426,12 @@ mod tests {
     fn a_start_repeated_by_fall_back_opens_once_for_its_duration() {
         // Berlin repeats 02:00-03:00 on Sunday 25 October 2026: 02:30 CEST
         // is 00:30 UTC, 02:30 CET is 01:30 UTC.
-        let w = Windows(vec![window(Kind::Allow, "30 2 * * *", "30m", "Europe/Berlin")]);
+        let w = Windows(vec![window(
+            Kind::Allow,
+            "30 2 * * *",
+            "30m",
+            "Europe/Berlin",
+        )]);
         let s = w.state(at("2026-10-25T00:00:00Z")).unwrap();
         assert_eq!(s.next_change, Some(at("2026-10-25T00:30:00Z")));
         assert!(w.state(at("2026-10-25T00:45:00Z")).unwrap().open);
@@ -411,7 +440,12 @@ mod tests {
         assert!(!w.state(at("2026-10-25T01:45:00Z")).unwrap().open);
         // A window spanning the change lasts its duration in real time:
         // 01:00 CEST for 3h ends at 03:00 CET, 02:00 UTC.
-        let w = Windows(vec![window(Kind::Allow, "0 1 * * *", "3h", "Europe/Berlin")]);
+        let w = Windows(vec![window(
+            Kind::Allow,
+            "0 1 * * *",
+            "3h",
+            "Europe/Berlin",
+        )]);
         let s = w.state(at("2026-10-24T23:00:00Z")).unwrap();
         assert!(s.open);
         assert_eq!(s.next_change, Some(at("2026-10-25T02:00:00Z")));
@@ -421,7 +455,10 @@ mod tests {
     fn bad_windows_say_what_is_wrong() {
         let d = Duration::from_secs(3600);
         let e = SyncWindow::new(Kind::Allow, "0 8 * *", d, "UTC").unwrap_err();
-        assert!(e.to_string().starts_with("invalid cron schedule `0 8 * *`"), "{e}");
+        assert!(
+            e.to_string().starts_with("invalid cron schedule `0 8 * *`"),
+            "{e}"
+        );
         let e = SyncWindow::new(Kind::Allow, "0 0 8 * * *", d, "UTC").unwrap_err();
         assert!(e.to_string().starts_with("invalid cron schedule"), "{e}");
         let e = SyncWindow::new(Kind::Allow, "61 8 * * *", d, "UTC").unwrap_err();

@@ -292,3 +292,69 @@ async fn two_writers_racing_on_the_state_table_lose_no_update() {
     common::races::one_suspension_of_ten_is_made(state).await;
     common::races::no_episode_of_eight_writers_is_lost(state).await;
 }
+
+/// A deny window that fires every minute for two minutes is always
+/// active, whatever the wall clock says: outside the sync window, on the
+/// real binary.
+#[tokio::test]
+async fn outside_the_sync_window_once_exits_2_and_writes_nothing_until_overridden_on_the_record() {
+    let emu = Emulator::get();
+    let _guard = emu.lock().await;
+    let config = emu.sdk_config().await;
+    let ws = Workspace::new();
+    ws.edit(
+        "desired-state/dev.yaml",
+        "policy:\n  mode: converge\n",
+        "policy:\n  mode: converge\n  windows:\n    - {kind: deny, schedule: \"* * * * *\", duration: 2m, timezone: Europe/Paris}\n",
+    );
+    let init = run(emu
+        .command()
+        .args(["state", "init", "--state-table", TABLE]));
+    assert_eq!(code(&init), Some(0), "{}", explain(&init));
+
+    let out = sw(emu, &ws, &["reconcile", "--once"]);
+    assert_eq!(code(&out), Some(2), "{}", explain(&out));
+    assert!(
+        stdout(&out).contains("outside sync window (no opening within")
+            && stdout(&out).contains("--ignore-windows"),
+        "{}",
+        explain(&out)
+    );
+    let cfn = aws_sdk_cloudformation::Client::new(&config);
+    let live = cfn.list_stacks().send().await.unwrap();
+    assert!(
+        live.stack_summaries().is_empty(),
+        "nothing is created outside the window: {live:?}"
+    );
+    let plan = sw(emu, &ws, &["plan", "-o", "json"]);
+    assert_eq!(code(&plan), Some(2), "{}", explain(&plan));
+    let plan: serde_json::Value = serde_json::from_str(&stdout(&plan)).unwrap();
+    assert_eq!(plan[0]["sync_window"]["open"], false, "{plan}");
+    assert_eq!(
+        plan[0]["stacks"][0]["action"]["by"], "sync_window",
+        "{plan}"
+    );
+    // --ignore-windows is for one pass, not for the daemon (a usage
+    // error exits 1: 2 means differences).
+    let daemon = sw(emu, &ws, &["reconcile", "--ignore-windows"]);
+    assert_eq!(code(&daemon), Some(1), "{}", explain(&daemon));
+    assert!(stderr(&daemon).contains("--once"), "{}", explain(&daemon));
+
+    let out = sw(emu, &ws, &["reconcile", "--once", "--ignore-windows"]);
+    assert_eq!(code(&out), Some(0), "{}", explain(&out));
+    assert!(
+        stderr(&out).contains("Sync window ignored"),
+        "the override is logged: {}",
+        explain(&out)
+    );
+    let history = sw(emu, &ws, &["history"]);
+    assert_eq!(code(&history), Some(0), "{}", explain(&history));
+    assert!(
+        stdout(&history).contains("--ignore-windows: written outside the sync window"),
+        "{}",
+        explain(&history)
+    );
+    // In sync, the window still closed: nothing to do, and still held.
+    let out = sw(emu, &ws, &["reconcile", "--once"]);
+    assert_eq!(code(&out), Some(2), "{}", explain(&out));
+}

@@ -1462,7 +1462,10 @@ async fn a_window_that_closes_mid_pass_stops_the_next_write_and_the_override_wri
         .filter(|s| s.result == StackResult::Created)
         .map(|s| s.id())
         .collect();
-    assert!(!created.is_empty() && created.len() < ALL.len(), "{first:#?}");
+    assert!(
+        !created.is_empty() && created.len() < ALL.len(),
+        "{first:#?}"
+    );
     let held: Vec<&str> = first
         .stacks
         .iter()
@@ -1492,7 +1495,10 @@ async fn a_window_that_closes_mid_pass_stops_the_next_write_and_the_override_wri
     assert!(
         closed.final_plan.stacks.iter().any(|s| matches!(
             &s.action,
-            stackwarden::plan::StackAction::Blocked { by: BlockedBy::SyncWindow, .. }
+            stackwarden::plan::StackAction::Blocked {
+                by: BlockedBy::SyncWindow,
+                ..
+            }
         )),
         "{:#?}",
         closed.final_plan

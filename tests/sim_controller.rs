@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use common::Workspace;
 use common::controller::{Recorder, SimConnect, settings};
-use stackwarden::cloud::{Cloud, Retrying};
 use stackwarden::cloud::sim::{SimCloud, SimConfig};
+use stackwarden::cloud::{Cloud, Retrying};
 use stackwarden::controller::{Controller, Settings, Shared};
 use stackwarden::plan::Verdict;
 use stackwarden::state::{Backend, MemoryStore, State, Suspension};
@@ -594,7 +594,10 @@ async fn outside_its_sync_window_the_daemon_writes_nothing_and_converges_as_it_o
         ..settings(3600)
     };
     with_controller(ws, cloud, rec, &settings, |shared, _hup| async move {
-        until("the first pass", Duration::from_secs(600), || passes(&shared) >= 1).await;
+        until("the first pass", Duration::from_secs(600), || {
+            passes(&shared) >= 1
+        })
+        .await;
         let status = shared.env("dev").unwrap();
         let w = status.sync_window.clone().expect("the window is reported");
         assert!(!w.open, "{w:?}");
@@ -618,7 +621,8 @@ async fn outside_its_sync_window_the_daemon_writes_nothing_and_converges_as_it_o
 
         // Every pass until the opening writes nothing.
         let opening = at("2026-03-29T07:00:00Z");
-        let a_minute_before = opening.duration_since(cloud.now()).unwrap() - Duration::from_secs(60);
+        let a_minute_before =
+            opening.duration_since(cloud.now()).unwrap() - Duration::from_secs(60);
         tokio::time::sleep(a_minute_before).await;
         assert_eq!(cloud.write_calls(), 0);
         let mut first_write = None;
@@ -632,7 +636,11 @@ async fn outside_its_sync_window_the_daemon_writes_nothing_and_converges_as_it_o
         let first_write = first_write.unwrap();
         assert!(first_write >= opening, "{first_write:?}");
         assert!(first_write < at("2026-03-29T07:00:10Z"), "{first_write:?}");
-        assert!(passes(&shared) >= 19, "hourly passes while closed: {}", passes(&shared));
+        assert!(
+            passes(&shared) >= 19,
+            "hourly passes while closed: {}",
+            passes(&shared)
+        );
         until("converged in the window", Duration::from_secs(3600), || {
             in_sync(&shared)
         })
