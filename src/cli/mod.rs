@@ -434,16 +434,7 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
             command: StateCommand::Init { state_table },
         } => runtime()?.block_on(state::init(&state_table)),
         Command::Healthcheck { addr, path } => Ok(healthcheck(&addr, &path)),
-        Command::Reconcile(args) if args.once => runtime()?.block_on(reconcile::once(
-            &args.select,
-            usize::from(args.max_parallel),
-            !args.fast,
-            args.stats,
-            args.quiet,
-            args.alerts,
-            args.ignore_windows,
-            &args.state,
-        )),
+        Command::Reconcile(args) if args.once => runtime()?.block_on(reconcile::once(&args)),
         Command::Reconcile(args) => {
             let settings = crate::controller::Settings {
                 interval: args.interval,

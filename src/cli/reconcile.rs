@@ -8,8 +8,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::state::{StateArgs, caller_arn};
-use super::{Format, Outcome, Select, load_selected};
+use super::state::caller_arn;
+use super::{Format, Outcome, ReconcileArgs, load_selected};
 use crate::apply::{self, Options, Progress, Report, StackResult};
 use crate::cloud::Retrying;
 use crate::cloud::StackStatus;
@@ -21,16 +21,8 @@ use crate::state::{Backend, State, history};
 /// How often the progress view repeats what is still running.
 const HEARTBEAT: Duration = Duration::from_secs(15);
 
-pub(super) async fn once(
-    select: &Select,
-    max_parallel: usize,
-    full: bool,
-    stats: bool,
-    quiet: bool,
-    alerts: bool,
-    ignore_windows: bool,
-    state_args: &StateArgs,
-) -> anyhow::Result<Outcome> {
+pub(super) async fn once(args: &ReconcileArgs) -> anyhow::Result<Outcome> {
+    let (select, state_args, quiet, stats) = (&args.select, &args.state, args.quiet, args.stats);
     let (envs, load_failed) = load_selected(select)?;
     if load_failed {
         // Bad input changes nothing, in any environment.
@@ -40,14 +32,14 @@ pub(super) async fn once(
     let (tx, rx) = mpsc::unbounded_channel();
     let printer = (!quiet).then(|| tokio::spawn(print_progress(rx)));
     let options = Options {
-        depth: if full { Depth::Full } else { Depth::Fast },
+        depth: if args.fast { Depth::Fast } else { Depth::Full },
         progress: (!quiet).then_some(tx),
-        ignore_windows,
+        ignore_windows: args.ignore_windows,
         ..Options::default()
     };
 
     // One bound per account (role) and region, shared by its environments.
-    let limits = apply::Limits::new(max_parallel);
+    let limits = apply::Limits::new(usize::from(args.max_parallel));
     let state = state_args.open().await.map(Arc::new);
     let runs = envs.iter().map(|env| {
         let limit = limits.of(env);
@@ -108,7 +100,7 @@ pub(super) async fn once(
             }
         }
     }
-    if alerts {
+    if args.alerts {
         send_alerts(&results, state.as_deref()).await;
     }
     if let Some(p) = printer {
