@@ -15,7 +15,17 @@ use crate::cloud::{
 use crate::spec::DesiredStack;
 
 /// What to do about a drifted stack.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Deserialize,
+    serde::Serialize,
+    schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum DriftMode {
     /// Report and alert; change nothing.

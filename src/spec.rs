@@ -87,7 +87,9 @@ impl fmt::Display for SpecErrors {
 }
 
 /// Whether stackwarden may change anything.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, serde::Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Plan and apply what policy allows.
@@ -166,56 +168,141 @@ impl<'de> Deserialize<'de> for HumanDuration {
     }
 }
 
-#[derive(Debug, Deserialize)]
+impl schemars::JsonSchema for HumanDuration {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "A duration: a number and a unit, repeated (`90s`, `5m`, `1h 30m`, `2days`).",
+            "pattern": "^\\s*([0-9]+\\s*[a-zA-Zµ]+\\s*)+$",
+        })
+    }
+}
+
+impl schemars::JsonSchema for Value {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "ParameterValue".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "A literal (a string, number or boolean), or another stack's output: `{output: <stack>.<OutputName>}`.",
+            "oneOf": [
+                {"type": ["string", "number", "boolean"]},
+                {
+                    "type": "object",
+                    "properties": {
+                        "output": {
+                            "type": "string",
+                            "description": "`<stack>.<OutputName>`: the output of another stack of this environment (which then deploys first).",
+                            "pattern": "^[^.]+\\..+$",
+                        }
+                    },
+                    "required": ["output"],
+                    "additionalProperties": false,
+                },
+            ],
+        })
+    }
+}
+
+/// The JSON Schema (draft 2020-12) of a desired-state file, generated from
+/// the types the loader reads it with: an editor validates what the
+/// loader will accept in shape (the loader checks more: templates,
+/// references, cycles).
+pub fn json_schema() -> serde_json::Value {
+    let generator = schemars::generate::SchemaSettings::draft2020_12().into_generator();
+    let mut schema = generator.into_root_schema_for::<RawEnv>();
+    schema.insert(
+        "$id".into(),
+        "https://stackwarden.dev/schema/desired-state.json".into(),
+    );
+    schema.into()
+}
+
+/// An environment: `desired-state/<environment>.yaml`.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(title = "stackwarden desired state")]
 struct RawEnv {
+    /// The environment's name; the file is `desired-state/<environment>.yaml`.
     environment: String,
+    /// The AWS region of its stacks.
     region: String,
+    /// The AWS account the stacks must be in: checked (STS) before the
+    /// first write, so credentials of another account change nothing.
     #[serde(default)]
     account_id: Option<String>,
+    /// Who owns the stacks (tagged `stackwarden:owner`): only stacks with
+    /// this owner are ever pruned. Required with `policy.prune`.
     #[serde(default)]
     owner: Option<String>,
+    /// The role assumed to act on the environment's account.
     #[serde(default)]
     assume_role: Option<AssumeRole>,
+    /// Prefix of every stack's name: `<prefix>-<stack key>` unless the
+    /// stack sets `name`.
     stack_name_prefix: String,
+    /// Tags of every stack (a stack's own `tags` add to them).
     #[serde(default)]
     tags: BTreeMap<String, String>,
+    /// Where drift and failure alerts go.
     #[serde(default)]
     alerts: Option<RawAlerts>,
+    /// What stackwarden may do in the environment, and when.
     #[serde(default)]
     policy: RawPolicy,
+    /// How long one stack operation may take (default 60m, 1m to 72h).
     #[serde(default)]
     operation_timeout: Option<HumanDuration>,
     /// Templates must resolve (symlinks included) inside the repository
     /// holding the desired-state folder unless this is set.
     #[serde(default)]
     allow_templates_outside_repository: bool,
+    /// The S3 bucket templates are uploaded to (needed for templates over
+    /// CloudFormation's 51,200-byte inline limit).
     #[serde(default)]
     artifacts: Option<RawArtifacts>,
+    /// Resource drift detection of every stack (a stack's own `drift`
+    /// overrides it).
     #[serde(default)]
     drift: Option<RawDrift>,
+    /// The stacks, by key (at least one).
+    #[schemars(with = "BTreeMap<String, RawStack>", extend("minProperties" = 1))]
     stacks: serde_yaml::Mapping,
 }
 
 /// `drift:` of an environment (ignore entries `stack.LogicalId[.Path]`)
 /// or of a stack (entries `LogicalId[.Path]`; mode and interval override
 /// the environment's, ignore entries add to them).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Drift")]
 struct RawDrift {
+    /// `alert` (default): report and alert; `revert`: also write the
+    /// template's values back with a drift-aware change set.
     #[serde(default)]
     mode: Option<crate::drift::DriftMode>,
+    /// How often drift is detected (default 1h).
     #[serde(default)]
     interval: Option<HumanDuration>,
+    /// Drift never reported nor reverted: `stack.LogicalId[.Property.Path]`
+    /// at environment level, `LogicalId[.Property.Path]` in a stack.
     #[serde(default)]
     ignore: Vec<String>,
 }
 
 /// `artifacts:`: the S3 bucket templates are uploaded to.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Artifacts")]
 struct RawArtifacts {
+    /// The bucket's name (in the environment's region).
     bucket: String,
+    /// Key prefix of the uploaded templates.
     #[serde(default)]
     prefix: String,
     /// `large` (default): only what cannot be sent inline; `always`.
@@ -223,63 +310,100 @@ struct RawArtifacts {
     upload: Upload,
 }
 
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+/// Which templates are uploaded.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 enum Upload {
+    /// Only templates too large to send inline.
     #[default]
     Large,
+    /// Every template.
     Always,
 }
 
 /// The role stackwarden assumes to operate on the environment's account.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AssumeRole {
+    /// The role's ARN.
     pub role_arn: String,
+    /// The external id the role's trust policy requires, if any.
     #[serde(default)]
     pub external_id: Option<String>,
+    /// The session name (default `stackwarden`), seen in CloudTrail.
     #[serde(default)]
     pub session_name: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+/// `alerts:`: drift and failure alerts, once per episode.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Alerts")]
 struct RawAlerts {
+    /// The SNS topic alerts are published to.
     sns_topic_arn: String,
+    /// Tell an episode still open again after this long (default 6h, 1m
+    /// to 30 days).
     #[serde(default)]
     repeat_after: Option<HumanDuration>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// `policy:`: what stackwarden may do in the environment, and when.
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Policy")]
 struct RawPolicy {
+    /// `converge` (default): plan and apply what the policy allows;
+    /// `observe`: plan and report only.
     #[serde(default)]
     mode: Mode,
+    /// Delete stacks tagged with this environment and owner that are no
+    /// longer declared.
     #[serde(default)]
     prune: bool,
+    /// Resource types never replaced or removed without an
+    /// `allow_replacement` entry (default: the stateful types).
     #[serde(default)]
     protect: Option<Vec<String>>,
+    /// `stack.LogicalId` resources that may be replaced or removed although
+    /// their type is protected.
     #[serde(default)]
     allow_replacement: Vec<String>,
+    /// Names of orphaned stacks that may be pruned although their template
+    /// holds protected resources.
     #[serde(default)]
     allow_prune: Vec<String>,
+    /// `stack.LogicalId` resources a continued rollback may skip when they
+    /// fail to roll back.
     #[serde(default)]
     rollback_skip: Vec<String>,
+    /// Delete and recreate a stack whose creation failed (ROLLBACK_COMPLETE).
     #[serde(default)]
     recreate_failed: bool,
+    /// Continue a rollback stuck in UPDATE_ROLLBACK_FAILED.
     #[serde(default)]
     continue_rollback: bool,
+    /// Sync windows: when passes may write. An active `deny` window closes
+    /// the environment; with `allow` windows it is open only while one is
+    /// active. None: always open.
     #[serde(default)]
     windows: Vec<RawWindow>,
 }
 
 /// One of `policy.windows`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "SyncWindow")]
 struct RawWindow {
+    /// `allow`: writes only while an allow window is active; `deny`: no
+    /// writes while this one is.
     kind: crate::window::Kind,
+    /// When the window opens: a cron expression of 5 fields (minute hour
+    /// day-of-month month day-of-week), in `timezone`.
     schedule: String,
+    /// How long it stays open from each start.
     duration: HumanDuration,
+    /// The IANA time zone of `schedule` (default UTC).
     #[serde(default = "utc")]
     timezone: String,
 }
@@ -288,46 +412,72 @@ fn utc() -> String {
     "UTC".into()
 }
 
-#[derive(Debug, Deserialize)]
+/// One stack of the environment.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Stack")]
 struct RawStack {
+    /// Its CloudFormation template, relative to the desired-state file.
     template: String,
+    /// The stack's name (default `<stack_name_prefix>-<key>`).
     #[serde(default)]
     name: Option<String>,
+    /// The template's parameters: literals or other stacks' outputs.
     #[serde(default)]
     parameters: BTreeMap<String, Value>,
+    /// Keys of the stacks deployed before this one (besides those whose
+    /// outputs it reads).
     #[serde(default)]
     depends_on: Vec<String>,
+    /// The stack's own tags, added to the environment's.
     #[serde(default)]
     tags: BTreeMap<String, String>,
+    /// Turn on the stack's termination protection.
     #[serde(default)]
     termination_protection: bool,
+    /// How long one operation of this stack may take (default:
+    /// `operation_timeout`).
     #[serde(default)]
     timeout: Option<HumanDuration>,
+    /// The ECS services of the stack to watch (counts, task definition,
+    /// rollout).
     #[serde(default)]
     ecs_services: Vec<RawEcsService>,
+    /// The stack's drift settings, over the environment's.
     #[serde(default)]
     drift: Option<RawDrift>,
 }
 
-#[derive(Debug, Deserialize)]
+/// An ECS service stackwarden watches.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "EcsService")]
 struct RawEcsService {
+    /// Its cluster's name.
     cluster: Value,
+    /// The service's name.
     service: Value,
+    /// The number of tasks it should run (unless autoscaling owns it).
     #[serde(default)]
     desired_count: Option<u32>,
+    /// The range autoscaling moves its desired count in: a count inside it
+    /// is not drift.
     #[serde(default)]
     autoscaling: Option<Autoscaling>,
+    /// The task definition it should run.
     #[serde(default)]
     task_definition: Option<Value>,
 }
 
 /// The range autoscaling may move a service's desired count in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, schemars::JsonSchema,
+)]
 #[serde(deny_unknown_fields)]
 pub struct Autoscaling {
+    /// The fewest tasks.
     pub min: u32,
+    /// The most tasks.
     pub max: u32,
 }
 

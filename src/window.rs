@@ -24,10 +24,12 @@ pub const HORIZON: Duration = Duration::from_secs(366 * 24 * 3600);
 /// Steps of that search: each moves to a window's next start or end.
 const MAX_STEPS: usize = 10_000;
 
+/// What an active window means.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, schemars::JsonSchema,
 )]
 #[serde(rename_all = "snake_case")]
+#[schemars(rename = "WindowKind")]
 pub enum Kind {
     /// Writes are allowed while the window is active (and no deny window is).
     Allow,

@@ -38,6 +38,9 @@ enum LogFormat {
 enum Command {
     /// Check desired state offline: schema, templates, parameters, references, cycles.
     Validate(Select),
+    /// Print the JSON Schema (draft 2020-12) of a desired-state file, for
+    /// editors (yaml-language-server) and linters.
+    Schema,
     /// Observe AWS and show what reconcile would do, in dependency order. Writes nothing
     /// (unless --change-sets).
     Plan(PlanArgs),
@@ -367,6 +370,14 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
     init_logging(cli.log_format, if daemon { "info" } else { "warn" });
     match cli.command {
         Command::Validate(select) => Ok(validate(&select)),
+        Command::Schema => {
+            let text = format!("{:#}\n", crate::spec::json_schema());
+            // `stackwarden schema | head` is not an error.
+            match std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes()) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+                _ => Ok(Outcome::InSync),
+            }
+        }
         Command::Plan(args) => runtime()?.block_on(report::plan_command(
             &args.observe.select,
             args.observe.full,

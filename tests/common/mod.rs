@@ -29,7 +29,7 @@ pub fn repo() -> PathBuf {
 }
 
 /// The Python interpreter of the project's venv (made by `scripts/test`).
-fn python() -> PathBuf {
+pub fn python() -> PathBuf {
     let p = std::env::var_os("STACKWARDEN_PYTHON")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo().join(".venv/bin/python"));
