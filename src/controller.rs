@@ -237,6 +237,21 @@ impl Shared {
         self.registry().render()
     }
 
+    /// The status page's `/`.
+    pub fn page_index(&self, now: SystemTime) -> String {
+        crate::status_page::index(&self.status(), now)
+    }
+
+    /// The status page of one environment, if the controller has it.
+    pub fn page_env(&self, name: &str, now: SystemTime) -> Option<String> {
+        let status = self.status();
+        Some(crate::status_page::environment(
+            name,
+            status.get(name)?,
+            now,
+        ))
+    }
+
     /// A copy of one environment's status.
     pub fn env(&self, name: &str) -> Option<EnvStatus> {
         self.status().get(name).cloned()

@@ -1,7 +1,9 @@
 //! The daemon's HTTP endpoints: `/healthz` (the process answers and every
 //! environment's pass loop keeps making progress),
 //! `/readyz` (first pass done, last pass not failing on stackwarden's side),
-//! `/metrics` (Prometheus text) and `/status` (JSON per environment).
+//! `/metrics` (Prometheus text), `/status` (JSON per environment), and the
+//! status page for people: `/` and `/env/<name>` (see
+//! [`crate::status_page`]).
 //!
 //! A deliberately small HTTP/1.1 responder for GET requests on a local port:
 //! one request per connection, no bodies read, nothing to configure.
@@ -14,6 +16,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::controller::Shared;
+
+const HTML: &str = "text/html; charset=utf-8";
 
 /// Longest time a client may take to send its request line.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -78,6 +82,15 @@ async fn answer(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
         },
         ("GET", "/metrics") => (200, "text/plain; version=0.0.4", shared.metrics_text()),
         ("GET", "/status") => (200, "application/json", shared.status_json()),
+        ("GET", "/") => (200, HTML, shared.page_index(std::time::SystemTime::now())),
+        ("GET", p) if p.starts_with("/env/") => {
+            let page = crate::status_page::decode_segment(&p["/env/".len()..])
+                .and_then(|name| shared.page_env(&name, std::time::SystemTime::now()));
+            match page {
+                Some(page) => (200, HTML, page),
+                None => (404, "text/plain", "no such environment\n".to_owned()),
+            }
+        }
         ("GET", _) => (404, "text/plain", "not found\n".to_owned()),
         _ => (405, "text/plain", "method not allowed\n".to_owned()),
     };
@@ -87,8 +100,14 @@ async fn answer(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
         405 => "Method Not Allowed",
         _ => "Service Unavailable",
     };
+    // The page loads nothing and runs nothing: the browser is told so too.
+    let extra = if content_type == HTML {
+        "Content-Security-Policy: default-src 'none'; style-src 'unsafe-inline'\r\nX-Content-Type-Options: nosniff\r\nCache-Control: no-store\r\n"
+    } else {
+        ""
+    };
     let response = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(response.as_bytes()).await?;

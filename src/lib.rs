@@ -29,6 +29,7 @@ pub mod resource_types;
 pub mod retry;
 pub mod spec;
 pub mod state;
+pub mod status_page;
 pub mod template;
 pub mod window;
 pub mod yaml;

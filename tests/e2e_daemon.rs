@@ -64,6 +64,21 @@ async fn the_daemon_converges_alerts_once_publishes_metrics_and_stops_on_sigterm
         "{metrics}"
     );
     assert_eq!(d.get("/nope").0, 404);
+    // The status page: every environment, and a page for each.
+    let (code, page) = d.get("/");
+    assert_eq!(code, 200, "{page}");
+    assert!(
+        page.starts_with("<!DOCTYPE html>") && page.contains("<a href=\"/env/dev\">dev</a>"),
+        "{page}"
+    );
+    let (code, page) = d.get("/env/dev");
+    assert_eq!(code, 200, "{page}");
+    assert!(
+        page.contains("ecs-cluster") && page.contains("in sync"),
+        "{page}"
+    );
+    assert_eq!(d.get("/env/nope").0, 404);
+    assert_eq!(d.get("/env/%zz").0, 404);
     // The container health check.
     let hc = common::run(common::stackwarden().args([
         "healthcheck",
