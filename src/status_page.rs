@@ -93,10 +93,10 @@ fn head(out: &mut String, title: &str) {
 }
 
 fn foot(out: &mut String, now: SystemTime) {
-    let _ = write!(
+    let _ = writeln!(
         out,
         "<p class=\"muted\">Rendered {} by stackwarden {}; reloads every {REFRESH_SECONDS}s. \
-The same data as JSON: <a href=\"/status\">/status</a>.</p></body></html>\n",
+The same data as JSON: <a href=\"/status\">/status</a>.</p></body></html>",
         escape(&humantime::format_rfc3339_seconds(now).to_string()),
         escape(env!("CARGO_PKG_VERSION")),
     );
