@@ -1148,7 +1148,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
             && !w.open
             && !w.ignored
         {
-            return Err(ApplyError::OutsideWindow(w.describe()));
+            return Err(ApplyError::OutsideWindow(crate::window::HELD.to_owned()));
         }
         Ok(())
     }

@@ -611,7 +611,7 @@ fn hold(env: &DesiredEnv, observed: &Observed) -> Option<(BlockedBy, String)> {
         && !w.open
         && !w.ignored
     {
-        return Some((BlockedBy::SyncWindow, w.describe()));
+        return Some((BlockedBy::SyncWindow, crate::window::HELD.to_owned()));
     }
     (env.policy.mode == Mode::Observe).then(|| (BlockedBy::ObserveMode, "observe mode".into()))
 }

@@ -517,7 +517,7 @@ mod tests {
                         "queue",
                         ObjectKind::Stack,
                         Condition::Blocked(BlockedBy::SyncWindow),
-                        "outside sync window (opens at 2026-11-27 08:00 CET)",
+                        "does not exist; outside sync window",
                     ),
                     outcome("jobs", ObjectKind::Stack, Condition::Drift, "drifted"),
                     outcome(

@@ -21,6 +21,11 @@ use jiff::tz::TimeZone;
 /// How far ahead the next opening (or closing) is looked for.
 pub const HORIZON: Duration = Duration::from_secs(366 * 24 * 3600);
 
+/// Why a write is held back, in plans, results and alerts: stable (the
+/// opening time is in the environment's window state), so an alert episode
+/// does not start anew each time the next opening moves.
+pub const HELD: &str = "outside sync window";
+
 /// Steps of that search: each moves to a window's next start or end.
 const MAX_STEPS: usize = 10_000;
 
@@ -186,10 +191,10 @@ impl WindowState {
     pub fn describe(&self) -> String {
         match (self.open, &self.next_change_local) {
             (false, _) if self.ignored => "outside sync window, ignored (--ignore-windows)".into(),
-            (false, Some(at)) => format!("outside sync window (opens at {at})"),
+            (false, Some(at)) => format!("{HELD} (opens at {at})"),
             (false, None) => format!(
-                "outside sync window (no opening within {})",
-                humantime::format_duration(HORIZON)
+                "{HELD} (no opening within {} days)",
+                HORIZON.as_secs() / 86_400
             ),
             (true, Some(at)) => format!("sync window open (closes at {at})"),
             (true, None) => "sync window open".into(),

@@ -1471,7 +1471,7 @@ async fn a_window_that_closes_mid_pass_stops_the_next_write_and_the_override_wri
         .iter()
         .filter(|s| {
             matches!(&s.result, StackResult::Blocked { by: BlockedBy::SyncWindow, reason }
-                if reason == "outside sync window (opens at 2026-01-02 00:00 UTC)")
+                if reason == "outside sync window")
         })
         .map(|s| s.id())
         .collect();
@@ -1486,6 +1486,10 @@ async fn a_window_that_closes_mid_pass_stops_the_next_write_and_the_override_wri
     );
     let w = first.final_plan.sync_window.as_ref().expect("reported");
     assert!(!w.open && !w.ignored, "{w:?}");
+    assert_eq!(
+        w.describe(),
+        "outside sync window (opens at 2026-01-02 00:00 UTC)"
+    );
 
     // Closed: a pass plans, and writes nothing.
     let writes = cloud.write_calls();

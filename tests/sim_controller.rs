@@ -607,12 +607,15 @@ async fn outside_its_sync_window_the_daemon_writes_nothing_and_converges_as_it_o
             Some("2026-03-29 09:00 CEST")
         );
         assert_eq!(status.result, Some(Verdict::Differences));
+        assert_eq!(
+            w.describe(),
+            "outside sync window (opens at 2026-03-29 09:00 CEST)"
+        );
+        let json = shared.status_json();
         assert!(
-            shared
-                .status_json()
-                .contains("outside sync window (opens at 2026-03-29 09:00 CEST)"),
-            "{}",
-            shared.status_json()
+            json.contains("\"next_change_local\": \"2026-03-29 09:00 CEST\"")
+                && json.contains("\"reason\": \"does not exist; outside sync window\""),
+            "{json}"
         );
         // The stacks are missing: told once, as drift, while held.
         let alerts = rec.alerts();

@@ -197,7 +197,8 @@ struct ReconcileArgs {
     /// per-account rate limits, a longer one is not a controller.
     #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_interval)]
     interval: std::time::Duration,
-    /// Controller: address of /healthz, /readyz, /metrics and /status.
+    /// Controller: address of /healthz, /readyz, /metrics, /status and
+    /// the status page (`/`, `/env/<name>`).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9090")]
     listen: std::net::SocketAddr,
     /// Controller: how long a running pass may go on after SIGTERM.
