@@ -613,6 +613,10 @@ pub struct Report {
     /// account, credentials refused): a controller waits for a change.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub permanent_error: Option<String>,
+    /// A write went through a closed sync window on the override
+    /// (`--ignore-windows`): what the history records.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub window_overridden: bool,
     pub seconds: f64,
 }
 
@@ -726,6 +730,7 @@ async fn reconcile_pass<C: Cloud>(
         first: &observed,
         initial: &initial,
         touched: AtomicBool::new(false),
+        overrode_window: AtomicBool::new(false),
         started_at,
     };
     let mut stacks = pass.run_stacks().await?;
@@ -735,6 +740,7 @@ async fn reconcile_pass<C: Cloud>(
         Intent::Converge => pass.run_services(&stacks).await?,
         Intent::Recover(_) => Vec::new(),
     };
+    let window_overridden = pass.overrode_window.load(Ordering::Relaxed);
     let permanent_error = match pass.account.get() {
         Some(Err(e)) if e.is_permanent() => Some(e.to_string()),
         _ => None,
@@ -782,6 +788,7 @@ async fn reconcile_pass<C: Cloud>(
         final_plan,
         final_observation_error,
         permanent_error,
+        window_overridden,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
@@ -898,6 +905,9 @@ struct Pass<'a, C> {
     touched: AtomicBool,
     /// When the pass began, on the cloud's clock.
     started_at: std::time::SystemTime,
+    /// Set by the first write the override let through a closed sync
+    /// window (see [`Report::window_overridden`]).
+    overrode_window: AtomicBool,
 }
 
 /// What a pass knows of the environment now: the first observation of its
@@ -1144,11 +1154,18 @@ impl<'a, C: Cloud> Pass<'a, C> {
         }
         // A window that closed since the pass began stops its next write;
         // an operation already running finishes.
-        if let Some(w) = self.options.sync_window(self.env, self.cloud.now())
-            && !w.open
-            && !w.ignored
+        if self.options.intent == Intent::Converge
+            && !self.env.policy.windows.is_open(self.cloud.now())
         {
-            return Err(ApplyError::OutsideWindow(crate::window::HELD.to_owned()));
+            if !self.options.ignore_windows {
+                return Err(ApplyError::OutsideWindow(crate::window::HELD.to_owned()));
+            }
+            if !self.overrode_window.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    message = "Sync window ignored: this pass writes outside it (an override of this pass).",
+                    environment = %self.env.name,
+                );
+            }
         }
         Ok(())
     }
@@ -1415,7 +1432,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
         {
             return Step::Done(match self.protect_termination(stack, None).await {
                 Ok(()) => StackResult::Updated,
-                Err(e) => failed(format!("UpdateTerminationProtection: {e}")),
+                Err(r) => r,
             });
         }
         let parameters = match resolve_parameters(stack, self.env, observed) {
@@ -1496,7 +1513,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
                     }
                     return Step::Done(match self.protect_termination(stack, None).await {
                         Ok(()) => StackResult::NoChanges,
-                        Err(e) => failed(format!("UpdateTerminationProtection: {e}")),
+                        Err(r) => r,
                     });
                 }
                 Err(e) => return Step::Done(failed(format!("CreateChangeSet: {e}"))),
@@ -1530,7 +1547,7 @@ impl<'a, C: Cloud> Pass<'a, C> {
                 let _ = self.cloud.delete_change_set(&stack.name, &name).await;
                 return Step::Done(match self.protect_termination(stack, None).await {
                     Ok(()) => StackResult::NoChanges,
-                    Err(e) => failed(format!("UpdateTerminationProtection: {e}")),
+                    Err(r) => r,
                 });
             }
             ChangeSetStatus::Failed(why) => {
@@ -1728,8 +1745,8 @@ impl<'a, C: Cloud> Pass<'a, C> {
         };
         match end.status.as_str() {
             "CREATE_COMPLETE" | "UPDATE_COMPLETE" | "UPDATE_COMPLETE_CLEANUP_IN_PROGRESS" => {
-                if let Err(e) = self.protect_termination(stack, Some(&end)).await {
-                    return Step::Done(failed(format!("UpdateTerminationProtection: {e}")));
+                if let Err(r) = self.protect_termination(stack, Some(&end)).await {
+                    return Step::Done(r);
                 }
                 Step::Done(if kind == ChangeSetKind::Create {
                     StackResult::Created
@@ -1821,23 +1838,33 @@ impl<'a, C: Cloud> Pass<'a, C> {
 
     /// Sets termination protection when the live stack differs from desired.
     /// `known`: the stack as just read, when the caller has it (saves a call).
+    /// `Err` is the stack's result: the call failed, or the gate (a
+    /// suspension, a sync window closed meanwhile) held it back.
     async fn protect_termination(
         &self,
         stack: &DesiredStack,
         known: Option<&Stack>,
-    ) -> Result<(), CloudError> {
+    ) -> Result<(), StackResult> {
+        let cloud_failed = |e: CloudError| failed(format!("UpdateTerminationProtection: {e}"));
         let live = match known {
             Some(s) => Some(s.clone()),
-            None => self.cloud.describe_stack(&stack.name).await?,
+            None => self
+                .cloud
+                .describe_stack(&stack.name)
+                .await
+                .map_err(cloud_failed)?,
         };
         let Some(mut live) = live else {
             self.record(&stack.name, None);
             return Ok(());
         };
         if live.termination_protection != stack.termination_protection {
+            // A write like any other: it may come long after the last one.
+            self.guard().await.map_err(refused)?;
             self.cloud
                 .set_termination_protection(&stack.name, stack.termination_protection)
-                .await?;
+                .await
+                .map_err(cloud_failed)?;
             live.termination_protection = stack.termination_protection;
         }
         self.record(&stack.name, Some(&live));

@@ -432,6 +432,10 @@ struct Memory<C> {
     revert_attempted: apply::RevertAttempted,
     /// The last pass wrote something.
     wrote: bool,
+    /// How long after the last pass its sync window opens or closes: the
+    /// next pass comes then if sooner (it may write, or the status says
+    /// what changed).
+    window_changes_in: Option<Duration>,
     rng: StdRng,
 }
 
@@ -633,6 +637,7 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
             failed_redeploys: apply::FailedRedeploys::default(),
             revert_attempted: apply::RevertAttempted::default(),
             wrote: false,
+            window_changes_in: None,
             rng: StdRng::seed_from_u64(seed),
         };
         let mut next = Instant::now();
@@ -680,11 +685,12 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
             {
                 link.envs.send_replace(Some(Arc::new(env.clone())));
             }
+            let window = mem.window_changes_in.take();
             let wait = match &answer {
                 Next::RequeueAfter(d) => {
                     backoff.reset();
                     self.set_waiting(None);
-                    *d
+                    window.map_or(*d, |w| w.min(*d))
                 }
                 Next::AwaitChange { what, recheck } => {
                     backoff.reset();
@@ -693,7 +699,8 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
                 }
                 Next::Backoff => {
                     self.set_waiting(None);
-                    backoff.next_backoff().unwrap_or(self.settings.backoff_max)
+                    let d = backoff.next_backoff().unwrap_or(self.settings.backoff_max);
+                    window.map_or(d, |w| w.min(d))
                 }
             };
             tracing::debug!(message = "Next pass scheduled.", next = ?answer, in_seconds = wait.as_secs_f64());
@@ -863,18 +870,19 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
         let throttled = c.throttles() - throttles;
         let calls = c.api_calls() - calls;
 
-        // A closed window: the next pass when it opens, if that is sooner
-        // than the interval.
-        let mut window_opens_in = None;
         let (verdict, permanent) = match &result {
             Ok(report) => {
                 mem.wrote = report.wrote();
-                window_opens_in = report
+                // A second past the change: then it has happened on any
+                // clock. One already past is due now.
+                mem.window_changes_in = report
                     .final_plan
                     .sync_window
                     .as_ref()
-                    .filter(|w| !w.open)
-                    .and_then(|w| w.next_change?.duration_since(c.now()).ok());
+                    .and_then(|w| w.next_change)
+                    .map(|at| {
+                        at.duration_since(c.now()).unwrap_or_default() + Duration::from_secs(1)
+                    });
                 let mut findings = crate::notify::findings(report);
                 if let Some(e) = &load_error {
                     findings.push(Finding {
@@ -946,10 +954,7 @@ impl<K: Connect, N: Notifier, M: MetricsSink> EnvLoop<'_, K, N, M> {
             }
         } else if verdict.is_some_and(|v| v != Verdict::Failed) {
             let f = 1.0 + self.settings.jitter * mem.rng.gen_range(-1.0..=1.0);
-            let interval = self.settings.interval.mul_f64(f.clamp(0.0, 2.0));
-            // A second past the opening: then it is open on any clock.
-            let opening = window_opens_in.map(|d| d + Duration::from_secs(1));
-            Next::RequeueAfter(opening.map_or(interval, |o| o.min(interval)))
+            Next::RequeueAfter(self.settings.interval.mul_f64(f.clamp(0.0, 2.0)))
         } else {
             Next::Backoff
         })

@@ -176,8 +176,9 @@ impl schemars::JsonSchema for HumanDuration {
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         schemars::json_schema!({
             "type": "string",
-            "description": "A duration: a number and a unit, repeated (`90s`, `5m`, `1h 30m`, `2days`).",
-            "pattern": "^\\s*([0-9]+\\s*[a-zA-Zµ]+\\s*)+$",
+            "description": "A duration: a number and a unit, repeated (`90s`, `5m`, `1h 30m`, `1.5h`, `2days`).",
+            // It starts with a number; the loader (humantime) judges the rest.
+            "pattern": "^\\s*[0-9]",
         })
     }
 }
@@ -1762,7 +1763,7 @@ impl Loader {
                         crate::window::WindowError::Schedule { .. }
                         | crate::window::WindowError::NeverFires(_) => "schedule",
                         crate::window::WindowError::TimeZone(_) => "timezone",
-                        crate::window::WindowError::ZeroDuration => "duration",
+                        crate::window::WindowError::Duration => "duration",
                     };
                     self.error_at(doc, &format!("policy.windows.{i}.{key}"), e.to_string());
                 }

@@ -499,6 +499,7 @@ mod tests {
                     because: vec![],
                     next_change_local: Some("2026-11-27 08:00 CET".into()),
                     ignored: false,
+                    search_gave_up: false,
                 }),
                 lease: Some(crate::lease::LeaseStatus {
                     holder: Some("replica-b".into()),

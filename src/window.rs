@@ -8,9 +8,13 @@
 //! when there are `allow` windows the environment is open only while one
 //! of them is active. Without windows it is always open.
 //!
-//! Daylight-saving changes follow croner (OCPS): a start time that a
-//! spring-forward skips fires at the first instant after the gap; a start
-//! time that a fall-back repeats fires once, at its first occurrence.
+//! Daylight-saving changes follow croner (OCPS). For a schedule with one
+//! minute and one hour (`0 8 * * 1-5`, the usual window), a start time
+//! that a spring-forward skips fires at the first instant after the gap,
+//! and one that a fall-back repeats fires once, at its first occurrence.
+//! A schedule listing several times in the hour that changes
+//! (`*/30 2 * * *`) is an interval: its skipped times do not fire, and its
+//! repeated times fire twice.
 
 use std::str::FromStr;
 use std::time::{Duration, SystemTime};
@@ -18,8 +22,12 @@ use std::time::{Duration, SystemTime};
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
 
-/// How far ahead the next opening (or closing) is looked for.
+/// How far ahead the next opening (or closing) is looked for; also the
+/// longest window.
 pub const HORIZON: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// The shortest window.
+const MIN_DURATION: Duration = Duration::from_secs(60);
 
 /// Why a write is held back, in plans, results and alerts: stable (the
 /// opening time is in the environment's window state), so an alert episode
@@ -76,8 +84,8 @@ pub enum WindowError {
     NeverFires(String),
     #[error("unknown time zone `{0}` (an IANA name such as Europe/Berlin or UTC)")]
     TimeZone(String),
-    #[error("duration must be more than zero")]
-    ZeroDuration,
+    #[error("duration must be between 1m and 366days (a longer freeze is several windows)")]
+    Duration,
 }
 
 impl SyncWindow {
@@ -97,8 +105,10 @@ impl SyncWindow {
                 reason: e.to_string(),
             })?;
         let tz = TimeZone::get(timezone).map_err(|_| WindowError::TimeZone(timezone.to_owned()))?;
-        if duration.is_zero() {
-            return Err(WindowError::ZeroDuration);
+        // Shorter than a minute, no pass could use it; a span past the
+        // search horizon could not say when it ends.
+        if !(MIN_DURATION..=HORIZON).contains(&duration) {
+            return Err(WindowError::Duration);
         }
         let window = SyncWindow {
             kind,
@@ -133,12 +143,6 @@ impl SyncWindow {
             .find_next_occurrence(&t.to_zoned(self.tz.clone()), false)
             .ok()
             .map(|z| z.timestamp())
-    }
-
-    /// The next instant after `t` at which this window starts or ends.
-    fn next_change(&self, t: Timestamp) -> Option<Timestamp> {
-        let end = self.active_at(t).map(|(_, end)| end);
-        [end, self.next_start(t)].into_iter().flatten().min()
     }
 
     /// `allow 0 8 * * 1-5 for 10h (Europe/Berlin)`.
@@ -176,6 +180,11 @@ pub struct WindowState {
     /// Closed, and overridden (`--ignore-windows`): the pass writes.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub ignored: bool,
+    /// No `next_change` because the search gave up (windows that start
+    /// every minute, back to back, for months), not because there is none
+    /// within [`HORIZON`].
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub search_gave_up: bool,
 }
 
 fn rfc3339<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
@@ -190,8 +199,11 @@ impl WindowState {
     /// window open until ...`.
     pub fn describe(&self) -> String {
         match (self.open, &self.next_change_local) {
-            (false, _) if self.ignored => "outside sync window, ignored (--ignore-windows)".into(),
+            (false, _) if self.ignored => format!("{HELD}, ignored for this pass"),
             (false, Some(at)) => format!("{HELD} (opens at {at})"),
+            (false, None) if self.search_gave_up => {
+                format!("{HELD} (its next opening was not found)")
+            }
             (false, None) => format!(
                 "{HELD} (no opening within {} days)",
                 HORIZON.as_secs() / 86_400
@@ -211,6 +223,12 @@ impl Windows {
         self.0.is_empty()
     }
 
+    /// Whether writes are allowed at `now` (without windows, yes): what
+    /// a write asks, without the search for the next change.
+    pub fn is_open(&self, now: SystemTime) -> bool {
+        self.open_at(Timestamp::try_from(now).unwrap_or(Timestamp::UNIX_EPOCH))
+    }
+
     fn open_at(&self, t: Timestamp) -> bool {
         let mut allows = self.0.iter().filter(|w| w.kind == Kind::Allow).peekable();
         let allowed = allows.peek().is_none() || allows.any(|w| w.active_at(t).is_some());
@@ -228,7 +246,11 @@ impl Windows {
         }
         let now = Timestamp::try_from(now).unwrap_or(Timestamp::UNIX_EPOCH);
         let open = self.open_at(now);
-        let next_change = self.next_change(now, open);
+        let (next_change, search_gave_up) = match self.next_change(now, open) {
+            Search::Found(t) => (Some(t), false),
+            Search::Beyond => (None, false),
+            Search::GaveUp => (None, true),
+        };
         let because = self
             .0
             .iter()
@@ -249,24 +271,66 @@ impl Windows {
                     .to_string()
             }),
             ignored: false,
+            search_gave_up,
         })
     }
 
     /// The first instant after `now` whose openness differs from `open`.
-    fn next_change(&self, now: Timestamp, open: bool) -> Option<Timestamp> {
-        let limit = add(now, HORIZON)?;
+    ///
+    /// It steps from one instant where openness may change to the next:
+    /// while closed by deny windows, to the latest of their ends (a freeze
+    /// is crossed in one step); while closed for want of an allow window,
+    /// to the next allow start; while open, to the next deny start or the
+    /// end of an active allow window.
+    fn next_change(&self, now: Timestamp, open: bool) -> Search {
+        let Some(limit) = add(now, HORIZON) else {
+            return Search::Beyond;
+        };
+        let (allows, denies): (Vec<&SyncWindow>, Vec<&SyncWindow>) =
+            self.0.iter().partition(|w| w.kind == Kind::Allow);
         let mut t = now;
         for _ in 0..MAX_STEPS {
-            t = self.0.iter().filter_map(|w| w.next_change(t)).min()?;
-            if t > limit {
-                return None;
+            let active_deny_ends: Vec<Timestamp> = denies
+                .iter()
+                .filter_map(|w| w.active_at(t).map(|(_, end)| end))
+                .collect();
+            let next = if !active_deny_ends.is_empty() && !open {
+                active_deny_ends.into_iter().max()
+            } else if !open {
+                allows.iter().filter_map(|w| w.next_start(t)).min()
+            } else {
+                denies
+                    .iter()
+                    .filter_map(|w| w.next_start(t))
+                    .chain(
+                        allows
+                            .iter()
+                            .filter_map(|w| w.active_at(t).map(|(_, end)| end)),
+                    )
+                    .min()
+            };
+            let Some(next) = next else {
+                return Search::Beyond;
+            };
+            if next > limit {
+                return Search::Beyond;
             }
+            t = next;
             if self.open_at(t) != open {
-                return Some(t);
+                return Search::Found(t);
             }
         }
-        None
+        Search::GaveUp
     }
+}
+
+/// What the search for the next change found.
+enum Search {
+    Found(Timestamp),
+    /// No change within [`HORIZON`].
+    Beyond,
+    /// Too many steps (windows back to back, every minute).
+    GaveUp,
 }
 
 impl FromStr for Kind {
@@ -459,6 +523,49 @@ mod tests {
     }
 
     #[test]
+    fn a_schedule_of_several_times_in_the_changing_hour_is_an_interval() {
+        // Berlin skips 02:00-03:00 on 29 March 2026: neither 02:00 nor
+        // 02:30 exists, and neither fires.
+        let w = Windows(vec![window(
+            Kind::Allow,
+            "*/30 2 * * *",
+            "20m",
+            "Europe/Berlin",
+        )]);
+        assert!(!w.state(at("2026-03-29T01:10:00Z")).unwrap().open);
+        assert_eq!(
+            w.state(at("2026-03-29T00:59:00Z")).unwrap().next_change,
+            Some(at("2026-03-30T00:00:00Z"))
+        );
+        // On 25 October 02:00-03:00 comes twice: 02:30 CEST and 02:30 CET.
+        assert!(w.state(at("2026-10-25T00:35:00Z")).unwrap().open);
+        assert!(w.state(at("2026-10-25T01:35:00Z")).unwrap().open);
+    }
+
+    #[test]
+    fn a_long_freeze_is_crossed_in_one_step_and_endless_denial_is_said() {
+        // Open around the clock, frozen for 14 days from 20 December.
+        let w = Windows(vec![
+            window(Kind::Allow, "* * * * *", "2m", "UTC"),
+            window(Kind::Deny, "0 0 20 12 *", "14days", "UTC"),
+        ]);
+        let frozen = w.state(at("2026-12-21T00:00:00Z")).unwrap();
+        assert!(!frozen.open);
+        assert_eq!(frozen.next_change, Some(at("2027-01-03T00:00:00Z")));
+        // A deny window back to back every minute never ends: the search
+        // gives up and says so, rather than claim a year.
+        let never = Windows(vec![window(Kind::Deny, "* * * * *", "2m", "UTC")]);
+        let s = never.state(at("2026-12-21T00:00:00Z")).unwrap();
+        assert!(!s.open && s.search_gave_up, "{s:?}");
+        assert_eq!(
+            s.describe(),
+            "outside sync window (its next opening was not found)"
+        );
+        assert!(!never.is_open(at("2026-12-21T00:00:30Z")));
+        assert!(Windows::default().is_open(at("2026-12-21T00:00:30Z")));
+    }
+
+    #[test]
     fn bad_windows_say_what_is_wrong() {
         let d = Duration::from_secs(3600);
         let e = SyncWindow::new(Kind::Allow, "0 8 * *", d, "UTC").unwrap_err();
@@ -474,7 +581,13 @@ mod tests {
         assert_eq!(e, WindowError::TimeZone("Mars/Olympus".into()));
         let e = SyncWindow::new(Kind::Allow, "0 0 30 2 *", d, "UTC").unwrap_err();
         assert_eq!(e, WindowError::NeverFires("0 0 30 2 *".into()));
-        let e = SyncWindow::new(Kind::Allow, "0 8 * * *", Duration::ZERO, "UTC").unwrap_err();
-        assert_eq!(e, WindowError::ZeroDuration);
+        for d in [
+            Duration::ZERO,
+            Duration::from_secs(59),
+            HORIZON + Duration::from_secs(1),
+        ] {
+            let e = SyncWindow::new(Kind::Allow, "0 8 * * *", d, "UTC").unwrap_err();
+            assert_eq!(e, WindowError::Duration);
+        }
     }
 }

@@ -315,7 +315,7 @@ async fn outside_the_sync_window_once_exits_2_and_writes_nothing_until_overridde
     let out = sw(emu, &ws, &["reconcile", "--once"]);
     assert_eq!(code(&out), Some(2), "{}", explain(&out));
     assert!(
-        stdout(&out).contains("outside sync window (no opening within 366 days)")
+        stdout(&out).contains("outside sync window (its next opening was not found)")
             && stdout(&out).contains("--ignore-windows"),
         "{}",
         explain(&out)

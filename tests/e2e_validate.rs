@@ -61,15 +61,20 @@ fn a_broken_environment_is_refused_with_file_and_line_for_each_error() {
     );
     let err = refused_dev(&ws);
     let file = ws.path("desired-state/dev.yaml").display().to_string();
+    // The lines where the edits are, counted in the file.
+    let text = std::fs::read_to_string(&file).unwrap();
+    let line_of = |needle: &str| 1 + text.lines().position(|l| l.contains(needle)).unwrap();
     assert!(
         err.contains(&format!(
-            "{file}:25:7: stacks.network.parameters.Colour: parameter `Colour` is not declared"
+            "{file}:{}:7: stacks.network.parameters.Colour: parameter `Colour` is not declared",
+            line_of("Colour: blue")
         )),
         "{err}"
     );
     assert!(
         err.contains(&format!(
-            "{file}:35:5: stacks.msk.retries: unknown field `retries`"
+            "{file}:{}:5: stacks.msk.retries: unknown field `retries`",
+            line_of("retries: 3")
         )),
         "{err}"
     );

@@ -108,6 +108,7 @@ allow_templates_outside_repository: false
         "sns_topic_arn: arn:aws:sns:us-east-1:123456789012:stackwarden-alerts\n",
         "sns_topic_arn: arn:aws:sns:us-east-1:123456789012:stackwarden-alerts\n  repeat_after: 12h\n",
     )
+    .replace("operation_timeout: 60m\n", "operation_timeout: 1.5h\n")
     .replace(
         "  dynamodb:\n    template: ../templates/dynamodb.yaml\n",
         "  dynamodb:\n    template: ../templates/dynamodb.yaml\n    name: dev-performance-mgmt-dynamodb\n    termination_protection: true\n    tags: {Data: restricted}\n    drift: {mode: alert, interval: 30m, ignore: [ReviewCyclesTable]}\n",

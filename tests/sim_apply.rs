@@ -1523,6 +1523,7 @@ async fn a_window_that_closes_mid_pass_stops_the_next_write_and_the_override_wri
     .await
     .expect("the pass observes");
     assert_eq!(forced.verdict(), Verdict::InSync, "{forced:#?}");
+    assert!(forced.window_overridden && !first.window_overridden);
     let w = forced.final_plan.sync_window.as_ref().expect("reported");
     assert!(!w.open && w.ignored, "{w:?}");
     assert!(cloud.violations().is_empty(), "{:?}", cloud.violations());

@@ -59,16 +59,6 @@ pub(super) async fn once(args: &ReconcileArgs) -> anyhow::Result<Outcome> {
                 Arc::new(crate::state::SuspensionGate::new(s.clone(), &env.name))
                     as Arc<dyn apply::Gate>
             });
-            if let Some(w) = env.policy.windows.state(std::time::SystemTime::now())
-                && !w.open
-                && options.ignore_windows
-            {
-                tracing::warn!(
-                    message = "Sync window ignored (--ignore-windows): this pass writes outside it.",
-                    environment = %env.name,
-                    window = %w.describe(),
-                );
-            }
             let cloud =
                 Retrying::new(AwsCloud::connect(&env.region, env.assume_role.as_ref()).await);
             let result = apply::reconcile(&cloud, env, &limit, &options)
@@ -83,8 +73,6 @@ pub(super) async fn once(args: &ReconcileArgs) -> anyhow::Result<Outcome> {
         // Who acted, asked only when something was written.
         let mut caller = None;
         for (env, result, _) in &results {
-            // A closed window overridden is recorded even when nothing
-            // needed writing: someone decided to write then.
             let overridden = result.as_ref().ok().and_then(window_overridden);
             if let Ok(report) = result
                 && (report.wrote() || overridden.is_some())
@@ -159,21 +147,24 @@ pub(super) async fn once(args: &ReconcileArgs) -> anyhow::Result<Outcome> {
     Ok(outcome)
 }
 
-/// The history note of a pass that ran outside its sync window on
+/// The history note of a pass that wrote outside its sync window on
 /// `--ignore-windows`.
 fn window_overridden(report: &Report) -> Option<String> {
-    let w = report.final_plan.sync_window.as_ref()?;
-    if !w.ignored {
+    if !report.window_overridden {
         return None;
     }
-    let note = format!(
+    let opens = report
+        .final_plan
+        .sync_window
+        .as_ref()
+        .filter(|w| !w.open)
+        .and_then(|w| w.next_change_local.as_ref());
+    Some(format!(
         "--ignore-windows: written outside the sync window{}",
-        w.next_change_local
-            .as_ref()
+        opens
             .map(|at| format!(" (it opens at {at})"))
             .unwrap_or_default()
-    );
-    Some(note)
+    ))
 }
 
 /// One alert per environment with new findings. With a state table, the

@@ -158,6 +158,9 @@ async fn to_commit(
     }
     let options = Options {
         depth: Depth::Full,
+        // A rollback is a person's own act: it does not wait for a window
+        // (like the rest of `rollback`).
+        ignore_windows: true,
         ..Options::default()
     };
     let (report, out) = pass(args, &target, options).await;
