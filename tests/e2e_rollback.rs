@@ -311,6 +311,8 @@ async fn outside_the_sync_window_once_exits_2_and_writes_nothing_until_overridde
         .command()
         .args(["state", "init", "--state-table", TABLE]));
     assert_eq!(code(&init), Some(0), "{}", explain(&init));
+    git(ws.dir.path(), &["init", "-q"]);
+    let a = commit(&ws, "A, with a deny window");
 
     let out = sw(emu, &ws, &["reconcile", "--once"]);
     assert_eq!(code(&out), Some(2), "{}", explain(&out));
@@ -357,4 +359,18 @@ async fn outside_the_sync_window_once_exits_2_and_writes_nothing_until_overridde
     // In sync, the window still closed: nothing to do, and still held.
     let out = sw(emu, &ws, &["reconcile", "--once"]);
     assert_eq!(code(&out), Some(2), "{}", explain(&out));
+
+    // A rollback is a person's act: it does not wait for the window.
+    ws.edit(
+        "desired-state/dev.yaml",
+        "FlowLogRetentionDays: 14",
+        "FlowLogRetentionDays: 30",
+    );
+    commit(&ws, "B");
+    let out = sw(emu, &ws, &["reconcile", "--once", "--ignore-windows"]);
+    assert_eq!(code(&out), Some(0), "{}", explain(&out));
+    assert_eq!(retention(&config).await, "30");
+    let out = sw(emu, &ws, &["rollback", "--to", &a[..10]]);
+    assert_eq!(code(&out), Some(0), "{}", explain(&out));
+    assert_eq!(retention(&config).await, "14");
 }
