@@ -181,6 +181,19 @@ fn n(v: u64) -> AttributeValue {
     AttributeValue::N(v.to_string())
 }
 
+/// The condition expression (and its values) of a write that expects the
+/// item as `expect` says: one place for PutItem and DeleteItem.
+fn condition(expect: Expect) -> (Option<String>, Option<HashMap<String, AttributeValue>>) {
+    match expect {
+        Expect::Any => (None, None),
+        Expect::Absent => (Some("attribute_not_exists(pk)".into()), None),
+        Expect::Version(v) => (
+            Some("version = :v".into()),
+            Some(HashMap::from([(":v".to_owned(), n(v))])),
+        ),
+    }
+}
+
 fn item_of(table: &str, attrs: &HashMap<String, AttributeValue>) -> Result<Item, StateError> {
     let corrupt = |what: &str| StateError::Corrupt(format!("{table}: an item without {what}"));
     let text = |k: &str| attrs.get(k).and_then(|v| v.as_s().ok()).cloned();
@@ -230,14 +243,12 @@ impl Store for DynamoStore {
         if let Some(t) = item.expires_at {
             req = req.item(TTL_ATTRIBUTE, n(t));
         }
-        req = match expect {
-            Expect::Any => req,
-            Expect::Absent => req.condition_expression("attribute_not_exists(pk)"),
-            Expect::Version(v) => req
-                .condition_expression("version = :v")
-                .expression_attribute_values(":v", n(v)),
-        };
-        req.send().await.map_err(|e| error(&self.table, e))?;
+        let (condition, values) = condition(expect);
+        req.set_condition_expression(condition)
+            .set_expression_attribute_values(values)
+            .send()
+            .await
+            .map_err(|e| error(&self.table, e))?;
         Ok(())
     }
 
@@ -248,14 +259,12 @@ impl Store for DynamoStore {
             .table_name(&self.table)
             .key("pk", s(pk))
             .key("sk", s(sk));
-        let req = match expect {
-            Expect::Any => req,
-            Expect::Absent => req.condition_expression("attribute_not_exists(pk)"),
-            Expect::Version(v) => req
-                .condition_expression("version = :v")
-                .expression_attribute_values(":v", n(v)),
-        };
-        req.send().await.map_err(|e| error(&self.table, e))?;
+        let (condition, values) = condition(expect);
+        req.set_condition_expression(condition)
+            .set_expression_attribute_values(values)
+            .send()
+            .await
+            .map_err(|e| error(&self.table, e))?;
         Ok(())
     }
 
