@@ -86,6 +86,15 @@ pub struct Finding {
 }
 
 impl Finding {
+    /// What differs, with what it is now when known: `drifted (expected
+    /// 30, actual 120)`.
+    pub fn what(&self) -> String {
+        match &self.detail {
+            Some(d) => format!("{} ({d})", self.difference),
+            None => self.difference.clone(),
+        }
+    }
+
     fn fingerprint(&self) -> (String, Kind, String) {
         (self.object.clone(), self.kind, self.difference.clone())
     }
@@ -324,15 +333,7 @@ fn compose(environment: &str, mut findings: Vec<Finding>) -> Alert {
     );
     let mut text = format!("{subject}\n\n");
     for f in &findings {
-        text.push_str(&format!(
-            "- {} {}: {}{}\n",
-            f.object,
-            f.kind.verb(),
-            f.difference,
-            f.detail
-                .as_ref()
-                .map_or(String::new(), |d| format!(" ({d})"))
-        ));
+        text.push_str(&format!("- {} {}: {}\n", f.object, f.kind.verb(), f.what()));
     }
     let suggested = format!("stackwarden plan -e {environment}");
     text.push_str(&format!("\nSee what would change: {suggested}\n\n"));

@@ -309,16 +309,7 @@ pub fn environment(name: &str, s: &EnvStatus, now: SystemTime) -> String {
             .open_alerts
             .iter()
             .filter(|f| about(o, &f.object))
-            .map(|f| {
-                format!(
-                    "{}: {}",
-                    f.kind.label(),
-                    match &f.detail {
-                        Some(d) => format!("{} ({d})", f.difference),
-                        None => f.difference.clone(),
-                    }
-                )
-            })
+            .map(|f| format!("{}: {}", f.kind.label(), f.what()))
             .collect();
         let drift = match (o.kind, s.drift.get(&o.id)) {
             (ObjectKind::Stack, Some(d)) => d.summary(now),
@@ -367,16 +358,12 @@ pub fn environment(name: &str, s: &EnvStatus, now: SystemTime) -> String {
             "<table><thead><tr><th>Object</th><th>Kind</th><th>What</th></tr></thead><tbody>",
         );
         for f in &s.open_alerts {
-            let what = match &f.detail {
-                Some(d) => format!("{} ({d})", f.difference),
-                None => f.difference.clone(),
-            };
             let _ = write!(
                 out,
                 "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
                 escape(&f.object),
                 f.kind.label(),
-                escape(&what)
+                escape(&f.what())
             );
         }
         out.push_str("</tbody></table>");
