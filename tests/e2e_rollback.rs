@@ -302,10 +302,8 @@ async fn outside_the_sync_window_once_exits_2_and_writes_nothing_until_overridde
     let _guard = emu.lock().await;
     let config = emu.sdk_config().await;
     let ws = Workspace::new();
-    ws.edit(
-        "desired-state/dev.yaml",
-        "policy:\n  mode: converge\n",
-        "policy:\n  mode: converge\n  windows:\n    - {kind: deny, schedule: \"* * * * *\", duration: 2m, timezone: Europe/Paris}\n",
+    ws.dev_sync_window(
+        "{kind: deny, schedule: \"* * * * *\", duration: 2m, timezone: Europe/Paris}",
     );
     let init = run(emu
         .command()

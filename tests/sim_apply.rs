@@ -1444,11 +1444,7 @@ fn at(rfc3339: &str) -> std::time::SystemTime {
 async fn a_window_that_closes_mid_pass_stops_the_next_write_and_the_override_writes_anyway() {
     let ws = Workspace::new();
     // Open 2 minutes a day from midnight UTC; the simulation starts then.
-    ws.edit(
-        "desired-state/dev.yaml",
-        "policy:\n  mode: converge\n",
-        "policy:\n  mode: converge\n  windows:\n    - {kind: allow, schedule: \"0 0 * * *\", duration: 2m}\n",
-    );
+    ws.dev_sync_window("{kind: allow, schedule: \"0 0 * * *\", duration: 2m}");
     let env = load(&ws);
     let cloud = Retrying::new(SimCloud::new(SimConfig {
         wall_clock_start: at("2026-01-01T00:00:00Z"),

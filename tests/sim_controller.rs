@@ -577,10 +577,8 @@ fn at(rfc3339: &str) -> std::time::SystemTime {
 async fn outside_its_sync_window_the_daemon_writes_nothing_and_converges_as_it_opens_across_a_dst_change()
  {
     let ws = Workspace::new();
-    ws.edit(
-        "desired-state/dev.yaml",
-        "policy:\n  mode: converge\n",
-        "policy:\n  mode: converge\n  windows:\n    - {kind: allow, schedule: \"0 9 * * *\", duration: 2h, timezone: Europe/Berlin}\n",
+    ws.dev_sync_window(
+        "{kind: allow, schedule: \"0 9 * * *\", duration: 2h, timezone: Europe/Berlin}",
     );
     let cloud = Retrying::new(SimCloud::new(SimConfig {
         wall_clock_start: at("2026-03-28T12:00:00Z"),

@@ -262,6 +262,16 @@ impl Workspace {
         self.dir.path().join(rel)
     }
 
+    /// Gives dev one sync window (`policy.windows`), a flow mapping such
+    /// as `{kind: allow, schedule: "0 8 * * *", duration: 1h}`.
+    pub fn dev_sync_window(&self, window: &str) {
+        self.edit(
+            "desired-state/dev.yaml",
+            "policy:\n  mode: converge\n",
+            &format!("policy:\n  mode: converge\n  windows:\n    - {window}\n"),
+        );
+    }
+
     /// Replaces `from` by `to` in a file of the workspace; the text must be there.
     pub fn edit(&self, rel: &str, from: &str, to: &str) {
         let path = self.path(rel);
